@@ -1,0 +1,10 @@
+#pragma once
+// Everything attnzoo offers to C++ programs: #include <attnzoo/attnzoo.h>
+#include "attnzoo/ops/attention.h"
+
+namespace attnzoo {
+// Referencing this from a program keeps the library (and so its static op
+// registrations) linked even under -Wl,--as-needed; the installed CMake
+// package also links it with --no-as-needed.
+int link_anchor();
+}  // namespace attnzoo

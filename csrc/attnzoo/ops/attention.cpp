@@ -1,0 +1,452 @@
+// Schemas of the attnzoo ops (the one TORCH_LIBRARY), argument checking, the
+// CPU wrappers around the engine, and the public C++ functions.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/Context.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <sstream>
+
+#include "attnzoo/attnzoo.h"
+#include "attnzoo/ops/cpu/engine_api.h"
+
+namespace attnzoo {
+int link_anchor() { return 1; }
+}  // namespace attnzoo
+
+namespace attnzoo::ops {
+namespace {
+
+using cpu::DenseArgs;
+using cpu::EngineTable;
+
+// The engine build for this CPU: the same choice ATen makes for its own
+// kernels, so ATEN_CPU_CAPABILITY=default|avx2|avx512 steers both.
+const EngineTable& engine() {
+  static const EngineTable* table = [] {
+    const std::string cap = at::get_cpu_capability();
+#if defined(ATTNZOO_HAVE_ISA_AVX512)
+    if (cap == "AVX512") return &cpu::engine_AVX512();
+#endif
+#if defined(ATTNZOO_HAVE_ISA_AVX2)
+    if (cap == "AVX2" || cap == "AVX512") return &cpu::engine_AVX2();
+#endif
+    return &cpu::engine_DEFAULT();
+  }();
+  return *table;
+}
+
+std::string shape_str(at::IntArrayRef s) {
+  std::ostringstream os;
+  os << "(";
+  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
+  os << (s.size() == 1 ? ",)" : ")");
+  return os.str();
+}
+
+// ---------------------------------------------------------------------------
+// Argument checking. Every message names the op and the argument.
+
+struct Shapes {
+  int64_t B, H, Hkv, Nq, Nk, D, Dv;
+};
+
+Shapes check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  for (auto [name, t] : {std::pair{"q", &q}, {"k", &k}, {"v", &v}}) {
+    TORCH_CHECK(t->defined(), op, ": ", name, " is undefined");
+    TORCH_CHECK(t->dim() == 4, op, ": ", name, " must have shape (B, H, N, D), got ", t->dim(),
+                " dimensions ", shape_str(t->sizes()));
+    TORCH_CHECK(t->device().is_cpu(), op, ": ", name, " is on ", t->device(),
+                "; attnzoo has CPU kernels only so far (CUDA kernels are not built yet)");
+    const auto dt = t->scalar_type();
+    TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, op, ": ", name,
+                " must be float32, float64 or bfloat16, got ", dt);
+  }
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+              ": q, k and v must have one dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
+              ", ", v.scalar_type());
+  Shapes s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
+  TORCH_CHECK(k.size(0) == s.B && v.size(0) == s.B, op,
+              ": q, k and v must have the same batch size B, got q ", shape_str(q.sizes()), ", k ",
+              shape_str(k.sizes()), ", v ", shape_str(v.sizes()));
+  TORCH_CHECK(v.size(1) == s.Hkv, op, ": k and v must have the same number of heads, got k ",
+              shape_str(k.sizes()), " and v ", shape_str(v.sizes()));
+  TORCH_CHECK(s.Hkv > 0 && s.H % s.Hkv == 0, op, ": the heads of q (H=", s.H,
+              ") must be a multiple of the heads of k and v (Hkv=", s.Hkv, ")");
+  TORCH_CHECK(v.size(2) == s.Nk, op, ": k and v must have the same sequence length, got k ",
+              shape_str(k.sizes()), " and v ", shape_str(v.sizes()));
+  TORCH_CHECK(k.size(3) == s.D, op, ": q and k must have the same head dim D, got q ",
+              shape_str(q.sizes()), " and k ", shape_str(k.sizes()));
+  TORCH_CHECK(s.D > 0, op, ": head dim D of q and k must be positive");
+  return s;
+}
+
+// True if `t` broadcasts to (B, H, Nq, Nk) under the usual right-aligned rules.
+void check_broadcast4(const char* op, const char* name, const at::Tensor& t, const Shapes& s) {
+  const int64_t want[4] = {s.B, s.H, s.Nq, s.Nk};
+  bool ok = t.dim() <= 4;
+  for (int64_t d = 0; ok && d < t.dim(); ++d) {
+    const int64_t size = t.size(t.dim() - 1 - d), target = want[3 - d];
+    ok = size == 1 || size == target;
+  }
+  TORCH_CHECK(ok, op, ": ", name, " of shape ", shape_str(t.sizes()),
+              " is not broadcastable to (B, H, Nq, Nk) = ", shape_str(at::IntArrayRef(want, 4)));
+}
+
+// Validated, normalised arguments in the compute type (float or double).
+struct Prepared {
+  Shapes s;
+  at::ScalarType compute;
+  at::Tensor q, k, v, mask, bias, alibi;
+  int64_t left, right;
+  double scale, dropout_p;
+  uint64_t seed;
+};
+
+at::Tensor to_compute(const at::Tensor& t, at::ScalarType compute) {
+  return t.to(compute).contiguous();
+}
+
+Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
+                 bool causal, at::OptionalIntArrayRef window,
+                 const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+                 std::optional<double> scale, const std::optional<at::Tensor>& seed) {
+  Prepared p;
+  p.s = check_qkv(op, q, k, v);
+  const Shapes& s = p.s;
+  p.compute = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  p.q = to_compute(q, p.compute);
+  p.k = to_compute(k, p.compute);
+  p.v = to_compute(v, p.compute);
+
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool, op, ": mask must be a bool tensor (True = may attend), got ",
+                mask->scalar_type(), "; pass an additive float mask as bias=");
+    TORCH_CHECK(mask->device().is_cpu(), op, ": mask is on ", mask->device(), ", expected cpu");
+    check_broadcast4(op, "mask", *mask, s);
+    p.mask = mask->contiguous();
+  }
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be a floating tensor, got ",
+                bias->scalar_type());
+    TORCH_CHECK(bias->device().is_cpu(), op, ": bias is on ", bias->device(), ", expected cpu");
+    check_broadcast4(op, "bias", *bias, s);
+    p.bias = to_compute(*bias, p.compute);
+  }
+  if (alibi_slopes.has_value() && alibi_slopes->defined()) {
+    const auto& a = *alibi_slopes;
+    TORCH_CHECK(at::isFloatingType(a.scalar_type()), op, ": alibi_slopes must be floating, got ",
+                a.scalar_type());
+    TORCH_CHECK(a.device().is_cpu(), op, ": alibi_slopes is on ", a.device(), ", expected cpu");
+    TORCH_CHECK((a.dim() == 1 && a.size(0) == s.H) || (a.dim() == 2 && a.size(0) == s.B && a.size(1) == s.H),
+                op, ": alibi_slopes must have shape (H,) = (", s.H, ",) or (B, H) = (", s.B, ", ", s.H,
+                "), got ", shape_str(a.sizes()));
+    p.alibi = to_compute(a, p.compute);
+  }
+
+  // Any bound >= Nq + Nk is "unbounded"; it keeps the index arithmetic far
+  // from overflow.
+  const int64_t unbounded = s.Nq + s.Nk + 1;
+  p.left = unbounded;
+  p.right = causal ? 0 : unbounded;
+  if (window.has_value()) {
+    TORCH_CHECK(window->size() == 2, op, ": window must be (left, right), got ", window->size(), " values");
+    TORCH_CHECK((*window)[0] >= 0 && (*window)[1] >= 0, op,
+                ": window sizes must be >= 0, got (", (*window)[0], ", ", (*window)[1], ")");
+    p.left = std::min(p.left, (*window)[0]);
+    p.right = std::min(p.right, (*window)[1]);
+  }
+
+  p.scale = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(s.D));
+  TORCH_CHECK(std::isfinite(p.scale), op, ": scale must be finite, got ", p.scale);
+  TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p <= 1.0, op,
+              ": dropout_p must be in [0, 1], got ", dropout_p);
+  p.dropout_p = dropout_p;
+  p.seed = 0;
+  if (dropout_p > 0) {
+    TORCH_CHECK(seed.has_value() && seed->defined() && seed->numel() == 1, op,
+                ": dropout needs a one-element int64 seed tensor");
+    p.seed = static_cast<uint64_t>(seed->item<int64_t>());
+  }
+  return p;
+}
+
+DenseArgs engine_args(const Prepared& p) {
+  DenseArgs a;
+  const Shapes& s = p.s;
+  a.B = s.B, a.H = s.H, a.Hkv = s.Hkv, a.Nq = s.Nq, a.Nk = s.Nk, a.D = s.D, a.Dv = s.Dv;
+  a.q = p.q.data_ptr(), a.k = p.k.data_ptr(), a.v = p.v.data_ptr();
+  a.scale = p.scale;
+  a.left = p.left, a.right = p.right;
+  auto view4 = [&](const at::Tensor& t, cpu::Broadcast4& out) {
+    if (!t.defined()) return;
+    const auto e = t.expand({s.B, s.H, s.Nq, s.Nk});
+    out.data = e.data_ptr();
+    out.sb = e.stride(0), out.sh = e.stride(1), out.si = e.stride(2), out.sj = e.stride(3);
+  };
+  view4(p.mask, a.mask);
+  view4(p.bias, a.bias);
+  if (p.alibi.defined()) {
+    const auto e = p.alibi.expand({s.B, s.H});
+    a.alibi = e.data_ptr();
+    a.alibi_sb = e.stride(0), a.alibi_sh = e.stride(1);
+  }
+  a.dropout_p = p.dropout_p;
+  a.seed = p.seed;
+  return a;
+}
+
+void run_parallel(int64_t items, const DenseArgs& a, cpu::RangeFn fn) {
+  if (items == 0) return;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+}
+
+int64_t query_blocks(const Shapes& s) { return s.B * s.H * ((s.Nq + cpu::kBlockQ - 1) / cpu::kBlockQ); }
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// CPU kernels of the ops.
+
+std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, bool causal,
+    at::OptionalIntArrayRef window, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+    std::optional<double> scale, const std::optional<at::Tensor>& seed) {
+  const Prepared p = prepare("attention", q, k, v, mask, bias, causal, window, alibi_slopes,
+                             dropout_p, scale, seed);
+  const Shapes& s = p.s;
+  const auto opts = p.q.options();
+  at::Tensor out = at::empty({s.B, s.H, s.Nq, s.Dv}, opts);
+  at::Tensor lse = at::empty({s.B, s.H, s.Nq}, opts);
+  DenseArgs a = engine_args(p);
+  a.out = out.data_ptr();
+  a.lse = lse.data_ptr();
+  const auto& e = engine();
+  run_parallel(query_blocks(s), a, p.compute == at::kDouble ? e.forward_f64 : e.forward_f32);
+  return {out.to(q.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
+    const std::optional<at::Tensor>& bias, bool causal, at::OptionalIntArrayRef window,
+    const std::optional<at::Tensor>& alibi_slopes, double dropout_p, std::optional<double> scale,
+    const std::optional<at::Tensor>& seed, bool bias_requires_grad) {
+  const Prepared p = prepare("attention_backward", q, k, v, mask, bias, causal, window,
+                             alibi_slopes, dropout_p, scale, seed);
+  const Shapes& s = p.s;
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({s.B, s.H, s.Nq, s.Dv}),
+              "attention_backward: grad_out must have shape ", shape_str({s.B, s.H, s.Nq, s.Dv}),
+              ", got ", shape_str(grad_out.sizes()));
+  const auto opts = p.q.options();
+  const at::Tensor dout = to_compute(grad_out, p.compute);
+  const at::Tensor out_c = to_compute(out, p.compute);
+  const at::Tensor lse_c = to_compute(lse, p.compute);
+  const at::Tensor delta = (dout * out_c).sum(-1).contiguous();
+
+  const bool want_bias = bias_requires_grad && p.bias.defined();
+  const int64_t nkb = (s.Nk + cpu::kBwdBlockK - 1) / cpu::kBwdBlockK;
+  int64_t splits = 1;
+  const int64_t heads = s.B * s.H, threads = at::get_num_threads();
+  if (!want_bias && heads < threads && nkb > 1)
+    splits = std::min(nkb, (threads + heads - 1) / heads);
+
+  at::Tensor dq = at::zeros({splits, s.B, s.H, s.Nq, s.D}, opts);
+  at::Tensor dk = at::zeros({s.B, s.H, s.Nk, s.D}, opts);
+  at::Tensor dv = at::zeros({s.B, s.H, s.Nk, s.Dv}, opts);
+  at::Tensor dbias;
+
+  DenseArgs a = engine_args(p);
+  a.lse = lse_c.data_ptr();
+  a.grad_out = dout.data_ptr();
+  a.delta = delta.data_ptr();
+  a.grad_q = dq.data_ptr(), a.grad_k = dk.data_ptr(), a.grad_v = dv.data_ptr();
+  a.key_splits = splits;
+  if (want_bias) {
+    // Summed over queries (keys) inside the engine where the bias broadcasts
+    // over them; over batch and heads afterwards.
+    const auto& b = *bias;
+    const int64_t rows = (b.dim() >= 2 && b.size(-2) != 1) ? s.Nq : 1;
+    const int64_t cols = (b.dim() >= 1 && b.size(-1) != 1) ? s.Nk : 1;
+    dbias = at::zeros({s.B, s.H, rows, cols}, opts);
+    a.grad_bias = dbias.data_ptr();
+    a.gb_sb = dbias.stride(0), a.gb_sh = dbias.stride(1);
+    a.gb_si = rows == 1 ? 0 : dbias.stride(2);
+    a.gb_sj = cols == 1 ? 0 : dbias.stride(3);
+  }
+  const auto& e = engine();
+  run_parallel(heads * splits, a, p.compute == at::kDouble ? e.backward_f64 : e.backward_f32);
+
+  at::Tensor grad_q = splits == 1 ? dq[0] : dq.sum(0);
+  if (s.H != s.Hkv) {
+    const int64_t group = s.H / s.Hkv;
+    dk = dk.view({s.B, s.Hkv, group, s.Nk, s.D}).sum(2);
+    dv = dv.view({s.B, s.Hkv, group, s.Nk, s.Dv}).sum(2);
+  }
+  if (want_bias) dbias = dbias.sum_to_size(bias->sizes()).to(bias->scalar_type());
+  else dbias = at::empty({0}, opts);
+  const auto dt = q.scalar_type();
+  return {grad_q.to(dt), dk.to(dt), dv.to(dt), dbias};
+}
+
+at::Tensor attention_weights_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& mask,
+                                 const std::optional<at::Tensor>& bias, bool causal,
+                                 at::OptionalIntArrayRef window,
+                                 const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+                                 std::optional<double> scale, const std::optional<at::Tensor>& seed) {
+  const Prepared p = prepare("attention_weights", q, k, v, mask, bias, causal, window,
+                             alibi_slopes, dropout_p, scale, seed);
+  const Shapes& s = p.s;
+  const auto opts = p.q.options();
+  at::Tensor lse = at::empty({s.B, s.H, s.Nq}, opts);
+  at::Tensor probs = at::zeros({s.B, s.H, s.Nq, s.Nk}, opts);
+  DenseArgs a = engine_args(p);
+  a.lse = lse.data_ptr();
+  a.probs = probs.data_ptr();
+  const auto& e = engine();
+  const bool f64 = p.compute == at::kDouble;
+  run_parallel(query_blocks(s), a, f64 ? e.forward_f64 : e.forward_f32);  // lse only (out null)
+  run_parallel(query_blocks(s), a, f64 ? e.probs_f64 : e.probs_f32);
+  return probs.to(q.scalar_type());
+}
+
+at::Tensor alibi_slopes(int64_t num_heads) {
+  TORCH_CHECK(num_heads > 0, "alibi_slopes: num_heads must be positive, got ", num_heads);
+  // Geometric sequence 2^(-8/n), 2^(-16/n), ... for n a power of two; other
+  // counts take the closest smaller power of two and complete it with every
+  // other slope of the next power of two.
+  auto geometric = [](int64_t n) {
+    std::vector<double> r(n);
+    const double start = std::pow(2.0, -8.0 / static_cast<double>(n));
+    for (int64_t i = 0; i < n; ++i) r[i] = std::pow(start, static_cast<double>(i + 1));
+    return r;
+  };
+  int64_t pow2 = 1;
+  while (pow2 * 2 <= num_heads) pow2 *= 2;
+  std::vector<double> slopes = geometric(pow2);
+  if (pow2 != num_heads) {
+    const auto extra = geometric(2 * pow2);
+    for (int64_t i = 0; static_cast<int64_t>(slopes.size()) < num_heads; i += 2) slopes.push_back(extra[i]);
+  }
+  return at::tensor(slopes, at::TensorOptions().dtype(at::kDouble)).to(at::kFloat);
+}
+
+const char* engine_isa() { return engine().isa; }
+
+// Implemented in autograd/attention_autograd.cpp.
+std::tuple<at::Tensor, at::Tensor> attention_autograd(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, bool causal,
+    at::OptionalIntArrayRef window, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+    std::optional<double> scale);
+
+namespace {
+
+at::Tensor fresh_seed() {
+  return at::randint(int64_t(1) << 62, {1}, at::TensorOptions().dtype(at::kLong));
+}
+
+// `attention` below autograd (inference mode, or inputs that need no grad
+// after the autograd kernel): draw the dropout seed and run the forward.
+std::tuple<at::Tensor, at::Tensor> attention_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, bool causal,
+    at::OptionalIntArrayRef window, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+    std::optional<double> scale) {
+  std::optional<at::Tensor> seed;
+  if (dropout_p > 0) seed = fresh_seed();
+  return attention_forward_cpu(q, k, v, mask, bias, causal, window, alibi_slopes, dropout_p, scale,
+                               seed);
+}
+
+at::Tensor attention_weights_entry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                   const std::optional<at::Tensor>& mask,
+                                   const std::optional<at::Tensor>& bias, bool causal,
+                                   at::OptionalIntArrayRef window,
+                                   const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
+                                   std::optional<double> scale) {
+  std::optional<at::Tensor> seed;
+  if (dropout_p > 0) seed = fresh_seed();
+  return attention_weights_cpu(q, k, v, mask, bias, causal, window, alibi_slopes, dropout_p, scale,
+                               seed);
+}
+
+}  // namespace
+
+#define ATTNZOO_ATTENTION_ARGS                                                              \
+  "Tensor q, Tensor k, Tensor v, *, Tensor? mask=None, Tensor? bias=None, bool causal=False, " \
+  "int[]? window=None, Tensor? alibi_slopes=None, float dropout_p=0.0, float? scale=None"
+
+TORCH_LIBRARY(attnzoo, m) {
+  m.def("attention(" ATTNZOO_ATTENTION_ARGS ") -> (Tensor out, Tensor lse)");
+  m.def("attention_weights(" ATTNZOO_ATTENTION_ARGS ") -> Tensor");
+  m.def("_attention_forward(" ATTNZOO_ATTENTION_ARGS
+        ", Tensor? seed=None) -> (Tensor out, Tensor lse)");
+  m.def("_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+        "Tensor lse, *, Tensor? mask=None, Tensor? bias=None, bool causal=False, "
+        "int[]? window=None, Tensor? alibi_slopes=None, float dropout_p=0.0, float? scale=None, "
+        "Tensor? seed=None, bool bias_requires_grad=False) "
+        "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_bias)");
+  m.def("alibi_slopes(int num_heads) -> Tensor", &alibi_slopes);
+}
+
+TORCH_LIBRARY_IMPL(attnzoo, CPU, m) {
+  m.impl("attention", &attention_cpu);
+  m.impl("attention_weights", &attention_weights_entry);
+  m.impl("_attention_forward", &attention_forward_cpu);
+  m.impl("_attention_backward", &attention_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(attnzoo, Autograd, m) { m.impl("attention", &attention_autograd); }
+
+// ---------------------------------------------------------------------------
+// Public C++ functions: through the dispatcher, so autograd applies.
+
+namespace {
+std::optional<std::vector<int64_t>> window_vec(const AttentionOptions& o) {
+  if (!o.window().has_value()) return std::nullopt;
+  return std::vector<int64_t>{(*o.window())[0], (*o.window())[1]};
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v,
+                                                      const AttentionOptions& o) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("attnzoo::attention", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
+                           at::OptionalIntArrayRef, const std::optional<at::Tensor>&, double,
+                           std::optional<double>)>();
+  const auto w = window_vec(o);
+  return op.call(q, k, v, o.mask(), o.bias(), o.causal(),
+                 w ? at::OptionalIntArrayRef(*w) : at::OptionalIntArrayRef(), o.alibi_slopes(),
+                 o.dropout_p(), o.scale());
+}
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const AttentionOptions& o) {
+  return std::get<0>(attention_with_lse(q, k, v, o));
+}
+
+at::Tensor attention_weights(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const AttentionOptions& o) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("attnzoo::attention_weights", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const std::optional<at::Tensor>&,
+                                         const std::optional<at::Tensor>&, bool,
+                                         at::OptionalIntArrayRef, const std::optional<at::Tensor>&,
+                                         double, std::optional<double>)>();
+  const auto w = window_vec(o);
+  return op.call(q, k, v, o.mask(), o.bias(), o.causal(),
+                 w ? at::OptionalIntArrayRef(*w) : at::OptionalIntArrayRef(), o.alibi_slopes(),
+                 o.dropout_p(), o.scale());
+}
+
+}  // namespace attnzoo::ops

@@ -1,0 +1,39 @@
+// Compiled once per instruction set (see CMakeLists.txt): CPU_CAPABILITY and
+// ATTNZOO_ENGINE_ISA name the build, and engine_<ISA>() hands out its entry
+// points. Keep this file free of Tensor headers: only plain data crosses.
+#include "attnzoo/ops/cpu/engine.h"
+
+namespace attnzoo::cpu {
+inline namespace CPU_CAPABILITY {
+namespace {
+
+template <typename T>
+void dense_forward(const DenseArgs& a, int64_t begin, int64_t end) {
+  forward_range<T>(a, DensePolicy<T>(a), begin, end);
+}
+template <typename T>
+void dense_probs(const DenseArgs& a, int64_t begin, int64_t end) {
+  probs_range<T>(a, DensePolicy<T>(a), begin, end);
+}
+template <typename T>
+void dense_backward(const DenseArgs& a, int64_t begin, int64_t end) {
+  backward_range<T>(a, DensePolicy<T>(a), begin, end);
+}
+
+#define ATTNZOO_STR2(x) #x
+#define ATTNZOO_STR(x) ATTNZOO_STR2(x)
+
+const EngineTable kTable = {
+    ATTNZOO_STR(ATTNZOO_ENGINE_ISA),
+    &dense_forward<float>,  &dense_forward<double>, &dense_probs<float>,
+    &dense_probs<double>,   &dense_backward<float>, &dense_backward<double>,
+};
+
+}  // namespace
+}  // namespace CPU_CAPABILITY
+
+#define ATTNZOO_ENGINE_FN2(isa) engine_##isa
+#define ATTNZOO_ENGINE_FN(isa) ATTNZOO_ENGINE_FN2(isa)
+const EngineTable& ATTNZOO_ENGINE_FN(ATTNZOO_ENGINE_ISA)() { return kTable; }
+
+}  // namespace attnzoo::cpu

@@ -1,0 +1,425 @@
+#pragma once
+// The blocked online-softmax attention engine (FlashAttention-2 on a CPU).
+//
+// One engine, three passes (forward, probabilities, backward), and a Policy
+// that says what differs between attention kinds:
+//   key_range(q0, mq)      which keys a query block may visit: blocks outside
+//                          it are never touched, so they cost nothing;
+//   query_range(k0, nk)    the same seen from a key block (backward);
+//   modify_scores(...)     what is added to a tile of scaled scores and which
+//                          entries are disallowed (set to -inf);
+//   accumulate_score_grad  where the gradient of added scores goes.
+//
+// Included only by attention_kernel.cpp, which is compiled once per
+// instruction set with CPU_CAPABILITY set, so everything here lives in an
+// ISA-specific inline namespace.
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "attnzoo/ops/cpu/blas.h"
+#include "attnzoo/ops/cpu/engine_api.h"
+
+namespace attnzoo::cpu {
+inline namespace CPU_CAPABILITY {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+template <typename T>
+constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// Row-major tiles through the column-major BLAS interface:
+// C(m x n, row-major, ldc) = A(m x k) * B(k x n) is C^T = B^T A^T.
+// Each helper names the row-major product it computes.
+template <typename T>
+inline void gemm_rowmajor(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha,
+                          const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c,
+                          int64_t ldc) {
+  blas_gemm(trans_b, trans_a, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+}
+
+// ---------------------------------------------------------------------------
+// Vectorised row kernels. The exponentials are the hidden cost of attention on
+// a CPU (N^2 per head), so they are fused with the max / sum passes and use a
+// fast exp for float; double keeps the accurate one (it serves gradcheck).
+template <typename T>
+inline Vec<T> fast_exp(const Vec<T>& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
+}
+
+template <typename T>
+inline T row_max(const T* x, int64_t n) {
+  using V = Vec<T>;
+  int64_t c = 0;
+  T m = neg_inf<T>();
+  if (n >= V::size()) {
+    V vm = V::loadu(x);
+    for (c = V::size(); c + V::size() <= n; c += V::size()) vm = at::vec::maximum(vm, V::loadu(x + c));
+    m = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vm);
+  }
+  for (; c < n; ++c) m = std::max(m, x[c]);
+  return m;
+}
+
+// x <- exp(x - m); returns the sum of the new x.
+template <typename T>
+inline T exp_sub_sum(T* x, int64_t n, T m) {
+  using V = Vec<T>;
+  const V vm(m);
+  V acc(T(0));
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) {
+    V e = fast_exp<T>(V::loadu(x + c) - vm);
+    e.store(x + c);
+    acc = acc + e;
+  }
+  T sum = at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, acc);
+  for (; c < n; ++c) {
+    x[c] = std::exp(x[c] - m);
+    sum += x[c];
+  }
+  return sum;
+}
+
+// x <- exp(x - m) (m finite).
+template <typename T>
+inline void exp_sub(T* x, int64_t n, T m) {
+  using V = Vec<T>;
+  const V vm(m);
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) fast_exp<T>(V::loadu(x + c) - vm).store(x + c);
+  for (; c < n; ++c) x[c] = std::exp(x[c] - m);
+}
+
+template <typename T>
+inline void scale_row(T* x, int64_t n, T a) {
+  using V = Vec<T>;
+  const V va(a);
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size()) (V::loadu(x + c) * va).store(x + c);
+  for (; c < n; ++c) x[c] *= a;
+}
+
+// ds <- p * (dp - delta)
+template <typename T>
+inline void softmax_grad_row(const T* p, T* dp, int64_t n, T delta) {
+  using V = Vec<T>;
+  const V vd(delta);
+  int64_t c = 0;
+  for (; c + V::size() <= n; c += V::size())
+    (V::loadu(p + c) * (V::loadu(dp + c) - vd)).store(dp + c);
+  for (; c < n; ++c) dp[c] = p[c] * (dp[c] - delta);
+}
+
+// dst[c] += src[c * stride]
+template <typename T>
+inline void add_strided(T* dst, const T* src, int64_t n, int64_t stride) {
+  if (stride == 1) {
+    using V = Vec<T>;
+    int64_t c = 0;
+    for (; c + V::size() <= n; c += V::size()) (V::loadu(dst + c) + V::loadu(src + c)).store(dst + c);
+    for (; c < n; ++c) dst[c] += src[c];
+  } else {
+    for (int64_t c = 0; c < n; ++c) dst[c] += src[c * stride];
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Dropout with a counter-based generator: the keep decision for (b, h, i, j)
+// is a pure function of (seed, index), so backward regenerates the pattern
+// instead of storing it. SplitMix64: output n is mix(seed + n * gamma).
+inline uint64_t splitmix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+  return z ^ (z >> 31);
+}
+
+struct Dropout {
+  bool active = false;
+  uint64_t seed = 0;
+  uint64_t threshold = 0;  // drop iff 24-bit uniform < threshold
+  double keep_scale = 1.0;
+  int64_t H = 0, Nq = 0, Nk = 0;
+
+  explicit Dropout(const DenseArgs& a)
+      : active(a.dropout_p > 0), seed(a.seed), H(a.H), Nq(a.Nq), Nk(a.Nk) {
+    threshold = static_cast<uint64_t>(a.dropout_p * double(1u << 24));
+    keep_scale = a.dropout_p < 1 ? 1.0 / (1.0 - a.dropout_p) : 0.0;
+  }
+  // row[c] *= keep(b, h, i, j0 + c) / (1 - p)
+  template <typename T>
+  void apply(T* row, int64_t n, int64_t b, int64_t h, int64_t i, int64_t j0) const {
+    const uint64_t base = ((uint64_t(b) * H + h) * Nq + i) * Nk + j0;
+    const T s = T(keep_scale);
+    for (int64_t c = 0; c < n; ++c) {
+      const uint64_t u = splitmix64(seed + (base + c + 1) * 0x9e3779b97f4a7c15ULL) >> 40;
+      row[c] = u < threshold ? T(0) : row[c] * s;
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Dense policy: bool mask, additive bias, ALiBi and a (causal / window) band.
+template <typename T>
+struct DensePolicy {
+  const DenseArgs& a;
+  int64_t offset;  // position of query i is i + offset (bottom-right alignment)
+
+  explicit DensePolicy(const DenseArgs& args) : a(args), offset(args.Nk - args.Nq) {}
+
+  std::pair<int64_t, int64_t> key_range(int64_t q0, int64_t mq) const {
+    const int64_t p_first = q0 + offset, p_last = q0 + mq - 1 + offset;
+    const int64_t lo = std::max<int64_t>(0, p_first - a.left);
+    const int64_t hi = std::min<int64_t>(a.Nk, p_last + a.right + 1);
+    return {lo, std::max(lo, hi)};
+  }
+  std::pair<int64_t, int64_t> query_range(int64_t k0, int64_t nk) const {
+    const int64_t lo = std::max<int64_t>(0, k0 - a.right - offset);
+    const int64_t hi = std::min<int64_t>(a.Nq, k0 + nk - 1 + a.left - offset + 1);
+    return {lo, std::max(lo, hi)};
+  }
+
+  void modify_scores(int64_t b, int64_t h, int64_t q0, int64_t mq, int64_t k0, int64_t nk, T* s,
+                     int64_t ld) const {
+    const T* bias = static_cast<const T*>(a.bias.data);
+    const uint8_t* mask = static_cast<const uint8_t*>(a.mask.data);
+    const T slope = a.alibi ? static_cast<const T*>(a.alibi)[b * a.alibi_sb + h * a.alibi_sh] : T(0);
+    for (int64_t r = 0; r < mq; ++r) {
+      T* row = s + r * ld;
+      const int64_t i = q0 + r, p = i + offset;
+      if (bias)
+        add_strided(row, bias + b * a.bias.sb + h * a.bias.sh + i * a.bias.si + k0 * a.bias.sj, nk,
+                    a.bias.sj);
+      if (a.alibi)
+        for (int64_t c = 0; c < nk; ++c) row[c] -= slope * T(std::abs(p - (k0 + c)));
+      if (mask) {
+        const uint8_t* m = mask + b * a.mask.sb + h * a.mask.sh + i * a.mask.si + k0 * a.mask.sj;
+        for (int64_t c = 0; c < nk; ++c)
+          if (!m[c * a.mask.sj]) row[c] = neg_inf<T>();
+      }
+      // The band: only the columns outside [p - left, p + right] are written.
+      const int64_t first = std::clamp<int64_t>(p - a.left - k0, 0, nk);
+      const int64_t last = std::clamp<int64_t>(p + a.right - k0 + 1, first, nk);
+      std::fill(row, row + first, neg_inf<T>());
+      std::fill(row + last, row + nk, neg_inf<T>());
+    }
+  }
+
+  bool wants_score_grad() const { return a.grad_bias != nullptr; }
+  void accumulate_score_grad(int64_t b, int64_t h, int64_t q0, int64_t mq, int64_t k0, int64_t nk,
+                             const T* ds, int64_t ld) const {
+    T* g = static_cast<T*>(a.grad_bias) + b * a.gb_sb + h * a.gb_sh;
+    for (int64_t r = 0; r < mq; ++r) {
+      T* grow = g + (q0 + r) * a.gb_si + k0 * a.gb_sj;
+      const T* drow = ds + r * ld;
+      if (a.gb_sj == 1) {
+        add_strided(grow, drow, nk, 1);
+      } else {
+        T acc = 0;
+        for (int64_t c = 0; c < nk; ++c) acc += drow[c];
+        grow[0] += acc;
+      }
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------
+// Shared geometry of one call.
+struct Geometry {
+  int64_t B, H, Hkv, Nq, Nk, D, Dv, group;
+  explicit Geometry(const DenseArgs& a)
+      : B(a.B), H(a.H), Hkv(a.Hkv), Nq(a.Nq), Nk(a.Nk), D(a.D), Dv(a.Dv), group(a.H / a.Hkv) {}
+  int64_t kv_head(int64_t b, int64_t h) const { return b * Hkv + h / group; }
+};
+
+// Forward: items are (b, h, query block). With a.out == nullptr only the
+// log-sum-exp is computed (used by the probabilities pass).
+template <typename T, class Policy>
+void forward_range(const DenseArgs& a, const Policy& policy, int64_t begin, int64_t end) {
+  const Geometry g(a);
+  const int64_t BQ = kBlockQ, BK = kBlockK;
+  const int64_t nqb = (g.Nq + BQ - 1) / BQ;
+  const Dropout dropout(a);
+  const T scale = T(a.scale);
+  std::vector<T> s_tile(BQ * BK), m_run(BQ), l_run(BQ);
+  std::vector<T> acc_tile(a.out ? 0 : 1);
+
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t bh = item / nqb, qb = item % nqb;
+    const int64_t b = bh / g.H, h = bh % g.H;
+    const int64_t q0 = qb * BQ, mq = std::min(BQ, g.Nq - q0);
+    const T* q = static_cast<const T*>(a.q) + (bh * g.Nq + q0) * g.D;
+    const T* k = static_cast<const T*>(a.k) + g.kv_head(b, h) * g.Nk * g.D;
+    const T* v = static_cast<const T*>(a.v) + g.kv_head(b, h) * g.Nk * g.Dv;
+    T* out = a.out ? static_cast<T*>(a.out) + (bh * g.Nq + q0) * g.Dv : nullptr;
+    T* lse = static_cast<T*>(a.lse) + bh * g.Nq + q0;
+
+    std::fill(m_run.begin(), m_run.end(), neg_inf<T>());
+    std::fill(l_run.begin(), l_run.end(), T(0));
+    if (out) std::fill(out, out + mq * g.Dv, T(0));
+
+    const auto [lo, hi] = policy.key_range(q0, mq);
+    for (int64_t k0 = (lo / BK) * BK; k0 < hi; k0 += BK) {
+      const int64_t nk = std::min(BK, g.Nk - k0);
+      T* s = s_tile.data();
+      // s = scale * q k^T
+      gemm_rowmajor<T>(false, true, mq, nk, g.D, scale, q, g.D, k + k0 * g.D, g.D, T(0), s, BK);
+      policy.modify_scores(b, h, q0, mq, k0, nk, s, BK);
+      bool any_row = false;
+      for (int64_t r = 0; r < mq; ++r) {
+        T* row = s + r * BK;
+        const T m_new = std::max(m_run[r], row_max(row, nk));
+        if (m_new == neg_inf<T>()) {  // nothing visible in this row yet
+          std::fill(row, row + nk, T(0));
+          continue;
+        }
+        any_row = true;
+        const T sum = exp_sub_sum(row, nk, m_new);
+        const T alpha = std::exp(m_run[r] - m_new);  // 0 when m_run was -inf
+        l_run[r] = l_run[r] * alpha + sum;
+        m_run[r] = m_new;
+        if (out && alpha != T(1)) scale_row(out + r * g.Dv, g.Dv, alpha);
+        if (dropout.active) dropout.apply(row, nk, b, h, q0 + r, k0);
+      }
+      // out += p v
+      if (out && any_row)
+        gemm_rowmajor<T>(false, false, mq, g.Dv, nk, T(1), s, BK, v + k0 * g.Dv, g.Dv, T(1), out,
+                         g.Dv);
+    }
+    for (int64_t r = 0; r < mq; ++r) {
+      if (l_run[r] > T(0)) {
+        if (out) scale_row(out + r * g.Dv, g.Dv, T(1) / l_run[r]);
+        lse[r] = m_run[r] + std::log(l_run[r]);
+      } else {  // no visible key: output 0, lse -inf (never NaN)
+        if (out) std::fill(out + r * g.Dv, out + (r + 1) * g.Dv, T(0));
+        lse[r] = neg_inf<T>();
+      }
+    }
+  }
+}
+
+// Probabilities for inspection: items are (b, h, query block); a.lse must
+// already hold the log-sum-exp. Entries outside the policy's key range stay 0.
+template <typename T, class Policy>
+void probs_range(const DenseArgs& a, const Policy& policy, int64_t begin, int64_t end) {
+  const Geometry g(a);
+  const int64_t BQ = kBlockQ, BK = kBlockK;
+  const int64_t nqb = (g.Nq + BQ - 1) / BQ;
+  const Dropout dropout(a);
+  std::vector<T> s_tile(BQ * BK);
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t bh = item / nqb, qb = item % nqb;
+    const int64_t b = bh / g.H, h = bh % g.H;
+    const int64_t q0 = qb * BQ, mq = std::min(BQ, g.Nq - q0);
+    const T* q = static_cast<const T*>(a.q) + (bh * g.Nq + q0) * g.D;
+    const T* k = static_cast<const T*>(a.k) + g.kv_head(b, h) * g.Nk * g.D;
+    const T* lse = static_cast<const T*>(a.lse) + bh * g.Nq + q0;
+    T* probs = static_cast<T*>(a.probs) + (bh * g.Nq + q0) * g.Nk;
+    const auto [lo, hi] = policy.key_range(q0, mq);
+    for (int64_t k0 = (lo / BK) * BK; k0 < hi; k0 += BK) {
+      const int64_t nk = std::min(BK, g.Nk - k0);
+      T* s = s_tile.data();
+      gemm_rowmajor<T>(false, true, mq, nk, g.D, T(a.scale), q, g.D, k + k0 * g.D, g.D, T(0), s, BK);
+      policy.modify_scores(b, h, q0, mq, k0, nk, s, BK);
+      for (int64_t r = 0; r < mq; ++r) {
+        if (lse[r] == neg_inf<T>()) continue;
+        T* row = s + r * BK;
+        exp_sub(row, nk, lse[r]);
+        if (dropout.active) dropout.apply(row, nk, b, h, q0 + r, k0);
+        std::copy(row, row + nk, probs + r * g.Nk + k0);
+      }
+    }
+  }
+}
+
+// Backward (FlashAttention-2): items are (b, h, key split); the key blocks of
+// a split are visited in turn and each recomputes p = exp(s - lse) for the
+// query blocks that can see it. dk and dv of a key block are owned by one
+// item; dq is summed across splits by the caller.
+template <typename T, class Policy>
+void backward_range(const DenseArgs& a, const Policy& policy, int64_t begin, int64_t end) {
+  const Geometry g(a);
+  const int64_t BQ = kBwdBlockQ, BK = kBwdBlockK;
+  const int64_t nkb = (g.Nk + BK - 1) / BK;
+  const int64_t splits = a.key_splits;
+  const int64_t blocks_per_split = (nkb + splits - 1) / splits;
+  const Dropout dropout(a);
+  const T scale = T(a.scale);
+  const bool score_grad = policy.wants_score_grad();
+  std::vector<T> p_tile(BQ * BK), dp_tile(BQ * BK), pd_tile(dropout.active ? BQ * BK : 0);
+
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t bh = item / splits, split = item % splits;
+    const int64_t b = bh / g.H, h = bh % g.H;
+    const T* q = static_cast<const T*>(a.q) + bh * g.Nq * g.D;
+    const T* k = static_cast<const T*>(a.k) + g.kv_head(b, h) * g.Nk * g.D;
+    const T* v = static_cast<const T*>(a.v) + g.kv_head(b, h) * g.Nk * g.Dv;
+    const T* dout = static_cast<const T*>(a.grad_out) + bh * g.Nq * g.Dv;
+    const T* lse = static_cast<const T*>(a.lse) + bh * g.Nq;
+    const T* delta = static_cast<const T*>(a.delta) + bh * g.Nq;
+    T* dq = static_cast<T*>(a.grad_q) + (split * g.B * g.H + bh) * g.Nq * g.D;
+    T* dk = static_cast<T*>(a.grad_k) + bh * g.Nk * g.D;
+    T* dv = static_cast<T*>(a.grad_v) + bh * g.Nk * g.Dv;
+
+    const int64_t kb_end = std::min(nkb, (split + 1) * blocks_per_split);
+    for (int64_t kb = split * blocks_per_split; kb < kb_end; ++kb) {
+      const int64_t k0 = kb * BK, nk = std::min(BK, g.Nk - k0);
+      const auto [qlo, qhi] = policy.query_range(k0, nk);
+      for (int64_t q0 = (qlo / BQ) * BQ; q0 < qhi; q0 += BQ) {
+        const int64_t mq = std::min(BQ, g.Nq - q0);
+        T* p = p_tile.data();
+        T* dp = dp_tile.data();
+        gemm_rowmajor<T>(false, true, mq, nk, g.D, scale, q + q0 * g.D, g.D, k + k0 * g.D, g.D,
+                         T(0), p, BK);
+        policy.modify_scores(b, h, q0, mq, k0, nk, p, BK);
+        for (int64_t r = 0; r < mq; ++r) {
+          T* row = p + r * BK;
+          if (lse[q0 + r] == neg_inf<T>())
+            std::fill(row, row + nk, T(0));
+          else
+            exp_sub(row, nk, lse[q0 + r]);
+        }
+        // With dropout, dv uses the dropped probabilities and dp is masked the
+        // same way; the softmax gradient itself uses the undropped p.
+        const T* p_used = p;
+        if (dropout.active) {
+          for (int64_t r = 0; r < mq; ++r) {
+            std::copy(p + r * BK, p + r * BK + nk, pd_tile.data() + r * BK);
+            dropout.apply(pd_tile.data() + r * BK, nk, b, h, q0 + r, k0);
+          }
+          p_used = pd_tile.data();
+        }
+        // dv += p_used^T dout
+        gemm_rowmajor<T>(true, false, nk, g.Dv, mq, T(1), p_used, BK, dout + q0 * g.Dv, g.Dv, T(1),
+                         dv + k0 * g.Dv, g.Dv);
+        // dp = dout v^T
+        gemm_rowmajor<T>(false, true, mq, nk, g.Dv, T(1), dout + q0 * g.Dv, g.Dv, v + k0 * g.Dv,
+                         g.Dv, T(0), dp, BK);
+        for (int64_t r = 0; r < mq; ++r) {
+          if (dropout.active) dropout.apply(dp + r * BK, nk, b, h, q0 + r, k0);
+          softmax_grad_row(p + r * BK, dp + r * BK, nk, delta[q0 + r]);
+        }
+        if (score_grad) policy.accumulate_score_grad(b, h, q0, mq, k0, nk, dp, BK);
+        // dq += scale * ds k ;  dk += scale * ds^T q
+        gemm_rowmajor<T>(false, false, mq, g.D, nk, scale, dp, BK, k + k0 * g.D, g.D, T(1),
+                         dq + q0 * g.D, g.D);
+        gemm_rowmajor<T>(true, false, nk, g.D, mq, scale, dp, BK, q + q0 * g.D, g.D, T(1),
+                         dk + k0 * g.D, g.D);
+      }
+    }
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace attnzoo::cpu

@@ -1,0 +1,89 @@
+#pragma once
+// The boundary between the Torch-facing wrappers (attention.cpp) and the
+// engine, which is compiled once per instruction set (attention_kernel.cpp).
+// Only plain data crosses it: raw pointers into contiguous buffers of the
+// compute type (float or double) and broadcast strides, so that the per-ISA
+// translation units need no Tensor headers.
+#include <cstdint>
+
+namespace attnzoo::cpu {
+
+// A tensor broadcast to (B, H, Nq, Nk): element (b, h, i, j) lives at
+// data[b*sb + h*sh + i*si + j*sj]; a broadcast dimension has stride 0.
+struct Broadcast4 {
+  const void* data = nullptr;
+  int64_t sb = 0, sh = 0, si = 0, sj = 0;
+  bool present() const { return data != nullptr; }
+};
+
+// Everything one dense-attention call needs. Tensors are (B, H, N, D) and
+// contiguous; k and v have Hkv heads (H % Hkv == 0).
+struct DenseArgs {
+  int64_t B = 0, H = 0, Hkv = 0, Nq = 0, Nk = 0, D = 0, Dv = 0;
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  double scale = 1.0;
+
+  // Band of visible keys for query row i at position p = i + Nk - Nq:
+  // p - left <= j <= p + right. Causal sets right to at most 0. "Unbounded"
+  // is any value >= Nq + Nk.
+  int64_t left = 0, right = 0;
+
+  Broadcast4 mask;   // bool (uint8), true = may attend
+  Broadcast4 bias;   // compute type, added to the scaled scores
+  const void* alibi = nullptr;  // compute type, slope for (b, h)
+  int64_t alibi_sb = 0, alibi_sh = 0;
+
+  double dropout_p = 0.0;
+  uint64_t seed = 0;
+
+  // Forward outputs: out (B,H,Nq,Dv) may be null (log-sum-exp only); lse (B,H,Nq).
+  void* out = nullptr;
+  void* lse = nullptr;
+
+  // attention_weights output: probs (B,H,Nq,Nk), zero-initialised.
+  void* probs = nullptr;
+
+  // Backward inputs and outputs. grad_q is (splits, B, H, Nq, D) partial sums
+  // when key blocks of a head are split across work items; grad_k/grad_v are
+  // per query head (B, H, Nk, D/Dv) and summed over GQA groups by the caller.
+  // All are zero-initialised by the caller.
+  const void* grad_out = nullptr;
+  const void* delta = nullptr;  // (B,H,Nq): rowsum(grad_out * out)
+  void* grad_q = nullptr;
+  void* grad_k = nullptr;
+  void* grad_v = nullptr;
+  int64_t key_splits = 1;
+  // (B,H,Nq or 1,Nk or 1) accumulator for the bias gradient, with the same
+  // broadcast convention as Broadcast4 (stride 0 where the bias broadcasts
+  // over queries or keys). Only used with key_splits == 1.
+  void* grad_bias = nullptr;
+  int64_t gb_sb = 0, gb_sh = 0, gb_si = 0, gb_sj = 0;
+};
+
+// Block sizes of the engine: a work item is one (b, h, query block) forward
+// and one (b, h, key split) backward.
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 256;
+// Backward tiles are square-ish: its five products all use them.
+constexpr int64_t kBwdBlockQ = 64;
+constexpr int64_t kBwdBlockK = 128;
+
+using RangeFn = void (*)(const DenseArgs&, int64_t begin, int64_t end);
+
+// One engine build (one instruction set). Work ranges index
+//   forward / probs:  (b, h, query block)         B*H*ceil(Nq/kBlockQ) items
+//   backward:         (b, h, key split)           B*H*key_splits items
+struct EngineTable {
+  const char* isa;
+  RangeFn forward_f32, forward_f64;
+  RangeFn probs_f32, probs_f64;
+  RangeFn backward_f32, backward_f64;
+};
+
+const EngineTable& engine_DEFAULT();
+const EngineTable& engine_AVX2();
+const EngineTable& engine_AVX512();
+
+}  // namespace attnzoo::cpu
