@@ -287,7 +287,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     dv = dv.view({s.B, s.Hkv, group, s.Nk, s.Dv}).sum(2);
   }
   if (want_bias) dbias = dbias.sum_to_size(bias->sizes()).to(bias->scalar_type());
-  else dbias = at::empty({0}, opts);
+  else dbias = at::empty({0}, q.options());
   const auto dt = q.scalar_type();
   return {grad_q.to(dt), dk.to(dt), dv.to(dt), dbias};
 }

@@ -1,0 +1,18 @@
+"""attnzoo: fused, memory-efficient attention operators for PyTorch (CPU first).
+
+Importing the package loads the C++ extension, which registers the
+``torch.ops.attnzoo.*`` operators.
+"""
+import torch  # noqa: F401  (the extension links against the loaded torch)
+
+from . import _C  # noqa: F401  registers torch.ops.attnzoo.*
+from . import ops
+from .ops import alibi_slopes, attention, attention_weights
+
+__version__ = "0.1.0"
+__all__ = ["ops", "attention", "attention_weights", "alibi_slopes", "engine_isa", "__version__"]
+
+
+def engine_isa() -> str:
+    """The instruction set of the attention engine build chosen for this CPU."""
+    return _C.engine_isa()

@@ -1,0 +1,140 @@
+"""Attention operators: thin Python wrappers over ``torch.ops.attnzoo``.
+
+Tensors are (B, H, N, D). See DESIGN.md section 4 for the exact semantics.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  registers the ops
+
+__all__ = ["attention", "attention_weights", "alibi_slopes"]
+
+
+def _window(window: Optional[Sequence[int]]):
+    if window is None:
+        return None
+    window = [int(w) for w in window]
+    if len(window) != 2:
+        raise ValueError(f"attention: window must be (left, right), got {len(window)} values")
+    return window
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    causal: bool = False,
+    window: Optional[Sequence[int]] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Fused scaled dot-product attention with an online softmax.
+
+    q (B, H, Nq, D); k (B, Hkv, Nk, D); v (B, Hkv, Nk, Dv), H % Hkv == 0 (GQA).
+
+    mask: bool, broadcastable to (B, H, Nq, Nk), True = may attend.
+    bias: float, broadcastable to (B, H, Nq, Nk), added to the scaled scores;
+        differentiable.
+    causal: bottom-right aligned; query i stands at position i + Nk - Nq.
+    window: (left, right); key j visible iff p_i - left <= j <= p_i + right.
+    alibi_slopes: (H,) or (B, H); adds -slope * |p_i - j|.
+    dropout_p: dropout on the probabilities; reproducible under
+        ``torch.manual_seed``; the backward regenerates the same pattern.
+    scale: defaults to 1/sqrt(D).
+    return_lse: also return the row log-sum-exp (B, H, Nq) (float32, or
+        float64 for float64 inputs; -inf where a row sees no key).
+
+    A query row with no visible key gives output 0 and zero gradient.
+    """
+    out, lse = torch.ops.attnzoo.attention(
+        q, k, v, mask=mask, bias=bias, causal=causal, window=_window(window),
+        alibi_slopes=alibi_slopes, dropout_p=float(dropout_p), scale=scale)
+    return (out, lse) if return_lse else out
+
+
+def attention_weights(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    causal: bool = False,
+    window: Optional[Sequence[int]] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """The (B, H, Nq, Nk) probabilities ``attention`` would use (with dropout
+    applied when dropout_p > 0). For inspection and plots: it materialises
+    Nq x Nk and is not differentiable."""
+    return torch.ops.attnzoo.attention_weights(
+        q, k, v, mask=mask, bias=bias, causal=causal, window=_window(window),
+        alibi_slopes=alibi_slopes, dropout_p=float(dropout_p), scale=scale)
+
+
+def alibi_slopes(num_heads: int) -> Tensor:
+    """The ALiBi paper's per-head slopes, float32 of shape (num_heads,)."""
+    return torch.ops.attnzoo.alibi_slopes(int(num_heads))
+
+
+# ---------------------------------------------------------------------------
+# Fake (meta) implementations: shapes and dtypes only, for torch.compile,
+# FakeTensor and torch.library.opcheck.
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _compute_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _fake_forward(q, k, v):
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+                 lambda: "attention: q, k and v must have shape (B, H, N, D)")
+    B, H, Nq, _ = q.shape
+    out = q.new_empty((B, H, Nq, v.shape[-1]))
+    lse = q.new_empty((B, H, Nq), dtype=_lse_dtype(q))
+    return out, lse
+
+
+@torch.library.register_fake("attnzoo::attention")
+def _attention_fake(q, k, v, *, mask=None, bias=None, causal=False, window=None,
+                    alibi_slopes=None, dropout_p=0.0, scale=None):
+    return _fake_forward(q, k, v)
+
+
+@torch.library.register_fake("attnzoo::_attention_forward")
+def _attention_forward_fake(q, k, v, *, mask=None, bias=None, causal=False, window=None,
+                            alibi_slopes=None, dropout_p=0.0, scale=None, seed=None):
+    return _fake_forward(q, k, v)
+
+
+@torch.library.register_fake("attnzoo::_attention_backward")
+def _attention_backward_fake(grad_out, q, k, v, out, lse, *, mask=None, bias=None, causal=False,
+                             window=None, alibi_slopes=None, dropout_p=0.0, scale=None, seed=None,
+                             bias_requires_grad=False):
+    if bias_requires_grad and bias is not None:
+        grad_bias = torch.empty_like(bias, memory_format=torch.contiguous_format)
+    else:
+        grad_bias = q.new_empty((0,))
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format), grad_bias)
+
+
+@torch.library.register_fake("attnzoo::attention_weights")
+def _attention_weights_fake(q, k, v, *, mask=None, bias=None, causal=False, window=None,
+                            alibi_slopes=None, dropout_p=0.0, scale=None):
+    B, H, Nq, _ = q.shape
+    return q.new_empty((B, H, Nq, k.shape[2]))
