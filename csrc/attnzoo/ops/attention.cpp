@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "attnzoo/attnzoo.h"
+#include "attnzoo/ops/cpu/blas.h"
 #include "attnzoo/ops/cpu/engine_api.h"
 
 namespace attnzoo {
@@ -200,7 +201,10 @@ DenseArgs engine_args(const Prepared& p) {
 
 void run_parallel(int64_t items, const DenseArgs& a, cpu::RangeFn fn) {
   if (items == 0) return;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) { fn(a, begin, end); });
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    cpu::SingleThreadedBlas single_threaded;
+    fn(a, begin, end);
+  });
 }
 
 int64_t query_blocks(const Shapes& s) { return s.B * s.H * ((s.Nq + cpu::kBlockQ - 1) / cpu::kBlockQ); }

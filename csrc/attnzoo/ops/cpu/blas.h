@@ -11,9 +11,27 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc);
+// MKL only (weak: absent from other BLAS builds). Returns the previous value.
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 }
 
 namespace attnzoo::cpu {
+
+// The engine calls BLAS from inside its own parallel loop, one small tile at
+// a time: each call must run on the calling thread. Otherwise MKL starts its
+// OpenMP driver for every tile and the threads spend their time in barriers.
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() : previous_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int previous_;
+};
 
 // Column-major C(m x n) = alpha * op(A) op(B) + beta * C. Tile sizes are far
 // below INT_MAX; leading dimensions are clamped to >= 1 as BLAS requires.

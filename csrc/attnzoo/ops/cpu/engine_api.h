@@ -64,7 +64,7 @@ struct DenseArgs {
 
 // Block sizes of the engine: a work item is one (b, h, query block) forward
 // and one (b, h, key split) backward.
-constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockQ = 256;
 constexpr int64_t kBlockK = 256;
 // Backward tiles are square-ish: its five products all use them.
 constexpr int64_t kBwdBlockQ = 64;
