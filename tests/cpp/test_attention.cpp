@@ -44,6 +44,7 @@ TEST_CASE("attention matches the float64 reference", "[attention]") {
       {2, 4, 4, 77, 77, 32, false, std::nullopt},  {1, 4, 2, 33, 300, 16, true, std::nullopt},
       {2, 2, 1, 130, 70, 24, false, std::nullopt}, {1, 3, 3, 260, 260, 8, false, std::array<int64_t, 2>{17, 5}},
       {1, 2, 2, 100, 40, 16, true, std::nullopt},  // Nq > Nk: the first rows see nothing
+      {1, 2, 1, 900, 1200, 16, true, std::nullopt},  // several blocks in every pass
   };
   for (const auto& c : cases) {
     for (auto dtype : {at::kFloat, at::kDouble}) {

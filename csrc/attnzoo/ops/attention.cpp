@@ -178,6 +178,7 @@ DenseArgs engine_args(const Prepared& p) {
   DenseArgs a;
   const Shapes& s = p.s;
   a.B = s.B, a.H = s.H, a.Hkv = s.Hkv, a.Nq = s.Nq, a.Nk = s.Nk, a.D = s.D, a.Dv = s.Dv;
+  a.block_q = cpu::forward_block_q(s.Nq);
   a.q = p.q.data_ptr(), a.k = p.k.data_ptr(), a.v = p.v.data_ptr();
   a.scale = p.scale;
   a.left = p.left, a.right = p.right;
@@ -207,7 +208,10 @@ void run_parallel(int64_t items, const DenseArgs& a, cpu::RangeFn fn) {
   });
 }
 
-int64_t query_blocks(const Shapes& s) { return s.B * s.H * ((s.Nq + cpu::kBlockQ - 1) / cpu::kBlockQ); }
+int64_t query_blocks(const Shapes& s) {
+  const int64_t bq = cpu::forward_block_q(s.Nq);
+  return s.B * s.H * ((s.Nq + bq - 1) / bq);
+}
 
 }  // namespace
 

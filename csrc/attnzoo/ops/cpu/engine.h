@@ -58,14 +58,23 @@ inline Vec<T> fast_exp(const Vec<T>& x) {
   }
 }
 
+// Four independent accumulators: a single one would make every step wait for
+// the previous max/add (latency-bound); four keep the vector units busy.
 template <typename T>
 inline T row_max(const T* x, int64_t n) {
   using V = Vec<T>;
+  constexpr int64_t W = V::size();
   int64_t c = 0;
   T m = neg_inf<T>();
-  if (n >= V::size()) {
-    V vm = V::loadu(x);
-    for (c = V::size(); c + V::size() <= n; c += V::size()) vm = at::vec::maximum(vm, V::loadu(x + c));
+  if (n >= 4 * W) {
+    V m0 = V::loadu(x), m1 = V::loadu(x + W), m2 = V::loadu(x + 2 * W), m3 = V::loadu(x + 3 * W);
+    for (c = 4 * W; c + 4 * W <= n; c += 4 * W) {
+      m0 = at::vec::maximum(m0, V::loadu(x + c));
+      m1 = at::vec::maximum(m1, V::loadu(x + c + W));
+      m2 = at::vec::maximum(m2, V::loadu(x + c + 2 * W));
+      m3 = at::vec::maximum(m3, V::loadu(x + c + 3 * W));
+    }
+    V vm = at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3));
     m = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vm);
   }
   for (; c < n; ++c) m = std::max(m, x[c]);
@@ -76,14 +85,19 @@ inline T row_max(const T* x, int64_t n) {
 template <typename T>
 inline T exp_sub_sum(T* x, int64_t n, T m) {
   using V = Vec<T>;
+  constexpr int64_t W = V::size();
   const V vm(m);
-  V acc(T(0));
+  V acc0(T(0)), acc1(T(0));
   int64_t c = 0;
-  for (; c + V::size() <= n; c += V::size()) {
-    V e = fast_exp<T>(V::loadu(x + c) - vm);
-    e.store(x + c);
-    acc = acc + e;
+  for (; c + 2 * W <= n; c += 2 * W) {
+    V e0 = fast_exp<T>(V::loadu(x + c) - vm);
+    V e1 = fast_exp<T>(V::loadu(x + c + W) - vm);
+    e0.store(x + c);
+    e1.store(x + c + W);
+    acc0 = acc0 + e0;
+    acc1 = acc1 + e1;
   }
+  V acc = acc0 + acc1;
   T sum = at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, acc);
   for (; c < n; ++c) {
     x[c] = std::exp(x[c] - m);
@@ -248,12 +262,11 @@ struct Geometry {
 template <typename T, class Policy>
 void forward_range(const DenseArgs& a, const Policy& policy, int64_t begin, int64_t end) {
   const Geometry g(a);
-  const int64_t BQ = kBlockQ, BK = kBlockK;
+  const int64_t BQ = a.block_q, BK = kBlockK;
   const int64_t nqb = (g.Nq + BQ - 1) / BQ;
   const Dropout dropout(a);
   const T scale = T(a.scale);
   std::vector<T> s_tile(BQ * BK), m_run(BQ), l_run(BQ);
-  std::vector<T> acc_tile(a.out ? 0 : 1);
 
   for (int64_t item = begin; item < end; ++item) {
     const int64_t bh = item / nqb, qb = item % nqb;
@@ -314,7 +327,7 @@ void forward_range(const DenseArgs& a, const Policy& policy, int64_t begin, int6
 template <typename T, class Policy>
 void probs_range(const DenseArgs& a, const Policy& policy, int64_t begin, int64_t end) {
   const Geometry g(a);
-  const int64_t BQ = kBlockQ, BK = kBlockK;
+  const int64_t BQ = a.block_q, BK = kBlockK;
   const int64_t nqb = (g.Nq + BQ - 1) / BQ;
   const Dropout dropout(a);
   std::vector<T> s_tile(BQ * BK);

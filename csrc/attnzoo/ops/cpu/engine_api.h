@@ -8,6 +8,15 @@
 
 namespace attnzoo::cpu {
 
+// Block sizes of the engine (measured with tools/bench on AVX-512; the tile
+// products run at BLAS speed from about 128 x 256 up). A forward work item is
+// one (b, h, query block): short queries take smaller blocks so that several
+// threads still find work.
+constexpr int64_t kBlockQ = 256;
+constexpr int64_t kBlockQSmall = 64;
+constexpr int64_t kBlockK = 512;
+inline int64_t forward_block_q(int64_t Nq) { return Nq >= 768 ? kBlockQ : kBlockQSmall; }
+
 // A tensor broadcast to (B, H, Nq, Nk): element (b, h, i, j) lives at
 // data[b*sb + h*sh + i*si + j*sj]; a broadcast dimension has stride 0.
 struct Broadcast4 {
@@ -20,6 +29,7 @@ struct Broadcast4 {
 // contiguous; k and v have Hkv heads (H % Hkv == 0).
 struct DenseArgs {
   int64_t B = 0, H = 0, Hkv = 0, Nq = 0, Nk = 0, D = 0, Dv = 0;
+  int64_t block_q = kBlockQ;  // forward / probs query block: forward_block_q(Nq)
   const void* q = nullptr;
   const void* k = nullptr;
   const void* v = nullptr;
@@ -62,18 +72,14 @@ struct DenseArgs {
   int64_t gb_sb = 0, gb_sh = 0, gb_si = 0, gb_sj = 0;
 };
 
-// Block sizes of the engine: a work item is one (b, h, query block) forward
-// and one (b, h, key split) backward.
-constexpr int64_t kBlockQ = 256;
-constexpr int64_t kBlockK = 256;
-// Backward tiles are square-ish: its five products all use them.
-constexpr int64_t kBwdBlockQ = 64;
-constexpr int64_t kBwdBlockK = 128;
+// Backward tiles are square: its five products all use them.
+constexpr int64_t kBwdBlockQ = 256;
+constexpr int64_t kBwdBlockK = 256;
 
 using RangeFn = void (*)(const DenseArgs&, int64_t begin, int64_t end);
 
 // One engine build (one instruction set). Work ranges index
-//   forward / probs:  (b, h, query block)         B*H*ceil(Nq/kBlockQ) items
+//   forward / probs:  (b, h, query block)         B*H*ceil(Nq/block_q) items
 //   backward:         (b, h, key split)           B*H*key_splits items
 struct EngineTable {
   const char* isa;
