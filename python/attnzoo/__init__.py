@@ -7,10 +7,10 @@ import torch  # noqa: F401  (the extension links against the loaded torch)
 
 from . import _C  # noqa: F401  registers torch.ops.attnzoo.*
 from . import ops
-from .ops import alibi_slopes, attention, attention_weights
+from .ops import alibi_slopes, attention, attention_weights, t5_relative_bucket
 
 __version__ = "0.1.0"
-__all__ = ["ops", "attention", "attention_weights", "alibi_slopes", "engine_isa", "__version__"]
+__all__ = ["ops", "attention", "attention_weights", "alibi_slopes", "t5_relative_bucket", "engine_isa", "__version__"]
 
 
 def engine_isa() -> str:

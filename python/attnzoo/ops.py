@@ -11,7 +11,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  registers the ops
 
-__all__ = ["attention", "attention_weights", "alibi_slopes"]
+__all__ = ["attention", "attention_weights", "alibi_slopes", "t5_relative_bucket"]
 
 
 def _window(window: Optional[Sequence[int]]):
@@ -35,6 +35,9 @@ def attention(
     alibi_slopes: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     scale: Optional[float] = None,
+    t5_table: Optional[Tensor] = None,
+    t5_bidirectional: bool = True,
+    t5_max_distance: int = 128,
     return_lse: bool = False,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Fused scaled dot-product attention with an online softmax.
@@ -50,6 +53,9 @@ def attention(
     dropout_p: dropout on the probabilities; reproducible under
         ``torch.manual_seed``; the backward regenerates the same pattern.
     scale: defaults to 1/sqrt(D).
+    t5_table: (num_buckets, H); adds t5_table[t5_relative_bucket(j - p_i), h]
+        inside the kernel (no Nq x Nk bias is built); differentiable. T5
+        itself uses scale=1.0.
     return_lse: also return the row log-sum-exp (B, H, Nq) (float32, or
         float64 for float64 inputs; -inf where a row sees no key).
 
@@ -57,7 +63,8 @@ def attention(
     """
     out, lse = torch.ops.attnzoo.attention(
         q, k, v, mask=mask, bias=bias, causal=causal, window=_window(window),
-        alibi_slopes=alibi_slopes, dropout_p=float(dropout_p), scale=scale)
+        alibi_slopes=alibi_slopes, dropout_p=float(dropout_p), scale=scale, t5_table=t5_table,
+        t5_bidirectional=bool(t5_bidirectional), t5_max_distance=int(t5_max_distance))
     return (out, lse) if return_lse else out
 
 
@@ -73,18 +80,30 @@ def attention_weights(
     alibi_slopes: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     scale: Optional[float] = None,
+    t5_table: Optional[Tensor] = None,
+    t5_bidirectional: bool = True,
+    t5_max_distance: int = 128,
 ) -> Tensor:
     """The (B, H, Nq, Nk) probabilities ``attention`` would use (with dropout
     applied when dropout_p > 0). For inspection and plots: it materialises
     Nq x Nk and is not differentiable."""
     return torch.ops.attnzoo.attention_weights(
         q, k, v, mask=mask, bias=bias, causal=causal, window=_window(window),
-        alibi_slopes=alibi_slopes, dropout_p=float(dropout_p), scale=scale)
+        alibi_slopes=alibi_slopes, dropout_p=float(dropout_p), scale=scale, t5_table=t5_table,
+        t5_bidirectional=bool(t5_bidirectional), t5_max_distance=int(t5_max_distance))
 
 
 def alibi_slopes(num_heads: int) -> Tensor:
     """The ALiBi paper's per-head slopes, float32 of shape (num_heads,)."""
     return torch.ops.attnzoo.alibi_slopes(int(num_heads))
+
+
+def t5_relative_bucket(relative_position: Tensor, bidirectional: bool = True, num_buckets: int = 32,
+                       max_distance: int = 128) -> Tensor:
+    """T5's bucket of each relative position (memory - query), exactly as HF
+    transformers' ``T5Attention._relative_position_bucket``; int64."""
+    return torch.ops.attnzoo.t5_relative_bucket(relative_position, bidirectional, int(num_buckets),
+                                                int(max_distance))
 
 
 # ---------------------------------------------------------------------------
@@ -109,32 +128,31 @@ def _fake_forward(q, k, v):
 
 
 @torch.library.register_fake("attnzoo::attention")
-def _attention_fake(q, k, v, *, mask=None, bias=None, causal=False, window=None,
-                    alibi_slopes=None, dropout_p=0.0, scale=None):
+def _attention_fake(q, k, v, **_):
     return _fake_forward(q, k, v)
 
 
 @torch.library.register_fake("attnzoo::_attention_forward")
-def _attention_forward_fake(q, k, v, *, mask=None, bias=None, causal=False, window=None,
-                            alibi_slopes=None, dropout_p=0.0, scale=None, seed=None):
+def _attention_forward_fake(q, k, v, **_):
     return _fake_forward(q, k, v)
 
 
+def _grad_like(t, wanted, q):
+    if wanted and t is not None:
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+    return q.new_empty((0,))
+
+
 @torch.library.register_fake("attnzoo::_attention_backward")
-def _attention_backward_fake(grad_out, q, k, v, out, lse, *, mask=None, bias=None, causal=False,
-                             window=None, alibi_slopes=None, dropout_p=0.0, scale=None, seed=None,
-                             bias_requires_grad=False):
-    if bias_requires_grad and bias is not None:
-        grad_bias = torch.empty_like(bias, memory_format=torch.contiguous_format)
-    else:
-        grad_bias = q.new_empty((0,))
+def _attention_backward_fake(grad_out, q, k, v, out, lse, *, bias=None, rel_bias=None,
+                             bias_requires_grad=False, rel_bias_requires_grad=False, **_):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format), grad_bias)
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+            _grad_like(bias, bias_requires_grad, q), _grad_like(rel_bias, rel_bias_requires_grad, q))
 
 
 @torch.library.register_fake("attnzoo::attention_weights")
-def _attention_weights_fake(q, k, v, *, mask=None, bias=None, causal=False, window=None,
-                            alibi_slopes=None, dropout_p=0.0, scale=None):
+def _attention_weights_fake(q, k, v, **_):
     B, H, Nq, _ = q.shape
     return q.new_empty((B, H, Nq, k.shape[2]))

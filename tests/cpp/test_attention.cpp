@@ -118,3 +118,23 @@ TEST_CASE("alibi slopes follow the paper", "[attention][alibi]") {
   REQUIRE(s6[4].item<float>() == Approx(0.5));
   REQUIRE(s6[5].item<float>() == Approx(0.125));
 }
+
+TEST_CASE("T5 bias in the kernel equals the explicit bias", "[attention][t5]") {
+  at::manual_seed(3);
+  const int64_t H = 3, Nq = 70, Nk = 600;
+  auto q = at::randn({2, H, Nq, 16}, at::kDouble).requires_grad_();
+  auto k = at::randn({2, H, Nk, 16}, at::kDouble);
+  auto v = at::randn({2, H, Nk, 16}, at::kDouble);
+  auto table = at::randn({32, H}, at::kDouble).requires_grad_();
+  auto out = attnzoo::ops::attention(
+      q, k, v, AttentionOptions().t5_table(table).t5_bidirectional(false).causal(true).scale(1.0));
+  auto rel = at::arange(Nk, at::kLong).unsqueeze(0) - (at::arange(Nq, at::kLong).unsqueeze(1) + (Nk - Nq));
+  auto buckets = attnzoo::ops::t5_relative_bucket(rel, false, 32, 128);
+  auto bias = table.index({buckets}).permute({2, 0, 1});  // (H, Nq, Nk)
+  auto ref = reference(q * 4.0, k, v, true, std::nullopt, bias);  // scale 1 = (4q) / sqrt(16)
+  REQUIRE(max_err(out, ref) < 1e-12);
+  auto grad = at::randn_like(out);
+  auto got = torch::autograd::grad({out}, {table}, {grad});
+  auto want = torch::autograd::grad({ref}, {table}, {grad});
+  REQUIRE(max_err(got[0], want[0]) < 1e-10);
+}

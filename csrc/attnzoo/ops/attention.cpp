@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "attnzoo/attnzoo.h"
+#include "attnzoo/ops/attention_internal.h"
 #include "attnzoo/ops/cpu/blas.h"
 #include "attnzoo/ops/cpu/engine_api.h"
 
@@ -21,6 +22,7 @@ namespace {
 
 using cpu::DenseArgs;
 using cpu::EngineTable;
+using detail::OptTensor;
 
 // The engine build for this CPU: the same choice ATen makes for its own
 // kernels, so ATEN_CPU_CAPABILITY=default|avx2|avx512 steers both.
@@ -95,11 +97,26 @@ void check_broadcast4(const char* op, const char* name, const at::Tensor& t, con
               " is not broadcastable to (B, H, Nq, Nk) = ", shape_str(at::IntArrayRef(want, 4)));
 }
 
+// Everything that changes the scores, as the internal ops receive it.
+struct ScoreArgs {
+  const OptTensor& mask;
+  const OptTensor& bias;
+  const OptTensor& rel_bias;
+  bool causal;
+  at::OptionalIntArrayRef window;
+  const OptTensor& alibi;
+  double dropout_p;
+  std::optional<double> scale;
+  const OptTensor& seed;
+};
+
+bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
+
 // Validated, normalised arguments in the compute type (float or double).
 struct Prepared {
   Shapes s;
   at::ScalarType compute;
-  at::Tensor q, k, v, mask, bias, alibi;
+  at::Tensor q, k, v, mask, bias, rel_bias, alibi;
   int64_t left, right;
   double scale, dropout_p;
   uint64_t seed;
@@ -109,11 +126,14 @@ at::Tensor to_compute(const at::Tensor& t, at::ScalarType compute) {
   return t.to(compute).contiguous();
 }
 
+void check_cpu_float(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating tensor, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " is on ", t.device(), ", expected cpu");
+}
+
 Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias,
-                 bool causal, at::OptionalIntArrayRef window,
-                 const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
-                 std::optional<double> scale, const std::optional<at::Tensor>& seed) {
+                 const ScoreArgs& sa) {
   Prepared p;
   p.s = check_qkv(op, q, k, v);
   const Shapes& s = p.s;
@@ -122,25 +142,32 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
   p.k = to_compute(k, p.compute);
   p.v = to_compute(v, p.compute);
 
-  if (mask.has_value() && mask->defined()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool, op, ": mask must be a bool tensor (True = may attend), got ",
-                mask->scalar_type(), "; pass an additive float mask as bias=");
-    TORCH_CHECK(mask->device().is_cpu(), op, ": mask is on ", mask->device(), ", expected cpu");
-    check_broadcast4(op, "mask", *mask, s);
-    p.mask = mask->contiguous();
+  if (given(sa.mask)) {
+    const auto& m = *sa.mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool, op, ": mask must be a bool tensor (True = may attend), got ",
+                m.scalar_type(), "; pass an additive float mask as bias=");
+    TORCH_CHECK(m.device().is_cpu(), op, ": mask is on ", m.device(), ", expected cpu");
+    check_broadcast4(op, "mask", m, s);
+    p.mask = m.contiguous();
   }
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), op, ": bias must be a floating tensor, got ",
-                bias->scalar_type());
-    TORCH_CHECK(bias->device().is_cpu(), op, ": bias is on ", bias->device(), ", expected cpu");
-    check_broadcast4(op, "bias", *bias, s);
-    p.bias = to_compute(*bias, p.compute);
+  if (given(sa.bias)) {
+    check_cpu_float(op, "bias", *sa.bias);
+    check_broadcast4(op, "bias", *sa.bias, s);
+    p.bias = to_compute(*sa.bias, p.compute);
   }
-  if (alibi_slopes.has_value() && alibi_slopes->defined()) {
-    const auto& a = *alibi_slopes;
-    TORCH_CHECK(at::isFloatingType(a.scalar_type()), op, ": alibi_slopes must be floating, got ",
-                a.scalar_type());
-    TORCH_CHECK(a.device().is_cpu(), op, ": alibi_slopes is on ", a.device(), ", expected cpu");
+  if (given(sa.rel_bias)) {
+    const auto& r = *sa.rel_bias;
+    check_cpu_float(op, "rel_bias", r);
+    const int64_t L = s.Nq + s.Nk - 1;
+    TORCH_CHECK((r.dim() == 2 && r.size(0) == s.H && r.size(1) == L) ||
+                    (r.dim() == 3 && r.size(0) == s.B && r.size(1) == s.H && r.size(2) == L),
+                op, ": rel_bias must have shape (H, Nq + Nk - 1) = (", s.H, ", ", L,
+                ") or (B, H, Nq + Nk - 1), got ", shape_str(r.sizes()));
+    p.rel_bias = to_compute(r, p.compute);
+  }
+  if (given(sa.alibi)) {
+    const auto& a = *sa.alibi;
+    check_cpu_float(op, "alibi_slopes", a);
     TORCH_CHECK((a.dim() == 1 && a.size(0) == s.H) || (a.dim() == 2 && a.size(0) == s.B && a.size(1) == s.H),
                 op, ": alibi_slopes must have shape (H,) = (", s.H, ",) or (B, H) = (", s.B, ", ", s.H,
                 "), got ", shape_str(a.sizes()));
@@ -151,25 +178,25 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
   // from overflow.
   const int64_t unbounded = s.Nq + s.Nk + 1;
   p.left = unbounded;
-  p.right = causal ? 0 : unbounded;
-  if (window.has_value()) {
-    TORCH_CHECK(window->size() == 2, op, ": window must be (left, right), got ", window->size(), " values");
-    TORCH_CHECK((*window)[0] >= 0 && (*window)[1] >= 0, op,
-                ": window sizes must be >= 0, got (", (*window)[0], ", ", (*window)[1], ")");
-    p.left = std::min(p.left, (*window)[0]);
-    p.right = std::min(p.right, (*window)[1]);
+  p.right = sa.causal ? 0 : unbounded;
+  if (sa.window.has_value()) {
+    const auto w = *sa.window;
+    TORCH_CHECK(w.size() == 2, op, ": window must be (left, right), got ", w.size(), " values");
+    TORCH_CHECK(w[0] >= 0 && w[1] >= 0, op, ": window sizes must be >= 0, got (", w[0], ", ", w[1], ")");
+    p.left = std::min(p.left, w[0]);
+    p.right = std::min(p.right, w[1]);
   }
 
-  p.scale = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(s.D));
+  p.scale = sa.scale.has_value() ? *sa.scale : 1.0 / std::sqrt(static_cast<double>(s.D));
   TORCH_CHECK(std::isfinite(p.scale), op, ": scale must be finite, got ", p.scale);
-  TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p <= 1.0, op,
-              ": dropout_p must be in [0, 1], got ", dropout_p);
-  p.dropout_p = dropout_p;
+  TORCH_CHECK(std::isfinite(sa.dropout_p) && sa.dropout_p >= 0.0 && sa.dropout_p <= 1.0, op,
+              ": dropout_p must be in [0, 1], got ", sa.dropout_p);
+  p.dropout_p = sa.dropout_p;
   p.seed = 0;
-  if (dropout_p > 0) {
-    TORCH_CHECK(seed.has_value() && seed->defined() && seed->numel() == 1, op,
+  if (sa.dropout_p > 0) {
+    TORCH_CHECK(given(sa.seed) && sa.seed->numel() == 1, op,
                 ": dropout needs a one-element int64 seed tensor");
-    p.seed = static_cast<uint64_t>(seed->item<int64_t>());
+    p.seed = static_cast<uint64_t>(sa.seed->item<int64_t>());
   }
   return p;
 }
@@ -190,6 +217,11 @@ DenseArgs engine_args(const Prepared& p) {
   };
   view4(p.mask, a.mask);
   view4(p.bias, a.bias);
+  if (p.rel_bias.defined()) {
+    const auto e = p.rel_bias.expand({s.B, s.H, s.Nq + s.Nk - 1});
+    a.rel_bias = e.data_ptr();
+    a.rel_sb = e.stride(0), a.rel_sh = e.stride(1);
+  }
   if (p.alibi.defined()) {
     const auto e = p.alibi.expand({s.B, s.H});
     a.alibi = e.data_ptr();
@@ -213,18 +245,15 @@ int64_t query_blocks(const Shapes& s) {
   return s.B * s.H * ((s.Nq + bq - 1) / bq);
 }
 
-}  // namespace
-
 // ---------------------------------------------------------------------------
-// CPU kernels of the ops.
+// CPU kernels of the internal ops.
 
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, bool causal,
-    at::OptionalIntArrayRef window, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
-    std::optional<double> scale, const std::optional<at::Tensor>& seed) {
-  const Prepared p = prepare("attention", q, k, v, mask, bias, causal, window, alibi_slopes,
-                             dropout_p, scale, seed);
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& mask,
+    const OptTensor& bias, const OptTensor& rel_bias, bool causal, at::OptionalIntArrayRef window,
+    const OptTensor& alibi, double dropout_p, std::optional<double> scale, const OptTensor& seed) {
+  const Prepared p = prepare("attention", q, k, v,
+                             {mask, bias, rel_bias, causal, window, alibi, dropout_p, scale, seed});
   const Shapes& s = p.s;
   const auto opts = p.q.options();
   at::Tensor out = at::empty({s.B, s.H, s.Nq, s.Dv}, opts);
@@ -237,14 +266,14 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
   return {out.to(q.scalar_type()), lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& mask,
-    const std::optional<at::Tensor>& bias, bool causal, at::OptionalIntArrayRef window,
-    const std::optional<at::Tensor>& alibi_slopes, double dropout_p, std::optional<double> scale,
-    const std::optional<at::Tensor>& seed, bool bias_requires_grad) {
-  const Prepared p = prepare("attention_backward", q, k, v, mask, bias, causal, window,
-                             alibi_slopes, dropout_p, scale, seed);
+    const at::Tensor& out, const at::Tensor& lse, const OptTensor& mask, const OptTensor& bias,
+    const OptTensor& rel_bias, bool causal, at::OptionalIntArrayRef window, const OptTensor& alibi,
+    double dropout_p, std::optional<double> scale, const OptTensor& seed, bool bias_requires_grad,
+    bool rel_bias_requires_grad) {
+  const Prepared p = prepare("attention_backward", q, k, v,
+                             {mask, bias, rel_bias, causal, window, alibi, dropout_p, scale, seed});
   const Shapes& s = p.s;
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({s.B, s.H, s.Nq, s.Dv}),
               "attention_backward: grad_out must have shape ", shape_str({s.B, s.H, s.Nq, s.Dv}),
@@ -256,16 +285,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
   const at::Tensor delta = (dout * out_c).sum(-1).contiguous();
 
   const bool want_bias = bias_requires_grad && p.bias.defined();
+  const bool want_rel = rel_bias_requires_grad && p.rel_bias.defined();
+  // Score gradients are accumulated per (b, h) by one work item, so a head's
+  // key blocks are only split across threads when none is wanted.
   const int64_t nkb = (s.Nk + cpu::kBwdBlockK - 1) / cpu::kBwdBlockK;
   int64_t splits = 1;
   const int64_t heads = s.B * s.H, threads = at::get_num_threads();
-  if (!want_bias && heads < threads && nkb > 1)
+  if (!want_bias && !want_rel && heads < threads && nkb > 1)
     splits = std::min(nkb, (threads + heads - 1) / heads);
 
   at::Tensor dq = at::zeros({splits, s.B, s.H, s.Nq, s.D}, opts);
   at::Tensor dk = at::zeros({s.B, s.H, s.Nk, s.D}, opts);
   at::Tensor dv = at::zeros({s.B, s.H, s.Nk, s.Dv}, opts);
-  at::Tensor dbias;
+  at::Tensor dbias, drel;
 
   DenseArgs a = engine_args(p);
   a.lse = lse_c.data_ptr();
@@ -285,6 +317,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     a.gb_si = rows == 1 ? 0 : dbias.stride(2);
     a.gb_sj = cols == 1 ? 0 : dbias.stride(3);
   }
+  if (want_rel) {
+    drel = at::zeros({s.B, s.H, s.Nq + s.Nk - 1}, opts);
+    a.grad_rel_bias = drel.data_ptr();
+  }
   const auto& e = engine();
   run_parallel(heads * splits, a, p.compute == at::kDouble ? e.backward_f64 : e.backward_f32);
 
@@ -294,20 +330,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cp
     dk = dk.view({s.B, s.Hkv, group, s.Nk, s.D}).sum(2);
     dv = dv.view({s.B, s.Hkv, group, s.Nk, s.Dv}).sum(2);
   }
-  if (want_bias) dbias = dbias.sum_to_size(bias->sizes()).to(bias->scalar_type());
-  else dbias = at::empty({0}, q.options());
+  dbias = want_bias ? dbias.sum_to_size(bias->sizes()).to(bias->scalar_type()) : at::empty({0}, q.options());
+  drel = want_rel ? drel.sum_to_size(rel_bias->sizes()).to(rel_bias->scalar_type()) : at::empty({0}, q.options());
   const auto dt = q.scalar_type();
-  return {grad_q.to(dt), dk.to(dt), dv.to(dt), dbias};
+  return {grad_q.to(dt), dk.to(dt), dv.to(dt), dbias, drel};
 }
 
-at::Tensor attention_weights_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const std::optional<at::Tensor>& mask,
-                                 const std::optional<at::Tensor>& bias, bool causal,
-                                 at::OptionalIntArrayRef window,
-                                 const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
-                                 std::optional<double> scale, const std::optional<at::Tensor>& seed) {
-  const Prepared p = prepare("attention_weights", q, k, v, mask, bias, causal, window,
-                             alibi_slopes, dropout_p, scale, seed);
+at::Tensor attention_weights_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const ScoreArgs& sa) {
+  const Prepared p = prepare("attention_weights", q, k, v, sa);
   const Shapes& s = p.s;
   const auto opts = p.q.options();
   at::Tensor lse = at::empty({s.B, s.H, s.Nq}, opts);
@@ -321,6 +352,95 @@ at::Tensor attention_weights_cpu(const at::Tensor& q, const at::Tensor& k, const
   run_parallel(query_blocks(s), a, f64 ? e.probs_f64 : e.probs_f32);
   return probs.to(q.scalar_type());
 }
+
+// T5 arguments of the public ops -> the relative bias vector (or none).
+OptTensor t5_bias_or_none(const char* op, const at::Tensor& q, const at::Tensor& k,
+                          const OptTensor& t5_table, bool bidirectional, int64_t max_distance) {
+  if (!given(t5_table)) return std::nullopt;
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, op, ": q and k must have shape (B, H, N, D)");
+  return detail::t5_relative_bias(op, *t5_table, q.size(1), q.size(2), k.size(2), bidirectional,
+                                  max_distance);
+}
+
+// `attention` below autograd (inference mode, or no input needs a gradient):
+// draw the dropout seed and run the forward.
+std::tuple<at::Tensor, at::Tensor> attention_cpu(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& mask,
+    const OptTensor& bias, bool causal, at::OptionalIntArrayRef window, const OptTensor& alibi,
+    double dropout_p, std::optional<double> scale, const OptTensor& t5_table, bool t5_bidirectional,
+    int64_t t5_max_distance) {
+  const OptTensor seed = dropout_p > 0 ? OptTensor(detail::fresh_seed()) : std::nullopt;
+  const OptTensor rel = t5_bias_or_none("attention", q, k, t5_table, t5_bidirectional, t5_max_distance);
+  return attention_forward_cpu(q, k, v, mask, bias, rel, causal, window, alibi, dropout_p, scale,
+                               seed);
+}
+
+at::Tensor attention_weights_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const OptTensor& mask, const OptTensor& bias, bool causal,
+                                 at::OptionalIntArrayRef window, const OptTensor& alibi,
+                                 double dropout_p, std::optional<double> scale,
+                                 const OptTensor& t5_table, bool t5_bidirectional,
+                                 int64_t t5_max_distance) {
+  const OptTensor seed = dropout_p > 0 ? OptTensor(detail::fresh_seed()) : std::nullopt;
+  const OptTensor rel =
+      t5_bias_or_none("attention_weights", q, k, t5_table, t5_bidirectional, t5_max_distance);
+  return attention_weights_impl(q, k, v,
+                                {mask, bias, rel, causal, window, alibi, dropout_p, scale, seed});
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// T5 relative position buckets, exactly as HF transformers'
+// T5Attention._relative_position_bucket (float32 log, truncation toward 0).
+
+at::Tensor t5_relative_bucket(const at::Tensor& relative_position, bool bidirectional,
+                              int64_t num_buckets, int64_t max_distance) {
+  const char* op = "t5_relative_bucket";
+  TORCH_CHECK(at::isIntegralType(relative_position.scalar_type(), /*includeBool=*/false), op,
+              ": relative_position must be an integer tensor, got ", relative_position.scalar_type());
+  TORCH_CHECK(num_buckets >= (bidirectional ? 4 : 2), op, ": num_buckets must be at least ",
+              bidirectional ? 4 : 2, ", got ", num_buckets);
+  at::Tensor rel = relative_position.to(at::kLong);
+  at::Tensor buckets = at::zeros_like(rel);
+  if (bidirectional) {
+    num_buckets /= 2;
+    buckets = buckets + (rel > 0).to(at::kLong) * num_buckets;
+    rel = rel.abs();
+  } else {
+    rel = -at::minimum(rel, at::zeros_like(rel));
+  }
+  const int64_t max_exact = num_buckets / 2;
+  TORCH_CHECK(max_distance > max_exact, op, ": max_distance must exceed the exact range (",
+              max_exact, "), got ", max_distance);
+  const at::Tensor is_small = rel < max_exact;
+  at::Tensor large =
+      max_exact + (at::log(rel.to(at::kFloat) / static_cast<float>(max_exact)) /
+                   static_cast<float>(std::log(static_cast<double>(max_distance) / max_exact)) *
+                   static_cast<float>(num_buckets - max_exact))
+                      .to(at::kLong);
+  large = at::minimum(large, at::full_like(large, num_buckets - 1));
+  return buckets + at::where(is_small, rel, large);
+}
+
+namespace detail {
+
+at::Tensor t5_relative_bias(const char* op, const at::Tensor& table, int64_t heads, int64_t Nq,
+                            int64_t Nk, bool bidirectional, int64_t max_distance) {
+  TORCH_CHECK(table.dim() == 2 && table.size(1) == heads, op,
+              ": t5_table must have shape (num_buckets, H) with H = ", heads, ", got ",
+              shape_str(table.sizes()));
+  check_cpu_float(op, "t5_table", table);
+  const at::Tensor d = at::arange(1 - Nk, Nq, at::TensorOptions().dtype(at::kLong));
+  const at::Tensor buckets = t5_relative_bucket(d, bidirectional, table.size(0), max_distance);
+  return table.index_select(0, buckets).t();
+}
+
+at::Tensor fresh_seed() {
+  return at::randint(int64_t(1) << 62, {1}, at::TensorOptions().dtype(at::kLong));
+}
+
+}  // namespace detail
 
 at::Tensor alibi_slopes(int64_t num_heads) {
   TORCH_CHECK(num_heads > 0, "alibi_slopes: num_heads must be positive, got ", num_heads);
@@ -347,64 +467,40 @@ const char* engine_isa() { return engine().isa; }
 
 // Implemented in autograd/attention_autograd.cpp.
 std::tuple<at::Tensor, at::Tensor> attention_autograd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, bool causal,
-    at::OptionalIntArrayRef window, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
-    std::optional<double> scale);
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& mask,
+    const OptTensor& bias, bool causal, at::OptionalIntArrayRef window, const OptTensor& alibi,
+    double dropout_p, std::optional<double> scale, const OptTensor& t5_table, bool t5_bidirectional,
+    int64_t t5_max_distance);
 
-namespace {
-
-at::Tensor fresh_seed() {
-  return at::randint(int64_t(1) << 62, {1}, at::TensorOptions().dtype(at::kLong));
-}
-
-// `attention` below autograd (inference mode, or inputs that need no grad
-// after the autograd kernel): draw the dropout seed and run the forward.
-std::tuple<at::Tensor, at::Tensor> attention_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, bool causal,
-    at::OptionalIntArrayRef window, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
-    std::optional<double> scale) {
-  std::optional<at::Tensor> seed;
-  if (dropout_p > 0) seed = fresh_seed();
-  return attention_forward_cpu(q, k, v, mask, bias, causal, window, alibi_slopes, dropout_p, scale,
-                               seed);
-}
-
-at::Tensor attention_weights_entry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                   const std::optional<at::Tensor>& mask,
-                                   const std::optional<at::Tensor>& bias, bool causal,
-                                   at::OptionalIntArrayRef window,
-                                   const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
-                                   std::optional<double> scale) {
-  std::optional<at::Tensor> seed;
-  if (dropout_p > 0) seed = fresh_seed();
-  return attention_weights_cpu(q, k, v, mask, bias, causal, window, alibi_slopes, dropout_p, scale,
-                               seed);
-}
-
-}  // namespace
-
-#define ATTNZOO_ATTENTION_ARGS                                                              \
-  "Tensor q, Tensor k, Tensor v, *, Tensor? mask=None, Tensor? bias=None, bool causal=False, " \
-  "int[]? window=None, Tensor? alibi_slopes=None, float dropout_p=0.0, float? scale=None"
+#define ATTNZOO_SCORE_ARGS                                                                 \
+  "Tensor? mask=None, Tensor? bias=None, bool causal=False, int[]? window=None, "          \
+  "Tensor? alibi_slopes=None, float dropout_p=0.0, float? scale=None"
+#define ATTNZOO_T5_ARGS "Tensor? t5_table=None, bool t5_bidirectional=True, int t5_max_distance=128"
+#define ATTNZOO_INTERNAL_SCORE_ARGS                                                         \
+  "Tensor? mask=None, Tensor? bias=None, Tensor? rel_bias=None, bool causal=False, "         \
+  "int[]? window=None, Tensor? alibi_slopes=None, float dropout_p=0.0, float? scale=None, " \
+  "Tensor? seed=None"
 
 TORCH_LIBRARY(attnzoo, m) {
-  m.def("attention(" ATTNZOO_ATTENTION_ARGS ") -> (Tensor out, Tensor lse)");
-  m.def("attention_weights(" ATTNZOO_ATTENTION_ARGS ") -> Tensor");
-  m.def("_attention_forward(" ATTNZOO_ATTENTION_ARGS
-        ", Tensor? seed=None) -> (Tensor out, Tensor lse)");
+  m.def("attention(Tensor q, Tensor k, Tensor v, *, " ATTNZOO_SCORE_ARGS ", " ATTNZOO_T5_ARGS
+        ") -> (Tensor out, Tensor lse)");
+  m.def("attention_weights(Tensor q, Tensor k, Tensor v, *, " ATTNZOO_SCORE_ARGS
+        ", " ATTNZOO_T5_ARGS ") -> Tensor");
+  m.def("_attention_forward(Tensor q, Tensor k, Tensor v, *, " ATTNZOO_INTERNAL_SCORE_ARGS
+        ") -> (Tensor out, Tensor lse)");
   m.def("_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
-        "Tensor lse, *, Tensor? mask=None, Tensor? bias=None, bool causal=False, "
-        "int[]? window=None, Tensor? alibi_slopes=None, float dropout_p=0.0, float? scale=None, "
-        "Tensor? seed=None, bool bias_requires_grad=False) "
-        "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_bias)");
+        "Tensor lse, *, " ATTNZOO_INTERNAL_SCORE_ARGS
+        ", bool bias_requires_grad=False, bool rel_bias_requires_grad=False) -> (Tensor grad_q, "
+        "Tensor grad_k, Tensor grad_v, Tensor grad_bias, Tensor grad_rel_bias)");
   m.def("alibi_slopes(int num_heads) -> Tensor", &alibi_slopes);
+  m.def("t5_relative_bucket(Tensor relative_position, bool bidirectional=True, "
+        "int num_buckets=32, int max_distance=128) -> Tensor",
+        &t5_relative_bucket);
 }
 
 TORCH_LIBRARY_IMPL(attnzoo, CPU, m) {
   m.impl("attention", &attention_cpu);
-  m.impl("attention_weights", &attention_weights_entry);
+  m.impl("attention_weights", &attention_weights_cpu);
   m.impl("_attention_forward", &attention_forward_cpu);
   m.impl("_attention_backward", &attention_backward_cpu);
 }
@@ -419,22 +515,18 @@ std::optional<std::vector<int64_t>> window_vec(const AttentionOptions& o) {
   if (!o.window().has_value()) return std::nullopt;
   return std::vector<int64_t>{(*o.window())[0], (*o.window())[1]};
 }
+at::OptionalIntArrayRef window_ref(const std::optional<std::vector<int64_t>>& w) {
+  return w ? at::OptionalIntArrayRef(*w) : at::OptionalIntArrayRef();
+}
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v,
                                                       const AttentionOptions& o) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("attnzoo::attention", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
-                           at::OptionalIntArrayRef, const std::optional<at::Tensor>&, double,
-                           std::optional<double>)>();
+  static const auto op = detail::op_handle<detail::AttentionSig>("attnzoo::attention");
   const auto w = window_vec(o);
-  return op.call(q, k, v, o.mask(), o.bias(), o.causal(),
-                 w ? at::OptionalIntArrayRef(*w) : at::OptionalIntArrayRef(), o.alibi_slopes(),
-                 o.dropout_p(), o.scale());
+  return op.call(q, k, v, o.mask(), o.bias(), o.causal(), window_ref(w), o.alibi_slopes(),
+                 o.dropout_p(), o.scale(), o.t5_table(), o.t5_bidirectional(), o.t5_max_distance());
 }
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -444,17 +536,10 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 
 at::Tensor attention_weights(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const AttentionOptions& o) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("attnzoo::attention_weights", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         const std::optional<at::Tensor>&,
-                                         const std::optional<at::Tensor>&, bool,
-                                         at::OptionalIntArrayRef, const std::optional<at::Tensor>&,
-                                         double, std::optional<double>)>();
+  static const auto op = detail::op_handle<detail::WeightsSig>("attnzoo::attention_weights");
   const auto w = window_vec(o);
-  return op.call(q, k, v, o.mask(), o.bias(), o.causal(),
-                 w ? at::OptionalIntArrayRef(*w) : at::OptionalIntArrayRef(), o.alibi_slopes(),
-                 o.dropout_p(), o.scale());
+  return op.call(q, k, v, o.mask(), o.bias(), o.causal(), window_ref(w), o.alibi_slopes(),
+                 o.dropout_p(), o.scale(), o.t5_table(), o.t5_bidirectional(), o.t5_max_distance());
 }
 
 }  // namespace attnzoo::ops

@@ -28,6 +28,12 @@ struct AttentionOptions {
   TORCH_ARG(double, dropout_p) = 0.0;
   // Defaults to 1/sqrt(D).
   TORCH_ARG(std::optional<double>, scale) = std::nullopt;
+  // T5 relative position bias: table (num_buckets, H); adds
+  // table[t5_relative_bucket(j - p_i), h] inside the kernel; differentiable.
+  // (T5 itself uses scale 1.0.)
+  TORCH_ARG(std::optional<at::Tensor>, t5_table) = std::nullopt;
+  TORCH_ARG(bool, t5_bidirectional) = true;
+  TORCH_ARG(int64_t, t5_max_distance) = 128;
 };
 
 // softmax(scale * q k^T + bias + alibi, masked) v, with q (B,H,Nq,D),
@@ -45,6 +51,11 @@ std::tuple<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const
 // differentiable; it materialises Nq x Nk, which attention() never does).
 at::Tensor attention_weights(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const AttentionOptions& options = {});
+
+// T5's bucket of each relative position (memory - query), exactly as HF
+// transformers' T5Attention._relative_position_bucket. Returns int64.
+at::Tensor t5_relative_bucket(const at::Tensor& relative_position, bool bidirectional = true,
+                              int64_t num_buckets = 32, int64_t max_distance = 128);
 
 // The ALiBi paper's slopes for num_heads heads (float32, shape (num_heads,)).
 at::Tensor alibi_slopes(int64_t num_heads);

@@ -5,102 +5,91 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "attnzoo/ops/attention_internal.h"
+
 namespace attnzoo::ops {
 namespace {
 
+using detail::OptTensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-const auto& forward_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("attnzoo::_attention_forward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
-                           at::OptionalIntArrayRef, const std::optional<at::Tensor>&, double,
-                           std::optional<double>, const std::optional<at::Tensor>&)>();
-  return op;
-}
+OptTensor opt(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-const auto& backward_op() {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("attnzoo::_attention_backward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-              const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-              const std::optional<at::Tensor>&, bool, at::OptionalIntArrayRef,
-              const std::optional<at::Tensor>&, double, std::optional<double>,
-              const std::optional<at::Tensor>&, bool)>();
-  return op;
-}
-
-std::optional<at::Tensor> opt(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+at::OptionalIntArrayRef window_ref(const std::optional<std::vector<int64_t>>& w) {
+  return w ? at::OptionalIntArrayRef(*w) : at::OptionalIntArrayRef();
 }
 
 class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k,
-                               const at::Tensor& v, const std::optional<at::Tensor>& mask_opt,
-                               const std::optional<at::Tensor>& bias_opt, bool causal,
-                               std::optional<std::vector<int64_t>> window,
-                               const std::optional<at::Tensor>& alibi_opt, double dropout_p,
-                               std::optional<double> scale) {
-    const at::Tensor mask = mask_opt.value_or(at::Tensor());
-    const at::Tensor bias = bias_opt.value_or(at::Tensor());
-    const at::Tensor alibi = alibi_opt.value_or(at::Tensor());
+                               const at::Tensor& v, const OptTensor& mask, const OptTensor& bias,
+                               const OptTensor& rel_bias, bool causal,
+                               std::optional<std::vector<int64_t>> window, const OptTensor& alibi,
+                               double dropout_p, std::optional<double> scale) {
+    static const auto forward_op = detail::op_handle<detail::ForwardSig>("attnzoo::_attention_forward");
     at::AutoDispatchBelowADInplaceOrView guard;
     // The seed is a tensor made by an ATen op so that a traced graph draws a
     // new one on every call instead of baking one in.
-    at::Tensor seed;
-    if (dropout_p > 0) seed = at::randint(int64_t(1) << 62, {1}, at::TensorOptions().dtype(at::kLong));
-    const at::OptionalIntArrayRef w = window ? at::OptionalIntArrayRef(*window) : at::OptionalIntArrayRef();
-    auto [out, lse] = forward_op().call(q, k, v, opt(mask), opt(bias), causal, w, opt(alibi),
-                                        dropout_p, scale, opt(seed));
-    ctx->save_for_backward({q, k, v, out, lse, mask, bias, alibi, seed});
+    const at::Tensor seed = dropout_p > 0 ? detail::fresh_seed() : at::Tensor();
+    auto [out, lse] = forward_op.call(q, k, v, mask, bias, rel_bias, causal, window_ref(window),
+                                      alibi, dropout_p, scale, opt(seed));
+    ctx->save_for_backward({q, k, v, out, lse, mask.value_or(at::Tensor()),
+                            bias.value_or(at::Tensor()), rel_bias.value_or(at::Tensor()),
+                            alibi.value_or(at::Tensor()), seed});
     ctx->saved_data["causal"] = causal;
     if (window) ctx->saved_data["window"] = *window;
     ctx->saved_data["dropout_p"] = dropout_p;
     if (scale) ctx->saved_data["scale"] = *scale;
-    ctx->saved_data["bias_requires_grad"] = bias.defined() && bias.requires_grad();
+    ctx->saved_data["bias_requires_grad"] = bias.has_value() && bias->requires_grad();
+    ctx->saved_data["rel_bias_requires_grad"] = rel_bias.has_value() && rel_bias->requires_grad();
     ctx->mark_non_differentiable({lse});
     return {out, lse};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto backward_op = detail::op_handle<detail::BackwardSig>("attnzoo::_attention_backward");
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
-    const at::Tensor &mask = saved[5], &bias = saved[6], &alibi = saved[7], &seed = saved[8];
-    at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out);
+    const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out);
     std::optional<std::vector<int64_t>> window;
     if (ctx->saved_data.count("window")) window = ctx->saved_data["window"].toIntVector();
     std::optional<double> scale;
     if (ctx->saved_data.count("scale")) scale = ctx->saved_data["scale"].toDouble();
     const bool bias_grad = ctx->saved_data["bias_requires_grad"].toBool();
-    const at::OptionalIntArrayRef w = window ? at::OptionalIntArrayRef(*window) : at::OptionalIntArrayRef();
-    auto [dq, dk, dv, dbias] = backward_op().call(
-        grad_out, q, k, v, out, lse, opt(mask), opt(bias), ctx->saved_data["causal"].toBool(), w,
-        opt(alibi), ctx->saved_data["dropout_p"].toDouble(), scale, opt(seed), bias_grad);
-    return {dq, dk, dv, at::Tensor(), bias_grad ? dbias : at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    const bool rel_grad = ctx->saved_data["rel_bias_requires_grad"].toBool();
+    auto [dq, dk, dv, dbias, drel] = backward_op.call(
+        grad_out, q, k, v, out, lse, opt(saved[5]), opt(saved[6]), opt(saved[7]),
+        ctx->saved_data["causal"].toBool(), window_ref(window), opt(saved[8]),
+        ctx->saved_data["dropout_p"].toDouble(), scale, opt(saved[9]), bias_grad, rel_grad);
+    return {dq,           dk,           dv,           at::Tensor(), bias_grad ? dbias : at::Tensor(),
+            rel_grad ? drel : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 };
 
+OptTensor defined_or_none(const OptTensor& t) { return t.has_value() && t->defined() ? t : std::nullopt; }
+
 }  // namespace
 
+// The Autograd kernel of attnzoo::attention. The T5 table becomes its bias
+// vector through a gather recorded by autograd, so its gradient is the
+// engine's relative-bias gradient scattered back into the buckets.
 std::tuple<at::Tensor, at::Tensor> attention_autograd(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& bias, bool causal,
-    at::OptionalIntArrayRef window, const std::optional<at::Tensor>& alibi_slopes, double dropout_p,
-    std::optional<double> scale) {
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& mask,
+    const OptTensor& bias, bool causal, at::OptionalIntArrayRef window, const OptTensor& alibi,
+    double dropout_p, std::optional<double> scale, const OptTensor& t5_table, bool t5_bidirectional,
+    int64_t t5_max_distance) {
   std::optional<std::vector<int64_t>> w;
   if (window.has_value()) w = window->vec();
-  auto defined = [](const std::optional<at::Tensor>& t) {
-    return t.has_value() && t->defined() ? t : std::nullopt;
-  };
-  auto r = AttentionFunction::apply(q, k, v, defined(mask), defined(bias), causal, w,
-                                    defined(alibi_slopes), dropout_p, scale);
+  OptTensor rel;
+  if (t5_table.has_value() && t5_table->defined()) {
+    TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "attention: q and k must have shape (B, H, N, D)");
+    rel = detail::t5_relative_bias("attention", *t5_table, q.size(1), q.size(2), k.size(2),
+                                   t5_bidirectional, t5_max_distance);
+  }
+  auto r = AttentionFunction::apply(q, k, v, defined_or_none(mask), defined_or_none(bias), rel,
+                                    causal, w, defined_or_none(alibi), dropout_p, scale);
   return {r[0], r[1]};
 }
 

@@ -209,12 +209,15 @@ struct DensePolicy {
     const T* bias = static_cast<const T*>(a.bias.data);
     const uint8_t* mask = static_cast<const uint8_t*>(a.mask.data);
     const T slope = a.alibi ? static_cast<const T*>(a.alibi)[b * a.alibi_sb + h * a.alibi_sh] : T(0);
+    const T* rel = a.rel_bias ? static_cast<const T*>(a.rel_bias) + b * a.rel_sb + h * a.rel_sh : nullptr;
     for (int64_t r = 0; r < mq; ++r) {
       T* row = s + r * ld;
       const int64_t i = q0 + r, p = i + offset;
       if (bias)
         add_strided(row, bias + b * a.bias.sb + h * a.bias.sh + i * a.bias.si + k0 * a.bias.sj, nk,
                     a.bias.sj);
+      // d = j - p runs over a contiguous stretch of the relative bias vector.
+      if (rel) add_strided(row, rel + (k0 - p + a.Nk - 1), nk, int64_t(1));
       if (a.alibi)
         for (int64_t c = 0; c < nk; ++c) row[c] -= slope * T(std::abs(p - (k0 + c)));
       if (mask) {
@@ -230,9 +233,15 @@ struct DensePolicy {
     }
   }
 
-  bool wants_score_grad() const { return a.grad_bias != nullptr; }
+  bool wants_score_grad() const { return a.grad_bias != nullptr || a.grad_rel_bias != nullptr; }
   void accumulate_score_grad(int64_t b, int64_t h, int64_t q0, int64_t mq, int64_t k0, int64_t nk,
                              const T* ds, int64_t ld) const {
+    if (a.grad_rel_bias) {
+      T* g = static_cast<T*>(a.grad_rel_bias) + (b * a.H + h) * (a.Nq + a.Nk - 1);
+      for (int64_t r = 0; r < mq; ++r)
+        add_strided(g + (k0 - (q0 + r + offset) + a.Nk - 1), ds + r * ld, nk, int64_t(1));
+    }
+    if (!a.grad_bias) return;
     T* g = static_cast<T*>(a.grad_bias) + b * a.gb_sb + h * a.gb_sh;
     for (int64_t r = 0; r < mq; ++r) {
       T* grow = g + (q0 + r) * a.gb_si + k0 * a.gb_sj;

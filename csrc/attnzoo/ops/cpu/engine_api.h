@@ -42,6 +42,11 @@ struct DenseArgs {
 
   Broadcast4 mask;   // bool (uint8), true = may attend
   Broadcast4 bias;   // compute type, added to the scaled scores
+  // A bias that depends on (b, h) and the relative position d = j - p_i only
+  // (T5 buckets): entry rel_bias[b*rel_sb + h*rel_sh + d + Nk - 1], a vector
+  // of Nq + Nk - 1 per head.
+  const void* rel_bias = nullptr;
+  int64_t rel_sb = 0, rel_sh = 0;
   const void* alibi = nullptr;  // compute type, slope for (b, h)
   int64_t alibi_sb = 0, alibi_sh = 0;
 
@@ -70,6 +75,8 @@ struct DenseArgs {
   // over queries or keys). Only used with key_splits == 1.
   void* grad_bias = nullptr;
   int64_t gb_sb = 0, gb_sh = 0, gb_si = 0, gb_sj = 0;
+  // (B, H, Nq + Nk - 1) accumulator for the rel_bias gradient (key_splits == 1).
+  void* grad_rel_bias = nullptr;
 };
 
 // Backward tiles are square: its five products all use them.

@@ -1,0 +1,49 @@
+#pragma once
+// Shared by attention.cpp and autograd/attention_autograd.cpp; not installed.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <optional>
+#include <vector>
+
+namespace attnzoo::ops::detail {
+
+// Signatures of the internal ops (see the schemas in attention.cpp). The
+// score arguments come in one order everywhere:
+//   mask, bias, rel_bias, causal, window, alibi_slopes, dropout_p, scale, seed
+using OptTensor = std::optional<at::Tensor>;
+using ForwardSig = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+    const OptTensor&, bool, at::OptionalIntArrayRef, const OptTensor&, double,
+    std::optional<double>, const OptTensor&);
+using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool,
+    at::OptionalIntArrayRef, const OptTensor&, double, std::optional<double>, const OptTensor&,
+    bool, bool);
+// The public op: q, k, v, mask, bias, causal, window, alibi_slopes,
+// dropout_p, scale, t5_table, t5_bidirectional, t5_max_distance.
+using AttentionSig = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+    bool, at::OptionalIntArrayRef, const OptTensor&, double, std::optional<double>,
+    const OptTensor&, bool, int64_t);
+using WeightsSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                              const OptTensor&, const OptTensor&, bool, at::OptionalIntArrayRef,
+                              const OptTensor&, double, std::optional<double>, const OptTensor&,
+                              bool, int64_t);
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// The (H, Nq + Nk - 1) bias vector of a T5 bucket table (num_buckets, H):
+// entry d + Nk - 1 is table[bucket(d), h] for the relative position
+// d = j - p_i. Differentiable (a gather), checked against q's head count.
+at::Tensor t5_relative_bias(const char* op, const at::Tensor& table, int64_t heads, int64_t Nq,
+                            int64_t Nk, bool bidirectional, int64_t max_distance);
+
+// A fresh dropout seed, drawn by an ATen op from the default generator.
+at::Tensor fresh_seed();
+
+}  // namespace attnzoo::ops::detail
