@@ -1,6 +1,7 @@
 #pragma once
 // Everything attnzoo offers to C++ programs: #include <attnzoo/attnzoo.h>
 #include "attnzoo/ops/attention.h"
+#include "attnzoo/ops/attention_variants.h"
 
 namespace attnzoo {
 // Referencing this from a program keeps the library (and so its static op

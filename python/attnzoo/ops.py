@@ -11,7 +11,8 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  registers the ops
 
-__all__ = ["attention", "attention_weights", "alibi_slopes", "t5_relative_bucket"]
+__all__ = ["attention", "attention_weights", "alibi_slopes", "t5_relative_bucket", "rotary",
+           "linformer_attention", "linear_attention"]
 
 
 def _window(window: Optional[Sequence[int]]):
@@ -104,6 +105,42 @@ def t5_relative_bucket(relative_position: Tensor, bidirectional: bool = True, nu
     transformers' ``T5Attention._relative_position_bucket``; int64."""
     return torch.ops.attnzoo.t5_relative_bucket(relative_position, bidirectional, int(num_buckets),
                                                 int(max_distance))
+
+
+def rotary(x: Tensor, positions: Optional[Tensor] = None, offset: int = 0, base: float = 10000.0,
+           rotary_dim: Optional[int] = None, interleaved: bool = False) -> Tensor:
+    """Rotary position embedding of x (..., N, D).
+
+    Feature pairs are rotated by (position + offset) * base^(-2i/rotary_dim):
+    half-split pairs (i, i + rotary_dim/2) as in GPT-NeoX / LLaMA, or adjacent
+    pairs (2i, 2i+1) as in GPT-J when ``interleaved``. ``positions`` is (N,) or
+    (B, N) integers (default 0..N-1); ``offset`` shifts them (decoding with a
+    KV cache). Features past ``rotary_dim`` (default D) pass through.
+    """
+    return torch.ops.attnzoo.rotary(x, positions, int(offset), float(base), rotary_dim, bool(interleaved))
+
+
+def linformer_attention(q: Tensor, k: Tensor, v: Tensor, E: Tensor, F: Optional[Tensor] = None, *,
+                        key_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+                        scale: Optional[float] = None, causal: bool = False) -> Tensor:
+    """Linformer attention: k and v are projected along the sequence with
+    E[:, :Nk] and F[:, :Nk] ((Kp, Nmax); F defaults to E), then fused
+    attention runs over the Kp projected keys. Keys where ``key_mask`` (B, Nk)
+    is False are zeroed before the projection. ``causal=True`` is refused:
+    the projection mixes future keys into every projected key."""
+    return torch.ops.attnzoo.linformer_attention(q, k, v, E, F, key_mask=key_mask,
+                                                 dropout_p=float(dropout_p), scale=scale, causal=bool(causal))
+
+
+def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, feature_map: str = "elu+1", causal: bool = False,
+                     key_mask: Optional[Tensor] = None) -> Tensor:
+    """Kernelised linear attention (Katharopoulos et al., 2020):
+    phi(q_i) sum_j phi(k_j) v_j^T / (phi(q_i) . sum_j phi(k_j)) with
+    phi = elu + 1 (or relu). ``causal`` sums over j <= i with prefix sums over
+    chunks of 64 (Nq must equal Nk). Keys where ``key_mask`` (B, Nk) is False
+    are left out."""
+    return torch.ops.attnzoo.linear_attention(q, k, v, feature_map=feature_map, causal=bool(causal),
+                                              key_mask=key_mask)
 
 
 # ---------------------------------------------------------------------------

@@ -465,44 +465,24 @@ at::Tensor alibi_slopes(int64_t num_heads) {
 
 const char* engine_isa() { return engine().isa; }
 
-// Implemented in autograd/attention_autograd.cpp.
+// Implemented in autograd/attention_autograd.cpp. The schemas are in
+// registration.cpp.
 std::tuple<at::Tensor, at::Tensor> attention_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& mask,
     const OptTensor& bias, bool causal, at::OptionalIntArrayRef window, const OptTensor& alibi,
     double dropout_p, std::optional<double> scale, const OptTensor& t5_table, bool t5_bidirectional,
     int64_t t5_max_distance);
 
-#define ATTNZOO_SCORE_ARGS                                                                 \
-  "Tensor? mask=None, Tensor? bias=None, bool causal=False, int[]? window=None, "          \
-  "Tensor? alibi_slopes=None, float dropout_p=0.0, float? scale=None"
-#define ATTNZOO_T5_ARGS "Tensor? t5_table=None, bool t5_bidirectional=True, int t5_max_distance=128"
-#define ATTNZOO_INTERNAL_SCORE_ARGS                                                         \
-  "Tensor? mask=None, Tensor? bias=None, Tensor? rel_bias=None, bool causal=False, "         \
-  "int[]? window=None, Tensor? alibi_slopes=None, float dropout_p=0.0, float? scale=None, " \
-  "Tensor? seed=None"
-
-TORCH_LIBRARY(attnzoo, m) {
-  m.def("attention(Tensor q, Tensor k, Tensor v, *, " ATTNZOO_SCORE_ARGS ", " ATTNZOO_T5_ARGS
-        ") -> (Tensor out, Tensor lse)");
-  m.def("attention_weights(Tensor q, Tensor k, Tensor v, *, " ATTNZOO_SCORE_ARGS
-        ", " ATTNZOO_T5_ARGS ") -> Tensor");
-  m.def("_attention_forward(Tensor q, Tensor k, Tensor v, *, " ATTNZOO_INTERNAL_SCORE_ARGS
-        ") -> (Tensor out, Tensor lse)");
-  m.def("_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
-        "Tensor lse, *, " ATTNZOO_INTERNAL_SCORE_ARGS
-        ", bool bias_requires_grad=False, bool rel_bias_requires_grad=False) -> (Tensor grad_q, "
-        "Tensor grad_k, Tensor grad_v, Tensor grad_bias, Tensor grad_rel_bias)");
-  m.def("alibi_slopes(int num_heads) -> Tensor", &alibi_slopes);
-  m.def("t5_relative_bucket(Tensor relative_position, bool bidirectional=True, "
-        "int num_buckets=32, int max_distance=128) -> Tensor",
-        &t5_relative_bucket);
-}
-
 TORCH_LIBRARY_IMPL(attnzoo, CPU, m) {
   m.impl("attention", &attention_cpu);
   m.impl("attention_weights", &attention_weights_cpu);
   m.impl("_attention_forward", &attention_forward_cpu);
   m.impl("_attention_backward", &attention_backward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(attnzoo, CompositeImplicitAutograd, m) {
+  m.impl("alibi_slopes", &alibi_slopes);
+  m.impl("t5_relative_bucket", &t5_relative_bucket);
 }
 
 TORCH_LIBRARY_IMPL(attnzoo, Autograd, m) { m.impl("attention", &attention_autograd); }

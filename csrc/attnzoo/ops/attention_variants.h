@@ -1,0 +1,35 @@
+#pragma once
+// Attention kinds beyond dense softmax attention, and positional helpers.
+// Each is also a Torch op (torch.ops.attnzoo.<name>); see DESIGN.md section 4.
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+
+namespace attnzoo::ops {
+
+// Rotary position embedding of x (..., N, D): pairs of features rotated by
+// (position + offset) * base^(-2i/rotary_dim). Half-split pairs (i, i+rd/2)
+// as in GPT-NeoX/LLaMA by default, adjacent pairs (2i, 2i+1) as in GPT-J when
+// interleaved. positions: (N,) or (B, N) integers; default 0..N-1. Features
+// past rotary_dim pass through.
+at::Tensor rotary(const at::Tensor& x, const std::optional<at::Tensor>& positions = std::nullopt,
+                  int64_t offset = 0, double base = 10000.0,
+                  std::optional<int64_t> rotary_dim = std::nullopt, bool interleaved = false);
+
+// Linformer: k and v are projected along the sequence with E[:, :Nk] and
+// F[:, :Nk] (F defaults to E; both (Kp, Nmax)); keys whose key_mask (B, Nk)
+// is false are zeroed before the projection. causal=true is refused.
+at::Tensor linformer_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& E, const std::optional<at::Tensor>& F = std::nullopt,
+                               const std::optional<at::Tensor>& key_mask = std::nullopt,
+                               double dropout_p = 0.0, std::optional<double> scale = std::nullopt,
+                               bool causal = false);
+
+// Kernelised linear attention, phi(q) (sum_j phi(k_j) v_j^T) / (phi(q) . sum_j
+// phi(k_j)), feature map "elu+1" or "relu"; causal by chunked prefix sums.
+at::Tensor linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            c10::string_view feature_map = "elu+1", bool causal = false,
+                            const std::optional<at::Tensor>& key_mask = std::nullopt);
+
+}  // namespace attnzoo::ops

@@ -1,0 +1,207 @@
+// Ops composed of ATen ops and the fused attention op: rotary embeddings,
+// Linformer and kernelised linear attention. Registered as
+// CompositeImplicitAutograd, so autograd, meta/fake tensors and
+// torch.compile follow from their parts.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "attnzoo/ops/attention.h"
+#include "attnzoo/ops/attention_variants.h"
+
+namespace attnzoo::ops {
+namespace {
+
+std::string shape_of(const at::Tensor& t) {
+  std::ostringstream os;
+  os << t.sizes();
+  return os.str();
+}
+
+void check_bhnd(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.defined() && t.dim() == 4, op, ": ", name, " must have shape (B, H, N, D), got ",
+              t.defined() ? shape_of(t) : std::string("undefined"));
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
+              " must be a floating tensor, got ", t.scalar_type());
+}
+
+// Tensor (B, Nk) bool -> (B, 1, Nk, 1) for masking rows of keys/values.
+at::Tensor key_rows(const char* op, const at::Tensor& key_mask, int64_t B, int64_t Nk) {
+  TORCH_CHECK(key_mask.scalar_type() == at::kBool, op, ": key_mask must be bool (True = keep), got ",
+              key_mask.scalar_type());
+  TORCH_CHECK(key_mask.dim() == 2 && key_mask.size(0) == B && key_mask.size(1) == Nk, op,
+              ": key_mask must have shape (B, Nk) = (", B, ", ", Nk, "), got ", shape_of(key_mask));
+  return key_mask.view({B, 1, Nk, 1});
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Rotary position embedding (RoFormer). Pairs of features are rotated by
+// position * base^(-2i/rotary_dim): half-split pairs (i, i + rd/2) as in
+// GPT-NeoX / LLaMA, or adjacent pairs (2i, 2i+1) as in GPT-J.
+
+at::Tensor rotary(const at::Tensor& x, const std::optional<at::Tensor>& positions, int64_t offset,
+                  double base, std::optional<int64_t> rotary_dim, bool interleaved) {
+  const char* op = "rotary";
+  TORCH_CHECK(x.dim() >= 2, op, ": x must have shape (..., N, D), got ", shape_of(x));
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating, got ", x.scalar_type());
+  const int64_t N = x.size(-2), D = x.size(-1);
+  const int64_t rd = rotary_dim.value_or(D);
+  TORCH_CHECK(rd > 0 && rd <= D && rd % 2 == 0, op, ": rotary_dim must be even and in (0, D = ", D,
+              "], got ", rd);
+  TORCH_CHECK(std::isfinite(base) && base > 0, op, ": base must be positive and finite, got ", base);
+  // float32 angles as in the reference implementations, float64 for float64.
+  const auto angle_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto topt = at::TensorOptions().dtype(angle_type).device(x.device());
+  at::Tensor pos;
+  if (positions.has_value() && positions->defined()) {
+    const auto& p = *positions;
+    TORCH_CHECK(!at::isFloatingType(p.scalar_type()) && p.scalar_type() != at::kBool, op,
+                ": positions must be an integer tensor, got ", p.scalar_type());
+    TORCH_CHECK((p.dim() == 1 && p.size(0) == N) ||
+                    (p.dim() == 2 && x.dim() >= 3 && p.size(0) == x.size(0) && p.size(1) == N),
+                op, ": positions must have shape (N,) = (", N, ",) or (B, N), got ", shape_of(p));
+    pos = (p + offset).to(angle_type);
+    if (p.dim() == 2)  // (B, N) -> (B, 1, ..., N)
+      for (int64_t d = 1; d < x.dim() - 2; ++d) pos = pos.unsqueeze(1);
+  } else {
+    pos = at::arange(offset, offset + N, topt);
+  }
+  const at::Tensor inv_freq =
+      1.0 / at::pow(base, at::arange(0, rd, 2, topt) / static_cast<double>(rd));
+  const at::Tensor angles = pos.unsqueeze(-1) * inv_freq;  // (..., N, rd/2)
+  const at::Tensor cos = angles.cos().to(x.scalar_type()), sin = angles.sin().to(x.scalar_type());
+  const at::Tensor rot = x.narrow(-1, 0, rd);
+  at::Tensor rotated;
+  if (interleaved) {
+    const at::Tensor pairs = rot.unflatten(-1, {rd / 2, 2});
+    const at::Tensor even = pairs.select(-1, 0), odd = pairs.select(-1, 1);
+    rotated = at::stack({even * cos - odd * sin, odd * cos + even * sin}, -1).flatten(-2);
+  } else {
+    const at::Tensor first = rot.narrow(-1, 0, rd / 2), second = rot.narrow(-1, rd / 2, rd / 2);
+    rotated = at::cat({first * cos - second * sin, second * cos + first * sin}, -1);
+  }
+  return rd == D ? rotated : at::cat({rotated, x.narrow(-1, rd, D - rd)}, -1);
+}
+
+// ---------------------------------------------------------------------------
+// Linformer: keys and values are projected along the sequence to Kp rows,
+// then ordinary (fused) attention runs over them.
+
+at::Tensor linformer_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& E, const std::optional<at::Tensor>& F,
+                               const std::optional<at::Tensor>& key_mask, double dropout_p,
+                               std::optional<double> scale, bool causal) {
+  const char* op = "linformer_attention";
+  TORCH_CHECK(!causal, op,
+              ": causal=True is not supported: the sequence projection mixes every key, future ones "
+              "included, into each projected key");
+  check_bhnd(op, "q", q);
+  check_bhnd(op, "k", k);
+  check_bhnd(op, "v", v);
+  const int64_t B = k.size(0), Nk = k.size(2);
+  auto check_projection = [&](const char* name, const at::Tensor& P) {
+    TORCH_CHECK(P.dim() == 2, op, ": ", name, " must have shape (Kp, Nmax), got ", shape_of(P));
+    TORCH_CHECK(P.size(1) >= Nk, op, ": ", name, " covers ", P.size(1), " positions (Nmax), but k has ",
+                Nk, "; make it at least as long as the longest sequence");
+    TORCH_CHECK(P.size(0) > 0, op, ": ", name, " must project to Kp > 0 rows");
+    TORCH_CHECK(P.scalar_type() == k.scalar_type(), op, ": ", name, " must have the dtype of k (",
+                k.scalar_type(), "), got ", P.scalar_type());
+  };
+  check_projection("E", E);
+  const bool shared = !(F.has_value() && F->defined());
+  if (!shared) {
+    check_projection("F", *F);
+    TORCH_CHECK(F->size(0) == E.size(0), op, ": E and F must project to the same Kp, got ",
+                E.size(0), " and ", F->size(0));
+  }
+  at::Tensor keys = k, values = v;
+  if (key_mask.has_value() && key_mask->defined()) {
+    const at::Tensor rows = key_rows(op, *key_mask, B, Nk);
+    keys = keys.masked_fill(rows.logical_not(), 0.0);
+    values = values.masked_fill(rows.logical_not(), 0.0);
+  }
+  const at::Tensor Ek = E.narrow(1, 0, Nk);
+  const at::Tensor Fk = shared ? Ek : F->narrow(1, 0, Nk);
+  const at::Tensor kp = at::matmul(Ek, keys);    // (B, Hkv, Kp, D)
+  const at::Tensor vp = at::matmul(Fk, values);  // (B, Hkv, Kp, Dv)
+  return attention(q, kp, vp, AttentionOptions().dropout_p(dropout_p).scale(scale));
+}
+
+// ---------------------------------------------------------------------------
+// Kernelised linear attention (Katharopoulos et al. 2020):
+//   out_i = phi(q_i) sum_j phi(k_j) v_j^T / (phi(q_i) . sum_j phi(k_j)).
+// Causal mode sums over j <= i with prefix sums over chunks: within a chunk
+// an explicit C x C product, across chunks a running (D x Dv) state per
+// chunk — memory O(N/C * D * Dv) per head, never a D x Dv state per position.
+
+namespace {
+constexpr int64_t kLinearChunk = 64;
+constexpr double kLinearEps = 1e-6;
+
+at::Tensor feature_map_of(const char* op, const at::Tensor& x, c10::string_view name) {
+  if (name == "elu+1") return at::elu(x) + 1.0;
+  if (name == "relu") return at::relu(x);
+  TORCH_CHECK(false, op, ": feature_map must be \"elu+1\" or \"relu\", got \"", std::string(name), "\"");
+}
+}  // namespace
+
+at::Tensor linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            c10::string_view feature_map, bool causal,
+                            const std::optional<at::Tensor>& key_mask) {
+  const char* op = "linear_attention";
+  check_bhnd(op, "q", q);
+  check_bhnd(op, "k", k);
+  check_bhnd(op, "v", v);
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Nk = k.size(2), Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == B && v.size(0) == B, op, ": q, k and v must have the same batch size");
+  TORCH_CHECK(v.size(1) == Hkv && v.size(2) == Nk, op, ": k and v must agree in heads and length, got ",
+              shape_of(k), " and ", shape_of(v));
+  TORCH_CHECK(Hkv > 0 && H % Hkv == 0, op, ": the heads of q (", H,
+              ") must be a multiple of the heads of k and v (", Hkv, ")");
+  TORCH_CHECK(k.size(3) == D, op, ": q and k must have the same head dim D, got ", shape_of(q), " and ",
+              shape_of(k));
+  TORCH_CHECK(!causal || Nq == Nk, op, ": causal linear attention needs Nq == Nk, got ", Nq, " and ", Nk);
+
+  at::Tensor fq = feature_map_of(op, q, feature_map);
+  at::Tensor fk = feature_map_of(op, k, feature_map);
+  at::Tensor vv = v;
+  if (key_mask.has_value() && key_mask->defined())
+    fk = fk.masked_fill(key_rows(op, *key_mask, B, Nk).logical_not(), 0.0);
+  if (H != Hkv) {
+    fk = fk.repeat_interleave(H / Hkv, 1);
+    vv = vv.repeat_interleave(H / Hkv, 1);
+  }
+  if (!causal) {
+    const at::Tensor kv = at::matmul(fk.transpose(-1, -2), vv);   // (B, H, D, Dv)
+    const at::Tensor z = fk.sum(-2, /*keepdim=*/true);            // (B, H, 1, D)
+    const at::Tensor num = at::matmul(fq, kv);                    // (B, H, Nq, Dv)
+    const at::Tensor den = (fq * z).sum(-1, /*keepdim=*/true);    // (B, H, Nq, 1)
+    return num / (den + kLinearEps);
+  }
+  const int64_t C = kLinearChunk, N = Nq, chunks = (N + C - 1) / C, pad = chunks * C - N;
+  auto chunked = [&](const at::Tensor& t) {  // (B,H,N,X) -> (B,H,chunks,C,X), zero padded
+    const at::Tensor p = pad ? at::constant_pad_nd(t, {0, 0, 0, pad}, 0.0) : t;
+    return p.view({B, H, chunks, C, t.size(-1)});
+  };
+  const at::Tensor cq = chunked(fq), ck = chunked(fk), cv = chunked(vv);
+  const at::Tensor tril = at::ones({C, C}, q.options().dtype(at::kBool)).tril();
+  const at::Tensor scores = at::matmul(cq, ck.transpose(-1, -2)).masked_fill(tril.logical_not(), 0.0);
+  const at::Tensor kv = at::matmul(ck.transpose(-1, -2), cv);  // (B,H,chunks,D,Dv)
+  const at::Tensor z = ck.sum(-2);                              // (B,H,chunks,D)
+  const at::Tensor kv_before = at::cumsum(kv, 2) - kv;          // exclusive prefix over chunks
+  const at::Tensor z_before = at::cumsum(z, 2) - z;
+  const at::Tensor num = at::matmul(scores, cv) + at::matmul(cq, kv_before);
+  const at::Tensor den = scores.sum(-1, true) + at::matmul(cq, z_before.unsqueeze(-1));
+  const at::Tensor out = (num / (den + kLinearEps)).view({B, H, chunks * C, Dv});
+  return pad ? out.narrow(2, 0, N) : out;
+}
+
+TORCH_LIBRARY_IMPL(attnzoo, CompositeImplicitAutograd, m) {
+  m.impl("rotary", &rotary);
+  m.impl("linformer_attention", &linformer_attention);
+  m.impl("linear_attention", &linear_attention);
+}
+
+}  // namespace attnzoo::ops

@@ -1,0 +1,35 @@
+// The schemas of every attnzoo op: the one TORCH_LIBRARY. Kernels register
+// beside their implementations (attention.cpp, composite_ops.cpp, autograd/).
+#include <torch/library.h>
+
+#define ATTNZOO_SCORE_ARGS                                                                 \
+  "Tensor? mask=None, Tensor? bias=None, bool causal=False, int[]? window=None, "          \
+  "Tensor? alibi_slopes=None, float dropout_p=0.0, float? scale=None"
+#define ATTNZOO_T5_ARGS "Tensor? t5_table=None, bool t5_bidirectional=True, int t5_max_distance=128"
+#define ATTNZOO_INTERNAL_SCORE_ARGS                                                         \
+  "Tensor? mask=None, Tensor? bias=None, Tensor? rel_bias=None, bool causal=False, "         \
+  "int[]? window=None, Tensor? alibi_slopes=None, float dropout_p=0.0, float? scale=None, " \
+  "Tensor? seed=None"
+
+TORCH_LIBRARY(attnzoo, m) {
+  m.def("attention(Tensor q, Tensor k, Tensor v, *, " ATTNZOO_SCORE_ARGS ", " ATTNZOO_T5_ARGS
+        ") -> (Tensor out, Tensor lse)");
+  m.def("attention_weights(Tensor q, Tensor k, Tensor v, *, " ATTNZOO_SCORE_ARGS
+        ", " ATTNZOO_T5_ARGS ") -> Tensor");
+  m.def("_attention_forward(Tensor q, Tensor k, Tensor v, *, " ATTNZOO_INTERNAL_SCORE_ARGS
+        ") -> (Tensor out, Tensor lse)");
+  m.def("_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+        "Tensor lse, *, " ATTNZOO_INTERNAL_SCORE_ARGS
+        ", bool bias_requires_grad=False, bool rel_bias_requires_grad=False) -> (Tensor grad_q, "
+        "Tensor grad_k, Tensor grad_v, Tensor grad_bias, Tensor grad_rel_bias)");
+  m.def("alibi_slopes(int num_heads) -> Tensor");
+  m.def("t5_relative_bucket(Tensor relative_position, bool bidirectional=True, "
+        "int num_buckets=32, int max_distance=128) -> Tensor");
+  m.def("rotary(Tensor x, Tensor? positions=None, int offset=0, float base=10000.0, "
+        "int? rotary_dim=None, bool interleaved=False) -> Tensor");
+  m.def("linformer_attention(Tensor q, Tensor k, Tensor v, Tensor E, Tensor? F=None, *, "
+        "Tensor? key_mask=None, float dropout_p=0.0, float? scale=None, bool causal=False) -> Tensor");
+  m.def("linear_attention(Tensor q, Tensor k, Tensor v, *, str feature_map=\"elu+1\", "
+        "bool causal=False, Tensor? key_mask=None) -> Tensor");
+}
+
