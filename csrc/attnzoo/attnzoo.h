@@ -2,6 +2,7 @@
 // Everything attnzoo offers to C++ programs: #include <attnzoo/attnzoo.h>
 #include "attnzoo/ops/attention.h"
 #include "attnzoo/ops/attention_variants.h"
+#include "attnzoo/ops/layouts.h"
 
 namespace attnzoo {
 // Referencing this from a program keeps the library (and so its static op

@@ -6,13 +6,13 @@ Importing the package loads the C++ extension, which registers the
 import torch  # noqa: F401  (the extension links against the loaded torch)
 
 from . import _C  # noqa: F401  registers torch.ops.attnzoo.*
-from . import ops
-from .ops import (alibi_slopes, attention, attention_weights, linear_attention, linformer_attention, rotary,
-                  t5_relative_bucket)
+from . import layouts, ops
+from .ops import (alibi_slopes, attention, attention_weights, block_sparse_attention, linear_attention,
+                  linformer_attention, rotary, t5_relative_bucket)
 
 __version__ = "0.1.0"
 __all__ = ["ops", "attention", "attention_weights", "alibi_slopes", "t5_relative_bucket", "rotary",
-           "linformer_attention", "linear_attention", "engine_isa", "__version__"]
+           "linformer_attention", "linear_attention", "block_sparse_attention", "layouts", "engine_isa", "__version__"]
 
 
 def engine_isa() -> str:

@@ -12,7 +12,7 @@ from torch import Tensor
 from . import _C  # noqa: F401  registers the ops
 
 __all__ = ["attention", "attention_weights", "alibi_slopes", "t5_relative_bucket", "rotary",
-           "linformer_attention", "linear_attention"]
+           "linformer_attention", "linear_attention", "block_sparse_attention"]
 
 
 def _window(window: Optional[Sequence[int]]):
@@ -130,6 +130,17 @@ def linformer_attention(q: Tensor, k: Tensor, v: Tensor, E: Tensor, F: Optional[
     the projection mixes future keys into every projected key."""
     return torch.ops.attnzoo.linformer_attention(q, k, v, E, F, key_mask=key_mask,
                                                  dropout_p=float(dropout_p), scale=scale, causal=bool(causal))
+
+
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, block_size: int, *,
+                           causal: bool = False, mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+                           scale: Optional[float] = None) -> Tensor:
+    """Attention over the blocks a layout marks: ``layout`` bool (H or 1,
+    ceil(Nq/block_size), ceil(Nk/block_size)). Unmarked blocks are never
+    computed, so the cost grows with the number of marked ones. ``causal`` and
+    ``mask`` refine within the marked blocks. Builders: :mod:`attnzoo.layouts`."""
+    return torch.ops.attnzoo.block_sparse_attention(q, k, v, layout, int(block_size), causal=bool(causal),
+                                                    mask=mask, dropout_p=float(dropout_p), scale=scale)
 
 
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, feature_map: str = "elu+1", causal: bool = False,

@@ -10,6 +10,7 @@
 
 #include "attnzoo/attnzoo.h"
 #include "attnzoo/ops/attention_internal.h"
+#include "attnzoo/ops/attention_variants.h"
 #include "attnzoo/ops/cpu/blas.h"
 #include "attnzoo/ops/cpu/engine_api.h"
 
@@ -108,6 +109,8 @@ struct ScoreArgs {
   double dropout_p;
   std::optional<double> scale;
   const OptTensor& seed;
+  const OptTensor& layout;
+  int64_t block_size;
 };
 
 bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
@@ -116,7 +119,8 @@ bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 struct Prepared {
   Shapes s;
   at::ScalarType compute;
-  at::Tensor q, k, v, mask, bias, rel_bias, alibi;
+  at::Tensor q, k, v, mask, bias, rel_bias, alibi, layout;
+  int64_t block_size = 0;
   int64_t left, right;
   double scale, dropout_p;
   uint64_t seed;
@@ -174,6 +178,21 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
     p.alibi = to_compute(a, p.compute);
   }
 
+  if (given(sa.layout)) {
+    const auto& l = *sa.layout;
+    const int64_t bs = sa.block_size;
+    TORCH_CHECK(bs > 0, op, ": block_size must be positive, got ", bs);
+    TORCH_CHECK(l.scalar_type() == at::kBool, op, ": layout must be a bool tensor, got ", l.scalar_type());
+    TORCH_CHECK(l.device().is_cpu(), op, ": layout is on ", l.device(), ", expected cpu");
+    const int64_t rows = (s.Nq + bs - 1) / bs, cols = (s.Nk + bs - 1) / bs;
+    TORCH_CHECK(l.dim() == 3 && (l.size(0) == 1 || l.size(0) == s.H) && l.size(1) == rows &&
+                    l.size(2) == cols,
+                op, ": layout must have shape (H or 1, ceil(Nq/block_size), ceil(Nk/block_size)) = (",
+                s.H, " or 1, ", rows, ", ", cols, ") for block_size ", bs, ", got ", shape_str(l.sizes()));
+    p.layout = l.contiguous();
+    p.block_size = bs;
+  }
+
   // Any bound >= Nq + Nk is "unbounded"; it keeps the index arithmetic far
   // from overflow.
   const int64_t unbounded = s.Nq + s.Nk + 1;
@@ -229,7 +248,20 @@ DenseArgs engine_args(const Prepared& p) {
   }
   a.dropout_p = p.dropout_p;
   a.seed = p.seed;
+  if (p.layout.defined()) {
+    a.layout = static_cast<const uint8_t*>(p.layout.data_ptr());
+    a.layout_sh = p.layout.size(0) == 1 ? 0 : p.layout.stride(0);
+    a.layout_cols = p.layout.size(2);
+    a.layout_block = p.block_size;
+    a.block_q = p.block_size;
+  }
   return a;
+}
+
+const cpu::PassTable& passes(const Prepared& p) {
+  const auto& e = engine();
+  const int dt = p.compute == at::kDouble ? 1 : 0;
+  return p.layout.defined() ? e.block_sparse[dt] : e.dense[dt];
 }
 
 void run_parallel(int64_t items, const DenseArgs& a, cpu::RangeFn fn) {
@@ -240,9 +272,9 @@ void run_parallel(int64_t items, const DenseArgs& a, cpu::RangeFn fn) {
   });
 }
 
-int64_t query_blocks(const Shapes& s) {
-  const int64_t bq = cpu::forward_block_q(s.Nq);
-  return s.B * s.H * ((s.Nq + bq - 1) / bq);
+int64_t query_blocks(const Prepared& p) {
+  const int64_t bq = p.layout.defined() ? p.block_size : cpu::forward_block_q(p.s.Nq);
+  return p.s.B * p.s.H * ((p.s.Nq + bq - 1) / bq);
 }
 
 // ---------------------------------------------------------------------------
@@ -251,9 +283,11 @@ int64_t query_blocks(const Shapes& s) {
 std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& mask,
     const OptTensor& bias, const OptTensor& rel_bias, bool causal, at::OptionalIntArrayRef window,
-    const OptTensor& alibi, double dropout_p, std::optional<double> scale, const OptTensor& seed) {
+    const OptTensor& alibi, double dropout_p, std::optional<double> scale, const OptTensor& seed,
+    const OptTensor& layout, int64_t block_size) {
   const Prepared p = prepare("attention", q, k, v,
-                             {mask, bias, rel_bias, causal, window, alibi, dropout_p, scale, seed});
+                             {mask, bias, rel_bias, causal, window, alibi, dropout_p, scale, seed,
+                              layout, block_size});
   const Shapes& s = p.s;
   const auto opts = p.q.options();
   at::Tensor out = at::empty({s.B, s.H, s.Nq, s.Dv}, opts);
@@ -261,8 +295,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
   DenseArgs a = engine_args(p);
   a.out = out.data_ptr();
   a.lse = lse.data_ptr();
-  const auto& e = engine();
-  run_parallel(query_blocks(s), a, p.compute == at::kDouble ? e.forward_f64 : e.forward_f32);
+  run_parallel(query_blocks(p), a, passes(p).forward);
   return {out.to(q.scalar_type()), lse};
 }
 
@@ -270,10 +303,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const OptTensor& mask, const OptTensor& bias,
     const OptTensor& rel_bias, bool causal, at::OptionalIntArrayRef window, const OptTensor& alibi,
-    double dropout_p, std::optional<double> scale, const OptTensor& seed, bool bias_requires_grad,
-    bool rel_bias_requires_grad) {
+    double dropout_p, std::optional<double> scale, const OptTensor& seed, const OptTensor& layout,
+    int64_t block_size, bool bias_requires_grad, bool rel_bias_requires_grad) {
   const Prepared p = prepare("attention_backward", q, k, v,
-                             {mask, bias, rel_bias, causal, window, alibi, dropout_p, scale, seed});
+                             {mask, bias, rel_bias, causal, window, alibi, dropout_p, scale, seed,
+                              layout, block_size});
   const Shapes& s = p.s;
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({s.B, s.H, s.Nq, s.Dv}),
               "attention_backward: grad_out must have shape ", shape_str({s.B, s.H, s.Nq, s.Dv}),
@@ -288,7 +322,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   const bool want_rel = rel_bias_requires_grad && p.rel_bias.defined();
   // Score gradients are accumulated per (b, h) by one work item, so a head's
   // key blocks are only split across threads when none is wanted.
-  const int64_t nkb = (s.Nk + cpu::kBwdBlockK - 1) / cpu::kBwdBlockK;
+  const int64_t key_block = p.layout.defined() ? p.block_size : cpu::kBwdBlockK;
+  const int64_t nkb = (s.Nk + key_block - 1) / key_block;
   int64_t splits = 1;
   const int64_t heads = s.B * s.H, threads = at::get_num_threads();
   if (!want_bias && !want_rel && heads < threads && nkb > 1)
@@ -321,8 +356,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     drel = at::zeros({s.B, s.H, s.Nq + s.Nk - 1}, opts);
     a.grad_rel_bias = drel.data_ptr();
   }
-  const auto& e = engine();
-  run_parallel(heads * splits, a, p.compute == at::kDouble ? e.backward_f64 : e.backward_f32);
+  run_parallel(heads * splits, a, passes(p).backward);
 
   at::Tensor grad_q = splits == 1 ? dq[0] : dq.sum(0);
   if (s.H != s.Hkv) {
@@ -346,10 +380,8 @@ at::Tensor attention_weights_impl(const at::Tensor& q, const at::Tensor& k, cons
   DenseArgs a = engine_args(p);
   a.lse = lse.data_ptr();
   a.probs = probs.data_ptr();
-  const auto& e = engine();
-  const bool f64 = p.compute == at::kDouble;
-  run_parallel(query_blocks(s), a, f64 ? e.forward_f64 : e.forward_f32);  // lse only (out null)
-  run_parallel(query_blocks(s), a, f64 ? e.probs_f64 : e.probs_f32);
+  run_parallel(query_blocks(p), a, passes(p).forward);  // log-sum-exp only (out is null)
+  run_parallel(query_blocks(p), a, passes(p).probs);
   return probs.to(q.scalar_type());
 }
 
@@ -368,11 +400,11 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& mask,
     const OptTensor& bias, bool causal, at::OptionalIntArrayRef window, const OptTensor& alibi,
     double dropout_p, std::optional<double> scale, const OptTensor& t5_table, bool t5_bidirectional,
-    int64_t t5_max_distance) {
+    int64_t t5_max_distance, const OptTensor& layout, int64_t block_size) {
   const OptTensor seed = dropout_p > 0 ? OptTensor(detail::fresh_seed()) : std::nullopt;
   const OptTensor rel = t5_bias_or_none("attention", q, k, t5_table, t5_bidirectional, t5_max_distance);
   return attention_forward_cpu(q, k, v, mask, bias, rel, causal, window, alibi, dropout_p, scale,
-                               seed);
+                               seed, layout, block_size);
 }
 
 at::Tensor attention_weights_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -380,12 +412,13 @@ at::Tensor attention_weights_cpu(const at::Tensor& q, const at::Tensor& k, const
                                  at::OptionalIntArrayRef window, const OptTensor& alibi,
                                  double dropout_p, std::optional<double> scale,
                                  const OptTensor& t5_table, bool t5_bidirectional,
-                                 int64_t t5_max_distance) {
+                                 int64_t t5_max_distance, const OptTensor& layout,
+                                 int64_t block_size) {
   const OptTensor seed = dropout_p > 0 ? OptTensor(detail::fresh_seed()) : std::nullopt;
   const OptTensor rel =
       t5_bias_or_none("attention_weights", q, k, t5_table, t5_bidirectional, t5_max_distance);
-  return attention_weights_impl(q, k, v,
-                                {mask, bias, rel, causal, window, alibi, dropout_p, scale, seed});
+  return attention_weights_impl(
+      q, k, v, {mask, bias, rel, causal, window, alibi, dropout_p, scale, seed, layout, block_size});
 }
 
 }  // namespace
@@ -471,7 +504,7 @@ std::tuple<at::Tensor, at::Tensor> attention_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& mask,
     const OptTensor& bias, bool causal, at::OptionalIntArrayRef window, const OptTensor& alibi,
     double dropout_p, std::optional<double> scale, const OptTensor& t5_table, bool t5_bidirectional,
-    int64_t t5_max_distance);
+    int64_t t5_max_distance, const OptTensor& layout, int64_t block_size);
 
 TORCH_LIBRARY_IMPL(attnzoo, CPU, m) {
   m.impl("attention", &attention_cpu);
@@ -506,7 +539,8 @@ std::tuple<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const
   static const auto op = detail::op_handle<detail::AttentionSig>("attnzoo::attention");
   const auto w = window_vec(o);
   return op.call(q, k, v, o.mask(), o.bias(), o.causal(), window_ref(w), o.alibi_slopes(),
-                 o.dropout_p(), o.scale(), o.t5_table(), o.t5_bidirectional(), o.t5_max_distance());
+                 o.dropout_p(), o.scale(), o.t5_table(), o.t5_bidirectional(), o.t5_max_distance(),
+                 std::nullopt, 0);
 }
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -519,7 +553,23 @@ at::Tensor attention_weights(const at::Tensor& q, const at::Tensor& k, const at:
   static const auto op = detail::op_handle<detail::WeightsSig>("attnzoo::attention_weights");
   const auto w = window_vec(o);
   return op.call(q, k, v, o.mask(), o.bias(), o.causal(), window_ref(w), o.alibi_slopes(),
-                 o.dropout_p(), o.scale(), o.t5_table(), o.t5_bidirectional(), o.t5_max_distance());
+                 o.dropout_p(), o.scale(), o.t5_table(), o.t5_bidirectional(), o.t5_max_distance(),
+                 std::nullopt, 0);
+}
+
+at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& layout, int64_t block_size, bool causal,
+                                  const std::optional<at::Tensor>& mask, double dropout_p,
+                                  std::optional<double> scale) {
+  static const auto op = detail::op_handle<detail::AttentionSig>("attnzoo::attention");
+  TORCH_CHECK(layout.defined(), "block_sparse_attention: layout is undefined");
+  return std::get<0>(op.call(q, k, v, mask, std::nullopt, causal, at::OptionalIntArrayRef(),
+                             std::nullopt, dropout_p, scale, std::nullopt, true, 128, layout,
+                             block_size));
+}
+
+TORCH_LIBRARY_IMPL(attnzoo, CompositeImplicitAutograd, m) {
+  m.impl("block_sparse_attention", &block_sparse_attention);
 }
 
 }  // namespace attnzoo::ops

@@ -26,6 +26,14 @@ at::Tensor linformer_attention(const at::Tensor& q, const at::Tensor& k, const a
                                double dropout_p = 0.0, std::optional<double> scale = std::nullopt,
                                bool causal = false);
 
+// Attention over a block layout: layout bool (H or 1, ceil(Nq/bs),
+// ceil(Nk/bs)); only blocks marked true are computed, so the cost grows with
+// their number. Builders: attnzoo::layouts.
+at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                  const at::Tensor& layout, int64_t block_size, bool causal = false,
+                                  const std::optional<at::Tensor>& mask = std::nullopt,
+                                  double dropout_p = 0.0, std::optional<double> scale = std::nullopt);
+
 // Kernelised linear attention, phi(q) (sum_j phi(k_j) v_j^T) / (phi(q) . sum_j
 // phi(k_j)), feature map "elu+1" or "relu"; causal by chunked prefix sums.
 at::Tensor linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

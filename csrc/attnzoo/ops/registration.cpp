@@ -5,11 +5,14 @@
 #define ATTNZOO_SCORE_ARGS                                                                 \
   "Tensor? mask=None, Tensor? bias=None, bool causal=False, int[]? window=None, "          \
   "Tensor? alibi_slopes=None, float dropout_p=0.0, float? scale=None"
-#define ATTNZOO_T5_ARGS "Tensor? t5_table=None, bool t5_bidirectional=True, int t5_max_distance=128"
+// layout / block_size make the op block-sparse (block_sparse_attention).
+#define ATTNZOO_T5_ARGS                                                                 \
+  "Tensor? t5_table=None, bool t5_bidirectional=True, int t5_max_distance=128, "        \
+  "Tensor? layout=None, int block_size=0"
 #define ATTNZOO_INTERNAL_SCORE_ARGS                                                         \
   "Tensor? mask=None, Tensor? bias=None, Tensor? rel_bias=None, bool causal=False, "         \
   "int[]? window=None, Tensor? alibi_slopes=None, float dropout_p=0.0, float? scale=None, " \
-  "Tensor? seed=None"
+  "Tensor? seed=None, Tensor? layout=None, int block_size=0"
 
 TORCH_LIBRARY(attnzoo, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, *, " ATTNZOO_SCORE_ARGS ", " ATTNZOO_T5_ARGS
@@ -29,6 +32,14 @@ TORCH_LIBRARY(attnzoo, m) {
         "int? rotary_dim=None, bool interleaved=False) -> Tensor");
   m.def("linformer_attention(Tensor q, Tensor k, Tensor v, Tensor E, Tensor? F=None, *, "
         "Tensor? key_mask=None, float dropout_p=0.0, float? scale=None, bool causal=False) -> Tensor");
+  m.def("block_sparse_attention(Tensor q, Tensor k, Tensor v, Tensor layout, int block_size, *, "
+        "bool causal=False, Tensor? mask=None, float dropout_p=0.0, float? scale=None) -> Tensor");
+  m.def("layout_local(int num_q_blocks, int num_k_blocks, int window, bool causal=False) -> Tensor");
+  m.def("layout_bigbird(int num_q_blocks, int num_k_blocks, int window=1, int num_global=1, "
+        "int num_random=2, int num_heads=1, int seed=0, bool causal=False) -> Tensor");
+  m.def("layout_fixed(int num_blocks, int stride, int num_summary=1, bool causal=True) -> Tensor");
+  m.def("layout_strided(int num_blocks, int stride, bool causal=True) -> Tensor");
+  m.def("layout_longformer(int num_blocks, int window, int[] global_blocks, bool causal=False) -> Tensor");
   m.def("linear_attention(Tensor q, Tensor k, Tensor v, *, str feature_map=\"elu+1\", "
         "bool causal=False, Tensor? key_mask=None) -> Tensor");
 }

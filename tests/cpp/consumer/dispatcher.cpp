@@ -2,19 +2,21 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <iostream>
 
+// Calls attnzoo::attention through the boxed dispatcher, filling every
+// argument after q, k, v with its schema default (so added keyword
+// arguments do not break it).
 int main() {
   auto handle = c10::Dispatcher::singleton().findSchema({"attnzoo::attention", ""});
   if (!handle) {
     std::cout << "attnzoo::attention is not registered: libattnzoo was dropped at link time\n";
     return 1;
   }
-  auto op = handle->typed<std::tuple<at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-      const std::optional<at::Tensor>&, bool, at::OptionalIntArrayRef,
-      const std::optional<at::Tensor>&, double, std::optional<double>)>();
   auto q = at::randn({1, 2, 8, 4});
-  auto [out, lse] = op.call(q, q, q, std::nullopt, std::nullopt, false, std::nullopt, std::nullopt,
-                            0.0, std::nullopt);
+  torch::jit::Stack stack{q, q, q};
+  const auto& args = handle->schema().arguments();
+  for (size_t i = 3; i < args.size(); ++i) stack.emplace_back(*args[i].default_value());
+  handle->callBoxed(stack);
+  const at::Tensor out = stack.at(0).toTensor();
   auto ref = at::matmul(at::softmax(at::matmul(q, q.transpose(-1, -2)) / 2.0, -1), q);
   const double err = (out - ref).abs().max().item<double>();
   std::cout << "dispatcher max_err=" << err << "\n";

@@ -26,17 +26,19 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                const at::Tensor& v, const OptTensor& mask, const OptTensor& bias,
                                const OptTensor& rel_bias, bool causal,
                                std::optional<std::vector<int64_t>> window, const OptTensor& alibi,
-                               double dropout_p, std::optional<double> scale) {
+                               double dropout_p, std::optional<double> scale,
+                               const OptTensor& layout, int64_t block_size) {
     static const auto forward_op = detail::op_handle<detail::ForwardSig>("attnzoo::_attention_forward");
     at::AutoDispatchBelowADInplaceOrView guard;
     // The seed is a tensor made by an ATen op so that a traced graph draws a
     // new one on every call instead of baking one in.
     const at::Tensor seed = dropout_p > 0 ? detail::fresh_seed() : at::Tensor();
     auto [out, lse] = forward_op.call(q, k, v, mask, bias, rel_bias, causal, window_ref(window),
-                                      alibi, dropout_p, scale, opt(seed));
+                                      alibi, dropout_p, scale, opt(seed), layout, block_size);
     ctx->save_for_backward({q, k, v, out, lse, mask.value_or(at::Tensor()),
                             bias.value_or(at::Tensor()), rel_bias.value_or(at::Tensor()),
-                            alibi.value_or(at::Tensor()), seed});
+                            alibi.value_or(at::Tensor()), seed, layout.value_or(at::Tensor())});
+    ctx->saved_data["block_size"] = block_size;
     ctx->saved_data["causal"] = causal;
     if (window) ctx->saved_data["window"] = *window;
     ctx->saved_data["dropout_p"] = dropout_p;
@@ -61,9 +63,22 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     auto [dq, dk, dv, dbias, drel] = backward_op.call(
         grad_out, q, k, v, out, lse, opt(saved[5]), opt(saved[6]), opt(saved[7]),
         ctx->saved_data["causal"].toBool(), window_ref(window), opt(saved[8]),
-        ctx->saved_data["dropout_p"].toDouble(), scale, opt(saved[9]), bias_grad, rel_grad);
-    return {dq,           dk,           dv,           at::Tensor(), bias_grad ? dbias : at::Tensor(),
-            rel_grad ? drel : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+        ctx->saved_data["dropout_p"].toDouble(), scale, opt(saved[9]), opt(saved[10]),
+        ctx->saved_data["block_size"].toInt(), bias_grad, rel_grad);
+    // One entry per forward argument: q, k, v, mask, bias, rel_bias, causal,
+    // window, alibi, dropout_p, scale, layout, block_size.
+    return {dq,
+            dk,
+            dv,
+            at::Tensor(),
+            bias_grad ? dbias : at::Tensor(),
+            rel_grad ? drel : at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
             at::Tensor()};
   }
 };
@@ -79,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> attention_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& mask,
     const OptTensor& bias, bool causal, at::OptionalIntArrayRef window, const OptTensor& alibi,
     double dropout_p, std::optional<double> scale, const OptTensor& t5_table, bool t5_bidirectional,
-    int64_t t5_max_distance) {
+    int64_t t5_max_distance, const OptTensor& layout, int64_t block_size) {
   std::optional<std::vector<int64_t>> w;
   if (window.has_value()) w = window->vec();
   OptTensor rel;
@@ -89,7 +104,8 @@ std::tuple<at::Tensor, at::Tensor> attention_autograd(
                                    t5_bidirectional, t5_max_distance);
   }
   auto r = AttentionFunction::apply(q, k, v, defined_or_none(mask), defined_or_none(bias), rel,
-                                    causal, w, defined_or_none(alibi), dropout_p, scale);
+                                    causal, w, defined_or_none(alibi), dropout_p, scale,
+                                    defined_or_none(layout), block_size);
   return {r[0], r[1]};
 }
 

@@ -7,17 +7,21 @@ namespace attnzoo::cpu {
 inline namespace CPU_CAPABILITY {
 namespace {
 
-template <typename T>
-void dense_forward(const DenseArgs& a, int64_t begin, int64_t end) {
-  forward_range<T>(a, DensePolicy<T>(a), begin, end);
+template <typename T, template <typename> class Policy>
+void forward(const DenseArgs& a, int64_t begin, int64_t end) {
+  forward_range<T>(a, Policy<T>(a), begin, end);
 }
-template <typename T>
-void dense_probs(const DenseArgs& a, int64_t begin, int64_t end) {
-  probs_range<T>(a, DensePolicy<T>(a), begin, end);
+template <typename T, template <typename> class Policy>
+void probs(const DenseArgs& a, int64_t begin, int64_t end) {
+  probs_range<T>(a, Policy<T>(a), begin, end);
 }
-template <typename T>
-void dense_backward(const DenseArgs& a, int64_t begin, int64_t end) {
-  backward_range<T>(a, DensePolicy<T>(a), begin, end);
+template <typename T, template <typename> class Policy>
+void backward(const DenseArgs& a, int64_t begin, int64_t end) {
+  backward_range<T>(a, Policy<T>(a), begin, end);
+}
+template <typename T, template <typename> class Policy>
+constexpr PassTable passes() {
+  return {&forward<T, Policy>, &probs<T, Policy>, &backward<T, Policy>};
 }
 
 #define ATTNZOO_STR2(x) #x
@@ -25,8 +29,8 @@ void dense_backward(const DenseArgs& a, int64_t begin, int64_t end) {
 
 const EngineTable kTable = {
     ATTNZOO_STR(ATTNZOO_ENGINE_ISA),
-    &dense_forward<float>,  &dense_forward<double>, &dense_probs<float>,
-    &dense_probs<double>,   &dense_backward<float>, &dense_backward<double>,
+    {passes<float, DensePolicy>(), passes<double, DensePolicy>()},
+    {passes<float, BlockSparsePolicy>(), passes<double, BlockSparsePolicy>()},
 };
 
 }  // namespace

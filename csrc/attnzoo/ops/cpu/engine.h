@@ -3,12 +3,16 @@
 //
 // One engine, three passes (forward, probabilities, backward), and a Policy
 // that says what differs between attention kinds:
-//   key_range(q0, mq)      which keys a query block may visit: blocks outside
-//                          it are never touched, so they cost nothing;
-//   query_range(k0, nk)    the same seen from a key block (backward);
-//   modify_scores(...)     what is added to a tile of scaled scores and which
-//                          entries are disallowed (set to -inf);
-//   accumulate_score_grad  where the gradient of added scores goes.
+//   block_q(), block_k()          the query block of a forward work item and the
+//                                 key block of a backward one;
+//   max_key_tile(), max_query_tile()  the widest tiles it hands out;
+//   for_each_key_tile(b, h, q0, mq, fn)    the key tiles (k0, nk) a query
+//                                 block visits: everything else is never
+//                                 touched, so it costs nothing;
+//   for_each_query_tile(b, h, k0, nk, fn)  the same seen from a key block;
+//   modify_scores(...)            what is added to a tile of scaled scores and
+//                                 which entries are disallowed (-inf);
+//   accumulate_score_grad(...)    where the gradient of added scores goes.
 //
 // Included only by attention_kernel.cpp, which is compiled once per
 // instruction set with CPU_CAPABILITY set, so everything here lives in an
@@ -204,6 +208,25 @@ struct DensePolicy {
     return {lo, std::max(lo, hi)};
   }
 
+  int64_t block_q() const { return a.block_q; }
+  int64_t block_k() const { return kBwdBlockK; }
+  int64_t max_key_tile() const { return kBlockK; }
+  int64_t max_query_tile() const { return kBwdBlockQ; }
+
+  // The band [lo, hi) cut into aligned tiles.
+  template <class Fn>
+  void for_each_key_tile(int64_t, int64_t, int64_t q0, int64_t mq, Fn&& fn) const {
+    const auto [lo, hi] = key_range(q0, mq);
+    for (int64_t k0 = (lo / kBlockK) * kBlockK; k0 < hi; k0 += kBlockK)
+      fn(k0, std::min(kBlockK, a.Nk - k0));
+  }
+  template <class Fn>
+  void for_each_query_tile(int64_t, int64_t, int64_t k0, int64_t nk, Fn&& fn) const {
+    const auto [lo, hi] = query_range(k0, nk);
+    for (int64_t q0 = (lo / kBwdBlockQ) * kBwdBlockQ; q0 < hi; q0 += kBwdBlockQ)
+      fn(q0, std::min(kBwdBlockQ, a.Nq - q0));
+  }
+
   void modify_scores(int64_t b, int64_t h, int64_t q0, int64_t mq, int64_t k0, int64_t nk, T* s,
                      int64_t ld) const {
     const T* bias = static_cast<const T*>(a.bias.data);
@@ -258,6 +281,56 @@ struct DensePolicy {
 };
 
 // ---------------------------------------------------------------------------
+// Block-sparse policy: the dense score modifiers, but only the blocks a layout
+// marks are visited. Runs of neighbouring blocks merge into one wider tile so
+// that the tile products stay large (a local window of three blocks is one
+// product, not three).
+template <typename T>
+struct BlockSparsePolicy : DensePolicy<T> {
+  using Base = DensePolicy<T>;
+  using Base::a;
+  int64_t bs;
+
+  explicit BlockSparsePolicy(const DenseArgs& args) : Base(args), bs(args.layout_block) {}
+
+  int64_t block_q() const { return bs; }
+  int64_t block_k() const { return bs; }
+  int64_t max_key_tile() const { return std::max(bs, (kBlockK / bs) * bs); }
+  int64_t max_query_tile() const { return std::max(bs, (kBwdBlockQ / bs) * bs); }
+
+  template <class Fn>
+  void for_each_key_tile(int64_t, int64_t h, int64_t q0, int64_t mq, Fn&& fn) const {
+    const uint8_t* row = a.layout + h * a.layout_sh + (q0 / bs) * a.layout_cols;
+    const auto [lo, hi] = Base::key_range(q0, mq);
+    emit_runs(row, 1, lo / bs, (hi + bs - 1) / bs, max_key_tile() / bs, a.Nk, fn);
+  }
+  template <class Fn>
+  void for_each_query_tile(int64_t, int64_t h, int64_t k0, int64_t nk, Fn&& fn) const {
+    const uint8_t* col = a.layout + h * a.layout_sh + k0 / bs;
+    const auto [lo, hi] = Base::query_range(k0, nk);
+    emit_runs(col, a.layout_cols, lo / bs, (hi + bs - 1) / bs, max_query_tile() / bs, a.Nq, fn);
+  }
+
+ private:
+  // Runs of true entries line[i * stride], i in [first, last), at most
+  // max_blocks long, as token ranges (start, length) clipped to n.
+  template <class Fn>
+  void emit_runs(const uint8_t* line, int64_t stride, int64_t first, int64_t last, int64_t max_blocks,
+                 int64_t n, Fn&& fn) const {
+    for (int64_t i = first; i < last;) {
+      if (!line[i * stride]) {
+        ++i;
+        continue;
+      }
+      int64_t j = i + 1;
+      while (j < last && j - i < max_blocks && line[j * stride]) ++j;
+      fn(i * bs, std::min(j * bs, n) - i * bs);
+      i = j;
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------
 // Shared geometry of one call.
 struct Geometry {
   int64_t B, H, Hkv, Nq, Nk, D, Dv, group;
@@ -271,7 +344,7 @@ struct Geometry {
 template <typename T, class Policy>
 void forward_range(const DenseArgs& a, const Policy& policy, int64_t begin, int64_t end) {
   const Geometry g(a);
-  const int64_t BQ = a.block_q, BK = kBlockK;
+  const int64_t BQ = policy.block_q(), BK = policy.max_key_tile();
   const int64_t nqb = (g.Nq + BQ - 1) / BQ;
   const Dropout dropout(a);
   const T scale = T(a.scale);
@@ -291,9 +364,7 @@ void forward_range(const DenseArgs& a, const Policy& policy, int64_t begin, int6
     std::fill(l_run.begin(), l_run.end(), T(0));
     if (out) std::fill(out, out + mq * g.Dv, T(0));
 
-    const auto [lo, hi] = policy.key_range(q0, mq);
-    for (int64_t k0 = (lo / BK) * BK; k0 < hi; k0 += BK) {
-      const int64_t nk = std::min(BK, g.Nk - k0);
+    policy.for_each_key_tile(b, h, q0, mq, [&](int64_t k0, int64_t nk) {
       T* s = s_tile.data();
       // s = scale * q k^T
       gemm_rowmajor<T>(false, true, mq, nk, g.D, scale, q, g.D, k + k0 * g.D, g.D, T(0), s, BK);
@@ -318,7 +389,7 @@ void forward_range(const DenseArgs& a, const Policy& policy, int64_t begin, int6
       if (out && any_row)
         gemm_rowmajor<T>(false, false, mq, g.Dv, nk, T(1), s, BK, v + k0 * g.Dv, g.Dv, T(1), out,
                          g.Dv);
-    }
+    });
     for (int64_t r = 0; r < mq; ++r) {
       if (l_run[r] > T(0)) {
         if (out) scale_row(out + r * g.Dv, g.Dv, T(1) / l_run[r]);
@@ -336,7 +407,7 @@ void forward_range(const DenseArgs& a, const Policy& policy, int64_t begin, int6
 template <typename T, class Policy>
 void probs_range(const DenseArgs& a, const Policy& policy, int64_t begin, int64_t end) {
   const Geometry g(a);
-  const int64_t BQ = a.block_q, BK = kBlockK;
+  const int64_t BQ = policy.block_q(), BK = policy.max_key_tile();
   const int64_t nqb = (g.Nq + BQ - 1) / BQ;
   const Dropout dropout(a);
   std::vector<T> s_tile(BQ * BK);
@@ -348,9 +419,7 @@ void probs_range(const DenseArgs& a, const Policy& policy, int64_t begin, int64_
     const T* k = static_cast<const T*>(a.k) + g.kv_head(b, h) * g.Nk * g.D;
     const T* lse = static_cast<const T*>(a.lse) + bh * g.Nq + q0;
     T* probs = static_cast<T*>(a.probs) + (bh * g.Nq + q0) * g.Nk;
-    const auto [lo, hi] = policy.key_range(q0, mq);
-    for (int64_t k0 = (lo / BK) * BK; k0 < hi; k0 += BK) {
-      const int64_t nk = std::min(BK, g.Nk - k0);
+    policy.for_each_key_tile(b, h, q0, mq, [&](int64_t k0, int64_t nk) {
       T* s = s_tile.data();
       gemm_rowmajor<T>(false, true, mq, nk, g.D, T(a.scale), q, g.D, k + k0 * g.D, g.D, T(0), s, BK);
       policy.modify_scores(b, h, q0, mq, k0, nk, s, BK);
@@ -361,7 +430,7 @@ void probs_range(const DenseArgs& a, const Policy& policy, int64_t begin, int64_
         if (dropout.active) dropout.apply(row, nk, b, h, q0 + r, k0);
         std::copy(row, row + nk, probs + r * g.Nk + k0);
       }
-    }
+    });
   }
 }
 
@@ -372,7 +441,7 @@ void probs_range(const DenseArgs& a, const Policy& policy, int64_t begin, int64_
 template <typename T, class Policy>
 void backward_range(const DenseArgs& a, const Policy& policy, int64_t begin, int64_t end) {
   const Geometry g(a);
-  const int64_t BQ = kBwdBlockQ, BK = kBwdBlockK;
+  const int64_t BQ = policy.max_query_tile(), BK = policy.block_k();
   const int64_t nkb = (g.Nk + BK - 1) / BK;
   const int64_t splits = a.key_splits;
   const int64_t blocks_per_split = (nkb + splits - 1) / splits;
@@ -397,9 +466,7 @@ void backward_range(const DenseArgs& a, const Policy& policy, int64_t begin, int
     const int64_t kb_end = std::min(nkb, (split + 1) * blocks_per_split);
     for (int64_t kb = split * blocks_per_split; kb < kb_end; ++kb) {
       const int64_t k0 = kb * BK, nk = std::min(BK, g.Nk - k0);
-      const auto [qlo, qhi] = policy.query_range(k0, nk);
-      for (int64_t q0 = (qlo / BQ) * BQ; q0 < qhi; q0 += BQ) {
-        const int64_t mq = std::min(BQ, g.Nq - q0);
+      policy.for_each_query_tile(b, h, k0, nk, [&](int64_t q0, int64_t mq) {
         T* p = p_tile.data();
         T* dp = dp_tile.data();
         gemm_rowmajor<T>(false, true, mq, nk, g.D, scale, q + q0 * g.D, g.D, k + k0 * g.D, g.D,
@@ -438,7 +505,7 @@ void backward_range(const DenseArgs& a, const Policy& policy, int64_t begin, int
                          dq + q0 * g.D, g.D);
         gemm_rowmajor<T>(true, false, nk, g.D, mq, scale, dp, BK, q + q0 * g.D, g.D, T(1),
                          dk + k0 * g.D, g.D);
-      }
+      });
     }
   }
 }

@@ -53,6 +53,11 @@ struct DenseArgs {
   double dropout_p = 0.0;
   uint64_t seed = 0;
 
+  // Block-sparse layout, bool (Hl, ceil(Nq/bs), ceil(Nk/bs)) with Hl = 1
+  // (layout_sh = 0) or H: only blocks whose entry is true are computed.
+  const uint8_t* layout = nullptr;
+  int64_t layout_sh = 0, layout_cols = 0, layout_block = 0;
+
   // Forward outputs: out (B,H,Nq,Dv) may be null (log-sum-exp only); lse (B,H,Nq).
   void* out = nullptr;
   void* lse = nullptr;
@@ -85,14 +90,19 @@ constexpr int64_t kBwdBlockK = 256;
 
 using RangeFn = void (*)(const DenseArgs&, int64_t begin, int64_t end);
 
-// One engine build (one instruction set). Work ranges index
-//   forward / probs:  (b, h, query block)         B*H*ceil(Nq/block_q) items
-//   backward:         (b, h, key split)           B*H*key_splits items
+// The three passes of one policy and compute type. Work ranges index
+//   forward / probs:  (b, h, query block)   B*H*ceil(Nq/block) items
+//   backward:         (b, h, key split)     B*H*key_splits items
+// where the query block is block_q (dense) or the layout's block.
+struct PassTable {
+  RangeFn forward, probs, backward;
+};
+
+// One engine build (one instruction set); index [0] float, [1] double.
 struct EngineTable {
   const char* isa;
-  RangeFn forward_f32, forward_f64;
-  RangeFn probs_f32, probs_f64;
-  RangeFn backward_f32, backward_f64;
+  PassTable dense[2];
+  PassTable block_sparse[2];
 };
 
 const EngineTable& engine_DEFAULT();

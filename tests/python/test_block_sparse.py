@@ -1,0 +1,131 @@
+"""block_sparse_attention against dense attention with the equivalent
+token mask, and the layout builders against their definitions."""
+import pytest
+import torch
+
+from attnzoo import layouts, ops
+from test_attention import make_qkv, reference
+
+
+def token_mask(layout, block_size, Nq, Nk):
+    """(Hl, Nq, Nk) bool: the layout expanded to tokens."""
+    m = layout.repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)
+    return m[:, :Nq, :Nk]
+
+
+CASES = [
+    # B, H, Hkv, Nq, Nk, D, block_size, layout builder, options
+    (2, 4, 4, 256, 256, 16, 64, lambda nq, nk, H: layouts.local(nq, nk, 1), {}),
+    (1, 4, 2, 300, 300, 16, 64, lambda nq, nk, H: layouts.local(nq, nk, 1, causal=True), {"causal": True}),
+    (2, 4, 4, 320, 320, 16, 32, lambda nq, nk, H: layouts.bigbird(nq, nk, 1, 1, 2, num_heads=H, seed=3), {}),
+    (1, 2, 2, 500, 500, 8, 50, lambda nq, nk, H: layouts.fixed(nq, 3), {"causal": True}),
+    (1, 2, 2, 500, 500, 8, 50, lambda nq, nk, H: layouts.strided(nq, 3), {"causal": True}),
+    (2, 2, 1, 130, 260, 16, 32, lambda nq, nk, H: torch.rand(H, nq, nk) > 0.6, {"mask": True}),
+    (1, 2, 2, 97, 97, 8, 16, lambda nq, nk, H: layouts.longformer(nq, 1, [0, 3]), {}),
+    # a row with no block at all: output 0
+    (1, 1, 1, 64, 64, 8, 16, lambda nq, nk, H: torch.tensor([[[1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 1, 0],
+                                                               [1, 1, 1, 1]]], dtype=torch.bool), {}),
+    # wide runs of neighbouring blocks (merged into tiles of up to 512 keys)
+    (1, 2, 2, 1100, 1100, 16, 64, lambda nq, nk, H: layouts.local(nq, nk, 9), {}),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[:7]}-{sorted(c[8])}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_block_sparse_matches_masked_dense(case, dtype):
+    B, H, Hkv, Nq, Nk, D, bs, make_layout, opts = case
+    torch.manual_seed(0)
+    layout = make_layout(layouts.num_blocks(Nq, bs), layouts.num_blocks(Nk, bs), H)
+    q, k, v = make_qkv(B, H, Hkv, Nq, Nk, D, D, dtype=dtype, requires_grad=True, seed=Nq)
+    mask = (torch.rand(B, 1, Nq, Nk) > 0.2) if opts.get("mask") else None
+    causal = opts.get("causal", False)
+    out = ops.block_sparse_attention(q, k, v, layout, bs, causal=causal, mask=mask)
+    full_mask = token_mask(layout, bs, Nq, Nk).unsqueeze(0)
+    if mask is not None:
+        full_mask = full_mask & mask
+    ref = reference(q, k, v, mask=full_mask, causal=causal)[0]
+    tol = 2e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=0)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-4 if dtype == torch.float32 else 1e-10,
+                                   rtol=1e-4 if dtype == torch.float32 else 0)
+
+
+def test_block_sparse_gradcheck():
+    q, k, v = make_qkv(1, 2, 1, 20, 20, 4, 3, dtype=torch.float64, requires_grad=True, seed=1)
+    layout = layouts.bigbird(5, 5, 0, 1, 1, num_heads=2, seed=1)
+
+    def f(q, k, v):
+        return ops.block_sparse_attention(q, k, v, layout, 4, causal=True)
+
+    assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-7)
+
+
+def test_block_sparse_opcheck_and_weights():
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 8, 8, requires_grad=True, seed=2)
+    layout = layouts.local(4, 4, 1)
+    torch.library.opcheck(torch.ops.attnzoo.attention.default, (q, k, v), {"layout": layout, "block_size": 16})
+    torch.library.opcheck(torch.ops.attnzoo.block_sparse_attention.default, (q, k, v, layout, 16), {})
+    probs = torch.ops.attnzoo.attention_weights(q, k, v, layout=layout, block_size=16)
+    want = reference(q, k, v, mask=token_mask(layout, 16, 64, 64).unsqueeze(0))[2]
+    torch.testing.assert_close(probs.double(), want, atol=1e-6, rtol=1e-5)
+
+
+def test_layout_definitions():
+    # local: the band, bottom-right aligned when there are fewer query blocks
+    loc = layouts.local(3, 6, 1)[0]
+    for i in range(3):
+        p = i + 3
+        for j in range(6):
+            assert bool(loc[i, j]) == (p - 1 <= j <= p + 1)
+    # fixed / strided: the Sparse Transformer definitions
+    fx = layouts.fixed(12, 4, 2)[0]
+    st = layouts.strided(12, 4)[0]
+    for i in range(12):
+        for j in range(12):
+            assert bool(fx[i, j]) == (j <= i and (j // 4 == i // 4 or j % 4 >= 2))
+            assert bool(st[i, j]) == (j <= i and (i - j < 4 or (i - j) % 4 == 0))
+    # longformer: window plus global rows and columns
+    lf = layouts.longformer(8, 1, [2])[0]
+    assert lf[2].all() and lf[:, 2].all() and not lf[0, 5]
+
+
+def test_bigbird_is_seeded_and_has_its_parts():
+    a = layouts.bigbird(16, 16, window=1, num_global=2, num_random=3, num_heads=4, seed=7)
+    b = layouts.bigbird(16, 16, window=1, num_global=2, num_random=3, num_heads=4, seed=7)
+    c = layouts.bigbird(16, 16, window=1, num_global=2, num_random=3, num_heads=4, seed=8)
+    assert a.shape == (4, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
+    assert a[:, :2].all() and a[:, :, :2].all()  # global rows and columns
+    base = layouts.local(16, 16, 1)[0].clone()
+    base[:2] = True
+    base[:, :2] = True
+    extra = (a & ~base).sum(-1)  # the random blocks of each row
+    assert (extra[:, 2:] == 3).all()
+
+
+@pytest.mark.parametrize("layout,block_size,fragment", [
+    (torch.ones(1, 4, 4, dtype=torch.bool), 0, "block_size must be positive"),
+    (torch.ones(1, 3, 4, dtype=torch.bool), 16, "layout must have shape (H or 1, ceil(Nq/block_size)"),
+    (torch.ones(3, 4, 4, dtype=torch.bool), 16, "layout must have shape"),
+    (torch.ones(1, 4, 4), 16, "layout must be a bool tensor"),
+])
+def test_block_sparse_bad_input(layout, block_size, fragment):
+    q, k, v = make_qkv(1, 2, 2, 64, 64, 8, 8)
+    with pytest.raises(RuntimeError) as info:
+        ops.block_sparse_attention(q, k, v, layout, block_size)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("call,fragment", [
+    (lambda: layouts.local(0, 4, 1), "num_q_blocks must be positive"),
+    (lambda: layouts.fixed(8, 4, 5), "num_summary must be in [1, stride = 4]"),
+    (lambda: layouts.longformer(8, 1, [9]), "global block 9 is outside [0, 8)"),
+    (lambda: layouts.bigbird(4, 4, num_random=-1), "must be >= 0"),
+])
+def test_layout_bad_input(call, fragment):
+    with pytest.raises(RuntimeError) as info:
+        call()
+    assert fragment in str(info.value)
