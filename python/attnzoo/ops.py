@@ -12,7 +12,7 @@ from torch import Tensor
 from . import _C  # noqa: F401  registers the ops
 
 __all__ = ["attention", "attention_weights", "alibi_slopes", "t5_relative_bucket", "rotary",
-           "linformer_attention", "linear_attention", "block_sparse_attention"]
+           "linformer_attention", "linear_attention", "block_sparse_attention", "shaw_attention"]
 
 
 def _window(window: Optional[Sequence[int]]):
@@ -132,6 +132,17 @@ def linformer_attention(q: Tensor, k: Tensor, v: Tensor, E: Tensor, F: Optional[
                                                  dropout_p=float(dropout_p), scale=scale, causal=bool(causal))
 
 
+def shaw_attention(q: Tensor, k: Tensor, v: Tensor, rel_k: Tensor, rel_v: Optional[Tensor] = None,
+                   max_distance: int = 16, *, mask: Optional[Tensor] = None, causal: bool = False,
+                   dropout_p: float = 0.0, scale: Optional[float] = None) -> Tensor:
+    """Shaw et al. (2018) relative position attention, fused: with
+    r = clamp(j - p_i, -K, K) + K and K = ``max_distance``,
+    score = (q_i.k_j + q_i.rel_k[r]) * scale and out_i = sum_j p_ij (v_j + rel_v[r]).
+    ``rel_k`` (2K+1, D) or (H, 2K+1, D); ``rel_v`` likewise with Dv, or None."""
+    return torch.ops.attnzoo.shaw_attention(q, k, v, rel_k, rel_v, int(max_distance), mask=mask,
+                                            causal=bool(causal), dropout_p=float(dropout_p), scale=scale)
+
+
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, block_size: int, *,
                            causal: bool = False, mask: Optional[Tensor] = None, dropout_p: float = 0.0,
                            scale: Optional[float] = None) -> Tensor:
@@ -192,12 +203,14 @@ def _grad_like(t, wanted, q):
 
 
 @torch.library.register_fake("attnzoo::_attention_backward")
-def _attention_backward_fake(grad_out, q, k, v, out, lse, *, bias=None, rel_bias=None,
-                             bias_requires_grad=False, rel_bias_requires_grad=False, **_):
+def _attention_backward_fake(grad_out, q, k, v, out, lse, *, bias=None, rel_bias=None, shaw_k=None,
+                             shaw_v=None, bias_requires_grad=False, rel_bias_requires_grad=False,
+                             shaw_k_requires_grad=False, shaw_v_requires_grad=False, **_):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format),
-            _grad_like(bias, bias_requires_grad, q), _grad_like(rel_bias, rel_bias_requires_grad, q))
+            _grad_like(bias, bias_requires_grad, q), _grad_like(rel_bias, rel_bias_requires_grad, q),
+            _grad_like(shaw_k, shaw_k_requires_grad, q), _grad_like(shaw_v, shaw_v_requires_grad, q))
 
 
 @torch.library.register_fake("attnzoo::attention_weights")

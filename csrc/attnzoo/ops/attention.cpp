@@ -111,6 +111,9 @@ struct ScoreArgs {
   const OptTensor& seed;
   const OptTensor& layout;
   int64_t block_size;
+  const OptTensor& shaw_k;
+  const OptTensor& shaw_v;
+  int64_t shaw_max_distance;
 };
 
 bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
@@ -119,8 +122,8 @@ bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 struct Prepared {
   Shapes s;
   at::ScalarType compute;
-  at::Tensor q, k, v, mask, bias, rel_bias, alibi, layout;
-  int64_t block_size = 0;
+  at::Tensor q, k, v, mask, bias, rel_bias, alibi, layout, shaw_k, shaw_v;
+  int64_t block_size = 0, shaw_K = 0;
   int64_t left, right;
   double scale, dropout_p;
   uint64_t seed;
@@ -193,6 +196,25 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
     p.block_size = bs;
   }
 
+  if (given(sa.shaw_k)) {
+    TORCH_CHECK(!p.layout.defined(), op, ": Shaw relative positions and a block layout cannot be combined");
+    const int64_t K = sa.shaw_max_distance;
+    TORCH_CHECK(K >= 0, op, ": max_distance must be >= 0, got ", K);
+    auto check_table = [&](const char* name, const at::Tensor& t, int64_t dim) {
+      check_cpu_float(op, name, t);
+      TORCH_CHECK((t.dim() == 2 && t.size(0) == 2 * K + 1 && t.size(1) == dim) ||
+                      (t.dim() == 3 && t.size(0) == s.H && t.size(1) == 2 * K + 1 && t.size(2) == dim),
+                  op, ": ", name, " must have shape (2K+1, ", dim, ") or (H, 2K+1, ", dim,
+                  ") with K = max_distance = ", K, ", H = ", s.H, ", got ", shape_str(t.sizes()));
+      return to_compute(t.dim() == 2 ? t.unsqueeze(0) : t, p.compute);
+    };
+    p.shaw_k = check_table("rel_k", *sa.shaw_k, s.D);
+    if (given(sa.shaw_v)) p.shaw_v = check_table("rel_v", *sa.shaw_v, s.Dv);
+    p.shaw_K = K;
+  } else {
+    TORCH_CHECK(!given(sa.shaw_v), op, ": rel_v needs rel_k");
+  }
+
   // Any bound >= Nq + Nk is "unbounded"; it keeps the index arithmetic far
   // from overflow.
   const int64_t unbounded = s.Nq + s.Nk + 1;
@@ -255,13 +277,24 @@ DenseArgs engine_args(const Prepared& p) {
     a.layout_block = p.block_size;
     a.block_q = p.block_size;
   }
+  if (p.shaw_k.defined()) {
+    a.shaw_k = p.shaw_k.data_ptr();
+    a.shaw_k_sh = p.shaw_k.size(0) == 1 ? 0 : p.shaw_k.stride(0);
+    if (p.shaw_v.defined()) {
+      a.shaw_v = p.shaw_v.data_ptr();
+      a.shaw_v_sh = p.shaw_v.size(0) == 1 ? 0 : p.shaw_v.stride(0);
+    }
+    a.shaw_K = p.shaw_K;
+  }
   return a;
 }
 
 const cpu::PassTable& passes(const Prepared& p) {
   const auto& e = engine();
   const int dt = p.compute == at::kDouble ? 1 : 0;
-  return p.layout.defined() ? e.block_sparse[dt] : e.dense[dt];
+  if (p.layout.defined()) return e.block_sparse[dt];
+  if (p.shaw_k.defined()) return e.shaw[dt];
+  return e.dense[dt];
 }
 
 void run_parallel(int64_t items, const DenseArgs& a, cpu::RangeFn fn) {
@@ -284,10 +317,11 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& mask,
     const OptTensor& bias, const OptTensor& rel_bias, bool causal, at::OptionalIntArrayRef window,
     const OptTensor& alibi, double dropout_p, std::optional<double> scale, const OptTensor& seed,
-    const OptTensor& layout, int64_t block_size) {
+    const OptTensor& layout, int64_t block_size, const OptTensor& shaw_k, const OptTensor& shaw_v,
+    int64_t shaw_max_distance) {
   const Prepared p = prepare("attention", q, k, v,
                              {mask, bias, rel_bias, causal, window, alibi, dropout_p, scale, seed,
-                              layout, block_size});
+                              layout, block_size, shaw_k, shaw_v, shaw_max_distance});
   const Shapes& s = p.s;
   const auto opts = p.q.options();
   at::Tensor out = at::empty({s.B, s.H, s.Nq, s.Dv}, opts);
@@ -299,15 +333,18 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
   return {out.to(q.scalar_type()), lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const OptTensor& mask, const OptTensor& bias,
     const OptTensor& rel_bias, bool causal, at::OptionalIntArrayRef window, const OptTensor& alibi,
     double dropout_p, std::optional<double> scale, const OptTensor& seed, const OptTensor& layout,
-    int64_t block_size, bool bias_requires_grad, bool rel_bias_requires_grad) {
+    int64_t block_size, const OptTensor& shaw_k, const OptTensor& shaw_v, int64_t shaw_max_distance,
+    bool bias_requires_grad, bool rel_bias_requires_grad, bool shaw_k_requires_grad,
+    bool shaw_v_requires_grad) {
   const Prepared p = prepare("attention_backward", q, k, v,
                              {mask, bias, rel_bias, causal, window, alibi, dropout_p, scale, seed,
-                              layout, block_size});
+                              layout, block_size, shaw_k, shaw_v, shaw_max_distance});
   const Shapes& s = p.s;
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({s.B, s.H, s.Nq, s.Dv}),
               "attention_backward: grad_out must have shape ", shape_str({s.B, s.H, s.Nq, s.Dv}),
@@ -320,19 +357,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
 
   const bool want_bias = bias_requires_grad && p.bias.defined();
   const bool want_rel = rel_bias_requires_grad && p.rel_bias.defined();
+  const bool want_shaw_k = shaw_k_requires_grad && p.shaw_k.defined();
+  const bool want_shaw_v = shaw_v_requires_grad && p.shaw_v.defined();
   // Score gradients are accumulated per (b, h) by one work item, so a head's
   // key blocks are only split across threads when none is wanted.
   const int64_t key_block = p.layout.defined() ? p.block_size : cpu::kBwdBlockK;
   const int64_t nkb = (s.Nk + key_block - 1) / key_block;
   int64_t splits = 1;
   const int64_t heads = s.B * s.H, threads = at::get_num_threads();
-  if (!want_bias && !want_rel && heads < threads && nkb > 1)
+  if (!want_bias && !want_rel && !want_shaw_k && !want_shaw_v && heads < threads && nkb > 1)
     splits = std::min(nkb, (threads + heads - 1) / heads);
 
   at::Tensor dq = at::zeros({splits, s.B, s.H, s.Nq, s.D}, opts);
   at::Tensor dk = at::zeros({s.B, s.H, s.Nk, s.D}, opts);
   at::Tensor dv = at::zeros({s.B, s.H, s.Nk, s.Dv}, opts);
-  at::Tensor dbias, drel;
+  at::Tensor dbias, drel, dshaw_k, dshaw_v;
 
   DenseArgs a = engine_args(p);
   a.lse = lse_c.data_ptr();
@@ -356,6 +395,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
     drel = at::zeros({s.B, s.H, s.Nq + s.Nk - 1}, opts);
     a.grad_rel_bias = drel.data_ptr();
   }
+  if (want_shaw_k) {
+    dshaw_k = at::zeros({s.B, s.H, 2 * p.shaw_K + 1, s.D}, opts);
+    a.grad_shaw_k = dshaw_k.data_ptr();
+  }
+  if (want_shaw_v) {
+    dshaw_v = at::zeros({s.B, s.H, 2 * p.shaw_K + 1, s.Dv}, opts);
+    a.grad_shaw_v = dshaw_v.data_ptr();
+  }
   run_parallel(heads * splits, a, passes(p).backward);
 
   at::Tensor grad_q = splits == 1 ? dq[0] : dq.sum(0);
@@ -366,8 +413,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention
   }
   dbias = want_bias ? dbias.sum_to_size(bias->sizes()).to(bias->scalar_type()) : at::empty({0}, q.options());
   drel = want_rel ? drel.sum_to_size(rel_bias->sizes()).to(rel_bias->scalar_type()) : at::empty({0}, q.options());
+  dshaw_k = want_shaw_k ? dshaw_k.sum_to_size(shaw_k->sizes()).to(shaw_k->scalar_type()) : at::empty({0}, q.options());
+  dshaw_v = want_shaw_v ? dshaw_v.sum_to_size(shaw_v->sizes()).to(shaw_v->scalar_type()) : at::empty({0}, q.options());
   const auto dt = q.scalar_type();
-  return {grad_q.to(dt), dk.to(dt), dv.to(dt), dbias, drel};
+  return {grad_q.to(dt), dk.to(dt), dv.to(dt), dbias, drel, dshaw_k, dshaw_v};
 }
 
 at::Tensor attention_weights_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -400,11 +449,12 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& mask,
     const OptTensor& bias, bool causal, at::OptionalIntArrayRef window, const OptTensor& alibi,
     double dropout_p, std::optional<double> scale, const OptTensor& t5_table, bool t5_bidirectional,
-    int64_t t5_max_distance, const OptTensor& layout, int64_t block_size) {
+    int64_t t5_max_distance, const OptTensor& layout, int64_t block_size, const OptTensor& shaw_k,
+    const OptTensor& shaw_v, int64_t shaw_max_distance) {
   const OptTensor seed = dropout_p > 0 ? OptTensor(detail::fresh_seed()) : std::nullopt;
   const OptTensor rel = t5_bias_or_none("attention", q, k, t5_table, t5_bidirectional, t5_max_distance);
   return attention_forward_cpu(q, k, v, mask, bias, rel, causal, window, alibi, dropout_p, scale,
-                               seed, layout, block_size);
+                               seed, layout, block_size, shaw_k, shaw_v, shaw_max_distance);
 }
 
 at::Tensor attention_weights_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -413,12 +463,14 @@ at::Tensor attention_weights_cpu(const at::Tensor& q, const at::Tensor& k, const
                                  double dropout_p, std::optional<double> scale,
                                  const OptTensor& t5_table, bool t5_bidirectional,
                                  int64_t t5_max_distance, const OptTensor& layout,
-                                 int64_t block_size) {
+                                 int64_t block_size, const OptTensor& shaw_k,
+                                 const OptTensor& shaw_v, int64_t shaw_max_distance) {
   const OptTensor seed = dropout_p > 0 ? OptTensor(detail::fresh_seed()) : std::nullopt;
   const OptTensor rel =
       t5_bias_or_none("attention_weights", q, k, t5_table, t5_bidirectional, t5_max_distance);
-  return attention_weights_impl(
-      q, k, v, {mask, bias, rel, causal, window, alibi, dropout_p, scale, seed, layout, block_size});
+  return attention_weights_impl(q, k, v,
+                                {mask, bias, rel, causal, window, alibi, dropout_p, scale, seed,
+                                 layout, block_size, shaw_k, shaw_v, shaw_max_distance});
 }
 
 }  // namespace
@@ -504,7 +556,8 @@ std::tuple<at::Tensor, at::Tensor> attention_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& mask,
     const OptTensor& bias, bool causal, at::OptionalIntArrayRef window, const OptTensor& alibi,
     double dropout_p, std::optional<double> scale, const OptTensor& t5_table, bool t5_bidirectional,
-    int64_t t5_max_distance, const OptTensor& layout, int64_t block_size);
+    int64_t t5_max_distance, const OptTensor& layout, int64_t block_size, const OptTensor& shaw_k,
+    const OptTensor& shaw_v, int64_t shaw_max_distance);
 
 TORCH_LIBRARY_IMPL(attnzoo, CPU, m) {
   m.impl("attention", &attention_cpu);
@@ -540,7 +593,7 @@ std::tuple<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const
   const auto w = window_vec(o);
   return op.call(q, k, v, o.mask(), o.bias(), o.causal(), window_ref(w), o.alibi_slopes(),
                  o.dropout_p(), o.scale(), o.t5_table(), o.t5_bidirectional(), o.t5_max_distance(),
-                 std::nullopt, 0);
+                 std::nullopt, 0, std::nullopt, std::nullopt, 0);
 }
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -554,7 +607,7 @@ at::Tensor attention_weights(const at::Tensor& q, const at::Tensor& k, const at:
   const auto w = window_vec(o);
   return op.call(q, k, v, o.mask(), o.bias(), o.causal(), window_ref(w), o.alibi_slopes(),
                  o.dropout_p(), o.scale(), o.t5_table(), o.t5_bidirectional(), o.t5_max_distance(),
-                 std::nullopt, 0);
+                 std::nullopt, 0, std::nullopt, std::nullopt, 0);
 }
 
 at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -565,11 +618,23 @@ at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, cons
   TORCH_CHECK(layout.defined(), "block_sparse_attention: layout is undefined");
   return std::get<0>(op.call(q, k, v, mask, std::nullopt, causal, at::OptionalIntArrayRef(),
                              std::nullopt, dropout_p, scale, std::nullopt, true, 128, layout,
-                             block_size));
+                             block_size, std::nullopt, std::nullopt, 0));
+}
+
+at::Tensor shaw_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& rel_k, const std::optional<at::Tensor>& rel_v,
+                          int64_t max_distance, const std::optional<at::Tensor>& mask, bool causal,
+                          double dropout_p, std::optional<double> scale) {
+  static const auto op = detail::op_handle<detail::AttentionSig>("attnzoo::attention");
+  TORCH_CHECK(rel_k.defined(), "shaw_attention: rel_k is undefined");
+  return std::get<0>(op.call(q, k, v, mask, std::nullopt, causal, at::OptionalIntArrayRef(),
+                             std::nullopt, dropout_p, scale, std::nullopt, true, 128, std::nullopt,
+                             0, rel_k, rel_v, max_distance));
 }
 
 TORCH_LIBRARY_IMPL(attnzoo, CompositeImplicitAutograd, m) {
   m.impl("block_sparse_attention", &block_sparse_attention);
+  m.impl("shaw_attention", &shaw_attention);
 }
 
 }  // namespace attnzoo::ops

@@ -11,28 +11,33 @@ namespace attnzoo::ops::detail {
 // Signatures of the internal ops (see the schemas in registration.cpp). The
 // score arguments come in one order everywhere:
 //   mask, bias, rel_bias, causal, window, alibi_slopes, dropout_p, scale,
-//   seed, layout, block_size
+//   seed, layout, block_size, shaw_k, shaw_v, shaw_max_distance
 using OptTensor = std::optional<at::Tensor>;
 using ForwardSig = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
     const OptTensor&, bool, at::OptionalIntArrayRef, const OptTensor&, double,
-    std::optional<double>, const OptTensor&, const OptTensor&, int64_t);
-using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-    const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool,
-    at::OptionalIntArrayRef, const OptTensor&, double, std::optional<double>, const OptTensor&,
-    const OptTensor&, int64_t, bool, bool);
+    std::optional<double>, const OptTensor&, const OptTensor&, int64_t, const OptTensor&,
+    const OptTensor&, int64_t);
+using BackwardSig =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+        bool, at::OptionalIntArrayRef, const OptTensor&, double, std::optional<double>,
+        const OptTensor&, const OptTensor&, int64_t, const OptTensor&, const OptTensor&, int64_t,
+        bool, bool, bool, bool);
 // The public op: q, k, v, mask, bias, causal, window, alibi_slopes,
 // dropout_p, scale, t5_table, t5_bidirectional, t5_max_distance, layout,
-// block_size.
+// block_size, shaw_k, shaw_v, shaw_max_distance.
 using AttentionSig = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
     bool, at::OptionalIntArrayRef, const OptTensor&, double, std::optional<double>,
-    const OptTensor&, bool, int64_t, const OptTensor&, int64_t);
+    const OptTensor&, bool, int64_t, const OptTensor&, int64_t, const OptTensor&, const OptTensor&,
+    int64_t);
 using WeightsSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                               const OptTensor&, const OptTensor&, bool, at::OptionalIntArrayRef,
                               const OptTensor&, double, std::optional<double>, const OptTensor&,
-                              bool, int64_t, const OptTensor&, int64_t);
+                              bool, int64_t, const OptTensor&, int64_t, const OptTensor&,
+                              const OptTensor&, int64_t);
 
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> op_handle(const char* name) {

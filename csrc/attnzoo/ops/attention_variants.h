@@ -34,6 +34,16 @@ at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, cons
                                   const std::optional<at::Tensor>& mask = std::nullopt,
                                   double dropout_p = 0.0, std::optional<double> scale = std::nullopt);
 
+// Shaw et al. relative positions: with r = clamp(j - p_i, -K, K) + K and
+// K = max_distance, score = (q_i.k_j + q_i.rel_k[r]) * scale and
+// out_i = sum_j p_ij (v_j + rel_v[r]). rel_k (2K+1, D) or (H, 2K+1, D);
+// rel_v likewise with Dv, or none. Computed inside the fused kernel.
+at::Tensor shaw_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& rel_k, const std::optional<at::Tensor>& rel_v,
+                          int64_t max_distance, const std::optional<at::Tensor>& mask = std::nullopt,
+                          bool causal = false, double dropout_p = 0.0,
+                          std::optional<double> scale = std::nullopt);
+
 // Kernelised linear attention, phi(q) (sum_j phi(k_j) v_j^T) / (phi(q) . sum_j
 // phi(k_j)), feature map "elu+1" or "relu"; causal by chunked prefix sums.
 at::Tensor linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

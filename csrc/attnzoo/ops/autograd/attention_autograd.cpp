@@ -27,18 +27,25 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                const OptTensor& rel_bias, bool causal,
                                std::optional<std::vector<int64_t>> window, const OptTensor& alibi,
                                double dropout_p, std::optional<double> scale,
-                               const OptTensor& layout, int64_t block_size) {
+                               const OptTensor& layout, int64_t block_size,
+                               const OptTensor& shaw_k, const OptTensor& shaw_v,
+                               int64_t shaw_max_distance) {
     static const auto forward_op = detail::op_handle<detail::ForwardSig>("attnzoo::_attention_forward");
     at::AutoDispatchBelowADInplaceOrView guard;
     // The seed is a tensor made by an ATen op so that a traced graph draws a
     // new one on every call instead of baking one in.
     const at::Tensor seed = dropout_p > 0 ? detail::fresh_seed() : at::Tensor();
     auto [out, lse] = forward_op.call(q, k, v, mask, bias, rel_bias, causal, window_ref(window),
-                                      alibi, dropout_p, scale, opt(seed), layout, block_size);
+                                      alibi, dropout_p, scale, opt(seed), layout, block_size,
+                                      shaw_k, shaw_v, shaw_max_distance);
     ctx->save_for_backward({q, k, v, out, lse, mask.value_or(at::Tensor()),
                             bias.value_or(at::Tensor()), rel_bias.value_or(at::Tensor()),
-                            alibi.value_or(at::Tensor()), seed, layout.value_or(at::Tensor())});
+                            alibi.value_or(at::Tensor()), seed, layout.value_or(at::Tensor()),
+                            shaw_k.value_or(at::Tensor()), shaw_v.value_or(at::Tensor())});
     ctx->saved_data["block_size"] = block_size;
+    ctx->saved_data["shaw_max_distance"] = shaw_max_distance;
+    ctx->saved_data["shaw_k_requires_grad"] = shaw_k.has_value() && shaw_k->requires_grad();
+    ctx->saved_data["shaw_v_requires_grad"] = shaw_v.has_value() && shaw_v->requires_grad();
     ctx->saved_data["causal"] = causal;
     if (window) ctx->saved_data["window"] = *window;
     ctx->saved_data["dropout_p"] = dropout_p;
@@ -60,13 +67,17 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     if (ctx->saved_data.count("scale")) scale = ctx->saved_data["scale"].toDouble();
     const bool bias_grad = ctx->saved_data["bias_requires_grad"].toBool();
     const bool rel_grad = ctx->saved_data["rel_bias_requires_grad"].toBool();
-    auto [dq, dk, dv, dbias, drel] = backward_op.call(
+    const bool shaw_k_grad = ctx->saved_data["shaw_k_requires_grad"].toBool();
+    const bool shaw_v_grad = ctx->saved_data["shaw_v_requires_grad"].toBool();
+    auto [dq, dk, dv, dbias, drel, dshaw_k, dshaw_v] = backward_op.call(
         grad_out, q, k, v, out, lse, opt(saved[5]), opt(saved[6]), opt(saved[7]),
         ctx->saved_data["causal"].toBool(), window_ref(window), opt(saved[8]),
         ctx->saved_data["dropout_p"].toDouble(), scale, opt(saved[9]), opt(saved[10]),
-        ctx->saved_data["block_size"].toInt(), bias_grad, rel_grad);
+        ctx->saved_data["block_size"].toInt(), opt(saved[11]), opt(saved[12]),
+        ctx->saved_data["shaw_max_distance"].toInt(), bias_grad, rel_grad, shaw_k_grad, shaw_v_grad);
     // One entry per forward argument: q, k, v, mask, bias, rel_bias, causal,
-    // window, alibi, dropout_p, scale, layout, block_size.
+    // window, alibi, dropout_p, scale, layout, block_size, shaw_k, shaw_v,
+    // shaw_max_distance.
     return {dq,
             dk,
             dv,
@@ -79,6 +90,9 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
             at::Tensor(),
             at::Tensor(),
             at::Tensor(),
+            at::Tensor(),
+            shaw_k_grad ? dshaw_k : at::Tensor(),
+            shaw_v_grad ? dshaw_v : at::Tensor(),
             at::Tensor()};
   }
 };
@@ -94,7 +108,8 @@ std::tuple<at::Tensor, at::Tensor> attention_autograd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const OptTensor& mask,
     const OptTensor& bias, bool causal, at::OptionalIntArrayRef window, const OptTensor& alibi,
     double dropout_p, std::optional<double> scale, const OptTensor& t5_table, bool t5_bidirectional,
-    int64_t t5_max_distance, const OptTensor& layout, int64_t block_size) {
+    int64_t t5_max_distance, const OptTensor& layout, int64_t block_size, const OptTensor& shaw_k,
+    const OptTensor& shaw_v, int64_t shaw_max_distance) {
   std::optional<std::vector<int64_t>> w;
   if (window.has_value()) w = window->vec();
   OptTensor rel;
@@ -105,7 +120,8 @@ std::tuple<at::Tensor, at::Tensor> attention_autograd(
   }
   auto r = AttentionFunction::apply(q, k, v, defined_or_none(mask), defined_or_none(bias), rel,
                                     causal, w, defined_or_none(alibi), dropout_p, scale,
-                                    defined_or_none(layout), block_size);
+                                    defined_or_none(layout), block_size, defined_or_none(shaw_k),
+                                    defined_or_none(shaw_v), shaw_max_distance);
   return {r[0], r[1]};
 }
 

@@ -7,17 +7,21 @@ namespace attnzoo::cpu {
 inline namespace CPU_CAPABILITY {
 namespace {
 
+// A policy object per call of a range: policies may keep per-thread scratch.
 template <typename T, template <typename> class Policy>
 void forward(const DenseArgs& a, int64_t begin, int64_t end) {
-  forward_range<T>(a, Policy<T>(a), begin, end);
+  Policy<T> policy(a);
+  forward_range<T>(a, policy, begin, end);
 }
 template <typename T, template <typename> class Policy>
 void probs(const DenseArgs& a, int64_t begin, int64_t end) {
-  probs_range<T>(a, Policy<T>(a), begin, end);
+  Policy<T> policy(a);
+  probs_range<T>(a, policy, begin, end);
 }
 template <typename T, template <typename> class Policy>
 void backward(const DenseArgs& a, int64_t begin, int64_t end) {
-  backward_range<T>(a, Policy<T>(a), begin, end);
+  Policy<T> policy(a);
+  backward_range<T>(a, policy, begin, end);
 }
 template <typename T, template <typename> class Policy>
 constexpr PassTable passes() {
@@ -31,6 +35,7 @@ const EngineTable kTable = {
     ATTNZOO_STR(ATTNZOO_ENGINE_ISA),
     {passes<float, DensePolicy>(), passes<double, DensePolicy>()},
     {passes<float, BlockSparsePolicy>(), passes<double, BlockSparsePolicy>()},
+    {passes<float, ShawPolicy>(), passes<double, ShawPolicy>()},
 };
 
 }  // namespace

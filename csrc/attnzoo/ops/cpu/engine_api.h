@@ -53,6 +53,13 @@ struct DenseArgs {
   double dropout_p = 0.0;
   uint64_t seed = 0;
 
+  // Shaw relative keys / values: (Hs, 2K+1, D) and (Hs, 2K+1, Dv) with
+  // Hs = 1 (stride 0) or H; bucket r = clamp(j - p_i, -K, K) + K. shaw_v may
+  // be null (relative keys only).
+  const void* shaw_k = nullptr;
+  const void* shaw_v = nullptr;
+  int64_t shaw_k_sh = 0, shaw_v_sh = 0, shaw_K = 0;
+
   // Block-sparse layout, bool (Hl, ceil(Nq/bs), ceil(Nk/bs)) with Hl = 1
   // (layout_sh = 0) or H: only blocks whose entry is true are computed.
   const uint8_t* layout = nullptr;
@@ -82,6 +89,9 @@ struct DenseArgs {
   int64_t gb_sb = 0, gb_sh = 0, gb_si = 0, gb_sj = 0;
   // (B, H, Nq + Nk - 1) accumulator for the rel_bias gradient (key_splits == 1).
   void* grad_rel_bias = nullptr;
+  // (B, H, 2K+1, D / Dv) accumulators for the Shaw tables (key_splits == 1).
+  void* grad_shaw_k = nullptr;
+  void* grad_shaw_v = nullptr;
 };
 
 // Backward tiles are square: its five products all use them.
@@ -103,6 +113,7 @@ struct EngineTable {
   const char* isa;
   PassTable dense[2];
   PassTable block_sparse[2];
+  PassTable shaw[2];
 };
 
 const EngineTable& engine_DEFAULT();
