@@ -391,12 +391,21 @@ struct ShawPolicy : DensePolicy<T> {
     if (c2 > c1) add_strided(table + (k0 + c1 - p + K - rlo), row + c1, c2 - c1, int64_t(1));
     if (nk > c2) table[2 * K - rlo] += sum_of(row + c2, nk - c2);
   }
+  // Most of a tile lies in the clipped end buckets: these two run over it.
   static void add_constant(T* x, int64_t n, T c) {
-    for (int64_t i = 0; i < n; ++i) x[i] += c;
+    using V = Vec<T>;
+    const V vc(c);
+    int64_t i = 0;
+    for (; i + V::size() <= n; i += V::size()) (V::loadu(x + i) + vc).store(x + i);
+    for (; i < n; ++i) x[i] += c;
   }
   static T sum_of(const T* x, int64_t n) {
-    T s = 0;
-    for (int64_t i = 0; i < n; ++i) s += x[i];
+    using V = Vec<T>;
+    V acc(T(0));
+    int64_t i = 0;
+    for (; i + V::size() <= n; i += V::size()) acc = acc + V::loadu(x + i);
+    T s = at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, acc);
+    for (; i < n; ++i) s += x[i];
     return s;
   }
   // qr (mq x nr) = scale * q_tile rel_k[rlo .. rlo+nr)^T
