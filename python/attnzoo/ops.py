@@ -12,7 +12,8 @@ from torch import Tensor
 from . import _C  # noqa: F401  registers the ops
 
 __all__ = ["attention", "attention_weights", "alibi_slopes", "t5_relative_bucket", "rotary",
-           "linformer_attention", "linear_attention", "block_sparse_attention", "shaw_attention"]
+           "linformer_attention", "linear_attention", "block_sparse_attention", "shaw_attention",
+           "lsh_attention"]
 
 
 def _window(window: Optional[Sequence[int]]):
@@ -143,6 +144,27 @@ def shaw_attention(q: Tensor, k: Tensor, v: Tensor, rel_k: Tensor, rel_v: Option
                                             causal=bool(causal), dropout_p=float(dropout_p), scale=scale)
 
 
+def lsh_attention(qk: Tensor, v: Tensor, rotations: Tensor, bucket_size: int, *, causal: bool = False,
+                  key_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+                  return_buckets: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Reformer shared-QK LSH attention, as reformer-pytorch's ``LSHAttention``
+    computes it given the same ``rotations`` (D, n_hashes, n_buckets/2) or
+    (H, D, n_hashes, n_buckets/2).
+
+    Per hashing round, bucket = argmax([x R, -x R]); positions are sorted by
+    (round, bucket, position) and cut into chunks of ``bucket_size`` that
+    attend to themselves and the chunk before them (circularly, across
+    rounds). Keys are the L2-normalised qk, logits are scaled by D^-1/2, a
+    query attends to itself only when nothing else is allowed (logit -5e4),
+    ``causal`` compares original positions, and the rounds are combined by
+    their log-sum-exp. Any N works (padded internally). ``return_buckets``
+    also returns the buckets (B, H, n_hashes, N), int64 in [0, n_buckets).
+    """
+    out, buckets = torch.ops.attnzoo.lsh_attention(qk, v, rotations, int(bucket_size), causal=bool(causal),
+                                                   key_mask=key_mask, dropout_p=float(dropout_p))
+    return (out, buckets) if return_buckets else out
+
+
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, block_size: int, *,
                            causal: bool = False, mask: Optional[Tensor] = None, dropout_p: float = 0.0,
                            scale: Optional[float] = None) -> Tensor:
@@ -211,6 +233,30 @@ def _attention_backward_fake(grad_out, q, k, v, out, lse, *, bias=None, rel_bias
             torch.empty_like(v, memory_format=torch.contiguous_format),
             _grad_like(bias, bias_requires_grad, q), _grad_like(rel_bias, rel_bias_requires_grad, q),
             _grad_like(shaw_k, shaw_k_requires_grad, q), _grad_like(shaw_v, shaw_v_requires_grad, q))
+
+
+def _lsh_shapes(qk, v, rotations):
+    B, H, N, _ = qk.shape
+    out = qk.new_empty((B, H, N, v.shape[-1]))
+    buckets = qk.new_empty((B, H, rotations.shape[-2], N), dtype=torch.int64)
+    return out, buckets
+
+
+@torch.library.register_fake("attnzoo::lsh_attention")
+def _lsh_attention_fake(qk, v, rotations, bucket_size, **_):
+    return _lsh_shapes(qk, v, rotations)
+
+
+@torch.library.register_fake("attnzoo::_lsh_forward")
+def _lsh_forward_fake(qk, v, rotations, bucket_size, **_):
+    out, buckets = _lsh_shapes(qk, v, rotations)
+    return out, qk.new_empty(qk.shape[:3], dtype=_lse_dtype(qk)), buckets
+
+
+@torch.library.register_fake("attnzoo::_lsh_backward")
+def _lsh_backward_fake(grad_out, qk, v, rotations, out, lse, bucket_size, **_):
+    return (torch.empty_like(qk, memory_format=torch.contiguous_format),
+            torch.empty_like(v, memory_format=torch.contiguous_format))
 
 
 @torch.library.register_fake("attnzoo::attention_weights")

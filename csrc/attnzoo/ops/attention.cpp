@@ -25,9 +25,11 @@ using cpu::DenseArgs;
 using cpu::EngineTable;
 using detail::OptTensor;
 
+}  // namespace
+
 // The engine build for this CPU: the same choice ATen makes for its own
 // kernels, so ATEN_CPU_CAPABILITY=default|avx2|avx512 steers both.
-const EngineTable& engine() {
+const EngineTable& detail::engine() {
   static const EngineTable* table = [] {
     const std::string cap = at::get_cpu_capability();
 #if defined(ATTNZOO_HAVE_ISA_AVX512)
@@ -40,6 +42,9 @@ const EngineTable& engine() {
   }();
   return *table;
 }
+
+namespace {
+using detail::engine;
 
 std::string shape_str(at::IntArrayRef s) {
   std::ostringstream os;

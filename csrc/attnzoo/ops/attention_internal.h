@@ -6,6 +6,8 @@
 #include <optional>
 #include <vector>
 
+#include "attnzoo/ops/cpu/engine_api.h"
+
 namespace attnzoo::ops::detail {
 
 // Signatures of the internal ops (see the schemas in registration.cpp). The
@@ -52,5 +54,16 @@ at::Tensor t5_relative_bias(const char* op, const at::Tensor& table, int64_t hea
 
 // A fresh dropout seed, drawn by an ATen op from the default generator.
 at::Tensor fresh_seed();
+
+// The engine build chosen for this CPU.
+const cpu::EngineTable& engine();
+
+// LSH internal op signatures (see registration.cpp).
+using LshForwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool, const OptTensor&, double,
+    const OptTensor&);
+using LshBackwardSig = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, int64_t, bool, const OptTensor&, double, const OptTensor&);
 
 }  // namespace attnzoo::ops::detail

@@ -5,6 +5,7 @@
 #include <c10/util/string_view.h>
 
 #include <optional>
+#include <tuple>
 
 namespace attnzoo::ops {
 
@@ -43,6 +44,20 @@ at::Tensor shaw_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
                           int64_t max_distance, const std::optional<at::Tensor>& mask = std::nullopt,
                           bool causal = false, double dropout_p = 0.0,
                           std::optional<double> scale = std::nullopt);
+
+// Reformer shared-QK LSH attention, as reformer-pytorch's LSHAttention given
+// the same rotations (D, n_hashes, n_buckets/2) or (H, D, n_hashes,
+// n_buckets/2): buckets = argmax([xR, -xR]) per round, sort by (round, bucket,
+// position), chunks of bucket_size attend to themselves and the chunk before
+// (circularly), keys L2-normalised, logits scaled by D^-1/2, self allowed
+// only as a last resort (logit -5e4), causal by original positions, rounds
+// combined by their log-sum-exp. Any N (padded internally). Returns
+// (out (B,H,N,Dv), buckets (B,H,n_hashes,N) int64).
+std::tuple<at::Tensor, at::Tensor> lsh_attention(const at::Tensor& qk, const at::Tensor& v,
+                                                 const at::Tensor& rotations, int64_t bucket_size,
+                                                 bool causal = false,
+                                                 const std::optional<at::Tensor>& key_mask = std::nullopt,
+                                                 double dropout_p = 0.0);
 
 // Kernelised linear attention, phi(q) (sum_j phi(k_j) v_j^T) / (phi(q) . sum_j
 // phi(k_j)), feature map "elu+1" or "relu"; causal by chunked prefix sums.

@@ -42,6 +42,14 @@ TORCH_LIBRARY(attnzoo, m) {
         "bool causal=False, Tensor? mask=None, float dropout_p=0.0, float? scale=None) -> Tensor");
   m.def("shaw_attention(Tensor q, Tensor k, Tensor v, Tensor rel_k, Tensor? rel_v, int max_distance, "
         "*, Tensor? mask=None, bool causal=False, float dropout_p=0.0, float? scale=None) -> Tensor");
+  m.def("lsh_attention(Tensor qk, Tensor v, Tensor rotations, int bucket_size, *, bool causal=False, "
+        "Tensor? key_mask=None, float dropout_p=0.0) -> (Tensor out, Tensor buckets)");
+  m.def("_lsh_forward(Tensor qk, Tensor v, Tensor rotations, int bucket_size, *, bool causal=False, "
+        "Tensor? key_mask=None, float dropout_p=0.0, Tensor? seed=None) "
+        "-> (Tensor out, Tensor lse, Tensor buckets)");
+  m.def("_lsh_backward(Tensor grad_out, Tensor qk, Tensor v, Tensor rotations, Tensor out, Tensor lse, "
+        "int bucket_size, *, bool causal=False, Tensor? key_mask=None, float dropout_p=0.0, "
+        "Tensor? seed=None) -> (Tensor grad_qk, Tensor grad_v)");
   m.def("layout_local(int num_q_blocks, int num_k_blocks, int window, bool causal=False) -> Tensor");
   m.def("layout_bigbird(int num_q_blocks, int num_k_blocks, int window=1, int num_global=1, "
         "int num_random=2, int num_heads=1, int seed=0, bool causal=False) -> Tensor");

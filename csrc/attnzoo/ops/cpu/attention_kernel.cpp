@@ -2,6 +2,7 @@
 // ATTNZOO_ENGINE_ISA name the build, and engine_<ISA>() hands out its entry
 // points. Keep this file free of Tensor headers: only plain data crosses.
 #include "attnzoo/ops/cpu/engine.h"
+#include "attnzoo/ops/cpu/lsh_kernel.h"
 
 namespace attnzoo::cpu {
 inline namespace CPU_CAPABILITY {
@@ -36,6 +37,8 @@ const EngineTable kTable = {
     {passes<float, DensePolicy>(), passes<double, DensePolicy>()},
     {passes<float, BlockSparsePolicy>(), passes<double, BlockSparsePolicy>()},
     {passes<float, ShawPolicy>(), passes<double, ShawPolicy>()},
+    {{&lsh_forward_range<float>, &lsh_backward_range<float>},
+     {&lsh_forward_range<double>, &lsh_backward_range<double>}},
 };
 
 }  // namespace

@@ -170,10 +170,11 @@ struct Dropout {
   double keep_scale = 1.0;
   int64_t H = 0, Nq = 0, Nk = 0;
 
-  explicit Dropout(const DenseArgs& a)
-      : active(a.dropout_p > 0), seed(a.seed), H(a.H), Nq(a.Nq), Nk(a.Nk) {
-    threshold = static_cast<uint64_t>(a.dropout_p * double(1u << 24));
-    keep_scale = a.dropout_p < 1 ? 1.0 / (1.0 - a.dropout_p) : 0.0;
+  Dropout(double p, uint64_t seed_)
+      : active(p > 0), seed(seed_), threshold(static_cast<uint64_t>(p * double(1u << 24))),
+        keep_scale(p < 1 ? 1.0 / (1.0 - p) : 0.0) {}
+  explicit Dropout(const DenseArgs& a) : Dropout(a.dropout_p, a.seed) {
+    H = a.H, Nq = a.Nq, Nk = a.Nk;
   }
   // row[c] *= keep(b, h, i, j0 + c) / (1 - p)
   template <typename T>

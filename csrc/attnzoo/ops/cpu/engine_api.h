@@ -98,7 +98,33 @@ struct DenseArgs {
 constexpr int64_t kBwdBlockQ = 256;
 constexpr int64_t kBwdBlockK = 256;
 
+// Reformer LSH attention (lsh_kernel.h): shared qk (B,H,Npad,D), v
+// (B,H,Npad,Dv), Npad a multiple of bucket_size; rotations (Hr, D, R,
+// n_buckets/2) with Hr = 1 (rot_sh = 0) or H.
+struct LshArgs {
+  int64_t B = 0, H = 0, Npad = 0, D = 0, Dv = 0, R = 0, n_buckets = 0, bucket_size = 0;
+  const void* qk = nullptr;
+  const void* v = nullptr;
+  const void* rotations = nullptr;
+  int64_t rot_sh = 0;
+  const uint8_t* key_mask = nullptr;  // (B, Npad): false for masked and padding keys
+  bool causal = false;
+  double dropout_p = 0.0;
+  uint64_t seed = 0;
+  void* buckets = nullptr;  // int64 (B, H, R, Npad), optional
+  void* out = nullptr;      // (B, H, Npad, Dv)
+  void* lse = nullptr;      // (B, H, Npad): rounds combined
+  const void* grad_out = nullptr;
+  void* grad_qk = nullptr;  // zero-initialised
+  void* grad_v = nullptr;   // zero-initialised
+};
+
 using RangeFn = void (*)(const DenseArgs&, int64_t begin, int64_t end);
+// Work items are (b, h).
+using LshRangeFn = void (*)(const LshArgs&, int64_t begin, int64_t end);
+struct LshTable {
+  LshRangeFn forward, backward;
+};
 
 // The three passes of one policy and compute type. Work ranges index
 //   forward / probs:  (b, h, query block)   B*H*ceil(Nq/block) items
@@ -114,6 +140,7 @@ struct EngineTable {
   PassTable dense[2];
   PassTable block_sparse[2];
   PassTable shaw[2];
+  LshTable lsh[2];
 };
 
 const EngineTable& engine_DEFAULT();
