@@ -1,0 +1,96 @@
+// The C++ entry points of the attention kinds beyond dense attention, each
+// against a float64 reference written here.
+#include <ATen/ATen.h>
+#include <catch2/catch.hpp>
+#include <torch/csrc/autograd/autograd.h>
+
+#include "attnzoo/attnzoo.h"
+
+namespace {
+
+double max_err(const at::Tensor& a, const at::Tensor& b) {
+  return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
+}
+
+// softmax(q k^T / sqrt(D) with disallowed entries removed) v
+at::Tensor masked_reference(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& allowed) {
+  auto s = at::matmul(q, k.transpose(-1, -2)) / std::sqrt(double(q.size(-1)));
+  s = s.masked_fill(allowed.logical_not(), -std::numeric_limits<double>::infinity());
+  return at::matmul(at::softmax(s, -1).nan_to_num(0.0), v);
+}
+
+}  // namespace
+
+TEST_CASE("block_sparse_attention equals attention under the expanded mask", "[variants]") {
+  at::manual_seed(1);
+  const int64_t N = 200, bs = 32, nb = (N + bs - 1) / bs;
+  auto q = at::randn({1, 2, N, 16}, at::kDouble), k = at::randn({1, 2, N, 16}, at::kDouble),
+       v = at::randn({1, 2, N, 16}, at::kDouble);
+  auto layout = attnzoo::layouts::bigbird(nb, nb, 1, 1, 1, 2, 5);
+  auto out = attnzoo::ops::block_sparse_attention(q, k, v, layout, bs, true);
+  auto tokens = layout.repeat_interleave(bs, 1).repeat_interleave(bs, 2).narrow(1, 0, N).narrow(2, 0, N);
+  auto allowed = tokens.unsqueeze(0) & at::ones({N, N}, at::kBool).tril();
+  REQUIRE(max_err(out, masked_reference(q, k, v, allowed)) < 1e-12);
+}
+
+TEST_CASE("shaw_attention adds relative keys and values", "[variants]") {
+  at::manual_seed(2);
+  const int64_t N = 50, K = 4, D = 8;
+  auto q = at::randn({1, 1, N, D}, at::kDouble), k = at::randn({1, 1, N, D}, at::kDouble),
+       v = at::randn({1, 1, N, D}, at::kDouble);
+  auto rel_k = at::randn({2 * K + 1, D}, at::kDouble), rel_v = at::randn({2 * K + 1, D}, at::kDouble);
+  auto out = attnzoo::ops::shaw_attention(q, k, v, rel_k, rel_v, K);
+  auto pos = at::arange(N, at::kLong);
+  auto r = (pos.unsqueeze(0) - pos.unsqueeze(1)).clamp(-K, K) + K;  // (N, N)
+  auto rk = rel_k.index({r});                                        // (N, N, D)
+  auto s = (at::matmul(q[0][0], k[0][0].t()) + (q[0][0].unsqueeze(1) * rk).sum(-1)) / std::sqrt(double(D));
+  auto p = at::softmax(s, -1);
+  auto ref = at::matmul(p, v[0][0]) + (p.unsqueeze(-1) * rel_v.index({r})).sum(1);
+  REQUIRE(max_err(out[0][0], ref) < 1e-12);
+}
+
+TEST_CASE("rotary, linformer and linear attention from C++", "[variants]") {
+  at::manual_seed(3);
+  auto x = at::randn({1, 2, 10, 8}, at::kDouble);
+  // rotary keeps norms of each rotated pair and is the identity at position 0
+  auto rx = attnzoo::ops::rotary(x);
+  REQUIRE(max_err(rx.select(2, 0), x.select(2, 0)) < 1e-12);
+  REQUIRE(max_err(rx.norm(2, -1), x.norm(2, -1)) < 1e-12);
+
+  auto q = at::randn({2, 2, 30, 8}, at::kDouble), k = at::randn({2, 2, 30, 8}, at::kDouble),
+       v = at::randn({2, 2, 30, 8}, at::kDouble);
+  auto E = at::randn({6, 40}, at::kDouble) / 5;
+  auto lin = attnzoo::ops::linformer_attention(q, k, v, E);
+  auto Ek = E.narrow(1, 0, 30);
+  REQUIRE(max_err(lin, masked_reference(q, at::matmul(Ek, k), at::matmul(Ek, v),
+                                        at::ones({30, 6}, at::kBool))) < 1e-12);
+  REQUIRE_THROWS_WITH(attnzoo::ops::linformer_attention(q, k, v, E, std::nullopt, std::nullopt, 0.0,
+                                                        std::nullopt, true),
+                      Catch::Matchers::Contains("causal=True is not supported"));
+
+  auto la = attnzoo::ops::linear_attention(q, k, v, "elu+1", true);
+  auto fq = at::elu(q) + 1, fk = at::elu(k) + 1;
+  auto a = at::matmul(fq, fk.transpose(-1, -2)).tril();
+  REQUIRE(max_err(la, at::matmul(a, v) / (a.sum(-1, true) + 1e-6)) < 1e-10);
+}
+
+TEST_CASE("lsh_attention returns buckets and trains from C++", "[variants]") {
+  at::manual_seed(4);
+  auto qk = at::randn({1, 2, 64, 8}, at::kDouble).requires_grad_();
+  auto v = at::randn({1, 2, 64, 8}, at::kDouble).requires_grad_();
+  auto rot = at::randn({8, 2, 4}, at::kDouble);
+  auto [out, buckets] = attnzoo::ops::lsh_attention(qk, v, rot, 16, true);
+  REQUIRE(out.sizes() == at::IntArrayRef({1, 2, 64, 8}));
+  REQUIRE(buckets.sizes() == at::IntArrayRef({1, 2, 2, 64}));
+  REQUIRE(buckets.min().item<int64_t>() >= 0);
+  REQUIRE(buckets.max().item<int64_t>() < 8);
+  // the buckets are argmax([x R, -x R]) of each round
+  auto xr = at::einsum("bhnd,dri->bhrni", {qk.detach(), rot});
+  REQUIRE(at::equal(buckets, at::cat({xr, -xr}, -1).argmax(-1)));
+  // causal: the first position sees only itself
+  REQUIRE(max_err(out.select(2, 0), v.select(2, 0)) < 1e-12);
+  auto grads = torch::autograd::grad({out.sum()}, {qk, v});
+  REQUIRE(at::isfinite(grads[0]).all().item<bool>());
+  REQUIRE(grads[1].abs().sum().item<double>() > 0);
+}
