@@ -5,6 +5,8 @@
 #include <catch2/catch.hpp>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <thread>
+
 #include "attnzoo/attnzoo.h"
 
 using attnzoo::ops::AttentionOptions;
@@ -137,4 +139,27 @@ TEST_CASE("T5 bias in the kernel equals the explicit bias", "[attention][t5]") {
   auto got = torch::autograd::grad({out}, {table}, {grad});
   auto want = torch::autograd::grad({ref}, {table}, {grad});
   REQUIRE(max_err(got[0], want[0]) < 1e-10);
+}
+
+TEST_CASE("the ops are safe to call from several threads at once", "[attention][threads]") {
+  at::manual_seed(9);
+  const int kThreads = 4;
+  std::vector<at::Tensor> qs, ks, vs, serial(kThreads), parallel(kThreads);
+  for (int t = 0; t < kThreads; ++t) {
+    qs.push_back(at::randn({1, 4, 300 + 50 * t, 32}));
+    ks.push_back(at::randn({1, 2, 400, 32}));
+    vs.push_back(at::randn({1, 2, 400, 32}));
+  }
+  auto run = [&](int t) {
+    auto opts = AttentionOptions().causal(t % 2 == 0).alibi_slopes(attnzoo::ops::alibi_slopes(4));
+    return attnzoo::ops::attention(qs[t], ks[t], vs[t], opts);
+  };
+  for (int t = 0; t < kThreads; ++t) serial[t] = run(t);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t)
+    threads.emplace_back([&, t] {
+      for (int rep = 0; rep < 3; ++rep) parallel[t] = run(t);
+    });
+  for (auto& th : threads) th.join();
+  for (int t = 0; t < kThreads; ++t) REQUIRE(at::equal(serial[t], parallel[t]));
 }

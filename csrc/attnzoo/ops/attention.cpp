@@ -439,15 +439,6 @@ at::Tensor attention_weights_impl(const at::Tensor& q, const at::Tensor& k, cons
   return probs.to(q.scalar_type());
 }
 
-// T5 arguments of the public ops -> the relative bias vector (or none).
-OptTensor t5_bias_or_none(const char* op, const at::Tensor& q, const at::Tensor& k,
-                          const OptTensor& t5_table, bool bidirectional, int64_t max_distance) {
-  if (!given(t5_table)) return std::nullopt;
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, op, ": q and k must have shape (B, H, N, D)");
-  return detail::t5_relative_bias(op, *t5_table, q.size(1), q.size(2), k.size(2), bidirectional,
-                                  max_distance);
-}
-
 // `attention` below autograd (inference mode, or no input needs a gradient):
 // draw the dropout seed and run the forward.
 std::tuple<at::Tensor, at::Tensor> attention_cpu(
@@ -457,7 +448,8 @@ std::tuple<at::Tensor, at::Tensor> attention_cpu(
     int64_t t5_max_distance, const OptTensor& layout, int64_t block_size, const OptTensor& shaw_k,
     const OptTensor& shaw_v, int64_t shaw_max_distance) {
   const OptTensor seed = dropout_p > 0 ? OptTensor(detail::fresh_seed()) : std::nullopt;
-  const OptTensor rel = t5_bias_or_none("attention", q, k, t5_table, t5_bidirectional, t5_max_distance);
+  const OptTensor rel =
+      detail::t5_bias_or_none("attention", q, k, t5_table, t5_bidirectional, t5_max_distance);
   return attention_forward_cpu(q, k, v, mask, bias, rel, causal, window, alibi, dropout_p, scale,
                                seed, layout, block_size, shaw_k, shaw_v, shaw_max_distance);
 }
@@ -472,7 +464,7 @@ at::Tensor attention_weights_cpu(const at::Tensor& q, const at::Tensor& k, const
                                  const OptTensor& shaw_v, int64_t shaw_max_distance) {
   const OptTensor seed = dropout_p > 0 ? OptTensor(detail::fresh_seed()) : std::nullopt;
   const OptTensor rel =
-      t5_bias_or_none("attention_weights", q, k, t5_table, t5_bidirectional, t5_max_distance);
+      detail::t5_bias_or_none("attention_weights", q, k, t5_table, t5_bidirectional, t5_max_distance);
   return attention_weights_impl(q, k, v,
                                 {mask, bias, rel, causal, window, alibi, dropout_p, scale, seed,
                                  layout, block_size, shaw_k, shaw_v, shaw_max_distance});
@@ -524,6 +516,13 @@ at::Tensor t5_relative_bias(const char* op, const at::Tensor& table, int64_t hea
   const at::Tensor d = at::arange(1 - Nk, Nq, at::TensorOptions().dtype(at::kLong));
   const at::Tensor buckets = t5_relative_bucket(d, bidirectional, table.size(0), max_distance);
   return table.index_select(0, buckets).t();
+}
+
+OptTensor t5_bias_or_none(const char* op, const at::Tensor& q, const at::Tensor& k,
+                          const OptTensor& t5_table, bool bidirectional, int64_t max_distance) {
+  if (!given(t5_table)) return std::nullopt;
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, op, ": q and k must have shape (B, H, N, D)");
+  return t5_relative_bias(op, *t5_table, q.size(1), q.size(2), k.size(2), bidirectional, max_distance);
 }
 
 at::Tensor fresh_seed() {

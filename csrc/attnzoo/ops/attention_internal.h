@@ -52,6 +52,10 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
 at::Tensor t5_relative_bias(const char* op, const at::Tensor& table, int64_t heads, int64_t Nq,
                             int64_t Nk, bool bidirectional, int64_t max_distance);
 
+// The T5 arguments of the public ops -> that bias vector, or none.
+OptTensor t5_bias_or_none(const char* op, const at::Tensor& q, const at::Tensor& k,
+                          const OptTensor& t5_table, bool bidirectional, int64_t max_distance);
+
 // A fresh dropout seed, drawn by an ATen op from the default generator.
 at::Tensor fresh_seed();
 

@@ -112,12 +112,8 @@ std::tuple<at::Tensor, at::Tensor> attention_autograd(
     const OptTensor& shaw_v, int64_t shaw_max_distance) {
   std::optional<std::vector<int64_t>> w;
   if (window.has_value()) w = window->vec();
-  OptTensor rel;
-  if (t5_table.has_value() && t5_table->defined()) {
-    TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "attention: q and k must have shape (B, H, N, D)");
-    rel = detail::t5_relative_bias("attention", *t5_table, q.size(1), q.size(2), k.size(2),
-                                   t5_bidirectional, t5_max_distance);
-  }
+  const OptTensor rel =
+      detail::t5_bias_or_none("attention", q, k, t5_table, t5_bidirectional, t5_max_distance);
   auto r = AttentionFunction::apply(q, k, v, defined_or_none(mask), defined_or_none(bias), rel,
                                     causal, w, defined_or_none(alibi), dropout_p, scale,
                                     defined_or_none(layout), block_size, defined_or_none(shaw_k),
