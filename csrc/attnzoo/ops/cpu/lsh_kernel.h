@@ -29,6 +29,9 @@ struct LshHead {
   std::vector<int64_t> perm;  // (R, Np): sorted order of positions per round
   std::vector<T> khat;        // (Np, D): L2-normalised keys
   std::vector<T> norm;        // (Np): max(||x||, eps)
+  // Scratch of scores(): per key column its lowest allowed query position;
+  // per position its column in the previous chunk, or -1.
+  mutable std::vector<int64_t> limit, slot;
 
   LshHead(const LshArgs& args, int64_t b_, int64_t h_)
       : a(args), b(b_), h(h_), Np(args.Npad), D(args.D), Dv(args.Dv), R(args.R),
@@ -43,23 +46,21 @@ struct LshHead {
   // Buckets of every round and the sorted orders; optionally reports buckets.
   void hash_and_sort(int64_t* buckets_out) {
     const int64_t nb = 2 * half, PB = 256;
-    std::vector<T> tile(PB * half);
+    std::vector<T> tile(half * PB), best(PB), worst(PB), at_best(PB), at_worst(PB);
     std::vector<int64_t> bucket(R * Np), count(nb + 1);
     for (int64_t r = 0; r < R; ++r) {
       for (int64_t t0 = 0; t0 < Np; t0 += PB) {
         const int64_t pb = std::min(PB, Np - t0);
-        // tile (pb x half) = x R_r, with R_r = rot[:, r, :] (row stride R*half)
-        gemm_rowmajor<T>(false, false, pb, half, D, T(1), qk + t0 * D, D, rot + r * half, R * half, T(0),
-                         tile.data(), half);
+        // tile (half x pb) = (x R_r)^T, R_r = rot[:, r, :] with row stride R*half:
+        // bucket j of all positions is one contiguous row, so the argmax over
+        // buckets runs across positions in vector lanes.
+        gemm_rowmajor<T>(true, true, half, pb, D, T(1), rot + r * half, R * half, qk + t0 * D, D, T(0),
+                         tile.data(), pb);
+        argmax_columns(tile.data(), half, pb, best.data(), worst.data(), at_best.data(), at_worst.data());
         for (int64_t i = 0; i < pb; ++i) {
-          const T* row = tile.data() + i * half;
-          int64_t imax = 0, imin = 0;
-          for (int64_t j = 1; j < half; ++j) {
-            if (row[j] > row[imax]) imax = j;
-            if (row[j] < row[imin]) imin = j;
-          }
-          // argmax over [xR, -xR], first index on ties (as torch.argmax)
-          bucket[r * Np + t0 + i] = row[imax] >= -row[imin] ? imax : half + imin;
+          // argmax over [xR, -xR]; ties go to the first index, as torch.argmax
+          bucket[r * Np + t0 + i] =
+              best[i] >= -worst[i] ? int64_t(at_best[i]) : half + int64_t(at_worst[i]);
         }
       }
       // counting sort by bucket, stable in position
@@ -70,6 +71,34 @@ struct LshHead {
       for (int64_t t = 0; t < Np; ++t) order[count[bucket[r * Np + t]]++] = t;
     }
     if (buckets_out) std::copy(bucket.begin(), bucket.end(), buckets_out + (b * a.H + h) * R * Np);
+  }
+
+  // Per column c of x (rows x cols, row-major): the largest and smallest
+  // value and the first row holding each (as T; rows < 2^24).
+  static void argmax_columns(const T* x, int64_t rows, int64_t cols, T* best, T* worst, T* at_best,
+                             T* at_worst) {
+    using V = Vec<T>;
+    std::copy(x, x + cols, best);
+    std::copy(x, x + cols, worst);
+    std::fill(at_best, at_best + cols, T(0));
+    std::fill(at_worst, at_worst + cols, T(0));
+    for (int64_t j = 1; j < rows; ++j) {
+      const T* row = x + j * cols;
+      const V vj(static_cast<T>(j));
+      int64_t c = 0;
+      for (; c + V::size() <= cols; c += V::size()) {
+        const V val = V::loadu(row + c), hi = V::loadu(best + c), lo = V::loadu(worst + c);
+        const V up = val > hi, down = val < lo;  // strict: the first index wins ties
+        V::blendv(hi, val, up).store(best + c);
+        V::blendv(V::loadu(at_best + c), vj, up).store(at_best + c);
+        V::blendv(lo, val, down).store(worst + c);
+        V::blendv(V::loadu(at_worst + c), vj, down).store(at_worst + c);
+      }
+      for (; c < cols; ++c) {
+        if (row[c] > best[c]) best[c] = row[c], at_best[c] = T(j);
+        if (row[c] < worst[c]) worst[c] = row[c], at_worst[c] = T(j);
+      }
+    }
   }
 
   void normalise_keys() {
@@ -86,6 +115,8 @@ struct LshHead {
 
   void prepare(int64_t* buckets_out) {
     perm.resize(R * Np);
+    limit.resize(2 * bs);
+    slot.assign(Np, -1);
     hash_and_sort(buckets_out);
     normalise_keys();
   }
@@ -111,14 +142,24 @@ struct LshHead {
     for (int64_t i = 0; i < bs; ++i) std::copy(qk + qpos[i] * D, qk + (qpos[i] + 1) * D, qt + i * D);
     for (int64_t j = 0; j < nk; ++j) std::copy(khat.data() + kpos[j] * D, khat.data() + (kpos[j] + 1) * D, kt + j * D);
     gemm_rowmajor<T>(false, true, bs, nk, D, T(1) / std::sqrt(T(D)), qt, D, kt, D, T(0), s, nk);
+    // Key validity once per chunk; then per row a branch-free causal test.
     const uint8_t* km = a.key_mask + b * Np;
+    // lim[j]: key j is allowed for queries at positions >= lim[j] (masked: never)
+    int64_t* lim = limit.data();
+    for (int64_t j = 0; j < nk; ++j) lim[j] = km[kpos[j]] ? kpos[j] : std::numeric_limits<int64_t>::max();
+    for (int64_t j = bs; j < nk; ++j) slot[kpos[j]] = j;
+    const T ninf = neg_inf<T>();
     for (int64_t i = 0; i < bs; ++i) {
       T* row = s + i * nk;
-      for (int64_t j = 0; j < nk; ++j) {
-        if (!km[kpos[j]] || (a.causal && kpos[j] > qpos[i])) row[j] = neg_inf<T>();
-        if (kpos[j] == qpos[i]) row[j] = T(kLshSelfLogit);
-      }
+      // masked keys always; with causal also keys after the query
+      const int64_t qi = a.causal ? qpos[i] : std::numeric_limits<int64_t>::max() - 1;
+      for (int64_t j = 0; j < nk; ++j) row[j] = lim[j] <= qi ? row[j] : ninf;
+      // the query itself: at column i of its own chunk, and wherever the
+      // chunk before holds the same position (another round's chunk may)
+      row[i] = T(kLshSelfLogit);
+      if (slot[qpos[i]] >= 0) row[slot[qpos[i]]] = T(kLshSelfLogit);
     }
+    for (int64_t j = bs; j < nk; ++j) slot[kpos[j]] = -1;
   }
 
   // p (in place of s) = softmax rows; lse per row.
