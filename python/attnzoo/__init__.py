@@ -8,12 +8,12 @@ import torch  # noqa: F401  (the extension links against the loaded torch)
 from . import _C  # noqa: F401  registers torch.ops.attnzoo.*
 from . import layouts, ops
 from .ops import (alibi_slopes, attention, attention_weights, block_sparse_attention, linear_attention,
-                  linformer_attention, lsh_attention, rotary, shaw_attention, t5_relative_bucket)
+                  linformer_attention, longformer_attention, lsh_attention, rotary, shaw_attention, t5_relative_bucket)
 
 __version__ = "0.1.0"
 __all__ = ["ops", "attention", "attention_weights", "alibi_slopes", "t5_relative_bucket", "rotary",
            "linformer_attention", "linear_attention", "block_sparse_attention", "shaw_attention",
-           "lsh_attention",
+           "lsh_attention", "longformer_attention",
            "layouts", "engine_isa", "__version__"]
 
 

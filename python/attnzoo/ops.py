@@ -13,7 +13,7 @@ from . import _C  # noqa: F401  registers the ops
 
 __all__ = ["attention", "attention_weights", "alibi_slopes", "t5_relative_bucket", "rotary",
            "linformer_attention", "linear_attention", "block_sparse_attention", "shaw_attention",
-           "lsh_attention"]
+           "lsh_attention", "longformer_attention"]
 
 
 def _window(window: Optional[Sequence[int]]):
@@ -163,6 +163,20 @@ def lsh_attention(qk: Tensor, v: Tensor, rotations: Tensor, bucket_size: int, *,
     out, buckets = torch.ops.attnzoo.lsh_attention(qk, v, rotations, int(bucket_size), causal=bool(causal),
                                                    key_mask=key_mask, dropout_p=float(dropout_p))
     return (out, buckets) if return_buckets else out
+
+
+def longformer_attention(q: Tensor, k: Tensor, v: Tensor, window: int, global_tokens, *,
+                         key_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
+                         scale: Optional[float] = None) -> Tensor:
+    """Longformer self-attention, exact at token level: query i sees the keys
+    j with |i - j| <= ``window`` and every global token, and a global token's
+    query sees every key. ``global_tokens``: positions (list or 1-D integer
+    tensor). Runs as fused window attention plus fused attention to the global
+    keys, merged by their log-sum-exps; cost O(N * (window + globals))."""
+    if not isinstance(global_tokens, Tensor):
+        global_tokens = torch.tensor(list(global_tokens), dtype=torch.int64)
+    return torch.ops.attnzoo.longformer_attention(q, k, v, int(window), global_tokens, key_mask=key_mask,
+                                                  dropout_p=float(dropout_p), scale=scale)
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, block_size: int, *,

@@ -129,3 +129,56 @@ def test_layout_bad_input(call, fragment):
     with pytest.raises(RuntimeError) as info:
         call()
     assert fragment in str(info.value)
+
+
+# ---------------------------------------------------------------------------
+# Token-exact Longformer (window + global tokens), built on the lse merge.
+
+def longformer_mask(N, window, global_tokens):
+    i = torch.arange(N)
+    allowed = (i[:, None] - i[None, :]).abs() <= window
+    g = torch.zeros(N, dtype=torch.bool)
+    g[list(global_tokens)] = True
+    return allowed | g[None, :] | g[:, None]
+
+
+@pytest.mark.parametrize("N,window,global_tokens", [(300, 16, [0, 5, 299]), (97, 0, [50]), (64, 3, []),
+                                                    (513, 40, list(range(0, 513, 100)))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_longformer_is_exact(N, window, global_tokens, dtype):
+    q, k, v = make_qkv(2, 4, 2, N, N, 16, 8, dtype=dtype, requires_grad=True, seed=N)
+    key_mask = torch.rand(2, N, generator=torch.Generator().manual_seed(N)) > 0.1
+    out = ops.longformer_attention(q, k, v, window, global_tokens, key_mask=key_mask)
+    mask = longformer_mask(N, window, global_tokens)[None, None] & key_mask[:, None, None, :]
+    ref = reference(q, k, v, mask=mask)[0]
+    tol = 2e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=0)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-4 if dtype == torch.float32 else 1e-10,
+                                   rtol=1e-4 if dtype == torch.float32 else 0)
+
+
+def test_longformer_gradcheck_and_errors():
+    q, k, v = make_qkv(1, 2, 2, 12, 12, 4, 3, dtype=torch.float64, requires_grad=True, seed=3)
+    assert torch.autograd.gradcheck(lambda q, k, v: ops.longformer_attention(q, k, v, 2, [0, 7]), (q, k, v),
+                                    eps=1e-6, atol=1e-7)
+    with pytest.raises(RuntimeError, match="global_tokens must lie in"):
+        ops.longformer_attention(q, k, v, 2, [12])
+    with pytest.raises(RuntimeError, match="must not repeat"):
+        ops.longformer_attention(q, k, v, 2, [1, 1])
+    with pytest.raises(RuntimeError, match="window must be >= 0"):
+        ops.longformer_attention(q, k, v, -1, [1])
+    with pytest.raises(RuntimeError, match="same length"):
+        ops.longformer_attention(q[:, :, :5], k, v, 2, [1])
+
+
+def test_lse_is_differentiable():
+    q, k, v = make_qkv(1, 2, 1, 30, 70, 6, 5, dtype=torch.float64, requires_grad=True, seed=4)
+
+    def f(q, k, v):
+        return ops.attention(q, k, v, causal=True, return_lse=True)
+
+    assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-7)

@@ -346,7 +346,7 @@ attention_backward_cpu(
     double dropout_p, std::optional<double> scale, const OptTensor& seed, const OptTensor& layout,
     int64_t block_size, const OptTensor& shaw_k, const OptTensor& shaw_v, int64_t shaw_max_distance,
     bool bias_requires_grad, bool rel_bias_requires_grad, bool shaw_k_requires_grad,
-    bool shaw_v_requires_grad) {
+    bool shaw_v_requires_grad, const OptTensor& grad_lse) {
   const Prepared p = prepare("attention_backward", q, k, v,
                              {mask, bias, rel_bias, causal, window, alibi, dropout_p, scale, seed,
                               layout, block_size, shaw_k, shaw_v, shaw_max_distance});
@@ -358,7 +358,15 @@ attention_backward_cpu(
   const at::Tensor dout = to_compute(grad_out, p.compute);
   const at::Tensor out_c = to_compute(out, p.compute);
   const at::Tensor lse_c = to_compute(lse, p.compute);
-  const at::Tensor delta = (dout * out_c).sum(-1).contiguous();
+  // The log-sum-exp is an output too: its gradient g adds g_i * p_ij to the
+  // score gradient, which is the same as lowering delta_i by g_i.
+  at::Tensor delta = (dout * out_c).sum(-1);
+  if (given(grad_lse)) {
+    TORCH_CHECK(grad_lse->sizes() == at::IntArrayRef({s.B, s.H, s.Nq}),
+                "attention_backward: grad_lse must have shape (B, H, Nq)");
+    delta = delta - grad_lse->to(p.compute);
+  }
+  delta = delta.contiguous();
 
   const bool want_bias = bias_requires_grad && p.bias.defined();
   const bool want_rel = rel_bias_requires_grad && p.rel_bias.defined();

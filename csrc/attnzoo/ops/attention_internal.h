@@ -26,7 +26,7 @@ using BackwardSig =
         const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
         bool, at::OptionalIntArrayRef, const OptTensor&, double, std::optional<double>,
         const OptTensor&, const OptTensor&, int64_t, const OptTensor&, const OptTensor&, int64_t,
-        bool, bool, bool, bool);
+        bool, bool, bool, bool, const OptTensor&);
 // The public op: q, k, v, mask, bias, causal, window, alibi_slopes,
 // dropout_p, scale, t5_table, t5_bidirectional, t5_max_distance, layout,
 // block_size, shaw_k, shaw_v, shaw_max_distance.

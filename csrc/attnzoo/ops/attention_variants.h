@@ -59,6 +59,14 @@ std::tuple<at::Tensor, at::Tensor> lsh_attention(const at::Tensor& qk, const at:
                                                  const std::optional<at::Tensor>& key_mask = std::nullopt,
                                                  double dropout_p = 0.0);
 
+// Longformer self-attention, exact at token level: query i sees keys j with
+// |i - j| <= window and every global token; global tokens' queries see every
+// key. global_tokens: 1-D positions; key_mask (B, N).
+at::Tensor longformer_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                int64_t window, const at::Tensor& global_tokens,
+                                const std::optional<at::Tensor>& key_mask = std::nullopt,
+                                double dropout_p = 0.0, std::optional<double> scale = std::nullopt);
+
 // Kernelised linear attention, phi(q) (sum_j phi(k_j) v_j^T) / (phi(q) . sum_j
 // phi(k_j)), feature map "elu+1" or "relu"; causal by chunked prefix sums.
 at::Tensor linear_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

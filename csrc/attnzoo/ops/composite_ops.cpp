@@ -131,6 +131,63 @@ at::Tensor linformer_attention(const at::Tensor& q, const at::Tensor& k, const a
 }
 
 // ---------------------------------------------------------------------------
+// Longformer, exact at token level: a query sees the keys within `window` of
+// it and every global token; a global token's query sees every key. Two
+// fused calls over disjoint key sets (the window without the global keys,
+// and the global keys alone) merged by their log-sum-exps, then the global
+// rows recomputed densely. Dropout on the union equals dropout on each part,
+// since the merge only rescales each part's probabilities.
+
+at::Tensor longformer_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                int64_t window, const at::Tensor& global_tokens,
+                                const std::optional<at::Tensor>& key_mask, double dropout_p,
+                                std::optional<double> scale) {
+  const char* op = "longformer_attention";
+  check_bhnd(op, "q", q);
+  check_bhnd(op, "k", k);
+  check_bhnd(op, "v", v);
+  const int64_t B = k.size(0), N = k.size(2);
+  TORCH_CHECK(q.size(2) == N, op, ": q and k must have the same length (self-attention), got ", q.size(2),
+              " and ", N);
+  TORCH_CHECK(window >= 0, op, ": window must be >= 0, got ", window);
+  TORCH_CHECK(global_tokens.dim() == 1 && !at::isFloatingType(global_tokens.scalar_type()) &&
+                  global_tokens.scalar_type() != at::kBool,
+              op, ": global_tokens must be a 1-D integer tensor of positions, got ", shape_of(global_tokens),
+              " ", global_tokens.scalar_type());
+  const at::Tensor g = global_tokens.to(at::kLong);
+  const int64_t G = g.numel();
+  if (G > 0) {
+    TORCH_CHECK(g.min().item<int64_t>() >= 0 && g.max().item<int64_t>() < N, op,
+                ": global_tokens must lie in [0, N = ", N, ")");
+    TORCH_CHECK(std::get<0>(at::_unique(g)).numel() == G, op, ": global_tokens must not repeat a position");
+  }
+  const auto bool_opts = at::TensorOptions().dtype(at::kBool);
+  at::Tensor keep = at::ones({B, 1, 1, N}, bool_opts);
+  if (key_mask.has_value() && key_mask->defined()) keep = key_rows(op, *key_mask, B, N).view({B, 1, 1, N});
+  const at::Tensor not_global = at::ones({N}, bool_opts).index_fill(0, g, false);
+  const auto opts = AttentionOptions().dropout_p(dropout_p).scale(scale);
+  auto [out_w, lse_w] = attention_with_lse(q, k, v,
+                                           AttentionOptions(opts).window(AttentionOptions::Window{window, window})
+                                               .mask(keep & not_global));
+  if (G == 0) return out_w;
+  auto [out_g, lse_g] = attention_with_lse(q, k.index_select(2, g), v.index_select(2, g),
+                                           AttentionOptions(opts).mask(keep.index_select(3, g)));
+  // out = (out_w e^lse_w + out_g e^lse_g) / (e^lse_w + e^lse_g), stably; rows
+  // that see nothing at all stay 0.
+  const at::Tensor m = at::maximum(lse_w, lse_g);
+  const at::Tensor m_safe = at::where(at::isinf(m), at::zeros_like(m), m);
+  const at::Tensor a = at::exp(lse_w - m_safe), b = at::exp(lse_g - m_safe);
+  const at::Tensor den = a + b;
+  const at::Tensor den_safe = at::where(den > 0, den, at::ones_like(den));
+  at::Tensor out = ((out_w.to(a.scalar_type()) * (a / den_safe).unsqueeze(-1)) +
+                    (out_g.to(a.scalar_type()) * (b / den_safe).unsqueeze(-1)))
+                       .to(q.scalar_type());
+  // Global queries attend to every key.
+  const at::Tensor rows = attention(q.index_select(2, g), k, v, AttentionOptions(opts).mask(keep));
+  return out.index_copy(2, g, rows);
+}
+
+// ---------------------------------------------------------------------------
 // Kernelised linear attention (Katharopoulos et al. 2020):
 //   out_i = phi(q_i) sum_j phi(k_j) v_j^T / (phi(q_i) . sum_j phi(k_j)).
 // Causal mode sums over j <= i with prefix sums over chunks: within a chunk
@@ -316,6 +373,7 @@ TORCH_LIBRARY_IMPL(attnzoo, CompositeImplicitAutograd, m) {
     return layouts::longformer(n, w, g.vec(), c);
   });
   m.impl("rotary", &rotary);
+  m.impl("longformer_attention", &longformer_attention);
   m.impl("linformer_attention", &linformer_attention);
   m.impl("linear_attention", &linear_attention);
 }

@@ -28,7 +28,8 @@ TORCH_LIBRARY(attnzoo, m) {
   m.def("_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
         "Tensor lse, *, " ATTNZOO_INTERNAL_SCORE_ARGS
         ", bool bias_requires_grad=False, bool rel_bias_requires_grad=False, "
-        "bool shaw_k_requires_grad=False, bool shaw_v_requires_grad=False) -> (Tensor grad_q, "
+        "bool shaw_k_requires_grad=False, bool shaw_v_requires_grad=False, Tensor? grad_lse=None) "
+        "-> (Tensor grad_q, "
         "Tensor grad_k, Tensor grad_v, Tensor grad_bias, Tensor grad_rel_bias, Tensor grad_shaw_k, "
         "Tensor grad_shaw_v)");
   m.def("alibi_slopes(int num_heads) -> Tensor");
@@ -50,6 +51,8 @@ TORCH_LIBRARY(attnzoo, m) {
   m.def("_lsh_backward(Tensor grad_out, Tensor qk, Tensor v, Tensor rotations, Tensor out, Tensor lse, "
         "int bucket_size, *, bool causal=False, Tensor? key_mask=None, float dropout_p=0.0, "
         "Tensor? seed=None) -> (Tensor grad_qk, Tensor grad_v)");
+  m.def("longformer_attention(Tensor q, Tensor k, Tensor v, int window, Tensor global_tokens, *, "
+        "Tensor? key_mask=None, float dropout_p=0.0, float? scale=None) -> Tensor");
   m.def("layout_local(int num_q_blocks, int num_k_blocks, int window, bool causal=False) -> Tensor");
   m.def("layout_bigbird(int num_q_blocks, int num_k_blocks, int window=1, int num_global=1, "
         "int num_random=2, int num_heads=1, int seed=0, bool causal=False) -> Tensor");

@@ -52,7 +52,6 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     if (scale) ctx->saved_data["scale"] = *scale;
     ctx->saved_data["bias_requires_grad"] = bias.has_value() && bias->requires_grad();
     ctx->saved_data["rel_bias_requires_grad"] = rel_bias.has_value() && rel_bias->requires_grad();
-    ctx->mark_non_differentiable({lse});
     return {out, lse};
   }
 
@@ -61,6 +60,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     const auto saved = ctx->get_saved_variables();
     const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
     const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out);
+    const OptTensor grad_lse = grads[1].defined() ? OptTensor(grads[1]) : std::nullopt;
     std::optional<std::vector<int64_t>> window;
     if (ctx->saved_data.count("window")) window = ctx->saved_data["window"].toIntVector();
     std::optional<double> scale;
@@ -74,7 +74,8 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
         ctx->saved_data["causal"].toBool(), window_ref(window), opt(saved[8]),
         ctx->saved_data["dropout_p"].toDouble(), scale, opt(saved[9]), opt(saved[10]),
         ctx->saved_data["block_size"].toInt(), opt(saved[11]), opt(saved[12]),
-        ctx->saved_data["shaw_max_distance"].toInt(), bias_grad, rel_grad, shaw_k_grad, shaw_v_grad);
+        ctx->saved_data["shaw_max_distance"].toInt(), bias_grad, rel_grad, shaw_k_grad, shaw_v_grad,
+        grad_lse);
     // One entry per forward argument: q, k, v, mask, bias, rel_bias, causal,
     // window, alibi, dropout_p, scale, layout, block_size, shaw_k, shaw_v,
     // shaw_max_distance.
