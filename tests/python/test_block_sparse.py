@@ -7,6 +7,18 @@ from attnzoo import layouts, ops
 from test_attention import make_qkv, reference
 
 
+def assert_matches_reference(out, ref, inputs, dtype):
+    """Output and input gradients against the float64 reference's."""
+    tol = 2e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=0)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(ref, inputs, grad.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-4 if dtype == torch.float32 else 1e-10,
+                                   rtol=1e-4 if dtype == torch.float32 else 0)
+
+
 def token_mask(layout, block_size, Nq, Nk):
     """(Hl, Nq, Nk) bool: the layout expanded to tokens."""
     m = layout.repeat_interleave(block_size, 1).repeat_interleave(block_size, 2)
@@ -44,14 +56,7 @@ def test_block_sparse_matches_masked_dense(case, dtype):
     if mask is not None:
         full_mask = full_mask & mask
     ref = reference(q, k, v, mask=full_mask, causal=causal)[0]
-    tol = 2e-5 if dtype == torch.float32 else 1e-12
-    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=0)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), grad)
-    want = torch.autograd.grad(ref, (q, k, v), grad.double())
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a.double(), b.double(), atol=1e-4 if dtype == torch.float32 else 1e-10,
-                                   rtol=1e-4 if dtype == torch.float32 else 0)
+    assert_matches_reference(out, ref, (q, k, v), dtype)
 
 
 def test_block_sparse_gradcheck():
@@ -151,14 +156,7 @@ def test_longformer_is_exact(N, window, global_tokens, dtype):
     out = ops.longformer_attention(q, k, v, window, global_tokens, key_mask=key_mask)
     mask = longformer_mask(N, window, global_tokens)[None, None] & key_mask[:, None, None, :]
     ref = reference(q, k, v, mask=mask)[0]
-    tol = 2e-5 if dtype == torch.float32 else 1e-12
-    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=0)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), grad)
-    want = torch.autograd.grad(ref, (q, k, v), grad.double())
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a.double(), b.double(), atol=1e-4 if dtype == torch.float32 else 1e-10,
-                                   rtol=1e-4 if dtype == torch.float32 else 0)
+    assert_matches_reference(out, ref, (q, k, v), dtype)
 
 
 def test_longformer_gradcheck_and_errors():
