@@ -302,18 +302,10 @@ const cpu::PassTable& passes(const Prepared& p) {
   return e.dense[dt];
 }
 
-void run_parallel(int64_t items, const DenseArgs& a, cpu::RangeFn fn) {
-  if (items == 0) return;
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    cpu::SingleThreadedBlas single_threaded;
-    fn(a, begin, end);
-  });
-}
+using detail::run_parallel;
 
-int64_t query_blocks(const Prepared& p) {
-  const int64_t bq = p.layout.defined() ? p.block_size : cpu::forward_block_q(p.s.Nq);
-  return p.s.B * p.s.H * ((p.s.Nq + bq - 1) / bq);
-}
+// Forward / probabilities work items: (b, h, query block of a.block_q).
+int64_t query_blocks(const DenseArgs& a) { return a.B * a.H * ((a.Nq + a.block_q - 1) / a.block_q); }
 
 // ---------------------------------------------------------------------------
 // CPU kernels of the internal ops.
@@ -334,7 +326,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(
   DenseArgs a = engine_args(p);
   a.out = out.data_ptr();
   a.lse = lse.data_ptr();
-  run_parallel(query_blocks(p), a, passes(p).forward);
+  run_parallel(query_blocks(a), a, passes(p).forward);
   return {out.to(q.scalar_type()), lse};
 }
 
@@ -442,8 +434,8 @@ at::Tensor attention_weights_impl(const at::Tensor& q, const at::Tensor& k, cons
   DenseArgs a = engine_args(p);
   a.lse = lse.data_ptr();
   a.probs = probs.data_ptr();
-  run_parallel(query_blocks(p), a, passes(p).forward);  // log-sum-exp only (out is null)
-  run_parallel(query_blocks(p), a, passes(p).probs);
+  run_parallel(query_blocks(a), a, passes(p).forward);  // log-sum-exp only (out is null)
+  run_parallel(query_blocks(a), a, passes(p).probs);
   return probs.to(q.scalar_type());
 }
 

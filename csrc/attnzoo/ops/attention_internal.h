@@ -1,11 +1,13 @@
 #pragma once
 // Shared by attention.cpp and autograd/attention_autograd.cpp; not installed.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <optional>
 #include <vector>
 
+#include "attnzoo/ops/cpu/blas.h"
 #include "attnzoo/ops/cpu/engine_api.h"
 
 namespace attnzoo::ops::detail {
@@ -61,6 +63,17 @@ at::Tensor fresh_seed();
 
 // The engine build chosen for this CPU.
 const cpu::EngineTable& engine();
+
+// Runs an engine range function over work items [0, items) on ATen's
+// threads, with BLAS kept to the calling thread inside each.
+template <class Args>
+void run_parallel(int64_t items, const Args& a, void (*fn)(const Args&, int64_t, int64_t)) {
+  if (items <= 0) return;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    cpu::SingleThreadedBlas single_threaded;
+    fn(a, begin, end);
+  });
+}
 
 // LSH internal op signatures (see registration.cpp).
 using LshForwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(

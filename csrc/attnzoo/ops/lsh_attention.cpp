@@ -1,7 +1,6 @@
 // Reformer LSH attention: argument checks, padding to a multiple of the
 // bucket size, the CPU kernels of the internal ops, and autograd.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -9,7 +8,6 @@
 
 #include "attnzoo/ops/attention_internal.h"
 #include "attnzoo/ops/attention_variants.h"
-#include "attnzoo/ops/cpu/blas.h"
 
 namespace attnzoo::ops {
 namespace {
@@ -102,13 +100,8 @@ cpu::LshArgs args_of(const Lsh& l, int64_t bucket_size, bool causal) {
   return a;
 }
 
-void run(const cpu::LshArgs& a, cpu::LshRangeFn fn) {
-  if (a.B * a.H == 0 || a.Npad == 0) return;
-  at::parallel_for(0, a.B * a.H, 1, [&](int64_t begin, int64_t end) {
-    cpu::SingleThreadedBlas single_threaded;
-    fn(a, begin, end);
-  });
-}
+// Work items are (b, h); an empty sequence has none.
+void run(const cpu::LshArgs& a, cpu::LshRangeFn fn) { detail::run_parallel(a.Npad ? a.B * a.H : 0, a, fn); }
 
 const cpu::LshTable& kernels(const Lsh& l) { return detail::engine().lsh[l.compute == at::kDouble ? 1 : 0]; }
 

@@ -176,15 +176,16 @@ struct Dropout {
   explicit Dropout(const DenseArgs& a) : Dropout(a.dropout_p, a.seed) {
     H = a.H, Nq = a.Nq, Nk = a.Nk;
   }
+  // Whether the element with this counter is kept: a 24-bit uniform >= p.
+  bool keeps(uint64_t index) const {
+    return (splitmix64(seed + (index + 1) * 0x9e3779b97f4a7c15ULL) >> 40) >= threshold;
+  }
   // row[c] *= keep(b, h, i, j0 + c) / (1 - p)
   template <typename T>
   void apply(T* row, int64_t n, int64_t b, int64_t h, int64_t i, int64_t j0) const {
     const uint64_t base = ((uint64_t(b) * H + h) * Nq + i) * Nk + j0;
     const T s = T(keep_scale);
-    for (int64_t c = 0; c < n; ++c) {
-      const uint64_t u = splitmix64(seed + (base + c + 1) * 0x9e3779b97f4a7c15ULL) >> 40;
-      row[c] = u < threshold ? T(0) : row[c] * s;
-    }
+    for (int64_t c = 0; c < n; ++c) row[c] = keeps(base + c) ? row[c] * s : T(0);
   }
 };
 

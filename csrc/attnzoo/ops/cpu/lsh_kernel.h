@@ -181,8 +181,7 @@ struct LshHead {
     for (int64_t i = 0; i < bs; ++i)
       for (int64_t j = 0; j < nk; ++j) {
         const uint64_t idx = ((((uint64_t(b) * a.H + h) * R + r) * Np + qpos[i]) * Np) + kpos[j];
-        const uint64_t u = splitmix64(drop.seed + (idx + 1) * 0x9e3779b97f4a7c15ULL) >> 40;
-        p[i * nk + j] = u < drop.threshold ? T(0) : p[i * nk + j] * s;
+        p[i * nk + j] = drop.keeps(idx) ? p[i * nk + j] * s : T(0);
       }
   }
 };
