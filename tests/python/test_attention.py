@@ -57,6 +57,19 @@ def reference(q, k, v, mask=None, bias=None, causal=False, window=None, alibi=No
     return p @ v, lse, p
 
 
+def assert_matches_reference(out, ref, inputs, dtype, out_atol=2e-5, grad_atol=1e-4):
+    """Output and input gradients against the float64 reference's; the
+    tolerances given are float32's (float64: 1e-12 and 1e-10)."""
+    f32 = dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, atol=out_atol if f32 else 1e-12, rtol=0)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, grad)
+    want = torch.autograd.grad(ref, inputs, grad.double())
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), atol=grad_atol if f32 else 1e-10,
+                                   rtol=1e-4 if f32 else 0)
+
+
 def rand(*shape, dtype=torch.float32, gen=None):
     return torch.randn(*shape, dtype=dtype, generator=gen)
 

@@ -4,19 +4,7 @@ import pytest
 import torch
 
 from attnzoo import layouts, ops
-from test_attention import make_qkv, reference
-
-
-def assert_matches_reference(out, ref, inputs, dtype):
-    """Output and input gradients against the float64 reference's."""
-    tol = 2e-5 if dtype == torch.float32 else 1e-12
-    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=0)
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, inputs, grad)
-    want = torch.autograd.grad(ref, inputs, grad.double())
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a.double(), b.double(), atol=1e-4 if dtype == torch.float32 else 1e-10,
-                                   rtol=1e-4 if dtype == torch.float32 else 0)
+from test_attention import assert_matches_reference, make_qkv, reference
 
 
 def token_mask(layout, block_size, Nq, Nk):

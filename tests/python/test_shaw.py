@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from attnzoo import ops
-from test_attention import make_qkv
+from test_attention import assert_matches_reference, make_qkv
 
 
 def shaw_reference(q, k, v, rel_k, rel_v, K, causal=False, mask=None, scale=None):
@@ -63,15 +63,8 @@ def test_shaw_forward_and_gradients(case, dtype):
     q, k, v, rel_k, rel_v, K, causal, mask = build(case, dtype, requires_grad=True, seed=len(str(case)))
     out = ops.shaw_attention(q, k, v, rel_k, rel_v, K, causal=causal, mask=mask)
     ref = shaw_reference(q, k, v, rel_k, rel_v, K, causal, mask)
-    tol = 3e-5 if dtype == torch.float32 else 1e-12
-    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=0)
     inputs = [t for t in (q, k, v, rel_k, rel_v) if t is not None]
-    grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, inputs, grad)
-    want = torch.autograd.grad(ref, inputs, grad.double())
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a.double(), b.double(), atol=3e-4 if dtype == torch.float32 else 1e-10,
-                                   rtol=1e-4 if dtype == torch.float32 else 0)
+    assert_matches_reference(out, ref, inputs, dtype, out_atol=3e-5, grad_atol=3e-4)
 
 
 @pytest.mark.parametrize("causal", [False, True])
