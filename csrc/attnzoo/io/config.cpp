@@ -1,0 +1,375 @@
+// config.json <-> ModelConfig, on nlohmann_json. Every key is declared once
+// in a table with the model (or attention) kinds it applies to, its member
+// and its type; reading, writing and the "unknown key" check all use it.
+#include <algorithm>
+#include <fstream>
+#include <functional>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+
+#include <nlohmann/json.hpp>
+
+#include "attnzoo/models/config.h"
+
+namespace attnzoo {
+namespace {
+
+using json = nlohmann::json;
+
+[[noreturn]] void fail(const std::string& key, const std::string& what) {
+  throw std::invalid_argument("config: '" + key + "' " + what);
+}
+
+template <typename T>
+T read_value(const json& value, const std::string& key);
+
+template <>
+int64_t read_value<int64_t>(const json& value, const std::string& key) {
+  if (!value.is_number_integer()) fail(key, "must be an integer, got " + value.dump());
+  if (value.is_number_unsigned() && value.get<uint64_t>() > uint64_t(INT64_MAX)) fail(key, "is too large");
+  return value.get<int64_t>();
+}
+template <>
+double read_value<double>(const json& value, const std::string& key) {
+  if (!value.is_number()) fail(key, "must be a number, got " + value.dump());
+  return value.get<double>();
+}
+template <>
+bool read_value<bool>(const json& value, const std::string& key) {
+  if (!value.is_boolean()) fail(key, "must be true or false, got " + value.dump());
+  return value.get<bool>();
+}
+template <>
+std::string read_value<std::string>(const json& value, const std::string& key) {
+  if (!value.is_string()) fail(key, "must be a string, got " + value.dump());
+  return value.get<std::string>();
+}
+template <>
+std::vector<int64_t> read_value<std::vector<int64_t>>(const json& value, const std::string& key) {
+  if (!value.is_array()) fail(key, "must be a list of integers, got " + value.dump());
+  std::vector<int64_t> out;
+  for (const auto& item : value) out.push_back(read_value<int64_t>(item, key));
+  return out;
+}
+
+// A key of S: the kinds (model types or attention kinds) it applies to,
+// "*" for all, and how to read and write it.
+template <typename S>
+struct Field {
+  std::string key;
+  std::string kinds;
+  std::function<void(S&, const json&, const std::string&)> read;
+  std::function<json(const S&)> write;
+
+  bool applies_to(const std::string& kind) const {
+    if (kinds == "*") return true;
+    std::istringstream words(kinds);
+    std::string word;
+    while (words >> word)
+      if (word == kind) return true;
+    return false;
+  }
+};
+
+template <typename S, typename T>
+Field<S> field(const char* key, const char* kinds, T S::*member) {
+  return {key, kinds,
+          [member](S& s, const json& value, const std::string& path) { s.*member = read_value<T>(value, path); },
+          [member](const S& s) { return json(s.*member); }};
+}
+
+const std::vector<Field<AttentionConfig>>& attention_fields() {
+  using A = AttentionConfig;
+  static const std::vector<Field<A>> fields = {
+      field("num_buckets", "t5", &A::num_buckets),
+      field("max_distance", "t5 shaw", &A::max_distance),
+      field("rotary_base", "rotary", &A::rotary_base),
+      field("rotary_dim", "rotary", &A::rotary_dim),
+      field("window", "local longformer", &A::window),
+      field("layout", "block_sparse", &A::layout),
+      field("block_size", "block_sparse", &A::block_size),
+      field("layout_window", "block_sparse", &A::layout_window),
+      field("num_global", "block_sparse", &A::num_global),
+      field("num_random", "block_sparse", &A::num_random),
+      field("stride", "block_sparse", &A::stride),
+      field("num_summary", "block_sparse", &A::num_summary),
+      field("seed", "block_sparse", &A::seed),
+      field("projected_length", "linformer", &A::projected_length),
+      field("share_kv_projection", "linformer", &A::share_kv_projection),
+      field("bucket_size", "lsh", &A::bucket_size),
+      field("n_hashes", "lsh", &A::n_hashes),
+      field("feature_map", "linear", &A::feature_map),
+      field("global_tokens", "longformer", &A::global_tokens),
+  };
+  return fields;
+}
+
+const std::vector<Field<ModelConfig>>& model_fields() {
+  using M = ModelConfig;
+  static const std::vector<Field<M>> fields = {
+      field("vocab_size", "bert gpt speech", &M::vocab_size),
+      field("hidden_size", "*", &M::hidden_size),
+      field("num_layers", "*", &M::num_layers),
+      field("num_heads", "*", &M::num_heads),
+      field("num_kv_heads", "*", &M::num_kv_heads),
+      field("intermediate_size", "*", &M::intermediate_size),
+      field("max_position_embeddings", "bert gpt speech", &M::max_position_embeddings),
+      field("dropout", "*", &M::dropout),
+      field("attention_dropout", "*", &M::attention_dropout),
+      field("layer_norm_eps", "*", &M::layer_norm_eps),
+      field("activation", "*", &M::activation),
+      field("norm", "*", &M::norm),
+      field("position_embedding", "bert gpt speech", &M::position_embedding),
+      field("qkv_bias", "*", &M::qkv_bias),
+      field("fused_qkv", "*", &M::fused_qkv),
+      field("tie_word_embeddings", "bert gpt", &M::tie_word_embeddings),
+      field("type_vocab_size", "bert", &M::type_vocab_size),
+      field("pad_token_id", "bert gpt", &M::pad_token_id),
+      field("num_labels", "bert vit", &M::num_labels),
+      field("bos_token_id", "gpt", &M::bos_token_id),
+      field("eos_token_id", "gpt", &M::eos_token_id),
+      field("image_size", "vit", &M::image_size),
+      field("patch_size", "vit", &M::patch_size),
+      field("num_channels", "vit", &M::num_channels),
+      field("sample_rate", "speech", &M::sample_rate),
+      field("n_fft", "speech", &M::n_fft),
+      field("hop_length", "speech", &M::hop_length),
+      field("n_mels", "speech", &M::n_mels),
+      field("subsampling_channels", "speech", &M::subsampling_channels),
+      field("conformer_conv", "speech", &M::conformer_conv),
+      field("conv_kernel_size", "speech", &M::conv_kernel_size),
+      field("blank_id", "speech", &M::blank_id),
+  };
+  return fields;
+}
+
+const std::vector<std::string> kModelTypes = {"bert", "gpt", "vit", "speech"};
+const std::vector<std::string> kAttentionKinds = {"dense", "alibi",  "rotary", "t5",     "shaw",      "local",
+                                                  "block_sparse", "linformer", "lsh", "linear", "longformer"};
+
+bool one_of(const std::string& value, const std::vector<std::string>& choices) {
+  return std::find(choices.begin(), choices.end(), value) != choices.end();
+}
+
+std::string join(const std::vector<std::string>& words) {
+  std::string out;
+  for (const auto& w : words) out += (out.empty() ? "" : ", ") + w;
+  return out;
+}
+
+void require_choice(const std::string& key, const std::string& value, const std::vector<std::string>& choices) {
+  if (!one_of(value, choices)) fail(key, "must be one of " + join(choices) + ", got \"" + value + "\"");
+}
+
+void require_range(const std::string& key, double value, double lo, double hi) {
+  if (!(value >= lo && value <= hi)) {
+    std::ostringstream s;
+    s << "must be in [" << lo << ", " << hi << "], got " << value;
+    fail(key, s.str());
+  }
+}
+
+AttentionConfig attention_from_json(const json& object, const std::string& path) {
+  if (!object.is_object()) fail(path, "must be an object with a \"kind\", got " + object.dump());
+  AttentionConfig config;
+  if (object.contains("kind")) config.kind = read_value<std::string>(object.at("kind"), path + ".kind");
+  require_choice(path + ".kind", config.kind, kAttentionKinds);
+  if (config.kind == "shaw" && !object.contains("max_distance")) config.max_distance = 16;
+  for (const auto& [key, value] : object.items()) {
+    if (key == "kind") continue;
+    const std::string key_path = path + "." + key;
+    auto it = std::find_if(attention_fields().begin(), attention_fields().end(),
+                           [&](const auto& f) { return f.key == key; });
+    if (it == attention_fields().end()) fail(key_path, "is not an attention parameter");
+    if (!it->applies_to(config.kind)) fail(key_path, "does not apply to attention kind \"" + config.kind + "\"");
+    it->read(config, value, key_path);
+  }
+  return config;
+}
+
+json attention_to_json(const AttentionConfig& config) {
+  json out = json::object();
+  out["kind"] = config.kind;
+  for (const auto& f : attention_fields())
+    if (f.applies_to(config.kind)) out[f.key] = f.write(config);
+  return out;
+}
+
+void validate_attention(const AttentionConfig& a, const ModelConfig& m, const std::string& path) {
+  require_choice(path + ".kind", a.kind, kAttentionKinds);
+  const bool causal = m.model_type == "gpt";
+  if (causal && (a.kind == "linformer" || a.kind == "longformer"))
+    fail(path + ".kind", "\"" + a.kind + "\" attention is bidirectional and cannot be used in a causal (gpt) model");
+  if (a.kind == "t5") {
+    require_range(path + ".num_buckets", double(a.num_buckets), 2, 4096);
+    require_range(path + ".max_distance", double(a.max_distance), 1, 1 << 20);
+  } else if (a.kind == "shaw") {
+    require_range(path + ".max_distance", double(a.max_distance), 1, 4096);
+  } else if (a.kind == "rotary") {
+    if (!(a.rotary_base > 1.0)) fail(path + ".rotary_base", "must be greater than 1");
+    const int64_t dim = a.rotary_dim == 0 ? m.head_dim() : a.rotary_dim;
+    if (dim <= 0 || dim > m.head_dim() || dim % 2 != 0)
+      fail(path + ".rotary_dim", "must be even and at most the head dimension " + std::to_string(m.head_dim()));
+  } else if (a.kind == "local" || a.kind == "longformer") {
+    require_range(path + ".window", double(a.window), 0, 1 << 24);
+    for (int64_t t : a.global_tokens)
+      if (a.kind == "longformer") require_range(path + ".global_tokens", double(t), 0, 1 << 24);
+  } else if (a.kind == "block_sparse") {
+    require_choice(path + ".layout", a.layout, {"local", "bigbird", "fixed", "strided"});
+    require_range(path + ".block_size", double(a.block_size), 1, 1 << 16);
+    require_range(path + ".layout_window", double(a.layout_window), 0, 1 << 16);
+    require_range(path + ".num_global", double(a.num_global), 0, 1 << 16);
+    require_range(path + ".num_random", double(a.num_random), 0, 1 << 16);
+    require_range(path + ".stride", double(a.stride), 1, 1 << 16);
+    require_range(path + ".num_summary", double(a.num_summary), 1, double(a.stride));
+  } else if (a.kind == "linformer") {
+    require_range(path + ".projected_length", double(a.projected_length), 1, 1 << 16);
+  } else if (a.kind == "lsh") {
+    require_range(path + ".bucket_size", double(a.bucket_size), 1, 1 << 16);
+    require_range(path + ".n_hashes", double(a.n_hashes), 1, 64);
+    if (m.kv_heads() != m.num_heads) fail(path + ".kind", "\"lsh\" shares queries and keys and needs num_kv_heads == num_heads");
+  } else if (a.kind == "linear") {
+    require_choice(path + ".feature_map", a.feature_map, {"elu+1", "relu"});
+  }
+}
+
+}  // namespace
+
+ModelConfig default_config(const std::string& model_type) {
+  require_choice("model_type", model_type, kModelTypes);
+  ModelConfig c;
+  c.model_type = model_type;
+  if (model_type == "bert") {
+    c.norm = "post";
+    c.layer_norm_eps = 1e-12;
+    c.vocab_size = 256;
+  } else if (model_type == "gpt") {
+    c.activation = "gelu_tanh";
+    c.attention_dropout = 0.1;
+  } else if (model_type == "vit") {
+    c.layer_norm_eps = 1e-12;
+    c.num_labels = 10;
+    c.position_embedding = "learned";
+  } else {
+    c.position_embedding = "sinusoidal";
+    c.vocab_size = 32;
+    c.max_position_embeddings = 4096;
+  }
+  return c;
+}
+
+void validate(const ModelConfig& c) {
+  require_choice("model_type", c.model_type, kModelTypes);
+  const bool text = c.model_type == "bert" || c.model_type == "gpt";
+  require_range("hidden_size", double(c.hidden_size), 1, 1 << 16);
+  require_range("num_layers", double(c.num_layers), 1, 1024);
+  require_range("num_heads", double(c.num_heads), 1, 1024);
+  if (c.hidden_size % c.num_heads != 0) fail("num_heads", "must divide hidden_size " + std::to_string(c.hidden_size));
+  require_range("num_kv_heads", double(c.num_kv_heads), 0, double(c.num_heads));
+  if (c.num_heads % c.kv_heads() != 0) fail("num_kv_heads", "must divide num_heads " + std::to_string(c.num_heads));
+  require_range("intermediate_size", double(c.intermediate_size), 0, 1 << 18);
+  require_range("max_position_embeddings", double(c.max_position_embeddings), 1, 1 << 22);
+  require_range("vocab_size", double(c.vocab_size), 1, 1 << 24);
+  require_range("dropout", c.dropout, 0.0, 0.99);
+  require_range("attention_dropout", c.attention_dropout, 0.0, 0.99);
+  require_range("layer_norm_eps", c.layer_norm_eps, 1e-30, 1.0);
+  require_choice("activation", c.activation, {"gelu", "gelu_tanh", "relu"});
+  require_choice("norm", c.norm, {"pre", "post"});
+  require_choice("position_embedding", c.position_embedding, {"learned", "sinusoidal", "none"});
+  if (text) require_range("pad_token_id", double(c.pad_token_id), 0, double(c.vocab_size - 1));
+  if (c.model_type == "bert") {
+    require_range("type_vocab_size", double(c.type_vocab_size), 1, 1024);
+    require_range("num_labels", double(c.num_labels), 0, 1 << 16);
+  }
+  if (c.model_type == "gpt") {
+    require_range("bos_token_id", double(c.bos_token_id), -1, double(c.vocab_size - 1));
+    require_range("eos_token_id", double(c.eos_token_id), -1, double(c.vocab_size - 1));
+  }
+  if (c.model_type == "vit") {
+    require_range("num_labels", double(c.num_labels), 1, 1 << 16);
+    require_range("num_channels", double(c.num_channels), 1, 64);
+    require_range("patch_size", double(c.patch_size), 1, 1 << 12);
+    require_range("image_size", double(c.image_size), double(c.patch_size), 1 << 14);
+    if (c.image_size % c.patch_size != 0) fail("patch_size", "must divide image_size " + std::to_string(c.image_size));
+  }
+  if (c.model_type == "speech") {
+    require_range("sample_rate", double(c.sample_rate), 1000, 192000);
+    require_range("n_fft", double(c.n_fft), 16, 1 << 14);
+    require_range("hop_length", double(c.hop_length), 1, double(c.n_fft));
+    require_range("n_mels", double(c.n_mels), 8, double(c.n_fft / 2 + 1));
+    require_range("subsampling_channels", double(c.subsampling_channels), 1, 4096);
+    require_range("conv_kernel_size", double(c.conv_kernel_size), 1, 255);
+    if (c.conv_kernel_size % 2 == 0) fail("conv_kernel_size", "must be odd");
+    require_range("blank_id", double(c.blank_id), 0, double(c.vocab_size - 1));
+  }
+  if (int64_t(c.attention.size()) != c.num_layers)
+    fail("attention", "has " + std::to_string(c.attention.size()) + " entries for " + std::to_string(c.num_layers) +
+                          " layers (give one object for all layers or a list with one per layer)");
+  for (size_t i = 0; i < c.attention.size(); ++i)
+    validate_attention(c.attention[i], c, c.attention.size() == 1 ? "attention" : "attention[" + std::to_string(i) + "]");
+}
+
+ModelConfig config_from_json(const std::string& text) {
+  json root;
+  try {
+    root = json::parse(text);
+  } catch (const json::parse_error& e) {
+    throw std::invalid_argument(std::string("config: malformed JSON: ") + e.what());
+  }
+  if (!root.is_object()) throw std::invalid_argument("config: the top level must be a JSON object");
+  if (!root.contains("model_type")) fail("model_type", "is missing (one of " + join(kModelTypes) + ")");
+  ModelConfig config = default_config(read_value<std::string>(root.at("model_type"), "model_type"));
+  json attention = json::object();
+  for (const auto& [key, value] : root.items()) {
+    if (key == "model_type") continue;
+    if (key == "attention") {
+      attention = value;
+      continue;
+    }
+    auto it = std::find_if(model_fields().begin(), model_fields().end(), [&](const auto& f) { return f.key == key; });
+    if (it == model_fields().end()) fail(key, "is not a config key");
+    if (!it->applies_to(config.model_type)) fail(key, "does not apply to model_type \"" + config.model_type + "\"");
+    it->read(config, value, key);
+  }
+  require_range("num_layers", double(config.num_layers), 1, 1024);
+  if (attention.is_array()) {
+    for (size_t i = 0; i < attention.size(); ++i)
+      config.attention.push_back(attention_from_json(attention[i], "attention[" + std::to_string(i) + "]"));
+  } else {
+    config.attention.assign(size_t(config.num_layers), attention_from_json(attention, "attention"));
+  }
+  validate(config);
+  return config;
+}
+
+ModelConfig config_from_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::invalid_argument("config: cannot open " + path);
+  std::ostringstream text;
+  text << in.rdbuf();
+  try {
+    return config_from_json(text.str());
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(path + ": " + e.what());
+  }
+}
+
+std::string config_to_json(const ModelConfig& config) {
+  json out = json::object();
+  out["model_type"] = config.model_type;
+  for (const auto& f : model_fields())
+    if (f.applies_to(config.model_type)) out[f.key] = f.write(config);
+  const bool uniform = std::all_of(config.attention.begin(), config.attention.end(), [&](const auto& a) {
+    return attention_to_json(a) == attention_to_json(config.attention.front());
+  });
+  if (uniform && !config.attention.empty()) {
+    out["attention"] = attention_to_json(config.attention.front());
+  } else {
+    out["attention"] = json::array();
+    for (const auto& a : config.attention) out["attention"].push_back(attention_to_json(a));
+  }
+  return out.dump(2) + "\n";
+}
+
+}  // namespace attnzoo

@@ -1,0 +1,281 @@
+// The attention layer and the transformer block. The attention kind is a
+// per-layer choice (AttentionConfig); each kind maps onto one attnzoo op.
+#include "attnzoo/nn/modules.h"
+
+#include <torch/nn/functional/activation.h>
+#include <torch/nn/init.h>
+
+#include <cmath>
+
+#include "attnzoo/ops/attention_variants.h"
+#include "attnzoo/ops/layouts.h"
+
+namespace attnzoo::nn {
+namespace {
+
+// Kinds that read every key (optionally masked or banded) and therefore give
+// the same answer whether the keys come from a cache or not.
+bool is_dense_family(const std::string& kind) {
+  return kind == "dense" || kind == "alibi" || kind == "rotary" || kind == "t5" || kind == "local";
+}
+
+at::Tensor normal_parameter(torch::nn::Module& m, const std::string& name, at::IntArrayRef shape, double std) {
+  return m.register_parameter(name, at::randn(shape) * std);
+}
+
+}  // namespace
+
+at::Tensor sinusoidal_positions(int64_t n, int64_t channels, int64_t offset, at::TensorOptions options) {
+  auto pos = at::arange(offset, offset + n, options.dtype(at::kDouble)).unsqueeze(1);
+  auto i = at::arange(0, (channels + 1) / 2, options.dtype(at::kDouble));
+  auto angle = pos * at::exp(i * (-std::log(10000.0) * 2.0 / double(channels)));
+  auto table = at::stack({angle.sin(), angle.cos()}, 2).reshape({n, -1}).narrow(1, 0, channels);
+  return table.to(options.dtype());
+}
+
+// ---------------------------------------------------------------------------
+MultiHeadAttentionImpl::MultiHeadAttentionImpl(const ModelConfig& config, const AttentionConfig& attention,
+                                               bool cross)
+    : attention_(cross ? AttentionConfig{} : attention),
+      hidden_(config.hidden_size),
+      heads_(config.num_heads),
+      kv_heads_(config.kv_heads()),
+      head_dim_(config.head_dim()),
+      max_positions_(config.max_position_embeddings),
+      dropout_p_(config.attention_dropout),
+      cross_(cross) {
+  const bool bias = config.qkv_bias;
+  const int64_t q_out = heads_ * head_dim_, kv_out = kv_heads_ * head_dim_;
+  const bool shared_qk = attention_.kind == "lsh";
+  if (config.fused_qkv && !cross) {
+    qkv_proj = register_module(
+        "qkv_proj", torch::nn::Linear(torch::nn::LinearOptions(hidden_, q_out + (shared_qk ? 0 : kv_out) + kv_out).bias(bias)));
+  } else {
+    q_proj = register_module("q_proj", torch::nn::Linear(torch::nn::LinearOptions(hidden_, q_out).bias(bias)));
+    if (!shared_qk)
+      k_proj = register_module("k_proj", torch::nn::Linear(torch::nn::LinearOptions(hidden_, kv_out).bias(bias)));
+    v_proj = register_module("v_proj", torch::nn::Linear(torch::nn::LinearOptions(hidden_, kv_out).bias(bias)));
+  }
+  out_proj = register_module("out_proj", torch::nn::Linear(q_out, hidden_));
+  const auto& a = attention_;
+  if (a.kind == "t5") {
+    t5_bias = normal_parameter(*this, "t5_bias", {a.num_buckets, heads_}, 0.02);
+  } else if (a.kind == "shaw") {
+    shaw_rel_k = normal_parameter(*this, "shaw_rel_k", {2 * a.max_distance + 1, head_dim_}, 0.02);
+    shaw_rel_v = normal_parameter(*this, "shaw_rel_v", {2 * a.max_distance + 1, head_dim_}, 0.02);
+  } else if (a.kind == "linformer") {
+    const double std = 1.0 / std::sqrt(double(a.projected_length));
+    linformer_e = normal_parameter(*this, "linformer_e", {a.projected_length, max_positions_}, std);
+    if (!a.share_kv_projection)
+      linformer_f = normal_parameter(*this, "linformer_f", {a.projected_length, max_positions_}, std);
+  }
+}
+
+bool MultiHeadAttentionImpl::supports_kv_cache() const {
+  return is_dense_family(attention_.kind) || attention_.kind == "shaw" || attention_.kind == "block_sparse";
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> MultiHeadAttentionImpl::project(const at::Tensor& x,
+                                                                               const AttentionInputs& inputs) {
+  TORCH_CHECK(x.dim() == 3 && x.size(2) == hidden_, "attention: input must have shape (B, N, ", hidden_,
+              "), got ", x.sizes());
+  const at::Tensor& source = cross_ ? *inputs.context : x;
+  TORCH_CHECK(!cross_ || (source.dim() == 3 && source.size(0) == x.size(0) && source.size(2) == hidden_),
+              "attention: context must have shape (B, Nk, ", hidden_, "), got ", source.sizes());
+  const int64_t B = x.size(0), N = x.size(1), Nk = source.size(1);
+  at::Tensor q, k, v;
+  if (qkv_proj) {
+    const int64_t q_out = heads_ * head_dim_, kv_out = kv_heads_ * head_dim_;
+    auto qkv = qkv_proj(x);
+    q = qkv.narrow(2, 0, q_out);
+    k = attention_.kind == "lsh" ? q : qkv.narrow(2, q_out, kv_out);
+    v = qkv.narrow(2, qkv.size(2) - kv_out, kv_out);
+  } else {
+    q = q_proj(x);
+    k = k_proj ? k_proj(source) : q;
+    v = v_proj(source);
+  }
+  q = q.view({B, N, heads_, head_dim_}).transpose(1, 2);
+  k = k.view({B, Nk, k.size(2) / head_dim_, head_dim_}).transpose(1, 2);
+  v = v.view({B, Nk, kv_heads_, head_dim_}).transpose(1, 2);
+  return {q, k, v};
+}
+
+at::Tensor MultiHeadAttentionImpl::block_layout(int64_t nq, int64_t nk, bool causal) {
+  const auto& a = attention_;
+  const int64_t nb = (nk + a.block_size - 1) / a.block_size;
+  at::Tensor full;
+  if (a.layout == "local") full = layouts::local(nb, nb, a.layout_window, causal);
+  else if (a.layout == "bigbird")
+    full = layouts::bigbird(nb, nb, a.layout_window, a.num_global, a.num_random, heads_, a.seed, causal);
+  else if (a.layout == "fixed") full = layouts::fixed(nb, a.stride, std::min(a.num_summary, a.stride), causal);
+  else full = layouts::strided(nb, a.stride, causal);
+  if (nq == nk) return full;
+  // One new token after a cache: its row of the full layout (the op aligns
+  // the single query block with the last key block).
+  TORCH_CHECK(nq == 1, "attention: block_sparse with a cache takes one new token at a time, got ", nq);
+  return full.narrow(1, nb - 1, 1);
+}
+
+at::Tensor MultiHeadAttentionImpl::attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          const AttentionInputs& inputs, int64_t past) {
+  const auto& a = attention_;
+  const double p = is_training() ? dropout_p_ : 0.0;
+  const bool causal = inputs.causal;
+  const int64_t B = q.size(0), Nq = q.size(2), Nk = k.size(2);
+  std::optional<at::Tensor> mask4;
+  if (inputs.key_padding_mask) mask4 = inputs.key_padding_mask->view({B, 1, 1, Nk});
+  if (is_dense_family(a.kind)) return ops::attention(q, k, v, dense_options(q, mask4, causal).dropout_p(p));
+  // The remaining kinds take keys with as many heads as the queries.
+  const int64_t groups = heads_ / kv_heads_;
+  const at::Tensor kr = groups > 1 && a.kind != "linear" ? k.repeat_interleave(groups, 1) : k;
+  const at::Tensor vr = groups > 1 && a.kind != "linear" ? v.repeat_interleave(groups, 1) : v;
+  if (a.kind == "shaw")
+    return ops::shaw_attention(q, kr, vr, shaw_rel_k, shaw_rel_v, a.max_distance, mask4, causal, p);
+  if (a.kind == "block_sparse")
+    return ops::block_sparse_attention(q, kr, vr, block_layout(Nq, Nk, causal), a.block_size, causal, mask4, p);
+  TORCH_CHECK(past == 0, "attention: kind \"", a.kind, "\" cannot continue from a KV cache");
+  if (a.kind == "linformer") {
+    TORCH_CHECK(Nk <= max_positions_, "attention: linformer projects at most max_position_embeddings = ",
+                max_positions_, " keys, got ", Nk);
+    return ops::linformer_attention(q, kr, vr, linformer_e,
+                                    linformer_f.defined() ? std::optional<at::Tensor>(linformer_f) : std::nullopt,
+                                    inputs.key_padding_mask, p);
+  }
+  if (a.kind == "lsh") {
+    // Reformer draws fresh random rotations at every call; the number of
+    // buckets follows the length (two per bucket_size tokens, at least 2).
+    int64_t buckets = std::max<int64_t>(2, (Nk + a.bucket_size - 1) / a.bucket_size);
+    buckets += buckets % 2;
+    auto rotations = at::randn({head_dim_, a.n_hashes, buckets / 2}, q.options());
+    return std::get<0>(ops::lsh_attention(q, vr, rotations, a.bucket_size, causal, inputs.key_padding_mask, p));
+  }
+  if (a.kind == "linear") return ops::linear_attention(q, kr, vr, a.feature_map, causal, inputs.key_padding_mask);
+  // longformer: global tokens that exist at this length.
+  std::vector<int64_t> global;
+  for (int64_t t : a.global_tokens)
+    if (t < Nk && std::find(global.begin(), global.end(), t) == global.end()) global.push_back(t);
+  return ops::longformer_attention(q, kr, vr, a.window, at::tensor(global, at::kLong), inputs.key_padding_mask, p);
+}
+
+at::Tensor MultiHeadAttentionImpl::forward(const at::Tensor& x, const AttentionInputs& inputs) {
+  auto [q, k, v] = project(x, inputs);
+  const int64_t past = inputs.cache ? inputs.cache->length() : 0;
+  if (attention_.kind == "rotary") std::tie(q, k) = rotate(q, k, past);
+  if (inputs.cache) {
+    TORCH_CHECK(past == 0 || supports_kv_cache(), "attention: kind \"", attention_.kind,
+                "\" cannot continue from a KV cache");
+    if (past > 0) {
+      k = at::cat({inputs.cache->k, k}, 2);
+      v = at::cat({inputs.cache->v, v}, 2);
+    }
+    inputs.cache->k = k;
+    inputs.cache->v = v;
+  }
+  auto out = attend(q, k, v, inputs, past);
+  return out_proj(out.transpose(1, 2).reshape({x.size(0), x.size(1), heads_ * head_dim_}));
+}
+
+at::Tensor MultiHeadAttentionImpl::attention_probs(const at::Tensor& x, const AttentionInputs& inputs) {
+  TORCH_CHECK(is_dense_family(attention_.kind), "attention_probs: kind \"", attention_.kind,
+              "\" does not form the full probability matrix; use a dense-family kind");
+  auto [q, k, v] = project(x, inputs);
+  if (attention_.kind == "rotary") std::tie(q, k) = rotate(q, k, 0);
+  std::optional<at::Tensor> mask4;
+  if (inputs.key_padding_mask) mask4 = inputs.key_padding_mask->view({q.size(0), 1, 1, k.size(2)});
+  return ops::attention_weights(q, k, v, dense_options(q, mask4, inputs.causal));
+}
+
+std::pair<at::Tensor, at::Tensor> MultiHeadAttentionImpl::rotate(const at::Tensor& q, const at::Tensor& k,
+                                                                 int64_t past) const {
+  const auto& a = attention_;
+  const std::optional<int64_t> dim = a.rotary_dim > 0 ? std::optional<int64_t>(a.rotary_dim) : std::nullopt;
+  return {ops::rotary(q, std::nullopt, past, a.rotary_base, dim), ops::rotary(k, std::nullopt, past, a.rotary_base, dim)};
+}
+
+ops::AttentionOptions MultiHeadAttentionImpl::dense_options(const at::Tensor& q, const std::optional<at::Tensor>& mask,
+                                                            bool causal) const {
+  const auto& a = attention_;
+  auto options = ops::AttentionOptions().mask(mask).causal(causal);
+  if (a.kind == "alibi") options.alibi_slopes(ops::alibi_slopes(heads_).to(q.scalar_type()));
+  if (a.kind == "t5") options.t5_table(t5_bias).t5_bidirectional(!causal).t5_max_distance(a.max_distance);
+  if (a.kind == "local") options.window(ops::AttentionOptions::Window{a.window, causal ? 0 : a.window});
+  return options;
+}
+
+// ---------------------------------------------------------------------------
+FeedForwardImpl::FeedForwardImpl(const ModelConfig& config) : activation_(config.activation) {
+  fc_in = register_module("fc_in", torch::nn::Linear(config.hidden_size, config.ffn_size()));
+  fc_out = register_module("fc_out", torch::nn::Linear(config.ffn_size(), config.hidden_size));
+}
+
+at::Tensor FeedForwardImpl::forward(const at::Tensor& x) {
+  auto h = fc_in(x);
+  if (activation_ == "gelu") h = at::gelu(h);
+  else if (activation_ == "gelu_tanh") h = at::gelu(h, "tanh");
+  else h = at::relu(h);
+  return fc_out(h);
+}
+
+// ---------------------------------------------------------------------------
+ConvModuleImpl::ConvModuleImpl(const ModelConfig& config) {
+  const int64_t C = config.hidden_size, k = config.conv_kernel_size;
+  pointwise_in = register_module("pointwise_in", torch::nn::Conv1d(torch::nn::Conv1dOptions(C, 2 * C, 1)));
+  depthwise = register_module("depthwise", torch::nn::Conv1d(torch::nn::Conv1dOptions(C, C, k).padding(k / 2).groups(C)));
+  depthwise_norm = register_module("depthwise_norm",
+                                   torch::nn::LayerNorm(torch::nn::LayerNormOptions({C}).eps(config.layer_norm_eps)));
+  pointwise_out = register_module("pointwise_out", torch::nn::Conv1d(torch::nn::Conv1dOptions(C, C, 1)));
+  dropout = register_module("dropout", torch::nn::Dropout(config.dropout));
+}
+
+at::Tensor ConvModuleImpl::forward(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask) {
+  auto h = at::glu(pointwise_in(x.transpose(1, 2)), 1);  // (B, C, N)
+  if (key_padding_mask) h = h.masked_fill(key_padding_mask->logical_not().unsqueeze(1), 0.0);
+  h = depthwise_norm(depthwise(h).transpose(1, 2));      // (B, N, C)
+  h = pointwise_out(at::silu(h).transpose(1, 2)).transpose(1, 2);
+  return dropout(h);
+}
+
+// ---------------------------------------------------------------------------
+TransformerBlockImpl::TransformerBlockImpl(const ModelConfig& config, const AttentionConfig& attention,
+                                           bool cross_attention, bool conv)
+    : pre_norm_(config.norm == "pre") {
+  auto norm = [&] { return torch::nn::LayerNorm(torch::nn::LayerNormOptions({config.hidden_size}).eps(config.layer_norm_eps)); };
+  attn = register_module("attn", MultiHeadAttention(config, attention));
+  attn_norm = register_module("attn_norm", norm());
+  if (cross_attention) {
+    cross_attn = register_module("cross_attn", MultiHeadAttention(config, attention, /*cross=*/true));
+    cross_attn_norm = register_module("cross_attn_norm", norm());
+  }
+  if (conv) {
+    conv_module = register_module("conv_module", ConvModule(config));
+    conv_norm = register_module("conv_norm", norm());
+  }
+  mlp = register_module("mlp", FeedForward(config));
+  mlp_norm = register_module("mlp_norm", norm());
+  dropout = register_module("dropout", torch::nn::Dropout(config.dropout));
+}
+
+template <typename F>
+at::Tensor TransformerBlockImpl::residual(const at::Tensor& x, torch::nn::LayerNorm& norm, F&& f) {
+  return pre_norm_ ? x + f(norm(x)) : norm(x + f(x));
+}
+
+at::Tensor TransformerBlockImpl::forward(const at::Tensor& x, const AttentionInputs& inputs,
+                                         const std::optional<at::Tensor>& context_mask) {
+  AttentionInputs self_inputs = inputs;
+  self_inputs.context = nullptr;
+  auto h = residual(x, attn_norm, [&](const at::Tensor& y) { return dropout(attn(y, self_inputs)); });
+  if (cross_attn) {
+    TORCH_CHECK(inputs.context != nullptr, "transformer block: this block has cross-attention and needs a context");
+    AttentionInputs cross_inputs;
+    cross_inputs.context = inputs.context;
+    cross_inputs.key_padding_mask = context_mask;
+    h = residual(h, cross_attn_norm, [&](const at::Tensor& y) { return dropout(cross_attn(y, cross_inputs)); });
+  }
+  if (conv_module)
+    h = residual(h, conv_norm, [&](const at::Tensor& y) { return conv_module(y, inputs.key_padding_mask); });
+  return residual(h, mlp_norm, [&](const at::Tensor& y) { return dropout(mlp(y)); });
+}
+
+}  // namespace attnzoo::nn

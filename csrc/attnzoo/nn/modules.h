@@ -1,0 +1,124 @@
+#pragma once
+// Building blocks of the zoo's models: the multi-head attention layer (any
+// attention kind from AttentionConfig), the feed-forward network, the
+// transformer block (pre-LN or post-LN, optional cross-attention and
+// conformer-style convolution module) and position embeddings.
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/dropout.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/modules/linear.h>
+#include <torch/nn/modules/normalization.h>
+#include <torch/nn/pimpl.h>
+
+#include <optional>
+#include <vector>
+
+#include "attnzoo/models/config.h"
+#include "attnzoo/ops/attention.h"
+
+namespace attnzoo::nn {
+
+// Keys and values of one layer seen so far, (B, Hkv, T, D) each, for
+// incremental decoding.
+struct LayerCache {
+  at::Tensor k, v;
+  int64_t length() const { return k.defined() ? k.size(2) : 0; }
+};
+using KVCache = std::vector<LayerCache>;
+
+// (N, C) sinusoidal position table (Vaswani et al.), positions offset..offset+N-1.
+at::Tensor sinusoidal_positions(int64_t n, int64_t channels, int64_t offset, at::TensorOptions options);
+
+// What one attention call needs beyond the input: a key padding mask
+// (B, Nk) bool (true = real token), causality, a cache, a context to attend
+// to (cross-attention) and its own padding mask.
+struct AttentionInputs {
+  std::optional<at::Tensor> key_padding_mask;
+  bool causal = false;
+  LayerCache* cache = nullptr;
+  const at::Tensor* context = nullptr;
+};
+
+class MultiHeadAttentionImpl : public torch::nn::Module {
+ public:
+  MultiHeadAttentionImpl(const ModelConfig& config, const AttentionConfig& attention, bool cross = false);
+
+  // x (B, N, C) -> (B, N, C).
+  at::Tensor forward(const at::Tensor& x, const AttentionInputs& inputs = {});
+  // The attention probabilities (B, H, N, Nk) of a dense-family layer, for
+  // inspection; refused for kinds whose probabilities are not materialisable.
+  at::Tensor attention_probs(const at::Tensor& x, const AttentionInputs& inputs = {});
+
+  // Whether forward() with a cache computes exactly what the full forward does.
+  bool supports_kv_cache() const;
+  const AttentionConfig& attention_config() const { return attention_; }
+
+ private:
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> project(const at::Tensor& x, const AttentionInputs& inputs);
+  at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionInputs& inputs,
+                    int64_t past);
+  at::Tensor block_layout(int64_t nq, int64_t nk, bool causal);
+  std::pair<at::Tensor, at::Tensor> rotate(const at::Tensor& q, const at::Tensor& k, int64_t past) const;
+  ops::AttentionOptions dense_options(const at::Tensor& q, const std::optional<at::Tensor>& mask, bool causal) const;
+
+  AttentionConfig attention_;
+  int64_t hidden_, heads_, kv_heads_, head_dim_, max_positions_;
+  double dropout_p_;
+  bool cross_;
+  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, qkv_proj{nullptr}, out_proj{nullptr};
+  at::Tensor t5_bias, shaw_rel_k, shaw_rel_v, linformer_e, linformer_f;
+};
+TORCH_MODULE(MultiHeadAttention);
+
+class FeedForwardImpl : public torch::nn::Module {
+ public:
+  explicit FeedForwardImpl(const ModelConfig& config);
+  at::Tensor forward(const at::Tensor& x);
+
+ private:
+  std::string activation_;
+  torch::nn::Linear fc_in{nullptr}, fc_out{nullptr};
+};
+TORCH_MODULE(FeedForward);
+
+// Conformer's convolution module (Gulati et al. 2020) with LayerNorm in place
+// of BatchNorm: pointwise conv + GLU, depthwise conv, SiLU, pointwise conv.
+class ConvModuleImpl : public torch::nn::Module {
+ public:
+  explicit ConvModuleImpl(const ModelConfig& config);
+  // x (B, N, C); padded frames (mask false) are zeroed before the depthwise conv.
+  at::Tensor forward(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask);
+
+ private:
+  torch::nn::Conv1d pointwise_in{nullptr}, depthwise{nullptr}, pointwise_out{nullptr};
+  torch::nn::LayerNorm depthwise_norm{nullptr};
+  torch::nn::Dropout dropout{nullptr};
+};
+TORCH_MODULE(ConvModule);
+
+class TransformerBlockImpl : public torch::nn::Module {
+ public:
+  TransformerBlockImpl(const ModelConfig& config, const AttentionConfig& attention, bool cross_attention = false,
+                       bool conv_module = false);
+  at::Tensor forward(const at::Tensor& x, const AttentionInputs& inputs = {},
+                     const std::optional<at::Tensor>& context_mask = std::nullopt);
+
+  MultiHeadAttention attn{nullptr};
+
+ private:
+  // x + f(norm(x)) (pre-LN) or norm(x + f(x)) (post-LN).
+  template <typename F>
+  at::Tensor residual(const at::Tensor& x, torch::nn::LayerNorm& norm, F&& f);
+
+  bool pre_norm_;
+  torch::nn::LayerNorm attn_norm{nullptr}, cross_attn_norm{nullptr}, conv_norm{nullptr}, mlp_norm{nullptr};
+  MultiHeadAttention cross_attn{nullptr};
+  ConvModule conv_module{nullptr};
+  FeedForward mlp{nullptr};
+  torch::nn::Dropout dropout{nullptr};
+};
+TORCH_MODULE(TransformerBlock);
+
+}  // namespace attnzoo::nn

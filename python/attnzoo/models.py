@@ -1,0 +1,250 @@
+"""The zoo's models: C++ modules (``attnzoo::models``) behind ``nn.Module`` facades.
+
+The facade's ``_parameters``, ``_buffers`` and ``_modules`` are the C++
+module's own tensors and children, so optimizers, ``.to(dtype)``,
+``state_dict``/``load_state_dict``, hooks and DistributedDataParallel act on
+the tensors the C++ forward pass uses; nothing is copied.
+
+    gpt = attnzoo.models.GPT({"vocab_size": 256, "hidden_size": 128, "num_layers": 2, "num_heads": 4})
+    logits = gpt(input_ids)
+    gpt.save_pretrained("run/ckpt")
+    again = attnzoo.from_pretrained("run/ckpt")
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from torch import nn
+
+from . import _C
+
+__all__ = ["GPT", "Bert", "ViT", "Speech", "from_pretrained", "load_config", "default_config", "ZooModel"]
+
+ConfigLike = Union[None, str, os.PathLike, Mapping[str, Any]]
+
+
+def default_config(model_type: str) -> dict:
+    """The complete default config of a model kind, as a dict."""
+    return json.loads(_C.default_config(model_type))
+
+
+def load_config(config: ConfigLike, model_type: Optional[str] = None, **overrides) -> dict:
+    """A validated, complete config dict from a dict, a config.json path or a
+    checkpoint directory, with keyword overrides applied. Bad keys or values
+    raise ValueError naming the key."""
+    if config is None:
+        config = {}
+    if isinstance(config, (str, os.PathLike)):
+        path = os.fspath(config)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        with open(path, encoding="utf-8") as f:
+            try:
+                config = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: malformed JSON: {e}") from None
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict, a path to config.json or a directory, got {type(config).__name__}")
+    config = dict(config)
+    config.update(overrides)
+    if model_type is not None:
+        given = config.setdefault("model_type", model_type)
+        if given != model_type:
+            raise ValueError(f"config: 'model_type' is {given!r}, expected {model_type!r}")
+    return json.loads(_C.canonical_config(json.dumps(config)))
+
+
+class CppModule(nn.Module):
+    """A generic nn.Module over a C++ torch::nn::Module, sharing its tensors."""
+
+    def __init__(self, cpp_module):
+        super().__init__()
+        self._cpp = cpp_module
+        for name, tensor in cpp_module._parameters.items():
+            self._parameters[name] = tensor
+        for name, tensor in cpp_module._buffers.items():
+            self._buffers[name] = tensor
+        for name, child in cpp_module._modules.items():
+            self._modules[name] = CppModule(child)
+        self.training = cpp_module.training
+
+    def train(self, mode: bool = True):
+        self._cpp.train(mode)  # recursive on the C++ side
+        return super().train(mode)
+
+    def _apply(self, fn, recurse=True):
+        # Change the tensors in place (as torch.nn.cpp.ModuleWrapper does): the
+        # C++ module keeps pointing at them.
+        for param in self.parameters():
+            param.data = fn(param.data)
+            if param.grad is not None:
+                param.grad.data = fn(param.grad.data)
+        for buf in self.buffers():
+            buf.data = fn(buf.data)
+        return self
+
+    def _get_name(self) -> str:
+        # "torch::nn::LinearImpl" -> "Linear", "attnzoo::nn::MultiHeadAttentionImpl" -> "MultiHeadAttention"
+        name = repr(self._cpp).rsplit("::", 1)[-1]
+        return name[:-4] if name.endswith("Impl") else name
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{n}={tuple(p.shape)}" for n, p in self._parameters.items())
+
+
+class ZooModel(CppModule):
+    """Shared behaviour of GPT, Bert, ViT and Speech."""
+
+    model_type: str = ""
+    _cpp_class = None
+
+    def __init__(self, config: ConfigLike = None, **overrides):
+        cfg = load_config(config, self.model_type, **overrides)
+        super().__init__(self._cpp_class(json.dumps(cfg)))
+
+    @classmethod
+    def _wrap(cls, cpp_model) -> "ZooModel":
+        model = cls.__new__(cls)
+        CppModule.__init__(model, cpp_model)
+        return model
+
+    @property
+    def config(self) -> dict:
+        return json.loads(self._cpp.config_json())
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
+        """Writes directory/config.json and directory/model.safetensors (each
+        to a temporary file renamed into place)."""
+        from safetensors.torch import save_file
+
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        _atomic_write(os.path.join(directory, "model.safetensors"),
+                      lambda tmp: save_file(state, tmp, metadata={"format": "pt", "producer": "attnzoo"}))
+        text = self._cpp.config_json()
+        _atomic_write(os.path.join(directory, "config.json"), lambda tmp: _write_text(tmp, text))
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "ZooModel":
+        """Loads a checkpoint directory strictly (missing or unexpected keys are errors)."""
+        from safetensors.torch import load_file
+
+        directory = os.fspath(directory)
+        model = cls(os.path.join(directory, "config.json"))
+        model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")), strict=True)
+        return model
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _atomic_write(path: str, write) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+class GPT(ZooModel):
+    """Causal language model: token (+ position) embeddings, pre-LN blocks, tied LM head."""
+
+    model_type = "gpt"
+    _cpp_class = _C.GPT
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids (B, N) -> logits (B, N, vocab_size)."""
+        return self._cpp.forward(input_ids, attention_mask)
+
+    def forward_cached(self, input_ids: torch.Tensor, cache: "_C.KVCache") -> torch.Tensor:
+        """Logits of input_ids continuing the sequence held by ``cache`` (a
+        ``attnzoo._C.KVCache()``, filled in)."""
+        return self._cpp.forward_cached(input_ids, cache)
+
+    @property
+    def supports_kv_cache(self) -> bool:
+        return self._cpp.supports_kv_cache()
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, eos_token_id: Optional[int] = None, use_cache: bool = True,
+                 seed: Optional[int] = None) -> torch.Tensor:
+        """Continues input_ids (B, N) by up to max_new_tokens tokens: greedy when
+        temperature is 0, else sampled (top_k / top_p). Rows that emit eos are
+        padded with eos; generation stops when every row has. Attention kinds
+        without a KV cache (lsh, linear) recompute the whole prefix per token."""
+        return self._cpp.generate(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, use_cache, seed)
+
+
+class Bert(ZooModel):
+    """Bidirectional encoder with a masked-LM head (tied) and an optional classification head."""
+
+    model_type = "bert"
+    _cpp_class = _C.Bert
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        """Masked-LM logits (B, N, vocab_size)."""
+        return self._cpp.forward(input_ids, attention_mask, token_type_ids)
+
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        return self._cpp.encode(input_ids, attention_mask, token_type_ids)
+
+    def classify(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
+        """Sequence-classification logits (B, num_labels)."""
+        return self._cpp.classify(input_ids, attention_mask, token_type_ids)
+
+
+class ViT(ZooModel):
+    """Vision transformer: conv patch embedding, CLS token, pre-LN blocks, classifier."""
+
+    model_type = "vit"
+    _cpp_class = _C.ViT
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, channels, H, W) -> logits (B, num_labels)."""
+        return self._cpp.forward(pixel_values)
+
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self._cpp.encode(pixel_values)
+
+
+class Speech(ZooModel):
+    """CTC speech recogniser: log-mel front end, conv subsampling, encoder, CTC head."""
+
+    model_type = "speech"
+    _cpp_class = _C.Speech
+
+    def forward(self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor] = None):
+        """waveforms (B, samples) -> (log-probabilities (B, T, vocab), frame lengths (B,))."""
+        return self._cpp.forward(waveforms, lengths)
+
+    def features(self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor] = None):
+        return self._cpp.features(waveforms, lengths)
+
+    def greedy_decode(self, log_probs: torch.Tensor, lengths: torch.Tensor) -> list:
+        return self._cpp.greedy_decode(log_probs, lengths)
+
+
+MODEL_CLASSES = {cls.model_type: cls for cls in (GPT, Bert, ViT, Speech)}
+
+
+def from_pretrained(directory: Union[str, os.PathLike]) -> ZooModel:
+    """Loads a checkpoint directory; the model kind comes from its config.json."""
+    config = load_config(directory)
+    return MODEL_CLASSES[config["model_type"]].from_pretrained(directory)
+
+
+def from_pretrained_cpp(directory: Union[str, os.PathLike]) -> ZooModel:
+    """The same through the C++ reader (attnzoo::from_pretrained)."""
+    cpp = _C.from_pretrained(os.fspath(directory))
+    return MODEL_CLASSES[json.loads(cpp.config_json())["model_type"]]._wrap(cpp)
