@@ -68,7 +68,8 @@ class CppModule(nn.Module):
         for name, tensor in cpp_module._buffers.items():
             self._buffers[name] = tensor
         for name, child in cpp_module._modules.items():
-            self._modules[name] = CppModule(child)
+            is_list = repr(child).endswith("ModuleListImpl")
+            self._modules[name] = (CppModuleList if is_list else CppModule)(child)
         self.training = cpp_module.training
 
     def train(self, mode: bool = True):
@@ -93,6 +94,19 @@ class CppModule(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{n}={tuple(p.shape)}" for n, p in self._parameters.items())
+
+
+class CppModuleList(CppModule):
+    """A C++ torch::nn::ModuleList: indexable and iterable like nn.ModuleList."""
+
+    def __getitem__(self, index: int) -> CppModule:
+        return list(self._modules.values())[index]
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
 
 
 class ZooModel(CppModule):

@@ -196,6 +196,12 @@ json attention_to_json(const AttentionConfig& config) {
   return out;
 }
 
+bool same_attention_everywhere(const ModelConfig& c) {
+  return std::all_of(c.attention.begin(), c.attention.end(), [&](const auto& a) {
+    return attention_to_json(a) == attention_to_json(c.attention.front());
+  });
+}
+
 void validate_attention(const AttentionConfig& a, const ModelConfig& m, const std::string& path) {
   require_choice(path + ".kind", a.kind, kAttentionKinds);
   const bool causal = m.model_type == "gpt";
@@ -306,8 +312,10 @@ void validate(const ModelConfig& c) {
   if (int64_t(c.attention.size()) != c.num_layers)
     fail("attention", "has " + std::to_string(c.attention.size()) + " entries for " + std::to_string(c.num_layers) +
                           " layers (give one object for all layers or a list with one per layer)");
+  // One spec for every layer was one JSON object: name it as such.
+  const bool uniform = same_attention_everywhere(c);
   for (size_t i = 0; i < c.attention.size(); ++i)
-    validate_attention(c.attention[i], c, c.attention.size() == 1 ? "attention" : "attention[" + std::to_string(i) + "]");
+    validate_attention(c.attention[i], c, uniform ? "attention" : "attention[" + std::to_string(i) + "]");
 }
 
 ModelConfig config_from_json(const std::string& text) {
@@ -360,10 +368,7 @@ std::string config_to_json(const ModelConfig& config) {
   out["model_type"] = config.model_type;
   for (const auto& f : model_fields())
     if (f.applies_to(config.model_type)) out[f.key] = f.write(config);
-  const bool uniform = std::all_of(config.attention.begin(), config.attention.end(), [&](const auto& a) {
-    return attention_to_json(a) == attention_to_json(config.attention.front());
-  });
-  if (uniform && !config.attention.empty()) {
+  if (same_attention_everywhere(config) && !config.attention.empty()) {
     out["attention"] = attention_to_json(config.attention.front());
   } else {
     out["attention"] = json::array();

@@ -102,19 +102,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> MultiHeadAttentionImpl::project(c
 }
 
 at::Tensor MultiHeadAttentionImpl::block_layout(int64_t nq, int64_t nk, bool causal) {
+  // The layout is built once for the longest sequence and sliced, so that a
+  // prefix sees the same blocks at every length (BigBird's random blocks
+  // would otherwise change with the length, and cached decoding with them).
   const auto& a = attention_;
-  const int64_t nb = (nk + a.block_size - 1) / a.block_size;
-  at::Tensor full;
-  if (a.layout == "local") full = layouts::local(nb, nb, a.layout_window, causal);
-  else if (a.layout == "bigbird")
-    full = layouts::bigbird(nb, nb, a.layout_window, a.num_global, a.num_random, heads_, a.seed, causal);
-  else if (a.layout == "fixed") full = layouts::fixed(nb, a.stride, std::min(a.num_summary, a.stride), causal);
-  else full = layouts::strided(nb, a.stride, causal);
-  if (nq == nk) return full;
-  // One new token after a cache: its row of the full layout (the op aligns
-  // the single query block with the last key block).
-  TORCH_CHECK(nq == 1, "attention: block_sparse with a cache takes one new token at a time, got ", nq);
-  return full.narrow(1, nb - 1, 1);
+  const int64_t nkb = (nk + a.block_size - 1) / a.block_size;
+  const int64_t nb = std::max(nkb, (max_positions_ + a.block_size - 1) / a.block_size);
+  std::lock_guard<std::mutex> lock(layout_mutex_);  // one module may serve several threads
+  if (!layout_.defined() || layout_.size(1) < nb || layout_causal_ != causal) {
+    if (a.layout == "local") layout_ = layouts::local(nb, nb, a.layout_window, causal);
+    else if (a.layout == "bigbird")
+      layout_ = layouts::bigbird(nb, nb, a.layout_window, a.num_global, a.num_random, heads_, a.seed, causal);
+    else if (a.layout == "fixed") layout_ = layouts::fixed(nb, a.stride, a.num_summary, causal);
+    else layout_ = layouts::strided(nb, a.stride, causal);
+    layout_causal_ = causal;
+  }
+  // Query blocks stand bottom-right: one new token after a cache is the last block's row.
+  TORCH_CHECK(nq == nk || nq == 1, "attention: block_sparse with a cache takes one new token at a time, got ", nq);
+  const int64_t nqb = nq == nk ? nkb : 1;
+  return layout_.narrow(1, nkb - nqb, nqb).narrow(2, 0, nkb);
 }
 
 at::Tensor MultiHeadAttentionImpl::attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -12,6 +12,7 @@
 #include <torch/nn/modules/normalization.h>
 #include <torch/nn/pimpl.h>
 
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -69,6 +70,9 @@ class MultiHeadAttentionImpl : public torch::nn::Module {
   bool cross_;
   torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, qkv_proj{nullptr}, out_proj{nullptr};
   at::Tensor t5_bias, shaw_rel_k, shaw_rel_v, linformer_e, linformer_f;
+  at::Tensor layout_;  // block_sparse: built for the longest sequence, sliced per call
+  bool layout_causal_ = false;
+  std::mutex layout_mutex_;
 };
 TORCH_MODULE(MultiHeadAttention);
 

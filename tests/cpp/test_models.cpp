@@ -1,0 +1,216 @@
+// The C++ side of the zoo: config.json parsing, the safetensors reader on
+// honest and hostile files, checkpoints, and the models' forward, training
+// and cached generation from C++.
+#include <ATen/ATen.h>
+#include <catch2/catch.hpp>
+#include <torch/optim/adamw.h>
+
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+
+#include "attnzoo/attnzoo.h"
+
+namespace {
+
+namespace fs = std::filesystem;
+using attnzoo::io::parse_safetensors;
+
+std::string gpt_json(const std::string& attention = R"({"kind": "dense"})") {
+  return R"({"model_type": "gpt", "vocab_size": 50, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
+             "max_position_embeddings": 64, "dropout": 0.0, "attention_dropout": 0.0, "attention": )" +
+         attention + "}";
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
+std::vector<uint8_t> bytes_of(const std::string& header, size_t data_bytes, int64_t header_length = -1) {
+  const uint64_t n = header_length < 0 ? header.size() : uint64_t(header_length);
+  std::vector<uint8_t> out(8);
+  for (int i = 0; i < 8; ++i) out[i] = uint8_t(n >> (8 * i));
+  out.insert(out.end(), header.begin(), header.end());
+  out.resize(out.size() + data_bytes, 7);
+  return out;
+}
+
+std::string parse_error(const std::vector<uint8_t>& bytes) {
+  return error_of([&] { parse_safetensors(bytes.data(), bytes.size()); });
+}
+
+fs::path temp_dir(const std::string& name) {
+  auto dir = fs::temp_directory_path() / ("attnzoo_test_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  return dir;
+}
+
+}  // namespace
+
+TEST_CASE("config.json: defaults, round trip and errors that name the key", "[io]") {
+  auto config = attnzoo::config_from_json(gpt_json(R"([{"kind": "t5"}, {"kind": "lsh", "bucket_size": 8}])"));
+  REQUIRE(config.attention.size() == 2);
+  CHECK(config.attention[1].bucket_size == 8);
+  CHECK(config.activation == "gelu_tanh");  // the GPT default
+  auto again = attnzoo::config_from_json(attnzoo::config_to_json(config));
+  CHECK(attnzoo::config_to_json(again) == attnzoo::config_to_json(config));
+
+  CHECK_THAT(error_of([] { attnzoo::config_from_json("{\"model_type\": \"gpt\", \"hiden_size\": 3}"); }),
+             Catch::Contains("'hiden_size' is not a config key"));
+  CHECK_THAT(error_of([] { attnzoo::config_from_json("{\"model_type\": \"gpt\""); }), Catch::Contains("malformed JSON"));
+  CHECK_THAT(error_of([] { attnzoo::config_from_json("{\"model_type\": \"gpt\", \"num_heads\": 1.5}"); }),
+             Catch::Contains("'num_heads' must be an integer"));
+  CHECK_THAT(error_of([] { attnzoo::config_from_json(gpt_json(R"({"kind": "local", "bucket_size": 4})")); }),
+             Catch::Contains("'attention.bucket_size' does not apply to attention kind \"local\""));
+  CHECK_THAT(error_of([] { attnzoo::config_from_json("{\"model_type\": \"vit\", \"patch_size\": 3}"); }),
+             Catch::Contains("'patch_size' must divide image_size"));
+  CHECK_THAT(error_of([] { attnzoo::config_from_json("{\"model_type\": \"gpt\", \"vocab_size\": 99999999999}"); }),
+             Catch::Contains("'vocab_size' must be in"));
+}
+
+TEST_CASE("safetensors: write, read back, and the same bytes parse from memory", "[io]") {
+  auto dir = temp_dir("st");
+  attnzoo::io::NamedTensors tensors = {{"b.f64", at::randn({3, 2}, at::kDouble)},
+                                       {"a.i64", at::randint(-5, 5, {4}, at::kLong)},
+                                       {"c.bool", at::rand({2, 2}) > 0.5},
+                                       {"d.bf16", at::randn({5}).to(at::kBFloat16)},
+                                       {"e.empty", at::empty({0, 3})},
+                                       {"f.strided", at::randn({4, 4}).t()}};
+  const auto path = (dir / "x.safetensors").string();
+  attnzoo::io::save_safetensors(path, tensors, {{"note", "hi"}});
+  auto file = attnzoo::io::load_safetensors(path);
+  REQUIRE(file.tensors.size() == tensors.size());
+  CHECK(file.metadata.at("note") == "hi");
+  for (const auto& [name, t] : tensors) {
+    auto it = std::find_if(file.tensors.begin(), file.tensors.end(), [&](const auto& e) { return e.first == name; });
+    REQUIRE(it != file.tensors.end());
+    CHECK(it->second.scalar_type() == t.scalar_type());
+    CHECK(at::equal(it->second, t));
+  }
+  std::ifstream in(path, std::ios::binary);
+  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  CHECK(parse_safetensors(bytes.data(), bytes.size()).tensors.size() == tensors.size());
+  // Truncating the file anywhere is an error, never a crash.
+  for (size_t cut : {size_t(0), size_t(5), size_t(8), size_t(20), bytes.size() / 2, bytes.size() - 1}) {
+    std::vector<uint8_t> head(bytes.begin(), bytes.begin() + cut);
+    CHECK_THAT(parse_error(head), Catch::Contains("safetensors"));
+  }
+  fs::remove_all(dir);
+}
+
+TEST_CASE("safetensors: hostile headers are refused before any allocation", "[io]") {
+  const std::string ok = R"({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}})";
+  CHECK(parse_safetensors(bytes_of(ok, 16).data(), bytes_of(ok, 16).size()).tensors.size() == 1);
+  const std::vector<std::pair<std::vector<uint8_t>, std::string>> cases = {
+      {bytes_of(ok, 16, int64_t(1) << 40), "exceeds the 100 MB limit"},
+      {bytes_of(ok, 16, int64_t(ok.size()) + 100), "runs past the end"},
+      {bytes_of(ok, 8), "run outside the 8 data bytes"},
+      {bytes_of(R"({"w": {"dtype": "F64", "shape": [2, 2], "data_offsets": [0, 16]}})", 16), "need 32"},
+      {bytes_of(R"({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 2]}})", 2), "unsupported dtype"},
+      {bytes_of(R"({"w": {"dtype": "U8", "shape": [-1], "data_offsets": [0, 1]}})", 1), "non-negative"},
+      {bytes_of(R"({"w": {"dtype": "U8", "shape": [281474976710656, 281474976710656], "data_offsets": [0, 1]}})", 1),
+       "too large"},
+      {bytes_of(R"({"w": {"dtype": "U8", "shape": [2], "data_offsets": [1, 0]}})", 2), "run outside"},
+      {bytes_of(R"({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
+                    "b": {"dtype": "U8", "shape": [2], "data_offsets": [1, 3]}})", 3), "overlap"},
+      {bytes_of(R"({"w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+                    "w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}})", 1), "duplicate key \"w\""},
+      {bytes_of(R"({"w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1], "extra": 1}})", 1), "exactly dtype"},
+      {bytes_of(R"({"w": {"dtype": "U8", "shape": [1]}})", 1), "exactly dtype"},
+      {bytes_of(R"({"w": 5})", 1), "exactly dtype"},
+      {bytes_of(R"([1, 2])", 0), "must be a JSON object"},
+      {bytes_of(R"({"w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1])", 1), "malformed JSON"},
+      {bytes_of("{\"\xff\xfe\": {}}", 0), "malformed JSON"},  // not UTF-8
+      {bytes_of(R"({"__metadata__": {"a": 1}})", 0), "must be a string"},
+      {std::vector<uint8_t>{1, 2, 3}, "too short"},
+  };
+  for (const auto& [bytes, expected] : cases) {
+    INFO(std::string(bytes.begin() + std::min<size_t>(8, bytes.size()), bytes.end()));
+    CHECK_THAT(parse_error(bytes), Catch::Contains(expected));
+  }
+}
+
+TEST_CASE("every model builds, trains one step and round-trips its checkpoint from C++", "[models]") {
+  torch::manual_seed(0);
+  auto dir = temp_dir("models");
+  const std::vector<std::string> configs = {
+      gpt_json(R"({"kind": "rotary"})"),
+      R"({"model_type": "bert", "vocab_size": 50, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_labels": 2,
+          "attention": {"kind": "block_sparse", "block_size": 4}})",
+      R"({"model_type": "vit", "hidden_size": 32, "num_layers": 2, "num_heads": 4, "attention": {"kind": "shaw"}})",
+      R"({"model_type": "speech", "vocab_size": 10, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "n_mels": 40,
+          "conformer_conv": true, "attention": {"kind": "lsh", "bucket_size": 4}})"};
+  for (const auto& text : configs) {
+    auto model = attnzoo::models::create_model(attnzoo::config_from_json(text));
+    INFO(model->config().model_type);
+    auto loss_of = [&](attnzoo::models::ModelBase& m) -> at::Tensor {
+      if (auto* g = dynamic_cast<attnzoo::models::GPTImpl*>(&m)) return g->forward(at::randint(0, 50, {2, 9})).logsumexp(-1).mean();
+      if (auto* b = dynamic_cast<attnzoo::models::BertImpl*>(&m)) {
+        auto ids = at::randint(0, 50, {2, 9});
+        return b->classify(ids).pow(2).mean() + b->forward(ids).logsumexp(-1).mean();
+      }
+      if (auto* v = dynamic_cast<attnzoo::models::ViTImpl*>(&m)) return v->forward(at::randn({2, 1, 8, 8})).pow(2).mean();
+      auto* s = dynamic_cast<attnzoo::models::SpeechImpl*>(&m);
+      return std::get<0>(s->forward(at::randn({2, 3000}))).exp().pow(2).mean();
+    };
+    torch::optim::AdamW opt(model->parameters(), torch::optim::AdamWOptions(1e-2));
+    auto before = model->state();
+    std::vector<at::Tensor> snapshot;
+    for (auto& [name, t] : before) snapshot.push_back(t.detach().clone());
+    auto loss = loss_of(*model);
+    loss.backward();
+    opt.step();
+    size_t changed = 0;
+    for (size_t i = 0; i < before.size(); ++i) changed += !at::equal(before[i].second, snapshot[i]);
+    CHECK(changed == before.size());
+
+    model->eval();
+    const auto path = (dir / model->config().model_type).string();
+    model->save_pretrained(path);
+    auto loaded = attnzoo::from_pretrained(path);
+    CHECK(attnzoo::config_to_json(loaded->config()) == attnzoo::config_to_json(model->config()));
+    auto a = model->state(), b = loaded->state();
+    REQUIRE(a.size() == b.size());
+    for (size_t i = 0; i < a.size(); ++i) CHECK(at::equal(a[i].second, b[i].second));
+  }
+  // Strict loading names what does not fit.
+  auto gpt = attnzoo::models::create_model(attnzoo::config_from_json(gpt_json()));
+  auto state = gpt->state();
+  state.erase(state.begin());
+  state.emplace_back("stray.weight", at::zeros({1}));
+  const auto message = error_of([&] { gpt->load_state(state); });
+  CHECK_THAT(message, Catch::Contains("missing keys: layers.0.attn.q_proj.weight"));
+  CHECK_THAT(message, Catch::Contains("unexpected keys: stray.weight"));
+  CHECK_THAT(error_of([] { attnzoo::from_pretrained("/nonexistent/dir"); }), Catch::Contains("cannot open"));
+  fs::remove_all(dir);
+}
+
+TEST_CASE("GPT: cached and uncached generation agree in C++", "[models]") {
+  torch::manual_seed(1);
+  for (const char* attention : {R"({"kind": "dense"})", R"({"kind": "alibi"})", R"({"kind": "shaw"})",
+                                R"({"kind": "block_sparse", "layout": "local", "block_size": 4})"}) {
+    INFO(attention);
+    attnzoo::models::GPT gpt(attnzoo::config_from_json(gpt_json(attention)));
+    gpt->eval();
+    auto ids = at::randint(0, 50, {2, 15});
+    torch::NoGradGuard no_grad;
+    auto full = gpt->forward(ids);
+    attnzoo::nn::KVCache cache;
+    std::vector<at::Tensor> steps = {gpt->forward_cached(ids.narrow(1, 0, 6), cache)};
+    for (int64_t t = 6; t < 15; ++t) steps.push_back(gpt->forward_cached(ids.narrow(1, t, 1), cache));
+    CHECK((at::cat(steps, 1) - full).abs().max().item<double>() < 1e-4);
+    attnzoo::models::GenerationOptions options;
+    options.max_new_tokens = 10;
+    auto with_cache = gpt->generate(ids.narrow(1, 0, 4), options);
+    options.use_cache = false;
+    CHECK(at::equal(with_cache, gpt->generate(ids.narrow(1, 0, 4), options)));
+  }
+}

@@ -1,0 +1,440 @@
+"""The zoo's models through the Python facade: every attention kind in every
+model it applies to, KV-cache generation, the nn.Module facade (optimizers,
+dtype, state_dict, jit.trace, DDP), checkpoints across the two languages, and
+clear errors for bad configs and inputs."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnzoo
+from attnzoo import _C
+from attnzoo.models import GPT, Bert, Speech, ViT, load_config
+
+SMALL = {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64}
+VOCAB = 61
+
+# Parameters for each kind that suit short test sequences.
+KINDS = {
+    "dense": {},
+    "alibi": {},
+    "rotary": {"rotary_dim": 4},
+    "t5": {"num_buckets": 8, "max_distance": 16},
+    "shaw": {"max_distance": 3},
+    "local": {"window": 3},
+    "block_sparse": {"layout": "bigbird", "block_size": 4, "layout_window": 1, "num_global": 1, "num_random": 1},
+    "block_sparse_fixed": {"kind": "block_sparse", "layout": "fixed", "block_size": 4, "stride": 2},
+    "block_sparse_strided": {"kind": "block_sparse", "layout": "strided", "block_size": 4, "stride": 2},
+    "linformer": {"projected_length": 8},
+    "lsh": {"bucket_size": 4, "n_hashes": 2},
+    "linear": {"feature_map": "elu+1"},
+    "longformer": {"window": 2, "global_tokens": [0]},
+}
+BIDIRECTIONAL_ONLY = {"linformer", "longformer"}
+CACHED_KINDS = ["dense", "alibi", "rotary", "t5", "shaw", "local", "block_sparse", "block_sparse_fixed",
+                "block_sparse_strided"]
+
+
+def attention(kind):
+    spec = dict(KINDS[kind])
+    spec.setdefault("kind", kind)
+    return spec
+
+
+def gpt(kind="dense", **kw):
+    torch.manual_seed(0)
+    return GPT({**SMALL, "vocab_size": VOCAB, "max_position_embeddings": 64, "attention": attention(kind), **kw})
+
+
+def ids(b=2, n=20, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (b, n), generator=g)
+
+
+def params_changed_by_one_step(model, loss_fn):
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loss = loss_fn()
+    assert torch.isfinite(loss)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), name
+    opt.step()
+    changed = [k for k, v in model.named_parameters() if not torch.equal(v.detach(), before[k])]
+    assert len(changed) == len(before), set(before) - set(changed)
+    return loss.item()
+
+
+# ---------------------------------------------------------------------------
+# Every kind trains one step in every model where it applies.
+
+@pytest.mark.parametrize("kind", [k for k in KINDS if k not in BIDIRECTIONAL_ONLY])
+def test_gpt_trains_one_step_with_every_causal_kind(kind):
+    model = gpt(kind)
+    x = ids()
+    params_changed_by_one_step(model, lambda: F.cross_entropy(model(x)[:, :-1].flatten(0, 1), x[:, 1:].flatten()))
+
+
+@pytest.mark.parametrize("kind", sorted(BIDIRECTIONAL_ONLY))
+def test_gpt_refuses_bidirectional_kinds(kind):
+    with pytest.raises(ValueError, match=r"attention\.kind.*bidirectional"):
+        gpt(kind)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_bert_trains_one_step_with_every_kind(kind):
+    torch.manual_seed(0)
+    model = Bert({**SMALL, "vocab_size": VOCAB, "max_position_embeddings": 64, "num_labels": 3,
+                  "attention": attention(kind)})
+    x = ids()
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[1, 15:] = False
+    labels = torch.tensor([0, 2])
+
+    def loss():
+        mlm = F.cross_entropy(model(x, mask).flatten(0, 1), x.flatten())
+        return mlm + F.cross_entropy(model.classify(x, mask), labels)
+    params_changed_by_one_step(model, loss)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_vit_trains_one_step_with_every_kind(kind):
+    torch.manual_seed(0)
+    model = ViT({**SMALL, "image_size": 8, "patch_size": 2, "num_channels": 1, "num_labels": 10,
+                 "attention": attention(kind)})
+    x = torch.randn(3, 1, 8, 8)
+    y = torch.tensor([1, 5, 9])
+    params_changed_by_one_step(model, lambda: F.cross_entropy(model(x), y))
+
+
+# The convolution module does not depend on the attention kind: three kinds cover it.
+@pytest.mark.parametrize("kind,conformer", [(k, False) for k in KINDS] +
+                         [(k, True) for k in ("dense", "lsh", "block_sparse")])
+def test_speech_trains_one_step_with_every_kind(kind, conformer):
+    torch.manual_seed(0)
+    model = Speech({**SMALL, "vocab_size": 12, "n_mels": 40, "subsampling_channels": 8, "conformer_conv": conformer,
+                    "conv_kernel_size": 5, "attention": attention(kind)})
+    wave = torch.randn(2, 8000)
+    lengths = torch.tensor([8000, 6000])
+    targets = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]])
+    target_lengths = torch.tensor([4, 3])
+
+    def loss():
+        log_probs, frames = model(wave, lengths)
+        return F.ctc_loss(log_probs.transpose(0, 1), targets, frames, target_lengths, blank=0)
+    params_changed_by_one_step(model, loss)
+
+
+def test_speech_frame_lengths_and_greedy_ctc_decoding():
+    model = Speech({**SMALL, "vocab_size": 5, "n_mels": 40, "subsampling_channels": 4}).eval()
+    log_probs, frames = model(torch.randn(2, 16000), torch.tensor([16000, 4000]))
+    # 16000 samples / hop 160 + 1 = 101 frames; two (3, stride 2) convolutions -> 24.
+    assert frames.tolist() == [24, 5] and log_probs.shape == (2, 24, 5)
+    assert torch.allclose(log_probs.exp().sum(-1), torch.ones(2, 24), atol=1e-5)
+    fake = torch.full((1, 8, 5), -10.0)
+    for t, label in enumerate([0, 3, 3, 0, 3, 1, 1, 2]):
+        fake[0, t, label] = 0.0
+    assert model.greedy_decode(fake, torch.tensor([8])) == [[3, 3, 1, 2]]
+    assert model.greedy_decode(fake, torch.tensor([3])) == [[3]]
+
+
+def test_speech_padding_does_not_change_the_valid_frames():
+    model = Speech({**SMALL, "vocab_size": 7, "n_mels": 40, "subsampling_channels": 4, "conformer_conv": True,
+                    "conv_kernel_size": 3}).eval()
+    wave = torch.randn(1, 12000)
+    alone, n = model(wave)
+    padded, m = model(torch.cat([wave, torch.randn(1, 4000)], 1), torch.tensor([12000]))
+    assert n.tolist() == m.tolist()
+    # The front end's last frames see the padding through the STFT window and
+    # the convolutions' receptive field; frames well inside are unaffected.
+    k = int(n) - 3
+    assert torch.allclose(alone[:, :k], padded[:, :k], atol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# KV cache
+
+@pytest.mark.parametrize("kind", CACHED_KINDS)
+def test_cached_logits_equal_uncached(kind):
+    model = gpt(kind).eval()
+    assert model.supports_kv_cache
+    x = ids(2, 23)
+    full = model(x)
+    cache = _C.KVCache()
+    steps = [model.forward_cached(x[:, :9], cache)]
+    for t in range(9, x.shape[1]):
+        steps.append(model.forward_cached(x[:, t:t + 1], cache))
+    assert cache.length == x.shape[1]
+    assert (torch.cat(steps, 1) - full).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["dense", "rotary", "t5", "block_sparse", "lsh", "linear"])
+def test_generation_with_and_without_cache_agree(kind):
+    model = gpt(kind).eval()
+    prompt = ids(2, 5)
+    if kind == "lsh":
+        torch.manual_seed(3)  # fresh rotations each call: only the fallback path is comparable
+        a = model.generate(prompt, 12, use_cache=True)
+        torch.manual_seed(3)
+        b = model.generate(prompt, 12, use_cache=False)
+        assert not model.supports_kv_cache
+    else:
+        a = model.generate(prompt, 12, use_cache=True)
+        b = model.generate(prompt, 12, use_cache=False)
+    assert a.shape == (2, 17) and torch.equal(a[:, :5], prompt)
+    assert torch.equal(a, b)
+
+
+def test_greedy_generation_follows_the_argmax():
+    model = gpt().eval()
+    out = model.generate(ids(1, 4), 6)
+    for t in range(4, out.shape[1]):
+        assert out[0, t] == model(out[:, :t])[0, -1].argmax()
+
+
+def test_sampling_is_reproducible_and_top_k_one_is_greedy():
+    model = gpt().eval()
+    prompt = ids(2, 4)
+    a = model.generate(prompt, 10, temperature=1.0, top_k=5, top_p=0.9, seed=7)
+    b = model.generate(prompt, 10, temperature=1.0, top_k=5, top_p=0.9, seed=7)
+    assert torch.equal(a, b)
+    assert torch.equal(model.generate(prompt, 10, temperature=0.7, top_k=1, seed=1), model.generate(prompt, 10))
+    # A tiny nucleus keeps only the most likely token.
+    assert torch.equal(model.generate(prompt, 10, temperature=1.0, top_p=1e-6, seed=2), model.generate(prompt, 10))
+
+
+def test_generation_stops_at_eos_and_pads_with_it():
+    model = gpt().eval()
+    prompt = ids(2, 4)
+    greedy = model.generate(prompt, 8)
+    eos = int(greedy[0, 6])  # the first row emits it at step 3 or earlier
+    out = model.generate(prompt, 8, eos_token_id=eos)
+    first = (out[0, 4:] == eos).nonzero()[0, 0].item() + 4
+    assert (out[0, first:] == eos).all()
+    assert torch.equal(out[:, :first + 1], greedy[:, :first + 1])
+
+
+def test_generation_rejects_bad_options():
+    model = gpt()
+    with pytest.raises(RuntimeError, match="top_p"):
+        model.generate(ids(1, 3), 2, top_p=0.0)
+    with pytest.raises(RuntimeError, match="temperature"):
+        model.generate(ids(1, 3), 2, temperature=-1.0)
+    with pytest.raises(RuntimeError, match="max_position_embeddings"):
+        model.generate(ids(1, 3), 62)
+
+
+# ---------------------------------------------------------------------------
+# The nn.Module facade shares the C++ tensors.
+
+def test_facade_shares_tensors_with_cpp():
+    model = gpt()
+    py_params = dict(model.named_parameters())
+    cpp_params = dict(model._cpp.named_parameters(True).items())
+    assert py_params.keys() == cpp_params.keys()
+    for k in py_params:
+        assert py_params[k].data_ptr() == cpp_params[k].data_ptr()
+    x = ids()
+    before = model(x)
+    with torch.no_grad():
+        model.final_norm.bias.add_(1.0)  # through the facade's attribute
+    assert not torch.allclose(model(x), before)
+
+
+def test_to_float64_reaches_cpp_and_matches_float32():
+    model = gpt().eval()
+    x = ids()
+    out32 = model(x)
+    model.to(torch.float64)
+    assert all(p.dtype == torch.float64 for p in model._cpp.parameters(True))
+    out64 = model(x)
+    assert out64.dtype == torch.float64
+    assert (out64 - out32.double()).abs().max() < 1e-4
+
+
+def test_state_dict_round_trip_and_strict_loading():
+    a = gpt()
+    torch.manual_seed(5)
+    b = GPT(a.config)
+    x = ids()
+    assert not torch.allclose(a.eval()(x), b.eval()(x))
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a(x), b(x))
+    state = a.state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["final_norm.bias"]
+    with pytest.raises(RuntimeError, match=r"(?s)Missing key.*final_norm\.bias.*Unexpected key.*extra\.weight"):
+        b.load_state_dict(state)
+
+
+def test_train_and_eval_switch_dropout_in_cpp():
+    model = gpt(dropout=0.5)
+    x = ids()
+    model.train()
+    assert model._cpp.training and model.layers[0].training
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(2)
+    assert not torch.equal(a, model(x))
+    model.eval()
+    assert not model._cpp.training
+    assert torch.equal(model(x), model(x))
+
+
+def test_jit_trace_through_the_facade():
+    model = gpt().eval()
+    x = ids()
+    traced = torch.jit.trace(model, (x,), check_trace=False)
+    assert torch.equal(traced(x), model(x))
+    assert "attnzoo::attention" in str(traced.graph)
+
+
+def test_python_forward_matches_the_cpp_checkpoint_reader(tmp_path):
+    model = gpt("rotary").eval()
+    model.save_pretrained(tmp_path / "py")
+    cpp_loaded = attnzoo.models.from_pretrained_cpp(tmp_path / "py").eval()
+    x = ids()
+    assert (cpp_loaded(x) - model(x)).abs().max() <= 1e-6
+    # and the other way: written by C++, read by the Python safetensors package
+    model._cpp.save_pretrained(str(tmp_path / "cpp"))
+    py_loaded = attnzoo.from_pretrained(tmp_path / "cpp").eval()
+    assert (py_loaded(x) - model(x)).abs().max() <= 1e-6
+    assert json.loads((tmp_path / "cpp" / "config.json").read_text()) == model.config
+    assert not [p for p in os.listdir(tmp_path / "cpp") if ".tmp" in p]
+
+
+@pytest.mark.parametrize("cls,config,inputs", [
+    (Bert, {"vocab_size": VOCAB, "num_labels": 2, "attention": {"kind": "t5"}}, lambda: (ids(),)),
+    (ViT, {"image_size": 8, "patch_size": 4, "num_channels": 3}, lambda: (torch.randn(2, 3, 8, 8),)),
+    (Speech, {"vocab_size": 9, "n_mels": 40, "subsampling_channels": 4, "conformer_conv": True},
+     lambda: (torch.randn(2, 4000),)),
+])
+def test_every_model_round_trips_through_both_readers(tmp_path, cls, config, inputs):
+    torch.manual_seed(0)
+    model = cls({**SMALL, **config}).eval()
+    model.save_pretrained(tmp_path)
+    x = inputs()
+    for loaded in (attnzoo.from_pretrained(tmp_path), attnzoo.models.from_pretrained_cpp(tmp_path)):
+        assert type(loaded) is cls
+        a, b = model(*x), loaded.eval()(*x)
+        a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
+        assert torch.equal(a, b)
+
+
+def test_ddp_two_processes_gloo():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port), nprocs=2, join=True)
+
+
+def _ddp_worker(rank, world, port):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(rank)  # different initial weights: DDP must broadcast rank 0's
+        model = GPT({**SMALL, "vocab_size": VOCAB, "dropout": 0.0, "attention_dropout": 0.0})
+        ddp = DDP(model)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        x = ids(2, 12, seed=10 + rank)  # each rank its own data
+        loss = F.cross_entropy(ddp(x)[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        flat = torch.cat([p.detach().flatten() for p in model._cpp.parameters(True)])
+        gathered = [torch.zeros_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat)
+        assert torch.equal(gathered[0], gathered[1]), "replicas diverged"
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------
+# Configs and inputs that are wrong give errors naming what is wrong.
+
+@pytest.mark.parametrize("config,match", [
+    ({"hidden_sise": 32}, r"'hidden_sise' is not a config key"),
+    ({"hidden_size": "32"}, r"'hidden_size' must be an integer"),
+    ({"hidden_size": 30, "num_heads": 4}, r"'num_heads' must divide hidden_size"),
+    ({"num_kv_heads": 3}, r"'num_kv_heads' must divide num_heads"),
+    ({"dropout": 1.5}, r"'dropout' must be in"),
+    ({"activation": "swish"}, r"'activation' must be one of"),
+    ({"image_size": 8}, r"'image_size' does not apply to model_type \"gpt\""),
+    ({"attention": {"kind": "flash"}}, r"'attention.kind' must be one of"),
+    ({"attention": {"kind": "dense", "window": 4}}, r"'attention.window' does not apply to attention kind \"dense\""),
+    ({"attention": {"kind": "lsh", "bucket_size": 0}}, r"'attention.bucket_size' must be in"),
+    ({"attention": [{"kind": "dense"}]}, r"'attention' has 1 entries for 4 layers"),
+    ({"attention": [{"kind": "dense"}] * 3 + [{"kind": "rotary", "rotary_dim": 3}]},
+     r"'attention\[3\].rotary_dim' must be even"),
+    ({"vocab_size": 0}, r"'vocab_size' must be in"),
+    ({"eos_token_id": 1000}, r"'eos_token_id' must be in"),
+    ({"num_layers": 10 ** 9}, r"'num_layers' must be in"),
+    ({"hidden_size": 2 ** 40}, r"'hidden_size' must be in"),
+])
+def test_bad_configs_name_the_key(config, match):
+    with pytest.raises(ValueError, match=match):
+        GPT(config)
+
+
+def test_bad_config_files(tmp_path):
+    path = tmp_path / "config.json"
+    for text, match in [("{", "malformed JSON"), ("[1, 2]", "must be a dict"), ('{"model_type": "rnn"}', "model_type"),
+                        ('{"hidden_size": 32}', "'model_type' is missing")]:
+        path.write_text(text)
+        with pytest.raises((ValueError, TypeError), match=match):
+            load_config(path)
+    with pytest.raises(ValueError, match="'model_type' is 'bert', expected 'gpt'"):
+        GPT({"model_type": "bert"})
+
+
+def test_config_round_trips_and_per_layer_kinds():
+    config = load_config({"model_type": "gpt", **SMALL, "attention": [{"kind": "dense"}, {"kind": "lsh"}]})
+    assert [a["kind"] for a in config["attention"]] == ["dense", "lsh"]
+    assert config["attention"][1] == {"kind": "lsh", "bucket_size": 32, "n_hashes": 2}
+    assert load_config(config) == config
+    model = GPT(config)
+    assert "q_proj" in dict(model.layers[1].attn.named_children()) and "k_proj" not in dict(
+        model.layers[1].attn.named_children())  # LSH shares queries and keys
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m: m(torch.randint(0, VOCAB, (2,))), r"input_ids must have shape \(batch, length\)"),
+    (lambda m: m(torch.zeros(2, 0, dtype=torch.long)), r"input_ids must hold at least one"),
+    (lambda m: m(torch.rand(2, 5)), r"input_ids must hold integer ids"),
+    (lambda m: m(torch.full((1, 5), VOCAB)), r"input_ids must lie in \[0, 61\)"),
+    (lambda m: m(torch.full((1, 5), -1)), r"input_ids must lie in"),
+    (lambda m: m(ids(1, 65)), r"max_position_embeddings = 64"),
+    (lambda m: m(ids(2, 5), torch.ones(2, 4, dtype=torch.bool)), r"attention_mask must have shape"),
+    (lambda m: m(ids(2, 5), torch.ones(2, 5)), r"attention_mask must be bool or integer"),
+])
+def test_gpt_bad_inputs_name_the_argument(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call(gpt())
+
+
+def test_single_token_sequences_work():
+    assert gpt()(ids(1, 1)).shape == (1, 1, VOCAB)
+    bert = Bert({**SMALL, "vocab_size": VOCAB})
+    assert bert(ids(1, 1)).shape == (1, 1, VOCAB)
+
+
+def test_other_models_bad_inputs():
+    vit = ViT({**SMALL, "image_size": 8, "patch_size": 2})
+    with pytest.raises(RuntimeError, match=r"pixel_values must have shape \(batch, 1, 8, 8\)"):
+        vit(torch.randn(2, 3, 8, 8))
+    with pytest.raises(RuntimeError, match="pixel_values must be floating"):
+        vit(torch.ones(2, 1, 8, 8, dtype=torch.long))
+    bert = Bert({**SMALL, "vocab_size": VOCAB})
+    with pytest.raises(RuntimeError, match=r"token_type_ids must lie in \[0, 2\)"):
+        bert(ids(1, 5), None, torch.full((1, 5), 2))
+    with pytest.raises(RuntimeError, match="classification head"):
+        bert.classify(ids(1, 5))
+    speech = Speech({**SMALL, "n_mels": 40})
+    with pytest.raises(RuntimeError, match="at least n_fft = 400 samples"):
+        speech(torch.randn(1, 100))
+    with pytest.raises(RuntimeError, match=r"lengths must lie in \[1, 4000\]"):
+        speech(torch.randn(1, 4000), torch.tensor([5000]))
