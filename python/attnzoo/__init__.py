@@ -6,7 +6,7 @@ Importing the package loads the C++ extension, which registers the
 import torch  # noqa: F401  (the extension links against the loaded torch)
 
 from . import _C  # noqa: F401  registers torch.ops.attnzoo.*
-from . import layouts, models, ops
+from . import convert, layouts, models, ops
 from .models import from_pretrained
 from .ops import (alibi_slopes, attention, attention_weights, block_sparse_attention, linear_attention,
                   linformer_attention, longformer_attention, lsh_attention, rotary, shaw_attention, t5_relative_bucket)
@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 __all__ = ["ops", "attention", "attention_weights", "alibi_slopes", "t5_relative_bucket", "rotary",
            "linformer_attention", "linear_attention", "block_sparse_attention", "shaw_attention",
            "lsh_attention", "longformer_attention",
-           "layouts", "models", "from_pretrained", "engine_isa", "__version__"]
+           "layouts", "models", "convert", "from_pretrained", "engine_isa", "__version__"]
 
 
 def engine_isa() -> str:
