@@ -28,12 +28,12 @@ KINDS = {
     "block_sparse": {"layout": "bigbird", "block_size": 4, "layout_window": 1, "num_global": 1, "num_random": 1},
     "block_sparse_fixed": {"kind": "block_sparse", "layout": "fixed", "block_size": 4, "stride": 2},
     "block_sparse_strided": {"kind": "block_sparse", "layout": "strided", "block_size": 4, "stride": 2},
-    "linformer": {"projected_length": 8},
+    "linformer": {"projected_length": 8, "chunk_size": 8},
     "lsh": {"bucket_size": 4, "n_hashes": 2},
     "linear": {"feature_map": "elu+1"},
     "longformer": {"window": 2, "global_tokens": [0]},
 }
-BIDIRECTIONAL_ONLY = {"linformer", "longformer"}
+BIDIRECTIONAL_ONLY = {"longformer"}
 CACHED_KINDS = ["dense", "alibi", "rotary", "t5", "shaw", "local", "block_sparse", "block_sparse_fixed",
                 "block_sparse_strided"]
 
@@ -153,6 +153,62 @@ def test_speech_padding_does_not_change_the_valid_frames():
     # the convolutions' receptive field; frames well inside are unaffected.
     k = int(n) - 3
     assert torch.allclose(alone[:, :k], padded[:, :k], atol=1e-4)
+
+
+def reference_gpt(model, x, attend):
+    """The GPT forward pass written out in float64 from the model's tensors,
+    with attend(layer_index, q, k, v, layer_params) -> (B, H, N, D)."""
+    p = {k: v.detach().double() for k, v in model.state_dict().items()}
+    cfg = model.config
+    H, C = cfg["num_heads"], cfg["hidden_size"]
+    B, N = x.shape
+    h = p["token_embedding.weight"][x] + p["position_embedding.weight"][:N]
+    for i in range(cfg["num_layers"]):
+        lp = {k[len(f"layers.{i}."):]: v for k, v in p.items() if k.startswith(f"layers.{i}.")}
+        ln = lambda t, n: F.layer_norm(t, (C,), lp[f"{n}.weight"], lp[f"{n}.bias"], cfg["layer_norm_eps"])  # noqa: E731
+        a = ln(h, "attn_norm")
+        q, k, v = (F.linear(a, lp[f"attn.{n}_proj.weight"], lp[f"attn.{n}_proj.bias"])
+                   .view(B, N, H, -1).transpose(1, 2) for n in "qkv")
+        o = attend(i, q, k, v, lp).transpose(1, 2).reshape(B, N, C)
+        h = h + F.linear(o, lp["attn.out_proj.weight"], lp["attn.out_proj.bias"])
+        m = ln(h, "mlp_norm")
+        m = F.gelu(F.linear(m, lp["mlp.fc_in.weight"], lp["mlp.fc_in.bias"]), approximate="tanh")
+        h = h + F.linear(m, lp["mlp.fc_out.weight"], lp["mlp.fc_out.bias"])
+    h = F.layer_norm(h, (C,), p["final_norm.weight"], p["final_norm.bias"], cfg["layer_norm_eps"])
+    return h @ p["token_embedding.weight"].T
+
+
+def test_gpt_dense_matches_a_float64_reference():
+    model = gpt().eval().double()
+    x = ids(2, 19)
+
+    def attend(i, q, k, v, lp):
+        s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        s = s.masked_fill(torch.ones(19, 19, dtype=torch.bool).triu(1), float("-inf"))
+        return s.softmax(-1) @ v
+    assert (model(x) - reference_gpt(model, x, attend)).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("n", [16, 21, 5])
+def test_causal_linformer_matches_a_float64_reference(n):
+    model = gpt("linformer").eval().double()
+    c, kp = KINDS["linformer"]["chunk_size"], KINDS["linformer"]["projected_length"]
+    x = ids(2, n)
+
+    def attend(i, q, k, v, lp):
+        E = lp["attn.linformer_e"]
+        out = torch.empty_like(q)
+        for t in range(n):
+            start = t - t % c  # this token's chunk starts here
+            keys, values = k[:, :, start:t + 1], v[:, :, start:t + 1]
+            if start > 0:  # Linformer projection of every earlier chunk
+                keys = torch.cat([E[:, :start] @ k[:, :, :start], keys], 2)
+                values = torch.cat([E[:, :start] @ v[:, :, :start], values], 2)
+            w = (q[:, :, t:t + 1] @ keys.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+            out[:, :, t:t + 1] = w @ values
+        assert E.shape == (kp, 64)
+        return out
+    assert (model(x) - reference_gpt(model, x, attend)).abs().max() < 1e-10
 
 
 # ---------------------------------------------------------------------------

@@ -97,6 +97,7 @@ const std::vector<Field<AttentionConfig>>& attention_fields() {
       field("seed", "block_sparse", &A::seed),
       field("projected_length", "linformer", &A::projected_length),
       field("share_kv_projection", "linformer", &A::share_kv_projection),
+      field("chunk_size", "linformer", &A::chunk_size),
       field("bucket_size", "lsh", &A::bucket_size),
       field("n_hashes", "lsh", &A::n_hashes),
       field("feature_map", "linear", &A::feature_map),
@@ -205,7 +206,7 @@ bool same_attention_everywhere(const ModelConfig& c) {
 void validate_attention(const AttentionConfig& a, const ModelConfig& m, const std::string& path) {
   require_choice(path + ".kind", a.kind, kAttentionKinds);
   const bool causal = m.model_type == "gpt";
-  if (causal && (a.kind == "linformer" || a.kind == "longformer"))
+  if (causal && a.kind == "longformer")
     fail(path + ".kind", "\"" + a.kind + "\" attention is bidirectional and cannot be used in a causal (gpt) model");
   if (a.kind == "t5") {
     require_range(path + ".num_buckets", double(a.num_buckets), 2, 4096);
@@ -231,6 +232,7 @@ void validate_attention(const AttentionConfig& a, const ModelConfig& m, const st
     require_range(path + ".num_summary", double(a.num_summary), 1, double(a.stride));
   } else if (a.kind == "linformer") {
     require_range(path + ".projected_length", double(a.projected_length), 1, 1 << 16);
+    require_range(path + ".chunk_size", double(a.chunk_size), 1, 1 << 16);
   } else if (a.kind == "lsh") {
     require_range(path + ".bucket_size", double(a.bucket_size), 1, 1 << 16);
     require_range(path + ".n_hashes", double(a.n_hashes), 1, 64);

@@ -30,6 +30,7 @@ struct AttentionConfig {
   int64_t seed = 0;               // block_sparse bigbird random blocks
   int64_t projected_length = 64;  // linformer
   bool share_kv_projection = true;  // linformer
+  int64_t chunk_size = 64;        // linformer in causal models: exact attention within a chunk
   int64_t bucket_size = 32;       // lsh
   int64_t n_hashes = 2;           // lsh
   std::string feature_map = "elu+1";  // linear

@@ -144,6 +144,7 @@ at::Tensor MultiHeadAttentionImpl::attend(const at::Tensor& q, const at::Tensor&
   if (a.kind == "linformer") {
     TORCH_CHECK(Nk <= max_positions_, "attention: linformer projects at most max_position_embeddings = ",
                 max_positions_, " keys, got ", Nk);
+    if (causal) return causal_linformer(q, kr, vr, inputs.key_padding_mask, p);
     return ops::linformer_attention(q, kr, vr, linformer_e,
                                     linformer_f.defined() ? std::optional<at::Tensor>(linformer_f) : std::nullopt,
                                     inputs.key_padding_mask, p);
@@ -162,6 +163,43 @@ at::Tensor MultiHeadAttentionImpl::attend(const at::Tensor& q, const at::Tensor&
   for (int64_t t : a.global_tokens)
     if (t < Nk && std::find(global.begin(), global.end(), t) == global.end()) global.push_back(t);
   return ops::longformer_attention(q, kr, vr, a.window, at::tensor(global, at::kLong), inputs.key_padding_mask, p);
+}
+
+at::Tensor MultiHeadAttentionImpl::causal_linformer(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    const std::optional<at::Tensor>& key_padding_mask, double p) {
+  // Linformer's projection mixes every position, so a causal model cannot
+  // use it as is. Here each query attends exactly to the earlier tokens of
+  // its own chunk and to the Linformer projection (E, F) of all the chunks
+  // before it; the two attentions merge exactly through their log-sum-exps.
+  // Cost O(N (chunk + projected_length) D): linear in N.
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Dv = v.size(3);
+  const int64_t c = attention_.chunk_size, nb = (N + c - 1) / c, Np = nb * c, Kp = attention_.projected_length;
+  auto pad = [&](const at::Tensor& t) { return Np == N ? t : at::constant_pad_nd(t, {0, 0, 0, Np - N}); };
+  auto chunks = [&](const at::Tensor& t) {  // (B, H, Np, d) -> (B * nb, H, c, d)
+    return pad(t).view({B, H, nb, c, t.size(3)}).transpose(1, 2).reshape({B * nb, H, c, t.size(3)});
+  };
+  auto keep = key_padding_mask ? at::constant_pad_nd(key_padding_mask->to(at::kBool), {0, Np - N}, 0)
+                               : at::ones({B, Np}, q.options().dtype(at::kBool));
+  // Within the chunk: exact causal attention (padding keys sit after every real query).
+  auto [out_local, lse_local] = ops::attention_with_lse(
+      chunks(q), chunks(k), chunks(v),
+      ops::AttentionOptions().causal(true).dropout_p(p).mask(keep.view({B * nb, 1, 1, c})));
+  // Earlier chunks: per-chunk projections E[:, chunk] k_chunk, summed over the chunks before.
+  auto project = [&](const at::Tensor& P, const at::Tensor& x) {
+    auto Pc = at::constant_pad_nd(P.narrow(1, 0, N), {0, Np - N}).view({Kp, nb, c}).transpose(0, 1);  // (nb, Kp, c)
+    auto xs = (pad(x) * keep.view({B, 1, Np, 1}).to(x.scalar_type())).view({B, H, nb, c, x.size(3)});
+    auto per_chunk = at::matmul(Pc.to(x.scalar_type()), xs);  // (B, H, nb, Kp, d)
+    auto before = per_chunk.cumsum(2) - per_chunk;
+    return before.transpose(1, 2).reshape({B * nb, H, Kp, x.size(3)});
+  };
+  auto has_past = (at::arange(nb, q.options().dtype(at::kLong)) > 0).repeat({B}).view({B * nb, 1, 1, 1});
+  auto [out_past, lse_past] = ops::attention_with_lse(
+      chunks(q), project(linformer_e, k), project(linformer_f.defined() ? linformer_f : linformer_e, v),
+      ops::AttentionOptions().dropout_p(p).mask(has_past.expand({B * nb, 1, 1, Kp})));
+  auto lse = at::logaddexp(lse_local, lse_past);
+  auto weight = [&](const at::Tensor& part) { return (part - lse).exp().nan_to_num(0.0).unsqueeze(-1).to(q.scalar_type()); };
+  auto out = out_local * weight(lse_local) + out_past * weight(lse_past);  // (B * nb, H, c, Dv)
+  return out.view({B, nb, H, c, Dv}).transpose(1, 2).reshape({B, H, Np, Dv}).narrow(2, 0, N);
 }
 
 at::Tensor MultiHeadAttentionImpl::forward(const at::Tensor& x, const AttentionInputs& inputs) {

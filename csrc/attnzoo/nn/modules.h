@@ -61,6 +61,8 @@ class MultiHeadAttentionImpl : public torch::nn::Module {
   at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionInputs& inputs,
                     int64_t past);
   at::Tensor block_layout(int64_t nq, int64_t nk, bool causal);
+  at::Tensor causal_linformer(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const std::optional<at::Tensor>& key_padding_mask, double p);
   std::pair<at::Tensor, at::Tensor> rotate(const at::Tensor& q, const at::Tensor& k, int64_t past) const;
   ops::AttentionOptions dense_options(const at::Tensor& q, const std::optional<at::Tensor>& mask, bool causal) const;
 
