@@ -494,3 +494,21 @@ def test_other_models_bad_inputs():
         speech(torch.randn(1, 100))
     with pytest.raises(RuntimeError, match=r"lengths must lie in \[1, 4000\]"):
         speech(torch.randn(1, 4000), torch.tensor([5000]))
+
+
+ZOO = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "models")
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(ZOO)))
+def test_zoo_configs_build_and_run(name):
+    config = load_config(os.path.join(ZOO, name))
+    model = attnzoo.models.MODEL_CLASSES[config["model_type"]](config).eval()
+    assert os.path.exists(os.path.join(ZOO, name, "README.md"))
+    with torch.no_grad():
+        if config["model_type"] in ("gpt", "bert"):
+            out = model(torch.randint(0, config["vocab_size"], (1, 100)))
+        elif config["model_type"] == "vit":
+            out = model(torch.randn(2, 1, 8, 8))
+        else:
+            out = model(torch.randn(1, 8000))[0]
+    assert torch.isfinite(out).all()
