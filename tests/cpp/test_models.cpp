@@ -214,3 +214,32 @@ TEST_CASE("GPT: cached and uncached generation agree in C++", "[models]") {
     CHECK(at::equal(with_cache, gpt->generate(ids.narrow(1, 0, 4), options)));
   }
 }
+
+TEST_CASE("transformer block with cross-attention reads the context and honours its padding", "[models]") {
+  torch::manual_seed(3);
+  auto config = attnzoo::config_from_json(gpt_json());
+  attnzoo::nn::TransformerBlock block(config, config.attention[0], /*cross_attention=*/true);
+  block->eval();
+  torch::NoGradGuard no_grad;
+  auto x = at::randn({2, 5, 32}), context = at::randn({2, 7, 32});
+  auto mask = at::ones({2, 7}, at::kBool);
+  mask.narrow(1, 5, 2).fill_(false);
+  attnzoo::nn::AttentionInputs inputs;
+  inputs.causal = true;
+  inputs.context = &context;
+  auto out = block->forward(x, inputs, mask);
+  // Changing padded context positions changes nothing; changing a real one does.
+  auto other = context.clone();
+  other.narrow(1, 5, 2).normal_();
+  inputs.context = &other;
+  CHECK(at::allclose(block->forward(x, inputs, mask), out));
+  other.narrow(1, 0, 1).normal_();
+  CHECK(!at::allclose(block->forward(x, inputs, mask), out));
+  // The output of a query depends only on itself and earlier queries (causal self-attention).
+  auto later = x.clone();
+  later.narrow(1, 4, 1).normal_();
+  inputs.context = &context;
+  CHECK(at::allclose(block->forward(later, inputs, mask).narrow(1, 0, 4), out.narrow(1, 0, 4), 1e-5, 1e-6));
+  inputs.context = nullptr;
+  CHECK_THAT(error_of([&] { block->forward(x, inputs); }), Catch::Contains("needs a context"));
+}

@@ -512,3 +512,32 @@ def test_zoo_configs_build_and_run(name):
         else:
             out = model(torch.randn(1, 8000))[0]
     assert torch.isfinite(out).all()
+
+
+def test_hostile_checkpoint_files_give_clear_errors_in_both_languages(tmp_path):
+    model = gpt()
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    good = path.read_bytes()
+    header_len = int.from_bytes(good[:8], "little")
+    cases = {
+        "truncated": good[: len(good) // 2],
+        "huge header length": (2 ** 60).to_bytes(8, "little") + good[8:],
+        "header past the end": (len(good)).to_bytes(8, "little") + good[8:],
+        "dtype lies": good.replace(b'"F32"', b'"F64"', 1),
+        "not JSON": good[:8] + b"x" * header_len + good[8 + header_len:],
+    }
+    for what, data in cases.items():
+        with pytest.raises(ValueError, match="safetensors"):
+            _C.parse_safetensors(data)
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=str(path)):
+            attnzoo.models.from_pretrained_cpp(tmp_path)
+        with pytest.raises(Exception) as error:  # the safetensors package (Rust) on the Python side
+            attnzoo.from_pretrained(tmp_path)
+        assert error.type.__name__ in ("SafetensorError", "ValueError", "RuntimeError"), (what, error.type)
+    path.write_bytes(good)
+    (tmp_path / "config.json").write_text('{"model_type": "gpt", "hidden_size": 33}')
+    for load in (attnzoo.from_pretrained, attnzoo.models.from_pretrained_cpp):
+        with pytest.raises(ValueError, match="num_heads"):
+            load(tmp_path)
