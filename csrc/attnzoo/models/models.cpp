@@ -27,6 +27,28 @@ std::string list_names(const std::vector<std::string>& names) {
   return out;
 }
 
+// The token embedding and, when the config asks for learned positions, the
+// position embedding of a text model (GPT, Bert), registered on `model`.
+std::pair<torch::nn::Embedding, torch::nn::Embedding> text_embeddings(torch::nn::Module& model, const ModelConfig& c) {
+  auto tokens = model.register_module("token_embedding", torch::nn::Embedding(c.vocab_size, c.hidden_size));
+  torch::nn::Embedding positions{nullptr};
+  if (c.position_embedding == "learned")
+    positions = model.register_module("position_embedding", torch::nn::Embedding(c.max_position_embeddings, c.hidden_size));
+  return {tokens, positions};
+}
+
+// h + the embedding of positions past .. past + N - 1 (learned or sinusoidal).
+at::Tensor add_positions(const ModelConfig& c, const at::Tensor& h, torch::nn::Embedding& learned, int64_t past) {
+  const int64_t N = h.size(1);
+  if (learned) {
+    TORCH_CHECK(past + N <= c.max_position_embeddings, c.model_type, ": input_ids reach position ", past + N,
+                ", beyond max_position_embeddings = ", c.max_position_embeddings);
+    return h + learned(at::arange(past, past + N, at::kLong));
+  }
+  if (c.position_embedding == "sinusoidal") return h + nn::sinusoidal_positions(N, c.hidden_size, past, h.options());
+  return h;
+}
+
 at::Tensor activation(const std::string& name, const at::Tensor& x) {
   if (name == "gelu") return at::gelu(x);
   if (name == "gelu_tanh") return at::gelu(x, "tanh");
@@ -147,9 +169,7 @@ at::Tensor ModelBase::run_layers(at::Tensor h, const nn::AttentionInputs& inputs
 GPTImpl::GPTImpl(const ModelConfig& config) : ModelBase(config) {
   TORCH_CHECK(config.model_type == "gpt", "GPT: config.model_type is \"", config.model_type, "\"");
   const auto& c = config_;
-  token_embedding = register_module("token_embedding", torch::nn::Embedding(c.vocab_size, c.hidden_size));
-  if (c.position_embedding == "learned")
-    position_embedding = register_module("position_embedding", torch::nn::Embedding(c.max_position_embeddings, c.hidden_size));
+  std::tie(token_embedding, position_embedding) = text_embeddings(*this, c);
   dropout = register_module("dropout", torch::nn::Dropout(c.dropout));
   for (int64_t i = 0; i < c.num_layers; ++i) layers->push_back(nn::TransformerBlock(c, c.attention[i]));
   final_norm = register_module("final_norm", layer_norm(c));
@@ -169,14 +189,7 @@ at::Tensor GPTImpl::logits(const at::Tensor& input_ids, const std::optional<at::
   auto ids = check_ids(input_ids, "input_ids", c.vocab_size);
   const int64_t B = ids.size(0), N = ids.size(1);
   const int64_t past = cache && !cache->empty() ? cache->front().length() : 0;
-  auto h = token_embedding(ids);
-  if (position_embedding) {
-    TORCH_CHECK(past + N <= c.max_position_embeddings, "gpt: input_ids reach position ", past + N,
-                ", beyond max_position_embeddings = ", c.max_position_embeddings);
-    h = h + position_embedding(at::arange(past, past + N, ids.options()));
-  } else if (c.position_embedding == "sinusoidal") {
-    h = h + nn::sinusoidal_positions(N, c.hidden_size, past, h.options());
-  }
+  auto h = add_positions(c, token_embedding(ids), position_embedding, past);
   nn::AttentionInputs inputs;
   inputs.causal = true;
   inputs.key_padding_mask = check_padding_mask(mask, B, N);
@@ -251,9 +264,7 @@ at::Tensor GPTImpl::generate(const at::Tensor& input_ids, const GenerationOption
 BertImpl::BertImpl(const ModelConfig& config) : ModelBase(config) {
   TORCH_CHECK(config.model_type == "bert", "Bert: config.model_type is \"", config.model_type, "\"");
   const auto& c = config_;
-  token_embedding = register_module("token_embedding", torch::nn::Embedding(c.vocab_size, c.hidden_size));
-  if (c.position_embedding == "learned")
-    position_embedding = register_module("position_embedding", torch::nn::Embedding(c.max_position_embeddings, c.hidden_size));
+  std::tie(token_embedding, position_embedding) = text_embeddings(*this, c);
   token_type_embedding = register_module("token_type_embedding", torch::nn::Embedding(c.type_vocab_size, c.hidden_size));
   embedding_norm = register_module("embedding_norm", layer_norm(c));
   dropout = register_module("dropout", torch::nn::Dropout(c.dropout));
@@ -275,14 +286,7 @@ at::Tensor BertImpl::encode(const at::Tensor& input_ids, const std::optional<at:
   const auto& c = config_;
   auto ids = check_ids(input_ids, "input_ids", c.vocab_size);
   const int64_t B = ids.size(0), N = ids.size(1);
-  auto h = token_embedding(ids);
-  if (position_embedding) {
-    TORCH_CHECK(N <= c.max_position_embeddings, "bert: input_ids has ", N,
-                " tokens, more than max_position_embeddings = ", c.max_position_embeddings);
-    h = h + position_embedding(at::arange(N, ids.options()));
-  } else if (c.position_embedding == "sinusoidal") {
-    h = h + nn::sinusoidal_positions(N, c.hidden_size, 0, h.options());
-  }
+  auto h = add_positions(c, token_embedding(ids), position_embedding, 0);
   if (token_type_ids) {
     auto types = check_ids(*token_type_ids, "token_type_ids", c.type_vocab_size);
     TORCH_CHECK(types.sizes() == ids.sizes(), "bert: token_type_ids must have the shape of input_ids ", ids.sizes(),
