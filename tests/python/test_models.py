@@ -245,6 +245,24 @@ def test_generation_with_and_without_cache_agree(kind):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("kind", ["dense", "rotary", "shaw", "block_sparse", "lsh", "linear", "linformer"])
+@pytest.mark.parametrize("fused", [False, True])
+def test_grouped_query_attention_and_fused_projections(kind, fused):
+    kv_heads = 4 if kind == "lsh" else 2  # LSH shares queries and keys: no grouping
+    model = gpt(kind, num_kv_heads=kv_heads, fused_qkv=fused)
+    attn = dict(model.layers[0].attn.named_children())
+    if fused:
+        assert set(attn) == {"qkv_proj", "out_proj"}
+        assert attn["qkv_proj"].weight.shape[0] == 32 + (0 if kind == "lsh" else 8 * kv_heads) + 8 * kv_heads
+    else:
+        assert attn["v_proj"].weight.shape == (8 * kv_heads, 32)
+    x = ids()
+    params_changed_by_one_step(model, lambda: F.cross_entropy(model(x)[:, :-1].flatten(0, 1), x[:, 1:].flatten()))
+    if model.supports_kv_cache:
+        model.eval()
+        assert torch.equal(model.generate(x[:, :4], 6), model.generate(x[:, :4], 6, use_cache=False))
+
+
 def test_greedy_generation_follows_the_argmax():
     model = gpt().eval()
     out = model.generate(ids(1, 4), 6)
