@@ -5,7 +5,8 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-debian_packages=(cmake ninja-build catch2 nlohmann-json3-dev ccache)
+# clang + libclang-rt: the libFuzzer target over the checkpoint and config readers.
+debian_packages=(cmake ninja-build catch2 nlohmann-json3-dev ccache clang libclang-rt-14-dev)
 missing=()
 for p in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -457,7 +457,8 @@ def test_bad_configs_name_the_key(config, match):
 def test_bad_config_files(tmp_path):
     path = tmp_path / "config.json"
     for text, match in [("{", "malformed JSON"), ("[1, 2]", "must be a dict"), ('{"model_type": "rnn"}', "model_type"),
-                        ('{"hidden_size": 32}', "'model_type' is missing")]:
+                        ('{"hidden_size": 32}', "'model_type' is missing"),
+                        ('{"model_type": "gpt", "dropout": 2e308}', "malformed JSON")]:  # found by the fuzzer
         path.write_text(text)
         with pytest.raises((ValueError, TypeError), match=match):
             load_config(path)

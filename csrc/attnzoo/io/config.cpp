@@ -177,7 +177,9 @@ AttentionConfig attention_from_json(const json& object, const std::string& path)
   if (object.contains("kind")) config.kind = read_value<std::string>(object.at("kind"), path + ".kind");
   require_choice(path + ".kind", config.kind, kAttentionKinds);
   if (config.kind == "shaw" && !object.contains("max_distance")) config.max_distance = 16;
-  for (const auto& [key, value] : object.items()) {
+  for (const auto& item : object.items()) {
+    const std::string& key = item.key();
+    const json& value = item.value();
     if (key == "kind") continue;
     const std::string key_path = path + "." + key;
     auto it = std::find_if(attention_fields().begin(), attention_fields().end(),
@@ -324,14 +326,16 @@ ModelConfig config_from_json(const std::string& text) {
   json root;
   try {
     root = json::parse(text);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // parse errors, and numbers beyond double (out_of_range)
     throw std::invalid_argument(std::string("config: malformed JSON: ") + e.what());
   }
   if (!root.is_object()) throw std::invalid_argument("config: the top level must be a JSON object");
   if (!root.contains("model_type")) fail("model_type", "is missing (one of " + join(kModelTypes) + ")");
   ModelConfig config = default_config(read_value<std::string>(root.at("model_type"), "model_type"));
   json attention = json::object();
-  for (const auto& [key, value] : root.items()) {
+  for (const auto& item : root.items()) {
+    const std::string& key = item.key();
+    const json& value = item.value();
     if (key == "model_type") continue;
     if (key == "attention") {
       attention = value;

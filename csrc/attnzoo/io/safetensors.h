@@ -15,6 +15,8 @@
 #include <utility>
 #include <vector>
 
+#include "attnzoo/io/safetensors_index.h"
+
 namespace attnzoo::io {
 
 // Tensors in file order (sorted by name when written here).
@@ -24,9 +26,6 @@ struct SafetensorsFile {
   NamedTensors tensors;
   std::map<std::string, std::string> metadata;  // the optional "__metadata__"
 };
-
-// The largest header accepted (the format's own reference limit is 100 MB).
-constexpr uint64_t kMaxHeaderBytes = 100u << 20;
 
 SafetensorsFile load_safetensors(const std::string& path);
 // The same checks on bytes in memory (used by the fuzz target).
