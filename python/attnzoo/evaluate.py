@@ -1,0 +1,77 @@
+"""Held-out evaluation of a run or a checkpoint directory.
+
+    python -m attnzoo evaluate runs/gpt-kjv            # the run's best checkpoint, test split
+    python -m attnzoo evaluate models/vit-digits --split val
+
+Prints a table and writes the metrics as JSON (eval-<split>.json beside the
+run, or --out). GPT runs also print a generated sample.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Optional
+
+import torch
+
+from . import data, models
+from .tasks import task_for
+
+__all__ = ["evaluate", "resolve_checkpoint"]
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A run directory's best (else last) checkpoint, or the directory itself."""
+    for link in ("best", "last"):
+        candidate = os.path.join(path, link)
+        if os.path.exists(os.path.join(candidate, "config.json")):
+            return os.path.realpath(candidate)
+    if os.path.exists(os.path.join(path, "model.safetensors")):
+        return path
+    raise FileNotFoundError(f"evaluate: {path!r} holds neither a run (best/ or last/) nor a checkpoint "
+                            "(config.json + model.safetensors)")
+
+
+def evaluate(path: str, split: str = "test", out: Optional[str] = None, max_batches: int = 0,
+             sample_tokens: int = 200, cache: Optional[str] = None, quiet: bool = False) -> dict:
+    if split not in data.SPLITS:
+        raise ValueError(f"split must be one of {', '.join(data.SPLITS)}, got {split!r}")
+    checkpoint = resolve_checkpoint(path)
+    model = models.from_pretrained(checkpoint).eval()
+    config = model.config
+    options = {}
+    run_json = os.path.join(path, "run.json")
+    if os.path.exists(run_json):
+        with open(run_json) as f:
+            options = json.load(f)["options"]
+    tokenizer = data.tokenizer_for(checkpoint) if config["model_type"] in ("gpt", "bert") else None
+    task = task_for(config, seq_len=options.get("seq_len", 0), data_fraction=options.get("data_fraction", 1.0),
+                    cache=cache, tokenizer=tokenizer)
+    start = time.perf_counter()
+    metrics = task.evaluate(model, split, max_batches)
+    result = {"checkpoint": checkpoint, "model_type": config["model_type"], "split": split, **metrics,
+              "seconds": time.perf_counter() - start}
+    if config["model_type"] == "gpt" and sample_tokens > 0:
+        prompt = torch.tensor([tokenizer.encode("And God said")])
+        tokens = model.generate(prompt, sample_tokens, temperature=0.8, top_k=40, seed=0)
+        result["sample"] = tokenizer.decode(tokens[0].tolist())
+    if out is None:
+        out = os.path.join(path if os.path.exists(run_json) else checkpoint, f"eval-{split}.json")
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    if not quiet:
+        print(format_table(result))
+        print(f"wrote {out}")
+    return result
+
+
+def format_table(result: dict) -> str:
+    rows = [(k, v) for k, v in result.items() if k not in ("checkpoint", "sample")]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{'metric':{width}s}  value", f"{'-' * width}  -----"]
+    for k, v in rows:
+        lines.append(f"{k:{width}s}  {v:.4f}" if isinstance(v, float) else f"{k:{width}s}  {v}")
+    if "sample" in result:
+        lines += ["", "sample (temperature 0.8, top-k 40):", result["sample"]]
+    return "\n".join(lines)

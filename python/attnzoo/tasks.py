@@ -1,0 +1,214 @@
+"""What each model kind learns from the embedded data: batches, the loss and
+the held-out metrics. Used by attnzoo.train (pretrain) and evaluate.
+
+* gpt: next-byte prediction on the KJV text (loss in nats per character).
+* bert: masked-token prediction on the KJV in a subword vocabulary
+  (15% of the tokens: 80% [MASK], 10% a random token, 10% unchanged).
+* vit: the 8x8 digits, with random shifts of up to one pixel in training.
+
+Batches are drawn from a torch.Generator the trainer owns (so a resumed run
+draws exactly what the uninterrupted one would have); evaluation is
+deterministic.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+
+from . import data
+
+
+class Task:
+    model_type = ""
+
+    def __init__(self, config: dict, seq_len: int = 0, data_fraction: float = 1.0, cache=None, tokenizer=None):
+        self.config = config
+        self.data_fraction = data_fraction
+
+    def _slice(self, n: int) -> int:
+        return max(1, int(n * self.data_fraction))
+
+    def batch(self, generator: torch.Generator, batch_size: int):
+        raise NotImplementedError
+
+    def loss(self, model, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, model, split: str, max_batches: int = 0, batch_size: int = 32) -> Dict[str, float]:
+        raise NotImplementedError
+
+    def units_per_batch(self, batch) -> int:
+        """Tokens (or images) in a batch, for throughput."""
+        return int(batch[0].numel()) if batch[0].dim() == 2 else int(batch[0].shape[0])
+
+    def save_tokenizer(self, directory: str) -> None:
+        pass
+
+
+def shard(batch, rank: int, world: int):
+    """This rank's share of a global batch (the batch dimension split evenly)."""
+    return tuple(t.chunk(world)[rank] for t in batch)
+
+
+class TextTask(Task):
+    """A token stream per split and windows of seq_len over it."""
+
+    def __init__(self, config, seq_len=0, data_fraction=1.0, cache=None, tokenizer=None):
+        super().__init__(config, seq_len, data_fraction, cache)
+        self.seq_len = seq_len or min(config["max_position_embeddings"], 256)
+        if self.seq_len > config["max_position_embeddings"]:
+            raise ValueError(f"seq_len {self.seq_len} exceeds the model's max_position_embeddings "
+                             f"{config['max_position_embeddings']}")
+        self.tokenizer = tokenizer or self.make_tokenizer(config, cache)
+        if self.tokenizer.vocab_size > config["vocab_size"]:
+            raise ValueError(f"the tokenizer has {self.tokenizer.vocab_size} ids but the model's vocab_size is "
+                             f"{config['vocab_size']}")
+        text = data.kjv(cache)
+        self.streams = {}
+        for split, t in text.items():
+            t = t[: self._slice(len(t))]
+            self.streams[split] = torch.tensor(self.tokenizer.encode(t), dtype=torch.long)
+            if len(self.streams[split]) < self.seq_len + 2:
+                raise ValueError(f"the {split} split has {len(self.streams[split])} tokens, fewer than a window "
+                                 f"of {self.seq_len}; raise data_fraction")
+
+    def save_tokenizer(self, directory):
+        self.tokenizer.save(directory)
+
+    def windows(self, split: str, starts: torch.Tensor, length: int) -> torch.Tensor:
+        stream = self.streams[split]
+        return torch.stack([stream[s:s + length] for s in starts.tolist()])
+
+    def eval_starts(self, split: str, length: int, max_batches: int, batch_size: int) -> torch.Tensor:
+        # Non-overlapping windows over the whole split, or evenly spaced ones
+        # when max_batches limits their number.
+        n = len(self.streams[split]) - length
+        starts = torch.arange(0, n, length)
+        if max_batches and len(starts) > max_batches * batch_size:
+            starts = torch.linspace(0, n - 1, max_batches * batch_size).long()
+        return starts
+
+
+class GPTTask(TextTask):
+    model_type = "gpt"
+
+    @staticmethod
+    def make_tokenizer(config, cache):
+        return data.ByteTokenizer()
+
+    def batch(self, generator, batch_size):
+        stream = self.streams["train"]
+        starts = torch.randint(0, len(stream) - self.seq_len - 1, (batch_size,), generator=generator)
+        return (self.windows("train", starts, self.seq_len + 1),)
+
+    def loss(self, model, batch):
+        x = batch[0]
+        logits = model(x[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+
+    def units_per_batch(self, batch):
+        return int(batch[0][:, 1:].numel())
+
+    @torch.no_grad()
+    def evaluate(self, model, split, max_batches=0, batch_size=32):
+        starts = self.eval_starts(split, self.seq_len + 1, max_batches, batch_size)
+        total, count = 0.0, 0
+        for chunk in starts.split(batch_size):
+            x = self.windows(split, chunk, self.seq_len + 1)
+            logits = model(x[:, :-1])
+            total += F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
+            count += x[:, 1:].numel()
+        loss = total / count
+        return {"loss": loss, "perplexity": math.exp(loss), "bits_per_char": loss / math.log(2), "tokens": count}
+
+
+class BertTask(TextTask):
+    model_type = "bert"
+    mask_prob = 0.15
+
+    @staticmethod
+    def make_tokenizer(config, cache):
+        return data.sentencepiece_tokenizer(config["vocab_size"], cache)
+
+    def mask(self, windows: torch.Tensor, generator: torch.Generator):
+        tok = self.tokenizer
+        x = torch.cat([torch.full((len(windows), 1), tok.cls_id), windows], 1)
+        chosen = torch.rand(x.shape, generator=generator) < self.mask_prob
+        chosen[:, 0] = False
+        if not chosen.any():
+            chosen[:, 1] = True
+        labels = torch.where(chosen, x, torch.full_like(x, -100))
+        roll = torch.rand(x.shape, generator=generator)
+        random_ids = torch.randint(5, self.config["vocab_size"], x.shape, generator=generator)
+        inputs = torch.where(chosen & (roll < 0.8), torch.full_like(x, tok.mask_id), x)
+        inputs = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_ids, inputs)
+        return inputs, labels
+
+    def batch(self, generator, batch_size):
+        stream = self.streams["train"]
+        starts = torch.randint(0, len(stream) - self.seq_len, (batch_size,), generator=generator)
+        return self.mask(self.windows("train", starts, self.seq_len - 1), generator)
+
+    def loss(self, model, batch):
+        inputs, labels = batch
+        logits = model(inputs)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+    @torch.no_grad()
+    def evaluate(self, model, split, max_batches=0, batch_size=32):
+        starts = self.eval_starts(split, self.seq_len - 1, max_batches, batch_size)
+        generator = torch.Generator().manual_seed(1234)  # the same masks every evaluation
+        total, correct, count = 0.0, 0, 0
+        for chunk in starts.split(batch_size):
+            inputs, labels = self.mask(self.windows(split, chunk, self.seq_len - 1), generator)
+            logits = model(inputs)
+            keep = labels != -100
+            total += F.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
+            correct += (logits[keep].argmax(-1) == labels[keep]).sum().item()
+            count += int(keep.sum())
+        return {"loss": total / count, "masked_accuracy": correct / count, "masked_tokens": count}
+
+
+class ViTTask(Task):
+    model_type = "vit"
+
+    def __init__(self, config, seq_len=0, data_fraction=1.0, cache=None, tokenizer=None):
+        super().__init__(config, seq_len, data_fraction, cache)
+        if (config["image_size"], config["num_channels"], config["num_labels"]) != (8, 1, 10):
+            raise ValueError("the digits task needs image_size 8, num_channels 1 and num_labels 10")
+        self.splits = {s: (x[: self._slice(len(x))], y[: self._slice(len(y))]) for s, (x, y) in data.digits(cache).items()}
+
+    def batch(self, generator, batch_size):
+        x, y = self.splits["train"]
+        idx = torch.randint(0, len(y), (batch_size,), generator=generator)
+        images = F.pad(x[idx], (1, 1, 1, 1))
+        dx, dy = torch.randint(0, 3, (2, batch_size), generator=generator)
+        shifted = torch.stack([img[:, a:a + 8, b:b + 8] for img, a, b in zip(images, dy.tolist(), dx.tolist())])
+        return shifted, y[idx]
+
+    def loss(self, model, batch):
+        images, labels = batch
+        return F.cross_entropy(model(images), labels)
+
+    @torch.no_grad()
+    def evaluate(self, model, split, max_batches=0, batch_size=32):
+        x, y = self.splits[split]
+        logits = torch.cat([model(chunk) for chunk in x.split(256)])
+        return {"loss": F.cross_entropy(logits, y).item(), "accuracy": (logits.argmax(-1) == y).float().mean().item(),
+                "images": len(y)}
+
+
+TASKS = {t.model_type: t for t in (GPTTask, BertTask, ViTTask)}
+
+# The headline metric of each kind and whether larger is better.
+HEADLINE = {"gpt": ("loss", False), "bert": ("masked_accuracy", True), "vit": ("accuracy", True)}
+
+
+def task_for(config: dict, **kw) -> Task:
+    kind = config["model_type"]
+    if kind not in TASKS:
+        raise ValueError(f"no pretraining task for model_type {kind!r} yet (have: {', '.join(TASKS)})")
+    return TASKS[kind](config, **kw)

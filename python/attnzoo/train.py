@@ -1,0 +1,401 @@
+"""Pretraining with exact resume, on one process or many (torchrun + DDP).
+
+    python -m attnzoo pretrain models/gpt-kjv --out runs/gpt-kjv --steps 2000
+    torchrun --nproc_per_node=2 -m attnzoo pretrain models/vit-digits --out runs/vit
+
+A run directory holds:
+  run.json                   the options and model config of the run
+  metrics.jsonl              one JSON object per logged step / evaluation
+  loss.png                   training and validation loss
+  checkpoints/step-NNNNNN/   config.json, model.safetensors, tokenizer, trainer_state.{json,safetensors}
+  last -> checkpoints/...    the newest complete checkpoint
+  best -> checkpoints/...    the one with the best validation metric
+
+Checkpoints are written under a temporary name and renamed; the `last` and
+`best` links are replaced atomically. A run killed at any point (even by
+SIGKILL) resumes from `last` when the same command is run again, and
+continues exactly as the uninterrupted run would have: model, optimizer,
+schedule, random generators and the data position are all restored. Nothing
+is pickled: tensors go to safetensors, the rest to JSON.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import models
+from .tasks import HEADLINE, shard, task_for
+
+__all__ = ["TrainOptions", "pretrain"]
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    steps: int = 2000
+    batch_size: int = 32          # global batch (split over processes), per optimizer step / grad_accum
+    grad_accum: int = 1           # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr: float = 1e-4          # the cosine schedule's floor
+    warmup_steps: int = 100
+    weight_decay: float = 0.1     # on matrices only (not biases, norms or 1-D tensors)
+    grad_clip: float = 1.0        # max global gradient norm (0 = off)
+    eval_every: int = 200
+    eval_batches: int = 16        # validation batches per evaluation (0 = the whole split)
+    patience: int = 0             # stop after this many evaluations without improvement (0 = never)
+    seed: int = 0
+    seq_len: int = 0              # text models: window length (0 = min(max_position_embeddings, 256))
+    data_fraction: float = 1.0    # use only the first part of every split (quick trials, tests)
+    log_every: int = 10
+
+    def validate(self):
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_batches", "patience", "seq_len"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr} min_lr={self.min_lr}")
+        if not 0 < self.data_fraction <= 1:
+            raise ValueError(f"data_fraction must be in (0, 1], got {self.data_fraction}")
+
+
+def lr_at(step: int, o: TrainOptions) -> float:
+    """Linear warm-up to lr, then cosine decay to min_lr at the last step."""
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, o.steps - o.warmup_steps)
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------------------
+# Trainer state <-> files (no pickle)
+
+def _save_trainer_state(directory, step, optimizer, data_generator, extra):
+    from safetensors.torch import save_file
+
+    state = optimizer.state_dict()
+    tensors = {"rng.torch": torch.get_rng_state(), "rng.data": data_generator.get_state()}
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            tensors[f"optimizer.{index}.{key}"] = value.detach().clone().contiguous()
+    save_file(tensors, os.path.join(directory, "trainer_state.safetensors"))
+    with open(os.path.join(directory, "trainer_state.json"), "w") as f:
+        json.dump({"step": step, "param_groups": state["param_groups"], **extra}, f, indent=1)
+
+
+def _load_trainer_state(directory, optimizer, data_generator):
+    from safetensors.torch import load_file
+
+    tensors = load_file(os.path.join(directory, "trainer_state.safetensors"))
+    with open(os.path.join(directory, "trainer_state.json")) as f:
+        meta = json.load(f)
+    state = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.torch"])
+    data_generator.set_state(tensors["rng.data"])
+    return meta
+
+
+def _replace_link(link, target):
+    tmp = f"{link}.tmp.{os.getpid()}"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    os.symlink(target, tmp)
+    os.replace(tmp, link)  # atomic
+
+
+def _write_json_atomic(path, obj):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _check_output_dir(out: str, model) -> None:
+    """Fails before training when the run directory cannot hold checkpoints."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test.{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"x")
+        os.remove(probe)
+    except OSError as e:
+        raise RuntimeError(f"pretrain: the output directory {out!r} is not writable: {e}") from None
+    # A checkpoint holds the weights and AdamW's two moments; two may coexist (last, best) plus one being written.
+    need = 3 * 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise RuntimeError(f"pretrain: {out!r} has {free / 2**20:.1f} MiB free, checkpoints need about "
+                           f"{need / 2**20:.1f} MiB")
+
+
+# ---------------------------------------------------------------------------
+
+class _Progress:
+    """tqdm on a terminal, plain lines otherwise (logs, CI)."""
+
+    def __init__(self, total, initial, enabled, log_every):
+        self.enabled, self.log_every = enabled, log_every
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, file=sys.stderr, dynamic_ncols=True)
+
+    def update(self, step, text):
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(text, refresh=False)
+        elif self.enabled and step % self.log_every == 0:
+            print(f"step {step}: {text}", file=sys.stderr, flush=True)
+
+    def write(self, text):
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _distributed():
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
+
+
+def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, attention: Optional[str] = None,
+             model_overrides: Optional[dict] = None, cache: Optional[str] = None, quiet: bool = False) -> dict:
+    """Trains (or resumes) the run in `out`; returns the final metrics."""
+    o = options or TrainOptions()
+    o.validate()
+    started_group = not dist.is_initialized()
+    rank, world = _distributed()
+    started_group = started_group and dist.is_initialized()
+    main = rank == 0
+    if o.batch_size % world:
+        raise ValueError(f"batch_size {o.batch_size} must be divisible by the number of processes {world}")
+    last = os.path.join(out, "last")
+    resuming = os.path.exists(os.path.join(last, "trainer_state.json"))
+    if resuming:
+        with open(os.path.join(out, "run.json")) as f:
+            run = json.load(f)
+        config = models.load_config(run["model"])
+        o = dataclasses.replace(TrainOptions(**run["options"]), steps=o.steps)
+    else:
+        overrides = dict(model_overrides or {})
+        if attention:
+            overrides["attention"] = {"kind": attention}
+        config = models.load_config(model_source, **overrides)
+    task = task_for(config, seq_len=o.seq_len, data_fraction=o.data_fraction, cache=cache)
+
+    torch.manual_seed(o.seed)
+    model = models.MODEL_CLASSES[config["model_type"]](config)
+    if main:
+        _check_output_dir(out, model)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=(0.9, 0.95))
+    data_generator = torch.Generator().manual_seed(o.seed + 1)
+    start, best, bad_evals, elapsed = 0, None, 0, 0.0
+    if resuming:
+        resolved = os.path.realpath(last)
+        model.load_state_dict(models.from_pretrained(resolved).state_dict())
+        meta = _load_trainer_state(resolved, optimizer, data_generator)
+        start, best, bad_evals, elapsed = meta["step"], meta["best"], meta["bad_evals"], meta["elapsed_s"]
+        if main:
+            _truncate_metrics(os.path.join(out, "metrics.jsonl"), start)
+    elif main:
+        _write_json_atomic(os.path.join(out, "run.json"), {"model": config, "options": dataclasses.asdict(o)})
+    trained = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        trained = DistributedDataParallel(model)
+
+    metric, larger_is_better = HEADLINE[config["model_type"]]
+    progress = _Progress(o.steps, start, main and not quiet, o.log_every)
+    if main and not quiet:
+        params = sum(p.numel() for p in model.parameters())
+        progress.write(f"pretrain {config['model_type']} ({params / 1e6:.2f} M parameters, attention "
+                       f"{_attention_kinds(config)}) -> {out}: steps {start}..{o.steps}, batch {o.batch_size}"
+                       f"{f' x {o.grad_accum}' if o.grad_accum > 1 else ''} over {world} process(es)")
+    micro = o.batch_size // o.grad_accum if o.batch_size % o.grad_accum == 0 else None
+    if micro is None:
+        raise ValueError(f"batch_size {o.batch_size} must be divisible by grad_accum {o.grad_accum}")
+    metrics_path = os.path.join(out, "metrics.jsonl")
+    final = {}
+    step = start
+    wall_start = time.perf_counter() - elapsed  # elapsed_s counts the resumed run's earlier time too
+    t_last, units = time.perf_counter(), 0
+    while step < o.steps:
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, o)
+        loss_sum = 0.0
+        for m in range(o.grad_accum):
+            batch = task.batch(data_generator, micro)
+            units += task.units_per_batch(batch)
+            local = shard(batch, rank, world)
+            sync = m == o.grad_accum - 1
+            with (trained.no_sync() if world > 1 and not sync else _nullcontext()):
+                loss = task.loss(trained, local) / o.grad_accum
+                loss.backward()
+            loss_sum += loss.item()
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"pretrain: the loss became {loss_sum} at step {step}; lower the learning rate")
+        if o.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_sum = _mean_over_ranks(loss_sum, world)
+        now = time.perf_counter()
+        elapsed = now - wall_start
+        if step % o.log_every == 0 or step == o.steps:
+            rate = units / (now - t_last)
+            t_last, units = now, 0
+            record = {"step": step, "train_loss": loss_sum, "lr": lr_at(step - 1, o), "units_per_s": rate,
+                      "elapsed_s": elapsed}
+            if main:
+                _append_jsonl(metrics_path, record)
+        progress.update(step, f"loss {loss_sum:.4f} lr {lr_at(step - 1, o):.2e}")
+        if step % o.eval_every == 0 or step == o.steps:
+            model.eval()
+            final = task.evaluate(model, "val", o.eval_batches)
+            value = final[metric]
+            improved = best is None or (value > best if larger_is_better else value < best)
+            best, bad_evals = (value, 0) if improved else (best, bad_evals + 1)
+            if main:
+                _append_jsonl(metrics_path, {"step": step, **{f"val_{k}": v for k, v in final.items()}})
+                progress.write(f"step {step}: val " + "  ".join(f"{k} {v:.4g}" for k, v in final.items()))
+                _checkpoint(out, step, model, task, optimizer, data_generator, improved,
+                            {"best": best, "bad_evals": bad_evals, "elapsed_s": elapsed})
+                _plot(metrics_path, os.path.join(out, "loss.png"))
+            if world > 1:
+                dist.barrier()
+            t_last, units = time.perf_counter(), 0  # throughput excludes evaluation and checkpointing
+            if o.patience and bad_evals >= o.patience:
+                progress.write(f"early stop at step {step}: no improvement in {o.patience} evaluations")
+                break
+    progress.close()
+    if world > 1 and started_group:
+        dist.destroy_process_group()
+    return final
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _mean_over_ranks(value, world):
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / world
+
+
+def _attention_kinds(config):
+    kinds = [a["kind"] for a in config["attention"]] if isinstance(config["attention"], list) else [config["attention"]["kind"]]
+    return "/".join(dict.fromkeys(kinds))
+
+
+def _append_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def _truncate_metrics(path, step):
+    """Drops records after the checkpoint being resumed (they will be redone)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError):
+            pass  # a line cut by the kill
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def _checkpoint(out, step, model, task, optimizer, data_generator, is_best, extra):
+    root = os.path.join(out, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    name = f"step-{step:06d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, f"{name}.tmp.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    model.save_pretrained(tmp)
+    task.save_tokenizer(tmp)
+    _save_trainer_state(tmp, step, optimizer, data_generator, extra)
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    _replace_link(os.path.join(out, "last"), os.path.join("checkpoints", name))
+    if is_best:
+        _replace_link(os.path.join(out, "best"), os.path.join("checkpoints", name))
+    keep = {os.path.basename(os.path.realpath(os.path.join(out, link))) for link in ("last", "best")
+            if os.path.lexists(os.path.join(out, link))}
+    for entry in os.listdir(root):
+        if entry not in keep:
+            shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
+
+
+def _plot(metrics_path, png_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, val = [], []
+    with open(metrics_path) as f:
+        for line in f:
+            r = json.loads(line)
+            if "train_loss" in r:
+                train.append((r["step"], r["train_loss"]))
+            if "val_loss" in r:
+                val.append((r["step"], r["val_loss"]))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", alpha=0.7)
+    if val:
+        ax.plot(*zip(*val), marker="o", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = f"{png_path}.tmp.{os.getpid()}.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)

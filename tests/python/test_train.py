@@ -1,0 +1,174 @@
+"""Pretraining and evaluation on tiny slices of the embedded data: a smoke run
+of every model kind, exact resume after SIGKILL, DDP against one process,
+the evaluate output, and clear errors before training starts."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import attnzoo
+from attnzoo import data
+from attnzoo.evaluate import evaluate
+from attnzoo.train import TrainOptions, lr_at, pretrain
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY_TEXT = {"num_layers": 2, "hidden_size": 32, "num_heads": 4, "intermediate_size": 64}
+
+
+def tiny(**kw):
+    base = dict(steps=12, batch_size=4, eval_every=6, eval_batches=2, seq_len=32, data_fraction=0.02, log_every=3,
+                warmup_steps=3)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def weights(directory):
+    return attnzoo.from_pretrained(directory).state_dict()
+
+
+@pytest.mark.parametrize("model,overrides", [
+    ("gpt-kjv", TINY_TEXT),
+    ("gpt-kjv-lsh", {**TINY_TEXT, "attention": {"kind": "lsh", "bucket_size": 8}}),
+    ("bert-kjv", {**TINY_TEXT, "vocab_size": 512}),
+    ("vit-digits", {"num_layers": 2, "hidden_size": 32}),
+])
+def test_smoke_pretrain_and_evaluate_every_kind(tmp_path, model, overrides, capsys):
+    run = tmp_path / "run"
+    final = pretrain(os.path.join(ROOT, "models", model), str(run), tiny(), model_overrides=overrides, quiet=True)
+    assert final and all(isinstance(v, (int, float)) for v in final.values())
+    for name in ("run.json", "metrics.jsonl", "loss.png", "last/model.safetensors", "last/config.json",
+                 "last/trainer_state.json", "last/trainer_state.safetensors", "best/model.safetensors"):
+        assert (run / name).exists(), name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train_loss" in r] == [3, 6, 9, 12]
+    assert [r["step"] for r in records if "val_loss" in r] == [6, 12]
+    result = evaluate(str(run), "test", max_batches=2, sample_tokens=20)
+    printed = capsys.readouterr().out
+    saved = json.loads((run / "eval-test.json").read_text())
+    assert saved["split"] == "test" and saved["model_type"] == attnzoo.models.load_config(run / "last")["model_type"]
+    assert result["loss"] == saved["loss"] and "loss" in printed and "wrote" in printed
+    headline = {"gpt": "perplexity", "bert": "masked_accuracy", "vit": "accuracy"}[saved["model_type"]]
+    assert headline in saved and headline in printed
+    if saved["model_type"] == "gpt":
+        assert saved["sample"].startswith("And God said") and len(saved["sample"]) > len("And God said")
+    if saved["model_type"] == "bert":
+        assert (run / "last" / "tokenizer.model").exists()
+
+
+def test_warmup_and_cosine_schedule():
+    o = TrainOptions(steps=100, lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert lr_at(0, o) == pytest.approx(0.1) and lr_at(9, o) == pytest.approx(1.0)
+    assert lr_at(10, o) == pytest.approx(1.0) and lr_at(55, o) == pytest.approx(0.55)
+    assert lr_at(100, o) == pytest.approx(0.1)
+    assert all(lr_at(s, o) >= lr_at(s + 1, o) for s in range(10, 100))
+
+
+def _cli(*args, **kw):
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    return subprocess.Popen([sys.executable, "-m", "attnzoo", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _pretrain_args(out, steps):
+    return ["pretrain", os.path.join(ROOT, "models", "gpt-kjv"), "--out", str(out), "--steps", str(steps),
+            "--batch-size", "4", "--seq-len", "32", "--eval-every", "2", "--eval-batches", "1", "--data-fraction",
+            "0.02", "--warmup-steps", "3", "--quiet", "--set", "num_layers=2", "hidden_size=32", "num_heads=4",
+            "dropout=0.1"]
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
+    steps = 40
+    full = _cli(*_pretrain_args(tmp_path / "full", steps))
+    assert full.wait(timeout=300) == 0, full.stderr.read()
+
+    killed = _cli(*_pretrain_args(tmp_path / "killed", steps))
+    last = tmp_path / "killed" / "last"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (last.exists() and os.path.realpath(last).endswith(("10", "12", "14"))):
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    interrupted_at = json.loads((last / "trainer_state.json").read_text())["step"]
+    assert 0 < interrupted_at < steps
+    resumed = _cli(*_pretrain_args(tmp_path / "killed", steps))
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+
+    a, b = weights(tmp_path / "full" / "last"), weights(tmp_path / "killed" / "last")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    metrics = lambda run: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    val = lambda run: [(r["step"], r["val_loss"]) for r in metrics(run) if "val_loss" in r]  # noqa: E731
+    assert val(tmp_path / "full") == val(tmp_path / "killed")
+
+
+def test_two_runs_with_one_seed_give_identical_weights(tmp_path):
+    for name in ("a", "b"):
+        pretrain(os.path.join(ROOT, "models", "gpt-kjv"), str(tmp_path / name), tiny(steps=6),
+                 model_overrides=TINY_TEXT, quiet=True)
+    a, b = weights(tmp_path / "a" / "last"), weights(tmp_path / "b" / "last")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    common = ["--steps", "6", "--batch-size", "8", "--seq-len", "32", "--eval-every", "3", "--eval-batches", "1",
+              "--data-fraction", "0.02", "--log-every", "1", "--quiet", "--set", "num_layers=2", "hidden_size=32",
+              "num_heads=4", "dropout=0.0", "attention_dropout=0.0"]
+    model = os.path.join(ROOT, "models", "gpt-kjv")
+    one = _cli("pretrain", model, "--out", str(tmp_path / "one"), *common)
+    assert one.wait(timeout=300) == 0, one.stderr.read()
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"), OMP_NUM_THREADS="1")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "attnzoo", "pretrain", model, "--out", str(tmp_path / "two"), *common],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-4000:]
+    losses = lambda run: [r["train_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())  # noqa: E731
+                          if "train_loss" in r]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 6
+    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+    wa, wb = weights(tmp_path / "one" / "last"), weights(tmp_path / "two" / "last")
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+
+def test_unwritable_output_fails_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(RuntimeError, match="not writable"):
+        pretrain(os.path.join(ROOT, "models", "gpt-kjv"), str(blocker / "run"), tiny(), model_overrides=TINY_TEXT,
+                 quiet=True)
+    assert not (blocker.parent / "run").exists()
+
+
+@pytest.mark.parametrize("options,match", [
+    (dict(steps=0), "steps must be >= 1"),
+    (dict(lr=-1.0), "lr > 0"),
+    (dict(data_fraction=0.0), "data_fraction"),
+    (dict(batch_size=6, grad_accum=4), "divisible by grad_accum"),
+    (dict(seq_len=10_000), "exceeds the model's max_position_embeddings"),
+])
+def test_bad_training_options(tmp_path, options, match):
+    with pytest.raises(ValueError, match=match):
+        pretrain(os.path.join(ROOT, "models", "gpt-kjv"), str(tmp_path / "run"), tiny(**options),
+                 model_overrides=TINY_TEXT, quiet=True)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    p = _cli("evaluate", str(tmp_path))
+    assert p.wait(timeout=60) == 1
+    assert "neither a run" in p.stderr.read()
+
+
+def test_kjv_splits_are_deterministic_and_disjoint():
+    text = data.kjv()
+    # Chapter i goes to val when i % 20 == 0, to test when i % 20 == 1: Genesis 1 and 2, then train from Genesis 3.
+    assert text["val"].startswith("In the beginning God created the heaven and the earth.")
+    assert text["test"].startswith("Thus the heavens and the earth were finished")
+    assert text["train"].startswith("Now the serpent was more subtil")
+    assert sum(len(t) for t in text.values()) > 4_000_000
+    assert not set(text["val"].splitlines()[:50]) & set(text["train"].splitlines()[:2000]) - {""}
