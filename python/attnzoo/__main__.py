@@ -1,11 +1,11 @@
-"""python -m attnzoo pretrain | evaluate (see attnzoo.train and attnzoo.evaluate)."""
+"""python -m attnzoo pretrain | evaluate | export (see attnzoo.train and attnzoo.evaluate)."""
 import argparse
 import dataclasses
 import json
 import os
 import sys
 
-from .train import TrainOptions
+from .train import TrainOptions, recommended_options
 
 
 def _parse_value(text):
@@ -28,8 +28,8 @@ def main(argv=None):
     p.add_argument("--quiet", action="store_true")
     defaults = TrainOptions()
     for field in dataclasses.fields(TrainOptions):
-        p.add_argument("--" + field.name.replace("_", "-"), type=type(getattr(defaults, field.name)),
-                       default=getattr(defaults, field.name), help=f"(default {getattr(defaults, field.name)})")
+        p.add_argument("--" + field.name.replace("_", "-"), type=type(getattr(defaults, field.name)), default=None,
+                       help=f"(default: the model directory's train.json, else {getattr(defaults, field.name)})")
 
     e = sub.add_parser("evaluate", help="held-out metrics of a run or checkpoint")
     e.add_argument("path", help="a run directory (its best checkpoint) or a checkpoint directory")
@@ -37,6 +37,11 @@ def main(argv=None):
     e.add_argument("--out", help="where to write the JSON (default: eval-<split>.json in the run)")
     e.add_argument("--max-batches", type=int, default=0, help="limit the evaluation (0 = the whole split)")
     e.add_argument("--sample-tokens", type=int, default=200, help="GPT: length of the generated sample")
+
+    x = sub.add_parser("export", help="copy a run's best checkpoint, optionally in a smaller dtype")
+    x.add_argument("path", help="a run directory or a checkpoint directory")
+    x.add_argument("destination")
+    x.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
     args = ap.parse_args(argv)
     try:
@@ -48,11 +53,16 @@ def main(argv=None):
                     ap.error(f"--set takes KEY=VALUE, got {item!r}")
                 key, value = item.split("=", 1)
                 overrides[key] = _parse_value(value)
-            options = TrainOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)})
+            given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)
+                     if getattr(args, f.name) is not None}
+            options = dataclasses.replace(recommended_options(args.model), **given)
             pretrain(args.model, args.out, options, attention=args.attention, model_overrides=overrides,
                      quiet=args.quiet)
             if not args.quiet and os.environ.get("RANK", "0") == "0":
                 print(f"done: {args.out} (evaluate with: python -m attnzoo evaluate {args.out})")
+        elif args.command == "export":
+            from .evaluate import export
+            print(f"wrote {export(args.path, args.destination, args.dtype)}")
         else:
             from .evaluate import evaluate
             evaluate(args.path, args.split, args.out, args.max_batches, args.sample_tokens)

@@ -18,7 +18,7 @@ import torch
 from . import data, models
 from .tasks import task_for
 
-__all__ = ["evaluate", "resolve_checkpoint"]
+__all__ = ["evaluate", "resolve_checkpoint", "export"]
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -75,3 +75,27 @@ def format_table(result: dict) -> str:
     if "sample" in result:
         lines += ["", "sample (temperature 0.8, top-k 40):", result["sample"]]
     return "\n".join(lines)
+
+
+def export(path: str, destination: str, dtype: str = "float32") -> str:
+    """Copies a run's best checkpoint (or a checkpoint) to `destination` with
+    its weights in `dtype` (bfloat16 halves the size; a model loads them into
+    its own float32 parameters), without the trainer state."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    types = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in types:
+        raise ValueError(f"dtype must be one of {', '.join(types)}, got {dtype!r}")
+    checkpoint = resolve_checkpoint(path)
+    os.makedirs(destination, exist_ok=True)
+    for name in ("config.json", "tokenizer.json", "tokenizer.model"):
+        if os.path.exists(os.path.join(checkpoint, name)):
+            shutil.copyfile(os.path.join(checkpoint, name), os.path.join(destination, name))
+    tensors = {k: v.to(types[dtype]) if v.is_floating_point() else v
+               for k, v in load_file(os.path.join(checkpoint, "model.safetensors")).items()}
+    tmp = os.path.join(destination, f"model.safetensors.tmp.{os.getpid()}")
+    save_file(tensors, tmp, metadata={"format": "pt", "producer": "attnzoo", "source": checkpoint})
+    os.replace(tmp, os.path.join(destination, "model.safetensors"))
+    return destination

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from . import models
 from .tasks import HEADLINE, shard, task_for
 
-__all__ = ["TrainOptions", "pretrain"]
+__all__ = ["TrainOptions", "pretrain", "recommended_options"]
 
 
 @dataclasses.dataclass
@@ -67,6 +67,22 @@ class TrainOptions:
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr} min_lr={self.min_lr}")
         if not 0 < self.data_fraction <= 1:
             raise ValueError(f"data_fraction must be in (0, 1], got {self.data_fraction}")
+
+
+def recommended_options(model_source) -> TrainOptions:
+    """TrainOptions from train.json beside the model's config.json (the zoo's
+    models/<name>/ carry one), else the defaults."""
+    path = os.fspath(model_source)
+    path = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "train.json")
+    if not os.path.exists(path):
+        return TrainOptions()
+    with open(path) as f:
+        values = json.load(f)
+    known = {f.name for f in dataclasses.fields(TrainOptions)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown training options {', '.join(unknown)}")
+    return TrainOptions(**values)
 
 
 def lr_at(step: int, o: TrainOptions) -> float:

@@ -172,3 +172,16 @@ def test_kjv_splits_are_deterministic_and_disjoint():
     assert text["train"].startswith("Now the serpent was more subtil")
     assert sum(len(t) for t in text.values()) > 4_000_000
     assert not set(text["val"].splitlines()[:50]) & set(text["train"].splitlines()[:2000]) - {""}
+
+
+def test_model_directories_carry_their_training_options(tmp_path):
+    from attnzoo.train import recommended_options
+    for name in os.listdir(os.path.join(ROOT, "models")):
+        options = recommended_options(os.path.join(ROOT, "models", name))  # every train.json parses
+        options.validate()
+    assert recommended_options(os.path.join(ROOT, "models", "gpt-kjv")).steps == 1000
+    assert recommended_options(os.path.join(ROOT, "models", "gpt-kjv", "config.json")).lr == 2e-3
+    assert recommended_options(str(tmp_path)) == TrainOptions()
+    (tmp_path / "train.json").write_text('{"stepz": 3}')
+    with pytest.raises(ValueError, match="unknown training options stepz"):
+        recommended_options(str(tmp_path))
