@@ -254,6 +254,18 @@ def test_huge_and_tiny_logits_stay_finite():
         torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=0)
 
 
+def test_denormal_inputs_stay_finite_and_match():
+    q, k, v = make_qkv(1, 2, 2, 40, 90, 16, 16, dtype=torch.float32, seed=16)
+    sub = 1e-40  # float32 subnormal range (below 1.2e-38)
+    q.requires_grad_(True)
+    out = ops.attention(q * sub, k, v, causal=True)  # scores ~1e-40: uniform over the visible keys
+    torch.testing.assert_close(out.double(), reference(q * sub, k, v, causal=True)[0], atol=2e-6, rtol=0)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+    out = ops.attention(q.detach(), k, v * sub)  # subnormal values: the output stays finite and in range
+    assert torch.isfinite(out).all() and out.abs().max() <= (v * sub).abs().max()
+
+
 def test_attention_weights_match_reference():
     q, k, v = make_qkv(2, 4, 2, 70, 300, 8, 8, seed=7)
     bias = rand(4, 70, 300)
