@@ -1,4 +1,4 @@
-"""python -m attnzoo pretrain | evaluate | export (see attnzoo.train and attnzoo.evaluate)."""
+"""python -m attnzoo pretrain | evaluate | compare | export (see attnzoo.train, .evaluate, .compare)."""
 import argparse
 import dataclasses
 import json
@@ -13,6 +13,16 @@ def _parse_value(text):
         return json.loads(text)
     except ValueError:
         return text
+
+
+def _overrides(parser, items):
+    overrides = {}
+    for item in items:
+        if "=" not in item:
+            parser.error(f"--set takes KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        overrides[key] = _parse_value(value)
+    return overrides
 
 
 def main(argv=None):
@@ -38,6 +48,15 @@ def main(argv=None):
     e.add_argument("--max-batches", type=int, default=0, help="limit the evaluation (0 = the whole split)")
     e.add_argument("--sample-tokens", type=int, default=200, help="GPT: length of the generated sample")
 
+    c = sub.add_parser("compare", help="pretrain one model with several attention kinds at equal steps")
+    c.add_argument("model")
+    c.add_argument("--out", required=True)
+    c.add_argument("--kinds", nargs="+", default=None, help="default: dense t5 alibi rotary local block_sparse "
+                   "linformer lsh")
+    c.add_argument("--steps", type=int, default=None)
+    c.add_argument("--batch-size", type=int, default=None)
+    c.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="model config overrides")
+
     x = sub.add_parser("export", help="copy a run's best checkpoint, optionally in a smaller dtype")
     x.add_argument("path", help="a run directory or a checkpoint directory")
     x.add_argument("destination")
@@ -47,12 +66,7 @@ def main(argv=None):
     try:
         if args.command == "pretrain":
             from .train import pretrain
-            overrides = {}
-            for item in args.set:
-                if "=" not in item:
-                    ap.error(f"--set takes KEY=VALUE, got {item!r}")
-                key, value = item.split("=", 1)
-                overrides[key] = _parse_value(value)
+            overrides = _overrides(ap, args.set)
             given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)
                      if getattr(args, f.name) is not None}
             options = dataclasses.replace(recommended_options(args.model), **given)
@@ -60,6 +74,11 @@ def main(argv=None):
                      quiet=args.quiet)
             if not args.quiet and os.environ.get("RANK", "0") == "0":
                 print(f"done: {args.out} (evaluate with: python -m attnzoo evaluate {args.out})")
+        elif args.command == "compare":
+            from .compare import compare
+            options = recommended_options(args.model)
+            given = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None}
+            compare(args.model, args.out, args.kinds, dataclasses.replace(options, **given), _overrides(ap, args.set))
         elif args.command == "export":
             from .evaluate import export
             print(f"wrote {export(args.path, args.destination, args.dtype)}")

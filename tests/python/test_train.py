@@ -185,3 +185,17 @@ def test_model_directories_carry_their_training_options(tmp_path):
     (tmp_path / "train.json").write_text('{"stepz": 3}')
     with pytest.raises(ValueError, match="unknown training options stepz"):
         recommended_options(str(tmp_path))
+
+
+def test_compare_runs_every_kind_on_the_same_batches(tmp_path):
+    from attnzoo.compare import compare
+    rows = compare(os.path.join(ROOT, "models", "gpt-kjv"), str(tmp_path), ["dense", "rotary", "lsh"],
+                   tiny(steps=4), model_overrides=TINY_TEXT, quiet=True)
+    assert [r["kind"] for r in rows] == ["dense", "rotary", "lsh"]
+    assert all(r["val_loss"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert len({r["val_loss"] for r in rows}) == 3  # the kinds really differ
+    table = (tmp_path / "compare.md").read_text()
+    assert table.count("\n") == 5 and "| lsh |" in table
+    runs = [json.loads((tmp_path / k / "run.json").read_text()) for k in ("dense", "lsh")]
+    assert runs[0]["options"] == runs[1]["options"]
+    assert runs[1]["model"]["attention"]["kind"] == "lsh"
