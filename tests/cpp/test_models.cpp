@@ -242,4 +242,6 @@ TEST_CASE("transformer block with cross-attention reads the context and honours 
   CHECK(at::allclose(block->forward(later, inputs, mask).narrow(1, 0, 4), out.narrow(1, 0, 4), 1e-5, 1e-6));
   inputs.context = nullptr;
   CHECK_THAT(error_of([&] { block->forward(x, inputs); }), Catch::Contains("needs a context"));
+  attnzoo::nn::MultiHeadAttention cross(config, config.attention[0], /*cross=*/true);
+  CHECK_THAT(error_of([&] { cross->forward(x); }), Catch::Contains("cross-attention layer needs a context"));
 }

@@ -79,6 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> MultiHeadAttentionImpl::project(c
                                                                                const AttentionInputs& inputs) {
   TORCH_CHECK(x.dim() == 3 && x.size(2) == hidden_, "attention: input must have shape (B, N, ", hidden_,
               "), got ", x.sizes());
+  TORCH_CHECK(!cross_ || inputs.context != nullptr, "attention: a cross-attention layer needs a context");
   const at::Tensor& source = cross_ ? *inputs.context : x;
   TORCH_CHECK(!cross_ || (source.dim() == 3 && source.size(0) == x.size(0) && source.size(2) == hidden_),
               "attention: context must have shape (B, Nk, ", hidden_, "), got ", source.sizes());
