@@ -16,10 +16,6 @@
 namespace attnzoo::models {
 namespace {
 
-torch::nn::LayerNorm layer_norm(const ModelConfig& c) {
-  return torch::nn::LayerNorm(torch::nn::LayerNormOptions({c.hidden_size}).eps(c.layer_norm_eps));
-}
-
 std::string list_names(const std::vector<std::string>& names) {
   std::string out;
   for (size_t i = 0; i < names.size() && i < 20; ++i) out += (i ? ", " : "") + names[i];
@@ -47,12 +43,6 @@ at::Tensor add_positions(const ModelConfig& c, const at::Tensor& h, torch::nn::E
   }
   if (c.position_embedding == "sinusoidal") return h + nn::sinusoidal_positions(N, c.hidden_size, past, h.options());
   return h;
-}
-
-at::Tensor activation(const std::string& name, const at::Tensor& x) {
-  if (name == "gelu") return at::gelu(x);
-  if (name == "gelu_tanh") return at::gelu(x, "tanh");
-  return at::relu(x);
 }
 
 }  // namespace
@@ -172,7 +162,7 @@ GPTImpl::GPTImpl(const ModelConfig& config) : ModelBase(config) {
   std::tie(token_embedding, position_embedding) = text_embeddings(*this, c);
   dropout = register_module("dropout", torch::nn::Dropout(c.dropout));
   for (int64_t i = 0; i < c.num_layers; ++i) layers->push_back(nn::TransformerBlock(c, c.attention[i]));
-  final_norm = register_module("final_norm", layer_norm(c));
+  final_norm = register_module("final_norm", nn::layer_norm(c));
   if (!c.tie_word_embeddings)
     lm_head = register_module("lm_head", torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.vocab_size).bias(false)));
   init_weights();
@@ -266,11 +256,11 @@ BertImpl::BertImpl(const ModelConfig& config) : ModelBase(config) {
   const auto& c = config_;
   std::tie(token_embedding, position_embedding) = text_embeddings(*this, c);
   token_type_embedding = register_module("token_type_embedding", torch::nn::Embedding(c.type_vocab_size, c.hidden_size));
-  embedding_norm = register_module("embedding_norm", layer_norm(c));
+  embedding_norm = register_module("embedding_norm", nn::layer_norm(c));
   dropout = register_module("dropout", torch::nn::Dropout(c.dropout));
   for (int64_t i = 0; i < c.num_layers; ++i) layers->push_back(nn::TransformerBlock(c, c.attention[i]));
   mlm_transform = register_module("mlm_transform", torch::nn::Linear(c.hidden_size, c.hidden_size));
-  mlm_norm = register_module("mlm_norm", layer_norm(c));
+  mlm_norm = register_module("mlm_norm", nn::layer_norm(c));
   if (!c.tie_word_embeddings)
     mlm_decoder = register_module("mlm_decoder", torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.vocab_size).bias(false)));
   mlm_bias = register_parameter("mlm_bias", at::zeros({c.vocab_size}));
@@ -303,7 +293,7 @@ at::Tensor BertImpl::encode(const at::Tensor& input_ids, const std::optional<at:
 at::Tensor BertImpl::forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask,
                              const std::optional<at::Tensor>& token_type_ids) {
   auto h = encode(input_ids, attention_mask, token_type_ids);
-  h = mlm_norm(activation(config_.activation, mlm_transform(h)));
+  h = mlm_norm(nn::activation(config_.activation, mlm_transform(h)));
   return at::linear(h, mlm_decoder ? mlm_decoder->weight : token_embedding->weight, mlm_bias);
 }
 
@@ -325,7 +315,7 @@ ViTImpl::ViTImpl(const ModelConfig& config) : ModelBase(config) {
   position_embedding = register_parameter("position_embedding", at::randn({1, patches + 1, c.hidden_size}) * 0.02);
   dropout = register_module("dropout", torch::nn::Dropout(c.dropout));
   for (int64_t i = 0; i < c.num_layers; ++i) layers->push_back(nn::TransformerBlock(c, c.attention[i]));
-  final_norm = register_module("final_norm", layer_norm(c));
+  final_norm = register_module("final_norm", nn::layer_norm(c));
   classifier = register_module("classifier", torch::nn::Linear(c.hidden_size, c.num_labels));
   init_weights();
 }
@@ -359,7 +349,7 @@ SpeechImpl::SpeechImpl(const ModelConfig& config) : ModelBase(config) {
   dropout = register_module("dropout", torch::nn::Dropout(c.dropout));
   for (int64_t i = 0; i < c.num_layers; ++i)
     layers->push_back(nn::TransformerBlock(c, c.attention[i], /*cross_attention=*/false, c.conformer_conv));
-  final_norm = register_module("final_norm", layer_norm(c));
+  final_norm = register_module("final_norm", nn::layer_norm(c));
   ctc_head = register_module("ctc_head", torch::nn::Linear(c.hidden_size, c.vocab_size));
   init_weights();
 }

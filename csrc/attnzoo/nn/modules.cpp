@@ -33,6 +33,16 @@ at::Tensor sinusoidal_positions(int64_t n, int64_t channels, int64_t offset, at:
   return table.to(options.dtype());
 }
 
+at::Tensor activation(const std::string& name, const at::Tensor& x) {
+  if (name == "gelu") return at::gelu(x);
+  if (name == "gelu_tanh") return at::gelu(x, "tanh");
+  return at::relu(x);
+}
+
+torch::nn::LayerNorm layer_norm(const ModelConfig& config) {
+  return torch::nn::LayerNorm(torch::nn::LayerNormOptions({config.hidden_size}).eps(config.layer_norm_eps));
+}
+
 // ---------------------------------------------------------------------------
 MultiHeadAttentionImpl::MultiHeadAttentionImpl(const ModelConfig& config, const AttentionConfig& attention,
                                                bool cross)
@@ -125,14 +135,14 @@ at::Tensor MultiHeadAttentionImpl::block_layout(int64_t nq, int64_t nk, bool cau
 }
 
 at::Tensor MultiHeadAttentionImpl::attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                          const AttentionInputs& inputs, int64_t past) {
+                                          const AttentionInputs& inputs) {
   const auto& a = attention_;
   const double p = is_training() ? dropout_p_ : 0.0;
   const bool causal = inputs.causal;
   const int64_t B = q.size(0), Nq = q.size(2), Nk = k.size(2);
+  if (is_dense_family(a.kind)) return ops::attention(q, k, v, dense_options(q, k, inputs).dropout_p(p));
   std::optional<at::Tensor> mask4;
   if (inputs.key_padding_mask) mask4 = inputs.key_padding_mask->view({B, 1, 1, Nk});
-  if (is_dense_family(a.kind)) return ops::attention(q, k, v, dense_options(q, mask4, causal).dropout_p(p));
   // The remaining kinds take keys with as many heads as the queries.
   const int64_t groups = heads_ / kv_heads_;
   const at::Tensor kr = groups > 1 && a.kind != "linear" ? k.repeat_interleave(groups, 1) : k;
@@ -141,7 +151,6 @@ at::Tensor MultiHeadAttentionImpl::attend(const at::Tensor& q, const at::Tensor&
     return ops::shaw_attention(q, kr, vr, shaw_rel_k, shaw_rel_v, a.max_distance, mask4, causal, p);
   if (a.kind == "block_sparse")
     return ops::block_sparse_attention(q, kr, vr, block_layout(Nq, Nk, causal), a.block_size, causal, mask4, p);
-  TORCH_CHECK(past == 0, "attention: kind \"", a.kind, "\" cannot continue from a KV cache");
   if (a.kind == "linformer") {
     TORCH_CHECK(Nk <= max_positions_, "attention: linformer projects at most max_position_embeddings = ",
                 max_positions_, " keys, got ", Nk);
@@ -217,7 +226,7 @@ at::Tensor MultiHeadAttentionImpl::forward(const at::Tensor& x, const AttentionI
     inputs.cache->k = k;
     inputs.cache->v = v;
   }
-  auto out = attend(q, k, v, inputs, past);
+  auto out = attend(q, k, v, inputs);
   return out_proj(out.transpose(1, 2).reshape({x.size(0), x.size(1), heads_ * head_dim_}));
 }
 
@@ -226,9 +235,7 @@ at::Tensor MultiHeadAttentionImpl::attention_probs(const at::Tensor& x, const At
               "\" does not form the full probability matrix; use a dense-family kind");
   auto [q, k, v] = project(x, inputs);
   if (attention_.kind == "rotary") std::tie(q, k) = rotate(q, k, 0);
-  std::optional<at::Tensor> mask4;
-  if (inputs.key_padding_mask) mask4 = inputs.key_padding_mask->view({q.size(0), 1, 1, k.size(2)});
-  return ops::attention_weights(q, k, v, dense_options(q, mask4, inputs.causal));
+  return ops::attention_weights(q, k, v, dense_options(q, k, inputs));
 }
 
 std::pair<at::Tensor, at::Tensor> MultiHeadAttentionImpl::rotate(const at::Tensor& q, const at::Tensor& k,
@@ -238,10 +245,12 @@ std::pair<at::Tensor, at::Tensor> MultiHeadAttentionImpl::rotate(const at::Tenso
   return {ops::rotary(q, std::nullopt, past, a.rotary_base, dim), ops::rotary(k, std::nullopt, past, a.rotary_base, dim)};
 }
 
-ops::AttentionOptions MultiHeadAttentionImpl::dense_options(const at::Tensor& q, const std::optional<at::Tensor>& mask,
-                                                            bool causal) const {
+ops::AttentionOptions MultiHeadAttentionImpl::dense_options(const at::Tensor& q, const at::Tensor& k,
+                                                            const AttentionInputs& inputs) const {
   const auto& a = attention_;
-  auto options = ops::AttentionOptions().mask(mask).causal(causal);
+  const bool causal = inputs.causal;
+  auto options = ops::AttentionOptions().causal(causal);
+  if (inputs.key_padding_mask) options.mask(inputs.key_padding_mask->view({q.size(0), 1, 1, k.size(2)}));
   if (a.kind == "alibi") options.alibi_slopes(ops::alibi_slopes(heads_).to(q.scalar_type()));
   if (a.kind == "t5") options.t5_table(t5_bias).t5_bidirectional(!causal).t5_max_distance(a.max_distance);
   if (a.kind == "local") options.window(ops::AttentionOptions::Window{a.window, causal ? 0 : a.window});
@@ -255,11 +264,7 @@ FeedForwardImpl::FeedForwardImpl(const ModelConfig& config) : activation_(config
 }
 
 at::Tensor FeedForwardImpl::forward(const at::Tensor& x) {
-  auto h = fc_in(x);
-  if (activation_ == "gelu") h = at::gelu(h);
-  else if (activation_ == "gelu_tanh") h = at::gelu(h, "tanh");
-  else h = at::relu(h);
-  return fc_out(h);
+  return fc_out(activation(activation_, fc_in(x)));
 }
 
 // ---------------------------------------------------------------------------
@@ -267,8 +272,7 @@ ConvModuleImpl::ConvModuleImpl(const ModelConfig& config) {
   const int64_t C = config.hidden_size, k = config.conv_kernel_size;
   pointwise_in = register_module("pointwise_in", torch::nn::Conv1d(torch::nn::Conv1dOptions(C, 2 * C, 1)));
   depthwise = register_module("depthwise", torch::nn::Conv1d(torch::nn::Conv1dOptions(C, C, k).padding(k / 2).groups(C)));
-  depthwise_norm = register_module("depthwise_norm",
-                                   torch::nn::LayerNorm(torch::nn::LayerNormOptions({C}).eps(config.layer_norm_eps)));
+  depthwise_norm = register_module("depthwise_norm", layer_norm(config));
   pointwise_out = register_module("pointwise_out", torch::nn::Conv1d(torch::nn::Conv1dOptions(C, C, 1)));
   dropout = register_module("dropout", torch::nn::Dropout(config.dropout));
 }
@@ -285,19 +289,18 @@ at::Tensor ConvModuleImpl::forward(const at::Tensor& x, const std::optional<at::
 TransformerBlockImpl::TransformerBlockImpl(const ModelConfig& config, const AttentionConfig& attention,
                                            bool cross_attention, bool conv)
     : pre_norm_(config.norm == "pre") {
-  auto norm = [&] { return torch::nn::LayerNorm(torch::nn::LayerNormOptions({config.hidden_size}).eps(config.layer_norm_eps)); };
   attn = register_module("attn", MultiHeadAttention(config, attention));
-  attn_norm = register_module("attn_norm", norm());
+  attn_norm = register_module("attn_norm", layer_norm(config));
   if (cross_attention) {
     cross_attn = register_module("cross_attn", MultiHeadAttention(config, attention, /*cross=*/true));
-    cross_attn_norm = register_module("cross_attn_norm", norm());
+    cross_attn_norm = register_module("cross_attn_norm", layer_norm(config));
   }
   if (conv) {
     conv_module = register_module("conv_module", ConvModule(config));
-    conv_norm = register_module("conv_norm", norm());
+    conv_norm = register_module("conv_norm", layer_norm(config));
   }
   mlp = register_module("mlp", FeedForward(config));
-  mlp_norm = register_module("mlp_norm", norm());
+  mlp_norm = register_module("mlp_norm", layer_norm(config));
   dropout = register_module("dropout", torch::nn::Dropout(config.dropout));
 }
 

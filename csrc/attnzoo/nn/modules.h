@@ -32,6 +32,12 @@ using KVCache = std::vector<LayerCache>;
 // (N, C) sinusoidal position table (Vaswani et al.), positions offset..offset+N-1.
 at::Tensor sinusoidal_positions(int64_t n, int64_t channels, int64_t offset, at::TensorOptions options);
 
+// The config's activation ("gelu" exact, "gelu_tanh", "relu") applied to x.
+at::Tensor activation(const std::string& name, const at::Tensor& x);
+
+// A LayerNorm over hidden_size with the config's epsilon.
+torch::nn::LayerNorm layer_norm(const ModelConfig& config);
+
 // What one attention call needs beyond the input: a key padding mask
 // (B, Nk) bool (true = real token), causality, a cache, a context to attend
 // to (cross-attention) and its own padding mask.
@@ -58,13 +64,13 @@ class MultiHeadAttentionImpl : public torch::nn::Module {
 
  private:
   std::tuple<at::Tensor, at::Tensor, at::Tensor> project(const at::Tensor& x, const AttentionInputs& inputs);
-  at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionInputs& inputs,
-                    int64_t past);
+  at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionInputs& inputs);
   at::Tensor block_layout(int64_t nq, int64_t nk, bool causal);
   at::Tensor causal_linformer(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& key_padding_mask, double p);
   std::pair<at::Tensor, at::Tensor> rotate(const at::Tensor& q, const at::Tensor& k, int64_t past) const;
-  ops::AttentionOptions dense_options(const at::Tensor& q, const std::optional<at::Tensor>& mask, bool causal) const;
+  // Dense-family options: the padding mask (B, Nk) as (B, 1, 1, Nk), causality, the kind's bias.
+  ops::AttentionOptions dense_options(const at::Tensor& q, const at::Tensor& k, const AttentionInputs& inputs) const;
 
   AttentionConfig attention_;
   int64_t hidden_, heads_, kv_heads_, head_dim_, max_positions_;
