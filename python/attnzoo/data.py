@@ -22,6 +22,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ._files import write_text_atomic
+
 __all__ = ["cache_dir", "kjv", "digits", "ByteTokenizer", "SentencePieceTokenizer", "sentencepiece_tokenizer",
            "tokenizer_for"]
 
@@ -35,15 +37,6 @@ def cache_dir() -> str:
 def _progress(iterable, total=None, desc=""):
     from tqdm import tqdm
     return tqdm(iterable, total=total, desc=desc, disable=None, file=sys.stderr, leave=False)
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------
@@ -92,7 +85,7 @@ def _build_kjv(root: str, paths: Dict[str, str]) -> None:
         parts[split].extend(verses)
     os.makedirs(root, exist_ok=True)
     for split, verses in parts.items():
-        _write_atomic(paths[split], ("\n".join(verses) + "\n").encode("utf-8"))
+        write_text_atomic(paths[split], "\n".join(verses) + "\n")
 
 
 # ---------------------------------------------------------------------------
@@ -129,7 +122,7 @@ class ByteTokenizer:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
     def save(self, directory: str) -> None:
-        _write_atomic(os.path.join(directory, "tokenizer.json"), json.dumps({"kind": "bytes"}).encode())
+        write_text_atomic(os.path.join(directory, "tokenizer.json"), json.dumps({"kind": "bytes"}))
 
 
 class SentencePieceTokenizer:
@@ -153,7 +146,7 @@ class SentencePieceTokenizer:
 
     def save(self, directory: str) -> None:
         shutil.copyfile(self.model_path, os.path.join(directory, "tokenizer.model"))
-        _write_atomic(os.path.join(directory, "tokenizer.json"), json.dumps({"kind": "sentencepiece"}).encode())
+        write_text_atomic(os.path.join(directory, "tokenizer.json"), json.dumps({"kind": "sentencepiece"}))
 
 
 def sentencepiece_tokenizer(vocab_size: int, cache: Optional[str] = None) -> SentencePieceTokenizer:

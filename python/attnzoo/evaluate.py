@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from . import data, models
+from ._files import atomic_write
 from .tasks import task_for
 
 __all__ = ["evaluate", "resolve_checkpoint", "export"]
@@ -95,7 +96,6 @@ def export(path: str, destination: str, dtype: str = "float32") -> str:
             shutil.copyfile(os.path.join(checkpoint, name), os.path.join(destination, name))
     tensors = {k: v.to(types[dtype]) if v.is_floating_point() else v
                for k, v in load_file(os.path.join(checkpoint, "model.safetensors")).items()}
-    tmp = os.path.join(destination, f"model.safetensors.tmp.{os.getpid()}")
-    save_file(tensors, tmp, metadata={"format": "pt", "producer": "attnzoo", "source": checkpoint})
-    os.replace(tmp, os.path.join(destination, "model.safetensors"))
+    metadata = {"format": "pt", "producer": "attnzoo", "source": checkpoint}
+    atomic_write(os.path.join(destination, "model.safetensors"), lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return destination

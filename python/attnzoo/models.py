@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import _C
+from ._files import atomic_write, write_text_atomic
 
 __all__ = ["GPT", "Bert", "ViT", "Speech", "from_pretrained", "load_config", "default_config", "ZooModel"]
 
@@ -137,10 +138,10 @@ class ZooModel(CppModule):
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        _atomic_write(os.path.join(directory, "model.safetensors"),
+        atomic_write(os.path.join(directory, "model.safetensors"),
                       lambda tmp: save_file(state, tmp, metadata={"format": "pt", "producer": "attnzoo"}))
         text = self._cpp.config_json()
-        _atomic_write(os.path.join(directory, "config.json"), lambda tmp: _write_text(tmp, text))
+        write_text_atomic(os.path.join(directory, "config.json"), text)
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "ZooModel":
@@ -151,23 +152,6 @@ class ZooModel(CppModule):
         model = cls(os.path.join(directory, "config.json"))
         model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")), strict=True)
         return model
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 class GPT(ZooModel):

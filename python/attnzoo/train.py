@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from . import models
+from ._files import atomic_write, write_text_atomic
 from .tasks import HEADLINE, shard, task_for
 
 __all__ = ["TrainOptions", "pretrain", "recommended_options"]
@@ -132,15 +133,6 @@ def _replace_link(link, target):
         os.remove(tmp)
     os.symlink(target, tmp)
     os.replace(tmp, link)  # atomic
-
-
-def _write_json_atomic(path, obj):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _check_output_dir(out: str, model) -> None:
@@ -243,7 +235,8 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
         if main:
             _truncate_metrics(os.path.join(out, "metrics.jsonl"), start)
     elif main:
-        _write_json_atomic(os.path.join(out, "run.json"), {"model": config, "options": dataclasses.asdict(o)})
+        write_text_atomic(os.path.join(out, "run.json"),
+                          json.dumps({"model": config, "options": dataclasses.asdict(o)}, indent=1))
     trained = model
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -360,10 +353,7 @@ def _truncate_metrics(path, step):
                 kept.append(line)
         except (ValueError, KeyError):
             pass  # a line cut by the kill
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept))
 
 
 def _checkpoint(out, step, model, task, optimizer, data_generator, is_best, extra):
@@ -411,7 +401,5 @@ def _plot(metrics_path, png_path):
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = f"{png_path}.tmp.{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
+    atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=100), suffix=".png")
     plt.close(fig)
-    os.replace(tmp, png_path)
