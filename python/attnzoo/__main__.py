@@ -1,4 +1,5 @@
-"""python -m attnzoo pretrain | evaluate | compare | export (see attnzoo.train, .evaluate, .compare)."""
+"""python -m attnzoo pretrain | evaluate | compare | export | plot-attention (see attnzoo.train, .evaluate,
+.compare, .plot)."""
 import argparse
 import dataclasses
 import json
@@ -46,7 +47,7 @@ def main(argv=None):
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     e.add_argument("--out", help="where to write the JSON (default: eval-<split>.json in the run)")
     e.add_argument("--max-batches", type=int, default=0, help="limit the evaluation (0 = the whole split)")
-    e.add_argument("--sample-tokens", type=int, default=200, help="GPT: length of the generated sample")
+    e.add_argument("--sample-tokens", type=int, default=200, help="GPT: length of the generated sample; speech: 0 skips the transcripts")
 
     c = sub.add_parser("compare", help="pretrain one model with several attention kinds at equal steps")
     c.add_argument("model")
@@ -61,6 +62,14 @@ def main(argv=None):
     x.add_argument("path", help="a run directory or a checkpoint directory")
     x.add_argument("destination")
     x.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+
+    pa = sub.add_parser("plot-attention", help="attention heat maps (PNG) of a checkpoint on one input")
+    pa.add_argument("path", help="a run directory or a checkpoint directory")
+    pa.add_argument("--text", help="GPT / BERT: the input text")
+    pa.add_argument("--index", type=int, default=0, help="ViT / speech: which example of --split")
+    pa.add_argument("--split", default="test", choices=["train", "val", "test"])
+    pa.add_argument("--layers", type=int, nargs="+", help="layers to draw (default: all)")
+    pa.add_argument("--out", default="attention.png")
 
     args = ap.parse_args(argv)
     try:
@@ -82,6 +91,9 @@ def main(argv=None):
         elif args.command == "export":
             from .evaluate import export
             print(f"wrote {export(args.path, args.destination, args.dtype)}")
+        elif args.command == "plot-attention":
+            from .plot import plot_attention
+            print(f"wrote {plot_attention(args.path, args.out, args.text, args.index, args.split, args.layers)}")
         else:
             from .evaluate import evaluate
             evaluate(args.path, args.split, args.out, args.max_batches, args.sample_tokens)

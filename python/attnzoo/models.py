@@ -130,6 +130,19 @@ class ZooModel(CppModule):
     def config(self) -> dict:
         return json.loads(self._cpp.config_json())
 
+    @torch.no_grad()
+    def attention_maps(self, *inputs, **kwargs) -> list:
+        """Runs forward(*inputs, **kwargs) and returns each layer's
+        self-attention probabilities (B, heads, N, N), computed from that
+        layer's own input; None for a layer whose kind never forms them
+        (lsh, linformer, linear, longformer, shaw, block_sparse)."""
+        self._cpp.record_attention(True)
+        try:
+            self.forward(*inputs, **kwargs)
+        finally:
+            self._cpp.record_attention(False)
+        return list(self._cpp.take_attention_maps())
+
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
         """Writes directory/config.json and directory/model.safetensors (each
         to a temporary file renamed into place)."""

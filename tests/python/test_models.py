@@ -189,6 +189,31 @@ def test_gpt_dense_matches_a_float64_reference():
     assert (model(x) - reference_gpt(model, x, attend)).abs().max() < 1e-10
 
 
+def test_attention_maps_are_every_layers_probabilities_from_its_own_input():
+    model = gpt().eval().double()
+    x = ids(2, 19)
+    expected = []
+
+    def attend(i, q, k, v, lp):
+        s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        p = s.masked_fill(torch.ones(19, 19, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+        expected.append(p)
+        return p @ v
+    reference_gpt(model, x, attend)
+    maps = model.attention_maps(x)
+    assert len(maps) == len(expected) == 2
+    for got, want in zip(maps, expected):
+        assert got.shape == (2, 4, 19, 19) and (got - want).abs().max() < 1e-10
+    assert model.attention_maps(x[:1, :5])[0].shape == (1, 4, 5, 5)  # nothing left over from the last call
+    # Recording is off again afterwards, and never applies to kinds without probabilities.
+    assert model._cpp.take_attention_maps() == []
+    assert model.attention_maps(x) is not None and model._cpp.take_attention_maps() == []
+    mixed = gpt(attention=[attention("lsh"), attention("alibi")]).eval()
+    maps = mixed.attention_maps(x)
+    assert maps[0] is None and maps[1].shape == (2, 4, 19, 19)
+    assert torch.allclose(maps[1].sum(-1), torch.ones(2, 4, 19, dtype=maps[1].dtype))
+
+
 @pytest.mark.parametrize("n", [16, 21, 5])
 def test_causal_linformer_matches_a_float64_reference(n):
     model = gpt("linformer").eval().double()

@@ -150,6 +150,7 @@ at::Tensor ModelBase::run_layers(at::Tensor h, const nn::AttentionInputs& inputs
   for (size_t i = 0; i < layers->size(); ++i) {
     nn::AttentionInputs layer_inputs = inputs;
     layer_inputs.cache = cache ? &(*cache)[i] : nullptr;
+    layer_inputs.attention_maps = recording_attention_ ? &attention_maps_ : nullptr;
     h = layers->ptr<nn::TransformerBlockImpl>(i)->forward(h, layer_inputs);
   }
   return h;

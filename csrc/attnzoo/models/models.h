@@ -7,6 +7,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "attnzoo/io/safetensors.h"
@@ -31,6 +32,13 @@ class ModelBase : public torch::nn::Module {
   // creates dir when missing.
   void save_pretrained(const std::string& dir) const;
 
+  // While recording, every forward call appends each layer's self-attention
+  // probabilities (B, H, N, N) from that layer's own input (undefined for
+  // kinds that never form them); take_attention_maps() hands them over and
+  // clears the record. For inspection: it costs one extra attention per layer.
+  void record_attention(bool on) { recording_attention_ = on; }
+  std::vector<at::Tensor> take_attention_maps() { return std::exchange(attention_maps_, {}); }
+
  protected:
   // GPT-2/BERT initialisation: normal(0, 0.02) weights, zero biases, unit norms.
   void init_weights();
@@ -41,6 +49,10 @@ class ModelBase : public torch::nn::Module {
 
   ModelConfig config_;
   torch::nn::ModuleList layers{nullptr};
+
+ private:
+  bool recording_attention_ = false;
+  std::vector<at::Tensor> attention_maps_;
 };
 
 struct GenerationOptions {

@@ -230,8 +230,10 @@ at::Tensor MultiHeadAttentionImpl::forward(const at::Tensor& x, const AttentionI
   return out_proj(out.transpose(1, 2).reshape({x.size(0), x.size(1), heads_ * head_dim_}));
 }
 
+bool MultiHeadAttentionImpl::forms_probabilities() const { return is_dense_family(attention_.kind); }
+
 at::Tensor MultiHeadAttentionImpl::attention_probs(const at::Tensor& x, const AttentionInputs& inputs) {
-  TORCH_CHECK(is_dense_family(attention_.kind), "attention_probs: kind \"", attention_.kind,
+  TORCH_CHECK(forms_probabilities(), "attention_probs: kind \"", attention_.kind,
               "\" does not form the full probability matrix; use a dense-family kind");
   auto [q, k, v] = project(x, inputs);
   if (attention_.kind == "rotary") std::tie(q, k) = rotate(q, k, 0);
@@ -313,7 +315,15 @@ at::Tensor TransformerBlockImpl::forward(const at::Tensor& x, const AttentionInp
                                          const std::optional<at::Tensor>& context_mask) {
   AttentionInputs self_inputs = inputs;
   self_inputs.context = nullptr;
-  auto h = residual(x, attn_norm, [&](const at::Tensor& y) { return dropout(attn(y, self_inputs)); });
+  self_inputs.attention_maps = nullptr;
+  auto h = residual(x, attn_norm, [&](const at::Tensor& y) {
+    if (inputs.attention_maps) {
+      at::NoGradGuard no_grad;
+      inputs.attention_maps->push_back(attn->forms_probabilities() ? attn->attention_probs(y, self_inputs)
+                                                                   : at::Tensor());
+    }
+    return dropout(attn(y, self_inputs));
+  });
   if (cross_attn) {
     TORCH_CHECK(inputs.context != nullptr, "transformer block: this block has cross-attention and needs a context");
     AttentionInputs cross_inputs;

@@ -40,12 +40,15 @@ torch::nn::LayerNorm layer_norm(const ModelConfig& config);
 
 // What one attention call needs beyond the input: a key padding mask
 // (B, Nk) bool (true = real token), causality, a cache, a context to attend
-// to (cross-attention) and its own padding mask.
+// to (cross-attention) and its own padding mask. When attention_maps is set,
+// each block appends its self-attention probabilities (B, H, N, N), or an
+// undefined tensor for a kind that never forms them (for plots, not training).
 struct AttentionInputs {
   std::optional<at::Tensor> key_padding_mask;
   bool causal = false;
   LayerCache* cache = nullptr;
   const at::Tensor* context = nullptr;
+  std::vector<at::Tensor>* attention_maps = nullptr;
 };
 
 class MultiHeadAttentionImpl : public torch::nn::Module {
@@ -57,6 +60,8 @@ class MultiHeadAttentionImpl : public torch::nn::Module {
   // The attention probabilities (B, H, N, Nk) of a dense-family layer, for
   // inspection; refused for kinds whose probabilities are not materialisable.
   at::Tensor attention_probs(const at::Tensor& x, const AttentionInputs& inputs = {});
+  // Whether attention_probs() is available for this layer's kind.
+  bool forms_probabilities() const;
 
   // Whether forward() with a cache computes exactly what the full forward does.
   bool supports_kv_cache() const;

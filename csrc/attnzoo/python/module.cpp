@@ -89,16 +89,8 @@ PYBIND11_MODULE(_C, m) {
       .def("load_state", [](ModelBase& self, const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
              self.load_state(io::NamedTensors(tensors.begin(), tensors.end()));
            })
-      .def("attention_probs", [](ModelBase& self, int64_t layer, const at::Tensor& hidden,
-                                 std::optional<at::Tensor> key_padding_mask, bool causal) {
-             auto* layers = self.named_children()["layers"]->as<torch::nn::ModuleListImpl>();
-             TORCH_CHECK(layer >= 0 && layer < int64_t(layers->size()), "attention_probs: layer must be in [0, ",
-                         layers->size(), "), got ", layer);
-             nn::AttentionInputs inputs;
-             inputs.key_padding_mask = key_padding_mask;
-             inputs.causal = causal;
-             return layers->ptr<nn::TransformerBlockImpl>(layer)->attn->attention_probs(hidden, inputs);
-           }, "Attention probabilities of one layer for given inputs to that layer (dense-family kinds)");
+      .def("record_attention", &ModelBase::record_attention, py::arg("on"))
+      .def("take_attention_maps", &ModelBase::take_attention_maps);
 
   py::class_<models::GPTImpl, ModelBase, std::shared_ptr<models::GPTImpl>>(m, "GPT")
       .def(from_json<models::GPTImpl>())
