@@ -1,0 +1,231 @@
+// attnzoo-cli: the zoo's checkpoints from C++, without Python.
+//
+//   attnzoo-cli generate MODEL_DIR (--prompt TEXT | --ids 1,2,3) [--max-new-tokens N]
+//                        [--temperature T] [--top-k K] [--top-p P] [--seed S] [--no-cache]
+//   attnzoo-cli evaluate MODEL_DIR --text FILE [--seq-len N] [--batch-size B] [--max-batches M]
+//
+// Both take a GPT checkpoint directory (config.json + model.safetensors, as
+// written by `python -m attnzoo pretrain` or save_pretrained in either
+// language). Text goes through the checkpoint's byte tokenizer. `evaluate`
+// scores next-byte prediction on a text file with the same windows as
+// `python -m attnzoo evaluate` (non-overlapping windows of seq_len + 1; with
+// --max-batches, evenly spaced ones), so on the KJV split files in the data
+// cache it reproduces the Python numbers. Timings are printed with results.
+#include <attnzoo/attnzoo.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+const char* kUsage =
+    "usage:\n"
+    "  attnzoo-cli generate MODEL_DIR (--prompt TEXT | --ids 1,2,3) [--max-new-tokens N] [--temperature T]\n"
+    "                       [--top-k K] [--top-p P] [--seed S] [--no-cache]\n"
+    "  attnzoo-cli evaluate MODEL_DIR --text FILE [--seq-len N] [--batch-size B] [--max-batches M]\n";
+
+struct UsageError : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+
+// --flag value pairs (and the bare flags listed in `switches`) after the command and directory.
+std::map<std::string, std::string> parse_flags(int argc, char** argv, const std::vector<std::string>& known,
+                                               const std::vector<std::string>& switches) {
+  std::map<std::string, std::string> flags;
+  for (int i = 3; i < argc; ++i) {
+    const std::string flag = argv[i];
+    bool is_switch = false;
+    for (const auto& s : switches) is_switch |= flag == s;
+    if (is_switch) {
+      flags[flag] = "1";
+      continue;
+    }
+    bool ok = false;
+    for (const auto& k : known) ok |= flag == k;
+    if (!ok) throw UsageError("unknown option " + flag);
+    if (i + 1 >= argc) throw UsageError(flag + " needs a value");
+    flags[flag] = argv[++i];
+  }
+  return flags;
+}
+
+template <typename T>
+T number(const std::map<std::string, std::string>& flags, const std::string& name, T fallback) {
+  auto it = flags.find(name);
+  if (it == flags.end()) return fallback;
+  std::istringstream in(it->second);
+  T value;
+  if (!(in >> value) || !in.eof()) throw UsageError(name + ": not a number: '" + it->second + "'");
+  return value;
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot read " + path);
+  std::ostringstream out;
+  out << in.rdbuf();
+  return out.str();
+}
+
+// Only byte-level checkpoints can be fed text from C++: the sentencepiece
+// vocabularies are read by the Python tools.
+void require_byte_tokenizer(const std::string& dir) {
+  std::ifstream in(dir + "/tokenizer.json");
+  if (!in) return;  // no tokenizer saved: bytes
+  std::ostringstream spec;
+  spec << in.rdbuf();
+  if (spec.str().find("\"bytes\"") == std::string::npos)
+    throw std::invalid_argument(dir + "/tokenizer.json: attnzoo-cli reads byte-level checkpoints only (this one "
+                                "has a subword tokenizer); pass --ids instead of text");
+}
+
+at::Tensor bytes_to_ids(const std::string& text) {
+  std::vector<int64_t> ids(text.begin(), text.end());
+  for (auto& id : ids) id &= 0xff;  // char may be signed
+  return torch::tensor(ids, torch::kLong);
+}
+
+std::string ids_to_text(const at::Tensor& ids) {
+  std::string out;
+  for (int64_t i = 0; i < ids.numel(); ++i) {
+    const int64_t id = ids[i].item<int64_t>();
+    out += id >= 0 && id < 256 ? static_cast<char>(id) : '?';
+  }
+  return out;
+}
+
+std::vector<int64_t> parse_ids(const std::string& text) {
+  std::vector<int64_t> ids;
+  std::stringstream in(text);
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    try {
+      size_t used = 0;
+      ids.push_back(std::stoll(item, &used));
+      if (used != item.size()) throw std::invalid_argument(item);
+    } catch (const std::exception&) {
+      throw UsageError("--ids: not an integer: '" + item + "'");
+    }
+  }
+  return ids;
+}
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+int generate(const std::string& dir, const std::map<std::string, std::string>& flags) {
+  const bool has_prompt = flags.count("--prompt"), has_ids = flags.count("--ids");
+  if (has_prompt == has_ids) throw UsageError("generate takes exactly one of --prompt and --ids");
+  auto gpt = attnzoo::from_pretrained_as<attnzoo::models::GPTImpl>(dir);
+  gpt->eval();
+  if (has_prompt) require_byte_tokenizer(dir);
+  at::Tensor prompt = has_prompt ? bytes_to_ids(flags.at("--prompt")) : torch::tensor(parse_ids(flags.at("--ids")));
+  if (prompt.numel() == 0) throw UsageError("the prompt is empty");
+  attnzoo::models::GenerationOptions options;
+  options.max_new_tokens = number<int64_t>(flags, "--max-new-tokens", 64);
+  options.temperature = number<double>(flags, "--temperature", 0.0);
+  options.top_k = number<int64_t>(flags, "--top-k", 0);
+  options.top_p = number<double>(flags, "--top-p", 1.0);
+  options.use_cache = !flags.count("--no-cache");
+  if (flags.count("--seed")) options.seed = number<uint64_t>(flags, "--seed", 0);
+  torch::NoGradGuard no_grad;
+  const auto start = Clock::now();
+  auto out = gpt->generate(prompt.unsqueeze(0), options)[0];
+  const double elapsed = seconds_since(start);
+  const int64_t produced = out.numel() - prompt.numel();
+  if (has_prompt) {
+    std::cout << ids_to_text(out) << '\n';
+  } else {
+    for (int64_t t = 0; t < out.numel(); ++t) std::cout << (t ? "," : "") << out[t].item<int64_t>();
+    std::cout << '\n';
+  }
+  std::fprintf(stderr, "generated %lld tokens in %.3f s (%.1f tokens/s, %s)\n", static_cast<long long>(produced),
+               elapsed, produced / std::max(elapsed, 1e-9), options.use_cache ? "KV cache" : "no cache");
+  return 0;
+}
+
+int evaluate(const std::string& dir, const std::map<std::string, std::string>& flags) {
+  if (!flags.count("--text")) throw UsageError("evaluate needs --text FILE");
+  auto gpt = attnzoo::from_pretrained_as<attnzoo::models::GPTImpl>(dir);
+  gpt->eval();
+  require_byte_tokenizer(dir);
+  const auto& config = gpt->config();
+  const int64_t seq_len = number<int64_t>(flags, "--seq-len", std::min<int64_t>(config.max_position_embeddings, 256));
+  const int64_t batch_size = number<int64_t>(flags, "--batch-size", 32);
+  const int64_t max_batches = number<int64_t>(flags, "--max-batches", 0);
+  if (seq_len < 1 || seq_len > config.max_position_embeddings)
+    throw UsageError("--seq-len must be in [1, " + std::to_string(config.max_position_embeddings) + "]");
+  if (batch_size < 1) throw UsageError("--batch-size must be >= 1");
+  if (max_batches < 0) throw UsageError("--max-batches must be >= 0");
+  const at::Tensor stream = bytes_to_ids(read_file(flags.at("--text")));
+  const int64_t window = seq_len + 1, span = stream.numel() - window;
+  if (span < 1)
+    throw std::invalid_argument("--text: the file has " + std::to_string(stream.numel()) +
+                                " bytes, too few for one window of " + std::to_string(window));
+  at::Tensor starts = at::arange(0, span, window, torch::kLong);
+  if (max_batches && starts.numel() > max_batches * batch_size)
+    starts = at::linspace(0, span - 1, max_batches * batch_size, torch::kDouble).to(torch::kLong);
+  torch::NoGradGuard no_grad;
+  const auto start = Clock::now();
+  double total = 0.0;
+  int64_t count = 0;
+  for (int64_t b = 0; b < starts.numel(); b += batch_size) {
+    const auto chunk = starts.slice(0, b, std::min(b + batch_size, starts.numel()));
+    std::vector<at::Tensor> rows;
+    for (int64_t i = 0; i < chunk.numel(); ++i) rows.push_back(stream.narrow(0, chunk[i].item<int64_t>(), window));
+    const auto x = at::stack(rows);
+    const auto logits = gpt->forward(x.slice(1, 0, seq_len));
+    const auto targets = x.slice(1, 1);
+    total += at::cross_entropy_loss(logits.flatten(0, 1), targets.flatten(), {}, at::Reduction::Sum).item<double>();
+    count += targets.numel();
+  }
+  const double elapsed = seconds_since(start), loss = total / count;
+  std::printf("metric         value\n"
+              "-------------  -----\n"
+              "loss           %.4f\n"
+              "perplexity     %.4f\n"
+              "bits_per_char  %.4f\n"
+              "tokens         %lld\n"
+              "seconds        %.2f\n"
+              "tokens_per_s   %.0f\n",
+              loss, std::exp(loss), loss / std::log(2.0), static_cast<long long>(count), elapsed, count / elapsed);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 3) {
+    std::cerr << kUsage;
+    return 2;
+  }
+  const std::string command = argv[1], dir = argv[2];
+  try {
+    if (command == "generate")
+      return generate(dir, parse_flags(argc, argv, {"--prompt", "--ids", "--max-new-tokens", "--temperature",
+                                                    "--top-k", "--top-p", "--seed"}, {"--no-cache"}));
+    if (command == "evaluate")
+      return evaluate(dir, parse_flags(argc, argv, {"--text", "--seq-len", "--batch-size", "--max-batches"}, {}));
+    throw UsageError("unknown command '" + command + "'");
+  } catch (const UsageError& e) {
+    std::cerr << "attnzoo-cli: " << e.what() << '\n' << kUsage;
+    return 2;
+  } catch (const c10::Error& e) {
+    std::cerr << "attnzoo-cli " << command << ": " << e.what_without_backtrace() << '\n';
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "attnzoo-cli " << command << ": " << e.what() << '\n';
+    return 1;
+  }
+}
