@@ -4,6 +4,11 @@
   verse per line, split by chapter (every 20th chapter validation, the next
   one test) so the splits are deterministic and spread over the whole book.
 * ``digits()``: scikit-learn's bundled 8x8 digits, a fixed shuffled 70/15/15 split.
+* ``spoken_digits()``: digit strings ("three one four") synthesised with
+  espeak-ng in many accents, voice variants, speeds and pitches, speed-perturbed
+  and resampled to 16 kHz with sox; validation and test use voice variants
+  that training never hears. Noise is added by the speech task (fresh noise
+  per training batch, fixed seeded noise in evaluation).
 * Tokenisers: ``ByteTokenizer`` (256 byte values, for character-level models)
   and ``sentencepiece_tokenizer(vocab_size)`` (a unigram subword vocabulary
   trained on the training split, cached).
@@ -22,9 +27,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ._files import write_text_atomic
+from ._files import atomic_write, write_text_atomic
 
-__all__ = ["cache_dir", "kjv", "digits", "ByteTokenizer", "SentencePieceTokenizer", "sentencepiece_tokenizer",
+__all__ = ["cache_dir", "kjv", "digits", "spoken_digits", "SpeechLabels", "ByteTokenizer", "SentencePieceTokenizer", "sentencepiece_tokenizer",
            "tokenizer_for"]
 
 SPLITS = ("train", "val", "test")
@@ -104,6 +109,108 @@ def digits(cache: Optional[str] = None) -> Dict[str, tuple]:
     n_train, n_val = int(0.7 * len(order)), int(0.15 * len(order))
     bounds = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
     return {s: (images[idx], labels[idx]) for s, idx in bounds.items()}
+
+
+# ---------------------------------------------------------------------------
+# Spoken digits
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+SPEECH_ACCENTS = ("en-us", "en", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029",
+                  "en-us-nyc")
+# espeak-ng voice variants (timbre, formants, breathiness). Validation and test
+# variants are held out: a model is scored on voices it never trained on.
+SPEECH_VARIANTS = {
+    "train": ("m1", "m2", "m3", "m4", "m5", "m8", "f1", "f2", "f3", "klatt", "klatt2", "klatt5", "klatt6", "adam",
+              "Alex", "Andy", "Annie", "aunty", "caleb", "david", "ed", "edward", "Gene", "iven", "iven3", "john",
+              "linda", "max", "Michael", "paul", "pedro", "quincy", "rob", "robert", "steph", "steph3", "travis",
+              "victor", "zac", "anika", "grandma", "norbert", "shelby", "whisper", "croak"),
+    "val": ("m7", "f5", "klatt4", "benjamin"),
+    "test": ("m6", "f4", "klatt3", "steph2", "iven2", "grandpa"),
+}
+SPEECH_UTTERANCES = {"train": 6000, "val": 400, "test": 600}
+SPEECH_SAMPLE_RATE = 16000
+
+
+class SpeechLabels:
+    """CTC labels of the digit words: 0 blank, 1 space, 2.. the 15 letters."""
+
+    blank_id = 0
+    symbols = " " + "".join(sorted(set("".join(DIGIT_WORDS))))
+    vocab_size = 1 + len(symbols)
+
+    def encode(self, text: str) -> List[int]:
+        try:
+            return [1 + self.symbols.index(c) for c in text]
+        except ValueError:
+            raise ValueError(f"SpeechLabels: {text!r} has a character outside {self.symbols!r}") from None
+
+    def decode(self, ids) -> str:
+        return "".join(self.symbols[int(i) - 1] for i in ids if 0 < int(i) <= len(self.symbols))
+
+
+def spoken_digits(cache: Optional[str] = None) -> Dict[str, dict]:
+    """The spoken-digits set per split: {"train": {"audio": [int16 tensors at
+    16 kHz], "text": ["three one four", ...], "voice": [...]}, ...}. Built on
+    first use with espeak-ng and sox (about a minute on two cores)."""
+    from safetensors.torch import load_file
+
+    root = os.path.join(cache or cache_dir(), "spoken-digits")
+    paths = {s: os.path.join(root, f"{s}.safetensors") for s in SPLITS}
+    if not all(os.path.exists(p) for p in paths.values()):
+        _build_spoken_digits(root, paths)
+    out = {}
+    for split, path in paths.items():
+        tensors = load_file(path)
+        with open(path[: -len(".safetensors")] + ".json", encoding="utf-8") as f:
+            meta = json.load(f)
+        bounds = tensors["offsets"].tolist()
+        audio = [tensors["audio"][a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        out[split] = {"audio": audio, "text": meta["text"], "voice": meta["voice"]}
+    return out
+
+
+def _synthesise(job) -> bytes:
+    """One utterance as 16-kHz int16 samples: espeak-ng -> sox (speed, rate, level)."""
+    text, voice, wpm, pitch, speed = job
+    speak = subprocess.run(["espeak-ng", "-v", voice, "-s", str(wpm), "-p", str(pitch), "--stdout", text],
+                           capture_output=True, check=True)
+    shaped = subprocess.run(["sox", "-R", "-t", "wav", "-", "-t", "s16", "-r", str(SPEECH_SAMPLE_RATE), "-c", "1",
+                             "-", "speed", f"{speed:.3f}", "norm", "-3"],
+                            input=speak.stdout, capture_output=True, check=True)
+    return shaped.stdout
+
+
+def _build_spoken_digits(root: str, paths: Dict[str, str]) -> None:
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    from safetensors.torch import save_file
+
+    for tool, package in (("espeak-ng", "espeak-ng"), ("sox", "sox")):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"attnzoo.data.spoken_digits needs `{tool}`: install Debian's {package} package "
+                               "(tools/setup.sh does)")
+    os.makedirs(root, exist_ok=True)
+    for split_index, split in enumerate(SPLITS):
+        rng = random.Random(1000 + split_index)
+        jobs = []
+        for _ in range(SPEECH_UTTERANCES[split]):
+            text = " ".join(rng.choice(DIGIT_WORDS) for _ in range(rng.randint(1, 5)))
+            voice = f"{rng.choice(SPEECH_ACCENTS)}+{rng.choice(SPEECH_VARIANTS[split])}"
+            jobs.append((text, voice, rng.randint(120, 240), rng.randint(20, 80), rng.uniform(0.9, 1.1)))
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            clips = list(_progress(pool.map(_synthesise, jobs), total=len(jobs), desc=f"spoken digits: {split}"))
+        empty = [job[1] for job, clip in zip(jobs, clips) if len(clip) < 2 * SPEECH_SAMPLE_RATE // 10]
+        if empty:
+            raise RuntimeError(f"attnzoo.data.spoken_digits: espeak-ng produced no audio for voice(s) "
+                               f"{', '.join(sorted(set(empty)))}")
+        audio = [torch.frombuffer(bytearray(clip), dtype=torch.int16) for clip in clips]
+        offsets = torch.tensor([0] + [len(a) for a in audio]).cumsum(0)
+        meta = {"sample_rate": SPEECH_SAMPLE_RATE, "text": [j[0] for j in jobs], "voice": [j[1] for j in jobs],
+                "wpm": [j[2] for j in jobs], "pitch": [j[3] for j in jobs], "speed": [round(j[4], 3) for j in jobs]}
+        write_text_atomic(paths[split][: -len(".safetensors")] + ".json", json.dumps(meta))
+        # The tensors file is written last: its presence marks a complete split.
+        atomic_write(paths[split], lambda tmp: save_file({"audio": torch.cat(audio), "offsets": offsets}, tmp))
 
 
 # ---------------------------------------------------------------------------

@@ -4,7 +4,8 @@
     python -m attnzoo evaluate models/vit-digits --split val
 
 Prints a table and writes the metrics as JSON (eval-<split>.json beside the
-run, or --out). GPT runs also print a generated sample.
+run, or --out). GPT runs also print a generated sample, speech runs a few
+transcripts.
 """
 from __future__ import annotations
 
@@ -57,6 +58,12 @@ def evaluate(path: str, split: str = "test", out: Optional[str] = None, max_batc
         prompt = torch.tensor([tokenizer.encode("And God said")])
         tokens = model.generate(prompt, sample_tokens, temperature=0.8, top_k=40, seed=0)
         result["sample"] = tokenizer.decode(tokens[0].tolist())
+        result["sample_title"] = "sample (temperature 0.8, top-k 40):"
+    if config["model_type"] == "speech" and sample_tokens > 0:
+        shown = list(range(min(4, len(task.splits[split][1]))))
+        _, heard = task.transcribe(model, split, shown, torch.Generator().manual_seed(1234))
+        result["sample"] = "\n".join(f"{task.splits[split][1][i]!r} -> {h!r}" for i, h in zip(shown, heard))
+        result["sample_title"] = "transcripts (reference -> greedy CTC):"
     if out is None:
         out = os.path.join(path if os.path.exists(run_json) else checkpoint, f"eval-{split}.json")
     with open(out, "w") as f:
@@ -68,13 +75,13 @@ def evaluate(path: str, split: str = "test", out: Optional[str] = None, max_batc
 
 
 def format_table(result: dict) -> str:
-    rows = [(k, v) for k, v in result.items() if k not in ("checkpoint", "sample")]
+    rows = [(k, v) for k, v in result.items() if k not in ("checkpoint", "sample", "sample_title")]
     width = max(len(k) for k, _ in rows)
     lines = [f"{'metric':{width}s}  value", f"{'-' * width}  -----"]
     for k, v in rows:
         lines.append(f"{k:{width}s}  {v:.4f}" if isinstance(v, float) else f"{k:{width}s}  {v}")
     if "sample" in result:
-        lines += ["", "sample (temperature 0.8, top-k 40):", result["sample"]]
+        lines += ["", result["sample_title"], result["sample"]]
     return "\n".join(lines)
 
 

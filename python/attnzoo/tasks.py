@@ -5,6 +5,9 @@ the held-out metrics. Used by attnzoo.train (pretrain) and evaluate.
 * bert: masked-token prediction on the KJV in a subword vocabulary
   (15% of the tokens: 80% [MASK], 10% a random token, 10% unchanged).
 * vit: the 8x8 digits, with random shifts of up to one pixel in training.
+* speech: CTC on spoken digit strings (espeak-ng voices; validation and test
+  voices held out), white noise at 10-30 dB SNR added to every utterance
+  (fresh per training batch, seeded in evaluation); CER and WER.
 
 Batches are drawn from a torch.Generator the trainer owns (so a resumed run
 draws exactly what the uninterrupted one would have); evaluation is
@@ -201,10 +204,104 @@ class ViTTask(Task):
                 "images": len(y)}
 
 
-TASKS = {t.model_type: t for t in (GPTTask, BertTask, ViTTask)}
+def edit_distance(a, b) -> int:
+    """Levenshtein distance between two sequences (characters or words)."""
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        diagonal, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            diagonal, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diagonal + (x != y))
+    return row[-1]
+
+
+class SpeechTask(Task):
+    model_type = "speech"
+    snr_db = (10.0, 30.0)
+
+    def __init__(self, config, seq_len=0, data_fraction=1.0, cache=None, tokenizer=None):
+        super().__init__(config, seq_len, data_fraction, cache)
+        self.labels = data.SpeechLabels()
+        if config["vocab_size"] != self.labels.vocab_size or config.get("blank_id", 0) != 0:
+            raise ValueError(f"the spoken-digits task needs vocab_size {self.labels.vocab_size} and blank_id 0 "
+                             f"(blank, space and the letters {self.labels.symbols[1:]!r})")
+        if config.get("sample_rate", data.SPEECH_SAMPLE_RATE) != data.SPEECH_SAMPLE_RATE:
+            raise ValueError(f"the spoken-digits audio is at {data.SPEECH_SAMPLE_RATE} Hz; the model's sample_rate "
+                             f"is {config['sample_rate']}")
+        self.splits = {}
+        for split, part in data.spoken_digits(cache).items():
+            n = self._slice(len(part["audio"]))
+            self.splits[split] = (part["audio"][:n], part["text"][:n])
+
+    def _collate(self, indices, split, generator):
+        audio, texts = self.splits[split]
+        clips = [audio[i].float() / 32768.0 for i in indices]
+        lengths = torch.tensor([len(c) for c in clips])
+        waves = torch.zeros(len(clips), int(lengths.max()))
+        for row, clip in zip(waves, clips):
+            row[: len(clip)] = clip
+        # White noise at a random signal-to-noise ratio, relative to each clip's power.
+        low, high = self.snr_db
+        snr = low + (high - low) * torch.rand(len(clips), generator=generator)
+        power = torch.stack([c.square().mean() for c in clips])
+        noise = torch.randn(waves.shape, generator=generator) * (power / 10 ** (snr / 10)).sqrt().unsqueeze(1)
+        waves = (waves + noise) * (torch.arange(waves.shape[1]).unsqueeze(0) < lengths.unsqueeze(1))
+        encoded = [self.labels.encode(texts[i]) for i in indices]
+        target_lengths = torch.tensor([len(t) for t in encoded])
+        targets = torch.zeros(len(encoded), int(target_lengths.max()), dtype=torch.long)
+        for row, t in zip(targets, encoded):
+            row[: len(t)] = torch.tensor(t)
+        return waves, lengths, targets, target_lengths
+
+    def batch(self, generator, batch_size):
+        n = len(self.splits["train"][0])
+        return self._collate(torch.randint(0, n, (batch_size,), generator=generator).tolist(), "train", generator)
+
+    def units_per_batch(self, batch):
+        return int(batch[1].sum())  # audio samples
+
+    @staticmethod
+    def _ctc(model, batch, reduction="mean"):
+        waves, lengths, targets, target_lengths = batch
+        log_probs, frames = model(waves, lengths)
+        loss = F.ctc_loss(log_probs.transpose(0, 1), targets, frames, target_lengths, blank=0,
+                          reduction=reduction, zero_infinity=True)
+        return loss, log_probs, frames
+
+    def loss(self, model, batch):
+        return self._ctc(model, batch)[0]
+
+    def transcribe(self, model, split, indices, generator):
+        batch = self._collate(indices, split, generator)
+        loss, log_probs, frames = self._ctc(model, batch, reduction="sum")
+        return loss.item(), [self.labels.decode(ids) for ids in model.greedy_decode(log_probs, frames)]
+
+    @torch.no_grad()
+    def evaluate(self, model, split, max_batches=0, batch_size=32):
+        audio, texts = self.splits[split]
+        order = list(range(len(audio)))
+        if max_batches:
+            order = order[: max_batches * batch_size]
+        generator = torch.Generator().manual_seed(1234)  # the same noise every evaluation
+        total, char_errors, chars, word_errors, words = 0.0, 0, 0, 0, 0
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            loss, hypotheses = self.transcribe(model, split, chunk, generator)
+            total += loss
+            for i, hyp in zip(chunk, hypotheses):
+                ref = texts[i]
+                char_errors += edit_distance(ref, hyp)
+                chars += len(ref)
+                word_errors += edit_distance(ref.split(), hyp.split())
+                words += len(ref.split())
+        return {"loss": total / len(order), "cer": char_errors / chars, "wer": word_errors / words,
+                "utterances": len(order)}
+
+
+TASKS = {t.model_type: t for t in (GPTTask, BertTask, ViTTask, SpeechTask)}
 
 # The headline metric of each kind and whether larger is better.
-HEADLINE = {"gpt": ("loss", False), "bert": ("masked_accuracy", True), "vit": ("accuracy", True)}
+HEADLINE = {"gpt": ("loss", False), "bert": ("masked_accuracy", True), "vit": ("accuracy", True),
+            "speech": ("cer", False)}
 
 
 def task_for(config: dict, **kw) -> Task:

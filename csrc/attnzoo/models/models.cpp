@@ -393,8 +393,20 @@ std::tuple<at::Tensor, at::Tensor> SpeechImpl::features(const at::Tensor& wavefo
                            "reflect", /*normalized=*/false, /*onesided=*/true, /*return_complex=*/true);
   auto power = at::real(spectrum * spectrum.conj());  // (B, bins, frames)
   auto mel = at::matmul(mel_filterbank(dtype), power);
-  auto feats = at::log(mel + 1e-6).transpose(1, 2);
-  return {feats, at::div(samples, c.hop_length, "floor") + 1};
+  auto feats = at::log(mel + 1e-6).transpose(1, 2);  // (B, frames, n_mels)
+  // Per-utterance mean and variance normalisation, so the model sees the same
+  // scale whatever the recording level. The statistics come from the frames
+  // whose window lies wholly inside the utterance, so padding after it cannot
+  // change them; padding frames become zeros.
+  auto frames = at::div(samples, c.hop_length, "floor") + 1;
+  auto inside = at::clamp_min(at::div(samples - c.n_fft / 2, c.hop_length, "floor") + 1, 1);
+  auto positions = at::arange(feats.size(1), at::kLong).unsqueeze(0);
+  auto in_stats = (positions < inside.unsqueeze(1)).unsqueeze(-1).to(dtype);
+  auto count = inside.to(dtype).view({B, 1, 1});
+  auto mean = (feats * in_stats).sum(1, true) / count;
+  auto var = ((feats - mean).square() * in_stats).sum(1, true) / count;
+  auto valid = (positions < frames.unsqueeze(1)).unsqueeze(-1).to(dtype);
+  return {(feats - mean) * at::rsqrt(var + 1e-5) * valid, frames};
 }
 
 std::tuple<at::Tensor, at::Tensor> SpeechImpl::forward(const at::Tensor& waveforms,
