@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <thread>
 
 #include "attnzoo/attnzoo.h"
 
@@ -244,4 +245,142 @@ TEST_CASE("transformer block with cross-attention reads the context and honours 
   CHECK_THAT(error_of([&] { block->forward(x, inputs); }), Catch::Contains("needs a context"));
   attnzoo::nn::MultiHeadAttention cross(config, config.attention[0], /*cross=*/true);
   CHECK_THAT(error_of([&] { cross->forward(x); }), Catch::Contains("cross-attention layer needs a context"));
+}
+
+TEST_CASE("bad inputs to every model entry point give errors that name the argument", "[models]") {
+  using namespace attnzoo::models;
+  auto gpt = std::dynamic_pointer_cast<GPTImpl>(create_model(attnzoo::config_from_json(gpt_json())));
+  auto bert = std::dynamic_pointer_cast<BertImpl>(create_model(attnzoo::config_from_json(
+      R"({"model_type": "bert", "vocab_size": 50, "hidden_size": 32, "num_layers": 1, "num_heads": 4,
+          "max_position_embeddings": 16})")));
+  auto vit = std::dynamic_pointer_cast<ViTImpl>(create_model(attnzoo::config_from_json(
+      R"({"model_type": "vit", "hidden_size": 32, "num_layers": 1, "num_heads": 4})")));
+  auto speech = std::dynamic_pointer_cast<SpeechImpl>(create_model(attnzoo::config_from_json(
+      R"({"model_type": "speech", "vocab_size": 10, "hidden_size": 32, "num_layers": 1, "num_heads": 4,
+          "n_mels": 40})")));
+  REQUIRE((gpt && bert && vit && speech));
+  const auto ids = at::randint(0, 50, {2, 5});
+  auto generate = [&](auto edit) {
+    GenerationOptions o;
+    o.max_new_tokens = 2;
+    edit(o);
+    gpt->generate(ids, o);
+  };
+  const std::vector<std::pair<std::string, std::function<void()>>> cases = {
+      // GPT forward
+      {"input_ids must have shape (batch, length)", [&] { gpt->forward(at::randint(0, 50, {5})); }},
+      {"input_ids must have shape (batch, length)", [&] { gpt->forward(at::randint(0, 50, {1, 2, 3})); }},
+      {"input_ids must have shape (batch, length)", [&] { gpt->forward(at::Tensor()); }},
+      {"input_ids must hold at least one", [&] { gpt->forward(at::zeros({2, 0}, at::kLong)); }},
+      {"input_ids must hold at least one", [&] { gpt->forward(at::zeros({0, 4}, at::kLong)); }},
+      {"input_ids must hold integer ids", [&] { gpt->forward(at::rand({2, 5})); }},
+      {"input_ids must hold integer ids", [&] { gpt->forward(at::ones({2, 5}, at::kBool)); }},
+      {"input_ids must lie in [0, 50)", [&] { gpt->forward(at::full({1, 3}, 50, at::kLong)); }},
+      {"input_ids must lie in [0, 50)", [&] { gpt->forward(at::full({1, 3}, -1, at::kLong)); }},
+      {"max_position_embeddings", [&] { gpt->forward(at::randint(0, 50, {1, 65})); }},
+      {"attention_mask must have shape", [&] { gpt->forward(ids, at::ones({2, 4}, at::kBool)); }},
+      {"attention_mask must have shape", [&] { gpt->forward(ids, at::ones({5}, at::kBool)); }},
+      {"attention_mask must be bool or integer", [&] { gpt->forward(ids, at::ones({2, 5})); }},
+      // GPT generate
+      {"max_new_tokens must be >= 0", [&] { generate([](GenerationOptions& o) { o.max_new_tokens = -1; }); }},
+      {"temperature must be >= 0", [&] { generate([](GenerationOptions& o) { o.temperature = -0.5; }); }},
+      {"temperature must be >= 0", [&] { generate([](GenerationOptions& o) { o.temperature = NAN; }); }},
+      {"top_k must be >= 0", [&] { generate([](GenerationOptions& o) { o.top_k = -3; }); }},
+      {"top_p must be in (0, 1]", [&] { generate([](GenerationOptions& o) { o.top_p = 0.0; }); }},
+      {"top_p must be in (0, 1]", [&] { generate([](GenerationOptions& o) { o.top_p = 1.5; }); }},
+      {"eos_token_id must be in [-1, 50)", [&] { generate([](GenerationOptions& o) { o.eos_token_id = 50; }); }},
+      {"generate: prompt length", [&] { generate([](GenerationOptions& o) { o.max_new_tokens = 60; }); }},
+      {"input_ids must lie in", [&] { gpt->generate(at::full({1, 2}, 99, at::kLong), {}); }},
+      {"the KV cache holds batch 2", [&] {
+         attnzoo::nn::KVCache cache;
+         gpt->forward_cached(ids, cache);
+         gpt->forward_cached(ids.slice(0, 0, 1), cache);
+       }},
+      // Bert
+      {"input_ids must lie in [0, 50)", [&] { bert->forward(at::full({1, 3}, 77, at::kLong)); }},
+      {"max_position_embeddings", [&] { bert->forward(at::randint(0, 50, {1, 17})); }},
+      {"token_type_ids must have the shape of input_ids",
+       [&] { bert->forward(ids, std::nullopt, at::zeros({2, 4}, at::kLong)); }},
+      {"token_type_ids must lie in [0, 2)", [&] { bert->forward(ids, std::nullopt, at::full({2, 5}, 2, at::kLong)); }},
+      {"attention_mask must have shape", [&] { bert->forward(ids, at::ones({1, 5}, at::kBool)); }},
+      {"classify needs a classification head", [&] { bert->classify(ids); }},
+      // ViT
+      {"pixel_values must have shape (batch, 1, 8, 8)", [&] { vit->forward(at::randn({2, 3, 8, 8})); }},
+      {"pixel_values must have shape (batch, 1, 8, 8)", [&] { vit->forward(at::randn({2, 1, 9, 8})); }},
+      {"pixel_values must have shape (batch, 1, 8, 8)", [&] { vit->forward(at::randn({1, 8, 8})); }},
+      {"pixel_values must have shape (batch, 1, 8, 8)", [&] { vit->forward(at::randn({0, 1, 8, 8})); }},
+      {"pixel_values must be floating", [&] { vit->forward(at::ones({2, 1, 8, 8}, at::kLong)); }},
+      // Speech
+      {"waveforms must have shape (batch, samples)", [&] { speech->forward(at::randn({4000})); }},
+      {"waveforms must have shape (batch, samples)", [&] { speech->forward(at::randn({0, 4000})); }},
+      {"waveforms must be floating", [&] { speech->forward(at::ones({1, 4000}, at::kLong)); }},
+      {"at least n_fft = 400 samples", [&] { speech->forward(at::randn({1, 100})); }},
+      {"too short for two stride-2 convolutions", [&] { speech->forward(at::randn({1, 600})); }},
+      {"lengths must lie in [1, 4000]", [&] { speech->forward(at::randn({1, 4000}), at::full({1}, 5000, at::kLong)); }},
+      {"lengths must lie in [1, 4000]", [&] { speech->forward(at::randn({1, 4000}), at::zeros({1}, at::kLong)); }},
+      {"lengths must be (batch,) integers", [&] { speech->forward(at::randn({2, 4000}), at::full({1}, 10, at::kLong)); }},
+      {"lengths must be (batch,) integers", [&] { speech->forward(at::randn({1, 4000}), at::full({1}, 10.0)); }},
+      {"greedy_decode takes log_probs (B, T, vocab) and lengths (B,)",
+       [&] { speech->greedy_decode(at::randn({4, 10}), at::ones({4}, at::kLong)); }},
+      {"greedy_decode takes log_probs (B, T, vocab) and lengths (B,)",
+       [&] { speech->greedy_decode(at::randn({2, 4, 10}), at::ones({3}, at::kLong)); }},
+  };
+  for (const auto& [expected, call] : cases) {
+    INFO(expected);
+    CHECK_THAT(error_of(call), Catch::Contains(expected));
+  }
+}
+
+TEST_CASE("one model is safe to call from four threads at once", "[models][threads]") {
+  using namespace attnzoo::models;
+  torch::manual_seed(3);
+  std::vector<std::shared_ptr<ModelBase>> zoo;
+  for (const char* attention : {R"({"kind": "dense"})", R"({"kind": "rotary"})", R"({"kind": "t5"})",
+                                R"({"kind": "block_sparse", "layout": "bigbird", "block_size": 4})"})
+    zoo.push_back(create_model(attnzoo::config_from_json(gpt_json(attention))));
+  zoo.push_back(create_model(attnzoo::config_from_json(
+      R"({"model_type": "bert", "vocab_size": 50, "hidden_size": 32, "num_layers": 2, "num_heads": 4})")));
+  zoo.push_back(create_model(attnzoo::config_from_json(
+      R"({"model_type": "vit", "hidden_size": 32, "num_layers": 2, "num_heads": 4})")));
+  zoo.push_back(create_model(attnzoo::config_from_json(
+      R"({"model_type": "speech", "vocab_size": 10, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
+          "n_mels": 40, "conformer_conv": true})")));
+  for (auto& m : zoo) m->eval();
+  const auto ids = at::randint(0, 50, {2, 24});
+  const auto images = at::randn({3, 1, 8, 8});
+  const auto waves = at::randn({2, 4000});
+  // Each call returns one tensor; GPT calls also generate with their own KV cache.
+  auto call = [&](size_t i) -> at::Tensor {
+    torch::NoGradGuard no_grad;
+    if (auto* g = dynamic_cast<GPTImpl*>(zoo[i].get())) {
+      GenerationOptions o;
+      o.max_new_tokens = 8;
+      return at::cat({g->forward(ids).flatten(), g->generate(ids, o).to(at::kFloat).flatten()});
+    }
+    if (auto* b = dynamic_cast<BertImpl*>(zoo[i].get())) return b->forward(ids);
+    if (auto* v = dynamic_cast<ViTImpl*>(zoo[i].get())) return v->forward(images);
+    return std::get<0>(dynamic_cast<SpeechImpl*>(zoo[i].get())->forward(waves, at::tensor({4000, 2500})));
+  };
+  std::vector<at::Tensor> serial;
+  for (size_t i = 0; i < zoo.size(); ++i) serial.push_back(call(i));
+  const int kThreads = 4, kRounds = 3;
+  std::vector<std::vector<at::Tensor>> results(kThreads);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t)
+    threads.emplace_back([&, t] {
+      // Every thread walks the whole zoo from a different starting model, so
+      // each model is in use by several threads at the same time.
+      for (int r = 0; r < kRounds; ++r)
+        for (size_t j = 0; j < zoo.size(); ++j) results[t].push_back(call((j + t) % zoo.size()));
+    });
+  for (auto& th : threads) th.join();
+  for (int t = 0; t < kThreads; ++t) {
+    REQUIRE(results[t].size() == kRounds * zoo.size());
+    for (size_t n = 0; n < results[t].size(); ++n) {
+      const size_t i = (n % zoo.size() + t) % zoo.size();
+      INFO("thread " << t << " model " << i);
+      // Rounding may differ when a thread's matrix products get fewer cores.
+      CHECK((results[t][n] - serial[i]).abs().max().item<double>() < 1e-5);
+    }
+  }
 }

@@ -180,6 +180,9 @@ at::Tensor GPTImpl::logits(const at::Tensor& input_ids, const std::optional<at::
   auto ids = check_ids(input_ids, "input_ids", c.vocab_size);
   const int64_t B = ids.size(0), N = ids.size(1);
   const int64_t past = cache && !cache->empty() ? cache->front().length() : 0;
+  if (past > 0)
+    TORCH_CHECK(cache->front().k.size(0) == B, "gpt: input_ids has batch ", B, " but the KV cache holds batch ",
+                cache->front().k.size(0), "; use a fresh cache for a new batch");
   auto h = add_positions(c, token_embedding(ids), position_embedding, past);
   nn::AttentionInputs inputs;
   inputs.causal = true;
