@@ -97,7 +97,7 @@ def main(argv=None):
         else:
             from .evaluate import evaluate
             evaluate(args.path, args.split, args.out, args.max_batches, args.sample_tokens)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError) as error:
         print(f"attnzoo {args.command}: {error}", file=sys.stderr)
         return 1
     return 0

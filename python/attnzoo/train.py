@@ -136,21 +136,35 @@ def _replace_link(link, target):
 
 
 def _check_output_dir(out: str, model) -> None:
-    """Fails before training when the run directory cannot hold checkpoints."""
+    """Fails before training when the run directory cannot hold checkpoints:
+    not writable, too little free space, or a file size limit (quota, ulimit)
+    below the largest checkpoint file, which is written once as a probe."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write-test.{os.getpid()}")
-        with open(probe, "wb") as f:
-            f.write(b"x")
-        os.remove(probe)
     except OSError as e:
         raise RuntimeError(f"pretrain: the output directory {out!r} is not writable: {e}") from None
     # A checkpoint holds the weights and AdamW's two moments; two may coexist (last, best) plus one being written.
-    need = 3 * 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+    need = 3 * 3 * weights
     free = shutil.disk_usage(out).free
     if free < need:
         raise RuntimeError(f"pretrain: {out!r} has {free / 2**20:.1f} MiB free, checkpoints need about "
                            f"{need / 2**20:.1f} MiB")
+    probe = os.path.join(out, f".write-test.{os.getpid()}")
+    largest = 2 * weights + 4096  # trainer_state.safetensors: both moments
+    try:
+        with open(probe, "wb") as f:
+            block = bytes(1 << 20)
+            for start in range(0, largest, len(block)):
+                f.write(block[: min(len(block), largest - start)])
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise RuntimeError(f"pretrain: the output directory {out!r} cannot hold a checkpoint "
+                           f"({largest / 2**20:.1f} MiB file): {e}") from None
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
 
 
 # ---------------------------------------------------------------------------
@@ -356,18 +370,37 @@ def _truncate_metrics(path, step):
     write_text_atomic(path, "".join(kept))
 
 
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _checkpoint(out, step, model, task, optimizer, data_generator, is_best, extra):
     root = os.path.join(out, "checkpoints")
     os.makedirs(root, exist_ok=True)
     name = f"step-{step:06d}"
     final, tmp = os.path.join(root, name), os.path.join(root, f"{name}.tmp.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    model.save_pretrained(tmp)
-    task.save_tokenizer(tmp)
-    _save_trainer_state(tmp, step, optimizer, data_generator, extra)
+    try:
+        os.makedirs(tmp)
+        model.save_pretrained(tmp)
+        task.save_tokenizer(tmp)
+        _save_trainer_state(tmp, step, optimizer, data_generator, extra)
+        for entry in os.listdir(tmp):  # on disk before the rename makes the checkpoint visible
+            _fsync(os.path.join(tmp, entry))
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = os.path.realpath(os.path.join(out, "last")) if os.path.lexists(os.path.join(out, "last")) else None
+        raise RuntimeError(f"pretrain: writing checkpoint {name} failed: {e}. "
+                           + (f"The last complete checkpoint, {os.path.basename(previous)}, is intact; "
+                              if previous else "No checkpoint was completed yet; ")
+                           + "make room and run the same command to resume.") from None
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
+    _fsync(root)
     _replace_link(os.path.join(out, "last"), os.path.join("checkpoints", name))
     if is_best:
         _replace_link(os.path.join(out, "best"), os.path.join("checkpoints", name))

@@ -1,8 +1,11 @@
 """Pretraining and evaluation on tiny slices of the embedded data: a smoke run
 of every model kind, exact resume after SIGKILL, DDP against one process,
 the evaluate output, and clear errors before training starts."""
+import errno
 import json
 import os
+import random
+import resource
 import signal
 import subprocess
 import sys
@@ -106,6 +109,81 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
     metrics = lambda run: [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     val = lambda run: [(r["step"], r["val_loss"]) for r in metrics(run) if "val_loss" in r]  # noqa: E731
     assert val(tmp_path / "full") == val(tmp_path / "killed")
+
+
+def test_sigkill_at_random_points_never_loses_the_run(tmp_path):
+    """Kills one run again and again at random moments (during start-up,
+    training steps, evaluation and checkpoint writes, which happen every step
+    here) until it completes; after every kill the last checkpoint must load,
+    and the finished run must equal one that was never interrupted."""
+    steps = 48
+    args = lambda out: [*_pretrain_args(out, steps), "--eval-every", "1"]  # noqa: E731
+    start = time.time()
+    full = _cli(*args(tmp_path / "full"))
+    assert full.wait(timeout=300) == 0, full.stderr.read()
+    duration = time.time() - start
+    rng = random.Random(20261129)
+    kills, steps_seen = [], []
+    run, last = tmp_path / "killed", tmp_path / "killed" / "last"
+    for attempt in range(40):
+        p = _cli(*args(run))
+        delay = rng.uniform(0.3, 0.6 * duration)  # start-up included; no attempt can run the whole way
+        try:
+            p.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+            kills.append(round(delay, 2))
+        else:
+            assert p.returncode == 0, p.stderr.read()
+            break
+        if last.exists():
+            state = json.loads((last / "trainer_state.json").read_text())
+            attnzoo.from_pretrained(last)  # loads completely
+            assert 0 < state["step"] <= steps
+            steps_seen.append(state["step"])
+    else:
+        pytest.fail(f"the run never finished (kills at {kills})")
+    assert len(kills) >= 3 and len(set(steps_seen)) >= 3, (duration, kills, steps_seen)
+    a, b = weights(tmp_path / "full" / "last"), weights(last)
+    assert all(torch.equal(a[k], b[k]) for k in a), f"resumed weights differ (kills at {kills}, steps {steps_seen})"
+
+
+def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    from attnzoo import train
+    real, calls = train._save_trainer_state, []
+
+    def fail_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train, "_save_trainer_state", fail_second)
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match=r"writing checkpoint step-000012 failed: .*No space left on device. "
+                                           r"The last complete checkpoint, step-000006, is intact"):
+        pretrain(os.path.join(ROOT, "models", "gpt-kjv"), str(run), tiny(), model_overrides=TINY_TEXT, quiet=True)
+    assert sorted(os.listdir(run / "checkpoints")) == ["step-000006"]  # the partial one is removed
+    assert os.path.realpath(run / "last").endswith("step-000006")
+    monkeypatch.setattr(train, "_save_trainer_state", real)
+    pretrain(os.path.join(ROOT, "models", "gpt-kjv"), str(run), tiny(), quiet=True)  # resumes
+    pretrain(os.path.join(ROOT, "models", "gpt-kjv"), str(tmp_path / "full"), tiny(), model_overrides=TINY_TEXT,
+             quiet=True)
+    a, b = weights(tmp_path / "full" / "last"), weights(run / "last")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_file_size_limit_fails_before_training(tmp_path):
+    data.kjv()  # the data cache is not what this test limits
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+    p = subprocess.run([sys.executable, "-m", "attnzoo", *_pretrain_args(tmp_path / "run", 4)], preexec_fn=limit,
+                       env=dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python")), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 1, p.stderr
+    assert "cannot hold a checkpoint" in p.stderr and "File too large" in p.stderr, p.stderr
+    assert sorted(os.listdir(tmp_path / "run")) == []  # no run.json, no metrics, no probe left behind
 
 
 def test_two_runs_with_one_seed_give_identical_weights(tmp_path):
