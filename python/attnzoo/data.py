@@ -44,6 +44,16 @@ def _progress(iterable, total=None, desc=""):
     return tqdm(iterable, total=total, desc=desc, disable=None, file=sys.stderr, leave=False)
 
 
+def _split_files(cache: Optional[str], name: str, extension: str, build) -> Dict[str, str]:
+    """The per-split files of a data set in the cache; build(root, paths) makes
+    them when any is missing (each builder writes them atomically)."""
+    root = os.path.join(cache or cache_dir(), name)
+    paths = {s: os.path.join(root, s + extension) for s in SPLITS}
+    if not all(os.path.exists(p) for p in paths.values()):
+        build(root, paths)
+    return paths
+
+
 # ---------------------------------------------------------------------------
 # KJV text
 
@@ -54,10 +64,7 @@ def kjv(cache: Optional[str] = None) -> Dict[str, str]:
     """The KJV text per split: {"train": ..., "val": ..., "test": ...}, one
     verse per line (without its reference). Built on first use from the
     ``bible`` command of Debian's bible-kjv package."""
-    root = os.path.join(cache or cache_dir(), "kjv")
-    paths = {s: os.path.join(root, f"{s}.txt") for s in SPLITS}
-    if not all(os.path.exists(p) for p in paths.values()):
-        _build_kjv(root, paths)
+    paths = _split_files(cache, "kjv", ".txt", _build_kjv)
     out = {}
     for split, path in paths.items():
         with open(path, encoding="utf-8") as f:
@@ -154,10 +161,7 @@ def spoken_digits(cache: Optional[str] = None) -> Dict[str, dict]:
     first use with espeak-ng and sox (about a minute on two cores)."""
     from safetensors.torch import load_file
 
-    root = os.path.join(cache or cache_dir(), "spoken-digits")
-    paths = {s: os.path.join(root, f"{s}.safetensors") for s in SPLITS}
-    if not all(os.path.exists(p) for p in paths.values()):
-        _build_spoken_digits(root, paths)
+    paths = _split_files(cache, "spoken-digits", ".safetensors", _build_spoken_digits)
     out = {}
     for split, path in paths.items():
         tensors = load_file(path)
