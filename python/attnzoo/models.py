@@ -203,9 +203,10 @@ class Bert(ZooModel):
     model_type = "bert"
     _cpp_class = _C.Bert
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        """Masked-LM logits (B, N, vocab_size)."""
-        return self._cpp.forward(input_ids, attention_mask, token_type_ids)
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, predict_mask=None) -> torch.Tensor:
+        """Masked-LM logits (B, N, vocab_size); with predict_mask (B, N) bool,
+        only those positions' logits (count, vocab_size), the head skipping the rest."""
+        return self._cpp.forward(input_ids, attention_mask, token_type_ids, predict_mask)
 
     def encode(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
         return self._cpp.encode(input_ids, attention_mask, token_type_ids)

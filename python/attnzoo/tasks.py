@@ -157,8 +157,8 @@ class BertTask(TextTask):
 
     def loss(self, model, batch):
         inputs, labels = batch
-        logits = model(inputs)
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        keep = labels != -100
+        return F.cross_entropy(model(inputs, predict_mask=keep), labels[keep])
 
     @torch.no_grad()
     def evaluate(self, model, split, max_batches=0, batch_size=32):
@@ -167,10 +167,10 @@ class BertTask(TextTask):
         total, correct, count = 0.0, 0, 0
         for chunk in starts.split(batch_size):
             inputs, labels = self.mask(self.windows(split, chunk, self.seq_len - 1), generator)
-            logits = model(inputs)
             keep = labels != -100
-            total += F.cross_entropy(logits[keep], labels[keep], reduction="sum").item()
-            correct += (logits[keep].argmax(-1) == labels[keep]).sum().item()
+            logits = model(inputs, predict_mask=keep)
+            total += F.cross_entropy(logits, labels[keep], reduction="sum").item()
+            correct += (logits.argmax(-1) == labels[keep]).sum().item()
             count += int(keep.sum())
         return {"loss": total / count, "masked_accuracy": correct / count, "masked_tokens": count}
 

@@ -516,6 +516,18 @@ def test_gpt_bad_inputs_name_the_argument(call, match):
         call(gpt())
 
 
+def test_bert_predict_mask_gives_the_selected_positions_logits():
+    bert = Bert({**SMALL, "vocab_size": VOCAB}).eval()
+    x = ids(3, 12)
+    keep = torch.rand(3, 12, generator=torch.Generator().manual_seed(2)) < 0.3
+    assert torch.allclose(bert(x, predict_mask=keep), bert(x)[keep], atol=1e-6)
+    assert bert(x, predict_mask=torch.zeros(3, 12, dtype=torch.bool)).shape == (0, VOCAB)
+    with pytest.raises(RuntimeError, match=r"predict_mask must be a bool tensor of the shape of input_ids"):
+        bert(x, predict_mask=keep[:, :5])
+    with pytest.raises(RuntimeError, match=r"predict_mask must be a bool tensor"):
+        bert(x, predict_mask=keep.long())
+
+
 def test_single_token_sequences_work():
     assert gpt()(ids(1, 1)).shape == (1, 1, VOCAB)
     bert = Bert({**SMALL, "vocab_size": VOCAB})

@@ -295,8 +295,15 @@ at::Tensor BertImpl::encode(const at::Tensor& input_ids, const std::optional<at:
 }
 
 at::Tensor BertImpl::forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask,
-                             const std::optional<at::Tensor>& token_type_ids) {
+                             const std::optional<at::Tensor>& token_type_ids,
+                             const std::optional<at::Tensor>& predict_mask) {
   auto h = encode(input_ids, attention_mask, token_type_ids);
+  if (predict_mask) {
+    TORCH_CHECK(predict_mask->scalar_type() == at::kBool && predict_mask->sizes() == input_ids.sizes(),
+                "bert: predict_mask must be a bool tensor of the shape of input_ids ", input_ids.sizes(), ", got ",
+                predict_mask->scalar_type(), " ", predict_mask->sizes());
+    h = h.index({*predict_mask});
+  }
   h = mlm_norm(nn::activation(config_.activation, mlm_transform(h)));
   return at::linear(h, mlm_decoder ? mlm_decoder->weight : token_embedding->weight, mlm_bias);
 }

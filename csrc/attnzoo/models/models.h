@@ -91,8 +91,12 @@ class BertImpl : public ModelBase {
  public:
   explicit BertImpl(const ModelConfig& config);
   // Masked-LM logits (B, N, vocab). attention_mask (B, N) bool: false = padding.
+  // With predict_mask (B, N) bool, only the logits of the positions marked
+  // true, (count, vocab) in row-major order: training needs the masked
+  // positions alone, and the head is then applied to those only.
   at::Tensor forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask = std::nullopt,
-                     const std::optional<at::Tensor>& token_type_ids = std::nullopt);
+                     const std::optional<at::Tensor>& token_type_ids = std::nullopt,
+                     const std::optional<at::Tensor>& predict_mask = std::nullopt);
   // Final hidden states (B, N, C).
   at::Tensor encode(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask = std::nullopt,
                     const std::optional<at::Tensor>& token_type_ids = std::nullopt);

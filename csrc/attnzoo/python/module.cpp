@@ -119,7 +119,7 @@ PYBIND11_MODULE(_C, m) {
   py::class_<models::BertImpl, ModelBase, std::shared_ptr<models::BertImpl>>(m, "Bert")
       .def(from_json<models::BertImpl>())
       .def("forward", &models::BertImpl::forward, py::arg("input_ids"), py::arg("attention_mask") = py::none(),
-           py::arg("token_type_ids") = py::none())
+           py::arg("token_type_ids") = py::none(), py::arg("predict_mask") = py::none())
       .def("encode", &models::BertImpl::encode, py::arg("input_ids"), py::arg("attention_mask") = py::none(),
            py::arg("token_type_ids") = py::none())
       .def("classify", &models::BertImpl::classify, py::arg("input_ids"), py::arg("attention_mask") = py::none(),
