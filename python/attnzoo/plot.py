@@ -38,7 +38,8 @@ def model_inputs(model, checkpoint: str, text: Optional[str], index: int, split:
         limit = model.config["max_position_embeddings"]
         if not ids or len(ids) > limit:
             raise ValueError(f"plot-attention: the text is {len(ids)} tokens; the model takes 1..{limit}")
-        labels = [tokenizer.decode([i]) if i > 4 or tokenizer.kind == "bytes" else "[CLS]" for i in ids]
+        special = {} if tokenizer.kind == "bytes" else {0: "[PAD]", 1: "[UNK]", 2: "[CLS]", 3: "[SEP]", 4: "[MASK]"}
+        labels = [special.get(i) or tokenizer.decode([i]) for i in ids]
         return (torch.tensor([ids]),), labels
     if text:
         raise ValueError(f"plot-attention: a {kind} model takes --index (a {split} example), not --text")
@@ -71,7 +72,7 @@ def plot_attention(path: str, out: str, text: Optional[str] = None, index: int =
             raise ValueError(f"plot-attention: layers must be in [0, {len(maps)}), got {layer}")
     drawable = [i for i in chosen if maps[i] is not None]
     if not drawable:
-        kinds = {models_kind(model.config, i) for i in chosen}
+        kinds = {_layer_kind(model.config, i) for i in chosen}
         raise ValueError(f"plot-attention: attention kind(s) {', '.join(sorted(kinds))} never form the probability "
                          "matrix; nothing to draw")
     heads = maps[drawable[0]].shape[1]
@@ -100,6 +101,6 @@ def plot_attention(path: str, out: str, text: Optional[str] = None, index: int =
     return out
 
 
-def models_kind(config: dict, layer: int) -> str:
+def _layer_kind(config: dict, layer: int) -> str:
     attention = config["attention"]
     return (attention[layer] if isinstance(attention, list) else attention)["kind"]

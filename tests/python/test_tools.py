@@ -112,6 +112,16 @@ def test_plot_attention_errors_name_the_argument(tmp_path, args, message):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_plot_attention_names_kinds_without_probabilities(tmp_path):
+    from attnzoo.plot import plot_attention
+    attnzoo.models.GPT({"vocab_size": 256, "hidden_size": 32, "num_layers": 2, "num_heads": 4,
+                        "max_position_embeddings": 64,
+                        "attention": [{"kind": "lsh", "bucket_size": 8}, {"kind": "linear"}]}).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="attention kind.s. linear, lsh never form the probability matrix"):
+        plot_attention(str(tmp_path), str(tmp_path / "x.png"), text="hello")
+    assert not (tmp_path / "x.png").exists()
+
+
 # ---------------------------------------------------------------------------
 # attnzoo-cli
 
