@@ -2,7 +2,7 @@
 //
 //   attnzoo-cli generate MODEL_DIR (--prompt TEXT | --ids 1,2,3) [--max-new-tokens N]
 //                        [--temperature T] [--top-k K] [--top-p P] [--seed S] [--no-cache]
-//   attnzoo-cli evaluate MODEL_DIR --text FILE [--seq-len N] [--batch-size B] [--max-batches M]
+//   attnzoo-cli evaluate MODEL_DIR --text FILE [--seq-len N] [--batch-size B] [--max-batches M] [--json OUT]
 //
 // Both take a GPT checkpoint directory (config.json + model.safetensors, as
 // written by `python -m attnzoo pretrain` or save_pretrained in either
@@ -32,7 +32,7 @@ const char* kUsage =
     "usage:\n"
     "  attnzoo-cli generate MODEL_DIR (--prompt TEXT | --ids 1,2,3) [--max-new-tokens N] [--temperature T]\n"
     "                       [--top-k K] [--top-p P] [--seed S] [--no-cache]\n"
-    "  attnzoo-cli evaluate MODEL_DIR --text FILE [--seq-len N] [--batch-size B] [--max-batches M]\n";
+    "  attnzoo-cli evaluate MODEL_DIR --text FILE [--seq-len N] [--batch-size B] [--max-batches M] [--json OUT]\n";
 
 struct UsageError : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
@@ -175,7 +175,8 @@ int evaluate(const std::string& dir, const std::map<std::string, std::string>& f
                                 " bytes, too few for one window of " + std::to_string(window));
   at::Tensor starts = at::arange(0, span, window, torch::kLong);
   if (max_batches && starts.numel() > max_batches * batch_size)
-    starts = at::linspace(0, span - 1, max_batches * batch_size, torch::kDouble).to(torch::kLong);
+    // float32 as in the Python evaluator (torch.linspace's default), so both pick the same windows.
+    starts = at::linspace(0, span - 1, max_batches * batch_size, torch::kFloat).to(torch::kLong);
   torch::NoGradGuard no_grad;
   const auto start = Clock::now();
   double total = 0.0;
@@ -200,6 +201,14 @@ int evaluate(const std::string& dir, const std::map<std::string, std::string>& f
               "seconds        %.2f\n"
               "tokens_per_s   %.0f\n",
               loss, std::exp(loss), loss / std::log(2.0), static_cast<long long>(count), elapsed, count / elapsed);
+  if (flags.count("--json")) {
+    std::ofstream out(flags.at("--json"));
+    out.precision(17);
+    out << "{\"loss\": " << loss << ", \"perplexity\": " << std::exp(loss) << ", \"bits_per_char\": "
+        << loss / std::log(2.0) << ", \"tokens\": " << count << ", \"seconds\": " << elapsed
+        << ", \"tokens_per_s\": " << count / elapsed << "}\n";
+    if (!out) throw std::runtime_error("cannot write " + flags.at("--json"));
+  }
   return 0;
 }
 
@@ -216,7 +225,8 @@ int main(int argc, char** argv) {
       return generate(dir, parse_flags(argc, argv, {"--prompt", "--ids", "--max-new-tokens", "--temperature",
                                                     "--top-k", "--top-p", "--seed"}, {"--no-cache"}));
     if (command == "evaluate")
-      return evaluate(dir, parse_flags(argc, argv, {"--text", "--seq-len", "--batch-size", "--max-batches"}, {}));
+      return evaluate(dir, parse_flags(argc, argv, {"--text", "--seq-len", "--batch-size", "--max-batches", "--json"},
+                                       {}));
     throw UsageError("unknown command '" + command + "'");
   } catch (const UsageError& e) {
     std::cerr << "attnzoo-cli: " << e.what() << '\n' << kUsage;
