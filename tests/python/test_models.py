@@ -208,6 +208,18 @@ def test_attention_maps_are_every_layers_probabilities_from_its_own_input():
     # Recording is off again afterwards, and never applies to kinds without probabilities.
     assert model._cpp.take_attention_maps() == []
     assert model.attention_maps(x) is not None and model._cpp.take_attention_maps() == []
+    # With a KV cache the new queries' rows over every key so far: the last rows of the full maps.
+    for kind in ("rotary", "alibi"):
+        cached_model = gpt(kind).eval()
+        full = cached_model.attention_maps(x)
+        cache = attnzoo._C.KVCache()
+        cached_model.forward_cached(x[:, :15], cache)
+        cached_model._cpp.record_attention(True)
+        cached_model.forward_cached(x[:, 15:], cache)
+        cached_model._cpp.record_attention(False)
+        step = cached_model._cpp.take_attention_maps()
+        assert [m.shape for m in step] == [(2, 4, 4, 19)] * 2
+        assert all((a - b[:, :, 15:]).abs().max() < 1e-5 for a, b in zip(step, full)), kind
     mixed = gpt(attention=[attention("lsh"), attention("alibi")]).eval()
     maps = mixed.attention_maps(x)
     assert maps[0] is None and maps[1].shape == (2, 4, 19, 19)

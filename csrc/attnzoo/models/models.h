@@ -33,9 +33,10 @@ class ModelBase : public torch::nn::Module {
   void save_pretrained(const std::string& dir) const;
 
   // While recording, every forward call appends each layer's self-attention
-  // probabilities (B, H, N, N) from that layer's own input (undefined for
-  // kinds that never form them); take_attention_maps() hands them over and
-  // clears the record. For inspection: it costs one extra attention per layer.
+  // probabilities (B, H, N, Nk), the ones that layer attends with (with a KV
+  // cache, Nk counts the cached keys too; undefined for kinds that never form
+  // them); take_attention_maps() hands them over and clears the record. For
+  // inspection: it costs one extra score computation per layer.
   void record_attention(bool on) { recording_attention_ = on; }
   std::vector<at::Tensor> take_attention_maps() { return std::exchange(attention_maps_, {}); }
 

@@ -226,6 +226,12 @@ at::Tensor MultiHeadAttentionImpl::forward(const at::Tensor& x, const AttentionI
     inputs.cache->k = k;
     inputs.cache->v = v;
   }
+  if (inputs.attention_maps) {
+    // From the very queries and keys attend() uses: rotated, after the cache.
+    at::NoGradGuard no_grad;
+    inputs.attention_maps->push_back(
+        forms_probabilities() ? ops::attention_weights(q, k, v, dense_options(q, k, inputs)) : at::Tensor());
+  }
   auto out = attend(q, k, v, inputs);
   return out_proj(out.transpose(1, 2).reshape({x.size(0), x.size(1), heads_ * head_dim_}));
 }
@@ -315,15 +321,7 @@ at::Tensor TransformerBlockImpl::forward(const at::Tensor& x, const AttentionInp
                                          const std::optional<at::Tensor>& context_mask) {
   AttentionInputs self_inputs = inputs;
   self_inputs.context = nullptr;
-  self_inputs.attention_maps = nullptr;
-  auto h = residual(x, attn_norm, [&](const at::Tensor& y) {
-    if (inputs.attention_maps) {
-      at::NoGradGuard no_grad;
-      inputs.attention_maps->push_back(attn->forms_probabilities() ? attn->attention_probs(y, self_inputs)
-                                                                   : at::Tensor());
-    }
-    return dropout(attn(y, self_inputs));
-  });
+  auto h = residual(x, attn_norm, [&](const at::Tensor& y) { return dropout(attn(y, self_inputs)); });
   if (cross_attn) {
     TORCH_CHECK(inputs.context != nullptr, "transformer block: this block has cross-attention and needs a context");
     AttentionInputs cross_inputs;

@@ -41,8 +41,9 @@ torch::nn::LayerNorm layer_norm(const ModelConfig& config);
 // What one attention call needs beyond the input: a key padding mask
 // (B, Nk) bool (true = real token), causality, a cache, a context to attend
 // to (cross-attention) and its own padding mask. When attention_maps is set,
-// each block appends its self-attention probabilities (B, H, N, N), or an
-// undefined tensor for a kind that never forms them (for plots, not training).
+// the layer appends the probabilities it attends with (B, H, N, Nk), or an
+// undefined tensor for a kind that never forms them (for plots, not training);
+// a transformer block passes it to its self-attention only.
 struct AttentionInputs {
   std::optional<at::Tensor> key_padding_mask;
   bool causal = false;
