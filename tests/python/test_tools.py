@@ -187,5 +187,8 @@ def test_cli_refuses_text_for_a_subword_checkpoint(tmp_path):
     model.save_pretrained(tmp_path)
     (tmp_path / "tokenizer.json").write_text(json.dumps({"kind": "sentencepiece"}))
     p = _cli("generate", tmp_path, "--prompt", "hello")
-    assert p.returncode == 1 and "byte-level checkpoints only" in p.stderr
+    assert p.returncode == 1 and "byte-level checkpoints only (this one has a sentencepiece tokenizer)" in p.stderr
+    (tmp_path / "tokenizer.json").write_text('{"kind": ')
+    p = _cli("generate", tmp_path, "--prompt", "hello")
+    assert p.returncode == 1 and 'tokenizer.json: expected a JSON object with a string "kind"' in p.stderr
     assert _cli("generate", tmp_path, "--ids", "299,3", "--max-new-tokens", 2).returncode == 0

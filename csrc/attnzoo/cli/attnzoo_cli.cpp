@@ -12,6 +12,7 @@
 // --max-batches, evenly spaced ones), so on the KJV split files in the data
 // cache it reproduces the Python numbers. Timings are printed with results.
 #include <attnzoo/attnzoo.h>
+#include <nlohmann/json.hpp>
 
 #include <chrono>
 #include <cmath>
@@ -80,13 +81,15 @@ std::string read_file(const std::string& path) {
 // Only byte-level checkpoints can be fed text from C++: the sentencepiece
 // vocabularies are read by the Python tools.
 void require_byte_tokenizer(const std::string& dir) {
-  std::ifstream in(dir + "/tokenizer.json");
+  const std::string path = dir + "/tokenizer.json";
+  std::ifstream in(path);
   if (!in) return;  // no tokenizer saved: bytes
-  std::ostringstream spec;
-  spec << in.rdbuf();
-  if (spec.str().find("\"bytes\"") == std::string::npos)
-    throw std::invalid_argument(dir + "/tokenizer.json: attnzoo-cli reads byte-level checkpoints only (this one "
-                                "has a subword tokenizer); pass --ids instead of text");
+  const auto spec = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (!spec.is_object() || !spec.contains("kind") || !spec["kind"].is_string())
+    throw std::invalid_argument(path + ": expected a JSON object with a string \"kind\"");
+  if (spec["kind"] != "bytes")
+    throw std::invalid_argument(path + ": attnzoo-cli reads byte-level checkpoints only (this one has a " +
+                                spec["kind"].get<std::string>() + " tokenizer); pass --ids instead of text");
 }
 
 at::Tensor bytes_to_ids(const std::string& text) {
