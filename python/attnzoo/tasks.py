@@ -221,8 +221,9 @@ class SpeechTask(Task):
     def __init__(self, config, seq_len=0, data_fraction=1.0, cache=None, tokenizer=None):
         super().__init__(config, seq_len, data_fraction, cache)
         self.labels = data.SpeechLabels()
-        if config["vocab_size"] != self.labels.vocab_size or config.get("blank_id", 0) != 0:
-            raise ValueError(f"the spoken-digits task needs vocab_size {self.labels.vocab_size} and blank_id 0 "
+        blank = self.labels.blank_id
+        if config["vocab_size"] != self.labels.vocab_size or config.get("blank_id", 0) != blank:
+            raise ValueError(f"the spoken-digits task needs vocab_size {self.labels.vocab_size} and blank_id {blank} "
                              f"(blank, space and the letters {self.labels.symbols[1:]!r})")
         if config.get("sample_rate", data.SPEECH_SAMPLE_RATE) != data.SPEECH_SAMPLE_RATE:
             raise ValueError(f"the spoken-digits audio is at {data.SPEECH_SAMPLE_RATE} Hz; the model's sample_rate "
@@ -259,11 +260,10 @@ class SpeechTask(Task):
     def units_per_batch(self, batch):
         return int(batch[1].sum())  # audio samples
 
-    @staticmethod
-    def _ctc(model, batch, reduction="mean"):
+    def _ctc(self, model, batch, reduction="mean"):
         waves, lengths, targets, target_lengths = batch
         log_probs, frames = model(waves, lengths)
-        loss = F.ctc_loss(log_probs.transpose(0, 1), targets, frames, target_lengths, blank=0,
+        loss = F.ctc_loss(log_probs.transpose(0, 1), targets, frames, target_lengths, blank=self.labels.blank_id,
                           reduction=reduction, zero_infinity=True)
         return loss, log_probs, frames
 
