@@ -130,16 +130,22 @@ class GPTTask(TextTask):
 
 class BertTask(TextTask):
     model_type = "bert"
-    mask_prob = 0.15
+    mask_prob = 0.15  # evaluation always masks BERT's 15%, whatever training used
+
+    def __init__(self, config, seq_len=0, data_fraction=1.0, cache=None, tokenizer=None, train_mask_prob=0.15):
+        if not 0 < train_mask_prob < 1:
+            raise ValueError(f"mask_prob must be in (0, 1), got {train_mask_prob}")
+        super().__init__(config, seq_len, data_fraction, cache, tokenizer)
+        self.train_mask_prob = train_mask_prob
 
     @staticmethod
     def make_tokenizer(config, cache):
         return data.sentencepiece_tokenizer(config["vocab_size"], cache)
 
-    def mask(self, windows: torch.Tensor, generator: torch.Generator):
+    def mask(self, windows: torch.Tensor, generator: torch.Generator, mask_prob: float = mask_prob):
         tok = self.tokenizer
         x = torch.cat([torch.full((len(windows), 1), tok.cls_id), windows], 1)
-        chosen = torch.rand(x.shape, generator=generator) < self.mask_prob
+        chosen = torch.rand(x.shape, generator=generator) < mask_prob
         chosen[:, 0] = False
         if not chosen.any():
             chosen[:, 1] = True
@@ -153,7 +159,7 @@ class BertTask(TextTask):
     def batch(self, generator, batch_size):
         stream = self.streams["train"]
         starts = torch.randint(0, len(stream) - self.seq_len, (batch_size,), generator=generator)
-        return self.mask(self.windows("train", starts, self.seq_len - 1), generator)
+        return self.mask(self.windows("train", starts, self.seq_len - 1), generator, self.train_mask_prob)
 
     def loss(self, model, batch):
         inputs, labels = batch

@@ -56,6 +56,7 @@ class TrainOptions:
     seq_len: int = 0              # text models: window length (0 = min(max_position_embeddings, 256))
     data_fraction: float = 1.0    # use only the first part of every split (quick trials, tests)
     log_every: int = 10
+    mask_prob: float = 0.15       # bert: fraction of tokens masked in training (evaluation always masks 15%)
 
     def validate(self):
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "log_every"):
@@ -68,6 +69,8 @@ class TrainOptions:
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr} min_lr={self.min_lr}")
         if not 0 < self.data_fraction <= 1:
             raise ValueError(f"data_fraction must be in (0, 1], got {self.data_fraction}")
+        if not 0 < self.mask_prob < 1:
+            raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
 
 
 def recommended_options(model_source) -> TrainOptions:
@@ -229,7 +232,12 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
         if attention:
             overrides["attention"] = {"kind": attention}
         config = models.load_config(model_source, **overrides)
-    task = task_for(config, seq_len=o.seq_len, data_fraction=o.data_fraction, cache=cache)
+    task_options = {}
+    if o.mask_prob != TrainOptions.mask_prob:
+        if config["model_type"] != "bert":
+            raise ValueError(f"mask_prob is a bert training option; this model is {config['model_type']!r}")
+        task_options["train_mask_prob"] = o.mask_prob
+    task = task_for(config, seq_len=o.seq_len, data_fraction=o.data_fraction, cache=cache, **task_options)
 
     torch.manual_seed(o.seed)
     model = models.MODEL_CLASSES[config["model_type"]](config)

@@ -230,11 +230,32 @@ def test_unwritable_output_fails_before_training(tmp_path):
     (dict(data_fraction=0.0), "data_fraction"),
     (dict(batch_size=6, grad_accum=4), "divisible by grad_accum"),
     (dict(seq_len=10_000), "exceeds the model's max_position_embeddings"),
+    (dict(mask_prob=0.0), "mask_prob must be in"),
+    (dict(mask_prob=1.0), "mask_prob must be in"),
+    (dict(mask_prob=0.4), "mask_prob is a bert training option"),
 ])
 def test_bad_training_options(tmp_path, options, match):
     with pytest.raises(ValueError, match=match):
         pretrain(os.path.join(ROOT, "models", "gpt-kjv"), str(tmp_path / "run"), tiny(**options),
                  model_overrides=TINY_TEXT, quiet=True)
+
+
+def test_bert_training_mask_rate_leaves_evaluation_at_15_percent():
+    from attnzoo.tasks import BertTask
+    config = attnzoo.models.load_config(os.path.join(ROOT, "models", "bert-kjv"), **TINY_TEXT, vocab_size=512)
+    standard = BertTask(config, seq_len=128, data_fraction=0.05)
+    heavy = BertTask(config, seq_len=128, data_fraction=0.05, tokenizer=standard.tokenizer, train_mask_prob=0.4)
+
+    def masked_fraction(task):
+        inputs, labels = task.batch(torch.Generator().manual_seed(3), 64)
+        return (labels[:, 1:] != -100).float().mean().item()  # position 0 is [CLS], never masked
+
+    assert abs(masked_fraction(standard) - 0.15) < 0.01
+    assert abs(masked_fraction(heavy) - 0.40) < 0.015
+    torch.manual_seed(0)
+    model = attnzoo.models.Bert(config).eval()
+    assert standard.evaluate(model, "val", 2, 8) == heavy.evaluate(model, "val", 2, 8)
+    assert 0.13 < heavy.evaluate(model, "val", 2, 8)["masked_tokens"] / (16 * 127) < 0.17
 
 
 def test_cli_errors_are_one_line(tmp_path):
