@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from . import data, models
-from ._files import atomic_write
+from ._files import atomic_write, write_text_atomic
 from .tasks import task_for
 
 __all__ = ["evaluate", "resolve_checkpoint", "export"]
@@ -66,8 +66,7 @@ def evaluate(path: str, split: str = "test", out: Optional[str] = None, max_batc
         result["sample_title"] = "transcripts (reference -> greedy CTC):"
     if out is None:
         out = os.path.join(path if os.path.exists(run_json) else checkpoint, f"eval-{split}.json")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_text_atomic(out, json.dumps(result, indent=1))
     if not quiet:
         print(format_table(result))
         print(f"wrote {out}")
