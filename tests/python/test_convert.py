@@ -11,7 +11,11 @@ import attnzoo  # noqa: E402
 from attnzoo import convert, models  # noqa: E402
 
 VOCAB = 100
-TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
+# Tolerance relative to the largest expected value. float32 kernels that sum in
+# another order (attnzoo's fused attention against HF's, MKL's AVX2 against its
+# AVX-512 paths) differ by some hundred ulps of the largest logit, and by how many
+# depends on the machine; a wrong mapping, transpose or q/k/v order differs by O(1).
+TOL = {torch.float32: 3e-5, torch.float64: 1e-10}
 
 
 @pytest.fixture(autouse=True)
@@ -37,6 +41,12 @@ def randomize(model, seed, std=0.3):
 
 def max_diff(a, b):
     return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+def assert_matches(got, expected):
+    scale = max(1.0, expected.detach().abs().max().item())
+    diff = max_diff(got, expected)
+    assert diff < TOL[expected.dtype] * scale, f"max |got - expected| = {diff:.3g} at value scale {scale:.3g}"
 
 
 def gpt2(seed=0, **overrides):
@@ -87,7 +97,7 @@ def test_gpt2_logits(dtype, tie):
         expected = hf(ids).logits
         got = zoo(ids)
     assert got.dtype == dtype and expected.abs().max() > 1.0
-    assert max_diff(got, expected) < TOL[dtype]
+    assert_matches(got, expected)
 
 
 @pytest.mark.parametrize("activation", ["gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu"])
@@ -97,7 +107,7 @@ def test_gpt2_activations(activation):
     assert zoo.config["intermediate_size"] == 72
     ids, _, _ = text_inputs(4)
     with torch.no_grad():
-        assert max_diff(zoo(ids), hf(ids).logits) < 1e-10
+        assert_matches(zoo(ids), hf(ids).logits)
 
 
 def test_gpt2_reorder_and_upcast_attn_is_accepted():
@@ -108,7 +118,7 @@ def test_gpt2_reorder_and_upcast_attn_is_accepted():
     zoo = convert.from_hf(hf)
     ids, _, _ = text_inputs(6)
     with torch.no_grad():
-        assert max_diff(zoo(ids), hf(ids).logits) < 1e-5
+        assert_matches(zoo(ids), hf(ids).logits)
 
 
 def _hf_greedy(hf, ids, **kwargs):
@@ -149,7 +159,7 @@ def test_gpt2_split_qkv_layout():
     zoo.load_state_dict(convert.state_dict_from_hf(hf.state_dict(), cfg), strict=True)
     ids, _, _ = text_inputs(10)
     with torch.no_grad():
-        assert max_diff(zoo(ids), hf(ids).logits) < 1e-5
+        assert_matches(zoo(ids), hf(ids).logits)
 
 
 def test_gpt2_checkpoint_names_without_prefix():
@@ -164,7 +174,7 @@ def test_gpt2_checkpoint_names_without_prefix():
     zoo.load_state_dict(convert.state_dict_from_hf(state, cfg), strict=True)
     ids, _, _ = text_inputs(12)
     with torch.no_grad():
-        assert max_diff(zoo(ids), hf(ids).logits) < 1e-5
+        assert_matches(zoo(ids), hf(ids).logits)
 
 
 # ---------------------------------------------------------------------------
@@ -183,9 +193,9 @@ def test_bert_masked_lm_logits(dtype, tie):
         expected = hf(ids, attention_mask=mask, token_type_ids=types).logits
         got = zoo(ids, attention_mask=mask, token_type_ids=types)
         assert expected.abs().max() > 1.0
-        assert max_diff(got[keep], expected[keep]) < TOL[dtype]
+        assert_matches(got[keep], expected[keep])
         # Defaults: no padding mask, token type 0 everywhere.
-        assert max_diff(zoo(ids), hf(ids).logits) < TOL[dtype]
+        assert_matches(zoo(ids), hf(ids).logits)
 
 
 def test_bert_activation_and_pretraining_heads():
@@ -197,7 +207,7 @@ def test_bert_activation_and_pretraining_heads():
     with torch.no_grad():
         expected = hf(ids, attention_mask=mask, token_type_ids=types).prediction_logits
         got = zoo(ids, attention_mask=mask, token_type_ids=types)
-    assert max_diff(got[mask.bool()], expected[mask.bool()]) < 1e-5
+    assert_matches(got[mask.bool()], expected[mask.bool()])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -211,7 +221,7 @@ def test_bert_sequence_classification(dtype):
         expected = hf(ids, attention_mask=mask, token_type_ids=types).logits
         got = zoo.classify(ids, attention_mask=mask, token_type_ids=types)
     assert got.shape == (3, 4) and expected.abs().max() > 0.5
-    assert max_diff(got, expected) < TOL[dtype]
+    assert_matches(got, expected)
 
 
 def test_bert_fused_qkv_layout_and_tf_names():
@@ -227,7 +237,7 @@ def test_bert_fused_qkv_layout_and_tf_names():
     with torch.no_grad():
         expected = hf(ids, attention_mask=mask, token_type_ids=types).logits
         got = zoo(ids, attention_mask=mask, token_type_ids=types)
-    assert max_diff(got[mask.bool()], expected[mask.bool()]) < 1e-5
+    assert_matches(got[mask.bool()], expected[mask.bool()])
 
 
 # ---------------------------------------------------------------------------
@@ -250,7 +260,7 @@ def test_vit_logits(channels, image, patch, qkv_bias, dtype):
         expected = hf(pixels).logits
         got = zoo(pixels)
     assert got.shape == (2, 5) and expected.abs().max() > 0.5
-    assert max_diff(got, expected) < TOL[dtype]
+    assert_matches(got, expected)
 
 
 def test_vit_checkpoint_names():
@@ -273,7 +283,7 @@ def test_vit_checkpoint_names():
     zoo.load_state_dict(convert.state_dict_from_hf(state, cfg), strict=True)
     pixels = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(33))
     with torch.no_grad():
-        assert max_diff(zoo(pixels), hf(pixels).logits) < 1e-5
+        assert_matches(zoo(pixels), hf(pixels).logits)
 
 
 # ---------------------------------------------------------------------------
@@ -369,4 +379,4 @@ def test_from_hf_pretrained(kind, converted, tmp_path):
     zoo = convert.from_hf_pretrained(tmp_path / "hf")
     assert zoo.config["model_type"] == kind and not zoo.training
     with torch.no_grad():
-        assert max_diff(call(zoo), hf_call(hf)) < 1e-5
+        assert_matches(call(zoo), hf_call(hf))
