@@ -132,7 +132,7 @@ class BertTask(TextTask):
     model_type = "bert"
     mask_prob = 0.15  # evaluation always masks BERT's 15%, whatever training used
 
-    def __init__(self, config, seq_len=0, data_fraction=1.0, cache=None, tokenizer=None, train_mask_prob=0.15):
+    def __init__(self, config, seq_len=0, data_fraction=1.0, cache=None, tokenizer=None, train_mask_prob=mask_prob):
         if not 0 < train_mask_prob < 1:
             raise ValueError(f"mask_prob must be in (0, 1), got {train_mask_prob}")
         super().__init__(config, seq_len, data_fraction, cache, tokenizer)
