@@ -43,10 +43,10 @@ def assert_same_utterance(a, b, voice):
     """Two builds of one utterance agree. attnzoo fixes every choice (text,
     voice, rate, pitch, speed); the samples are espeak-ng's and sox's, and
     one CI run saw a clip differ between two builds in one process, which
-    no run here reproduced (thousands of repeats, in parallel and under
+    no run here reproduced (about 1800 syntheses, in parallel and under
     load). So: the same length, and the same waveform up to a small noise
-    (correlation 0.99, e.g. espeak-ng's random aspiration noise) rather
-    than bit for bit; a different utterance or a shifted one fails."""
+    (correlation above 0.99) rather than bit for bit; a different
+    utterance or a shifted one fails."""
     assert len(a) == len(b), f"{voice}: {len(a)} samples in one build, {len(b)} in the other"
     if not torch.equal(a, b):
         x, y = a.double() - a.double().mean(), b.double() - b.double().mean()
