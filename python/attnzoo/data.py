@@ -8,7 +8,10 @@
   espeak-ng in many accents, voice variants, speeds and pitches, speed-perturbed
   and resampled to 16 kHz with sox; validation and test use voice variants
   that training never hears. Noise is added by the speech task (fresh noise
-  per training batch, fixed seeded noise in evaluation).
+  per training batch, fixed seeded noise in evaluation). Every choice (text,
+  voice, rate, pitch, speed) is seeded; the samples are espeak-ng's, and a
+  noise-excited voice (whisper) has rarely come out with a different noise
+  draw in a second build, so the set is built once and read from the cache.
 * Tokenisers: ``ByteTokenizer`` (256 byte values, for character-level models)
   and ``sentencepiece_tokenizer(vocab_size)`` (a unigram subword vocabulary
   trained on the training split, cached).

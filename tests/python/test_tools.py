@@ -39,18 +39,30 @@ def test_edit_distance():
     assert tasks.edit_distance("flaw", "lawn") == 2
 
 
+def loudness_envelope(clip, frame=320):
+    """RMS per 20-ms frame (320 samples at 16 kHz)."""
+    frames = clip.double()[: len(clip) // frame * frame].view(-1, frame)
+    return frames.pow(2).mean(1).sqrt()
+
+
 def assert_same_utterance(a, b, voice):
     """Two builds of one utterance agree. attnzoo fixes every choice (text,
-    voice, rate, pitch, speed); the samples are espeak-ng's and sox's, and
-    one CI run saw a clip differ between two builds in one process, which
-    no run here reproduced (about 1800 syntheses, in parallel and under
-    load). So: the same length, and the same waveform up to a small noise
-    (correlation above 0.99) rather than bit for bit; a different
-    utterance or a shifted one fails."""
+    voice, rate, pitch, speed) and nearly every build is bit for bit the
+    same, but twice a clip came out different in a full test run (once in
+    CI, once here: en-gb-x-rp+whisper, waveform correlation 0.14 at the same
+    length), never in isolation (hundreds of repeats, in parallel and under
+    load). A correlation that low at the same length is what a fresh draw
+    of espeak-ng's noise source gives (the whisper clip with its STFT phases
+    redrawn: 0.11), so a clip that differs is compared by its loudness
+    envelope instead: a new noise draw keeps it (0.97-0.995 for whisper,
+    croak, m1 and klatt2 redrawn), a 50-ms shift does not (0.42-0.58), nor
+    does other text (its length differs, and 0.74-0.86 over the common
+    part)."""
     assert len(a) == len(b), f"{voice}: {len(a)} samples in one build, {len(b)} in the other"
     if not torch.equal(a, b):
-        correlation = torch.corrcoef(torch.stack([a, b]).double())[0, 1].item()
-        assert correlation > 0.99, f"{voice}: the two builds differ (correlation {correlation:.4f})"
+        envelopes = torch.stack([loudness_envelope(a), loudness_envelope(b)])
+        correlation = torch.corrcoef(envelopes)[0, 1].item()
+        assert correlation > 0.95, f"{voice}: the two builds differ (loudness-envelope correlation {correlation:.4f})"
 
 
 def test_spoken_digits_are_deterministic_and_test_voices_are_held_out(tmp_path, monkeypatch):
@@ -66,6 +78,10 @@ def test_spoken_digits_are_deterministic_and_test_voices_are_held_out(tmp_path, 
             assert clip.dtype == torch.int16 and len(clip) > data.SPEECH_SAMPLE_RATE // 5
             assert clip.float().abs().max() > 1000  # speech, not silence
             assert set(text.split()) <= set(data.DIGIT_WORDS)
+    clip = first["train"]["audio"][0]
+    shifted = torch.cat([torch.zeros(800, dtype=clip.dtype), clip[:-800]])  # 50 ms later
+    with pytest.raises(AssertionError, match="differ"):
+        assert_same_utterance(clip, shifted, "shifted")
     variants = {s: set(data.SPEECH_VARIANTS[s]) for s in data.SPLITS}
     assert not variants["train"] & variants["test"] and not variants["train"] & variants["val"]
     assert not variants["val"] & variants["test"]
