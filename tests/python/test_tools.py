@@ -39,8 +39,9 @@ def test_edit_distance():
     assert tasks.edit_distance("flaw", "lawn") == 2
 
 
-def loudness_envelope(clip, frame=320):
-    """RMS per 20-ms frame (320 samples at 16 kHz)."""
+def loudness_envelope(clip):
+    """RMS per 20-ms frame."""
+    frame = data.SPEECH_SAMPLE_RATE // 50
     frames = clip.double()[: len(clip) // frame * frame].view(-1, frame)
     return frames.pow(2).mean(1).sqrt()
 
@@ -79,7 +80,8 @@ def test_spoken_digits_are_deterministic_and_test_voices_are_held_out(tmp_path, 
             assert clip.float().abs().max() > 1000  # speech, not silence
             assert set(text.split()) <= set(data.DIGIT_WORDS)
     clip = first["train"]["audio"][0]
-    shifted = torch.cat([torch.zeros(800, dtype=clip.dtype), clip[:-800]])  # 50 ms later
+    delay = data.SPEECH_SAMPLE_RATE // 20  # 50 ms
+    shifted = torch.cat([torch.zeros(delay, dtype=clip.dtype), clip[:-delay]])
     with pytest.raises(AssertionError, match="differ"):
         assert_same_utterance(clip, shifted, "shifted")
     variants = {s: set(data.SPEECH_VARIANTS[s]) for s in data.SPLITS}
