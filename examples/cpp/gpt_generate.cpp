@@ -44,8 +44,7 @@ int main(int argc, char** argv) {
   }
   if (prompt.empty()) return usage();
   try {
-    auto gpt = attnzoo::from_pretrained_as<attnzoo::models::GPTImpl>(dir);
-    gpt->eval();
+    auto gpt = attnzoo::from_pretrained_as<attnzoo::models::GPTImpl>(dir);  // in eval mode
     torch::NoGradGuard no_grad;
     auto ids = torch::tensor(prompt, torch::kLong).unsqueeze(0);
     auto logits = gpt->forward(ids);

@@ -158,13 +158,15 @@ class ZooModel(CppModule):
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "ZooModel":
-        """Loads a checkpoint directory strictly (missing or unexpected keys are errors)."""
+        """Loads a checkpoint directory strictly (missing or unexpected keys are
+        errors). The model comes back in eval mode, as HF's do: call
+        ``.train()`` to fine-tune."""
         from safetensors.torch import load_file
 
         directory = os.fspath(directory)
         model = cls(os.path.join(directory, "config.json"))
         model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")), strict=True)
-        return model
+        return model.eval()
 
 
 class GPT(ZooModel):
@@ -251,12 +253,12 @@ MODEL_CLASSES = {cls.model_type: cls for cls in (GPT, Bert, ViT, Speech)}
 
 
 def from_pretrained(directory: Union[str, os.PathLike]) -> ZooModel:
-    """Loads a checkpoint directory; the model kind comes from its config.json."""
+    """Loads a checkpoint directory, in eval mode; the model kind comes from its config.json."""
     config = load_config(directory)
     return MODEL_CLASSES[config["model_type"]].from_pretrained(directory)
 
 
 def from_pretrained_cpp(directory: Union[str, os.PathLike]) -> ZooModel:
-    """The same through the C++ reader (attnzoo::from_pretrained)."""
+    """The same through the C++ reader (attnzoo::from_pretrained), also in eval mode."""
     cpp = _C.from_pretrained(os.fspath(directory))
     return MODEL_CLASSES[json.loads(cpp.config_json())["model_type"]]._wrap(cpp)

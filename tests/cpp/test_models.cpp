@@ -176,7 +176,11 @@ TEST_CASE("every model builds, trains one step and round-trips its checkpoint fr
     model->eval();
     const auto path = (dir / model->config().model_type).string();
     model->save_pretrained(path);
+    model->train();
     auto loaded = attnzoo::from_pretrained(path);
+    // Loaded models are in eval mode (as HF's): no dropout until train().
+    CHECK_FALSE(loaded->is_training());
+    for (const auto& child : loaded->modules(/*include_self=*/false)) CHECK_FALSE(child->is_training());
     CHECK(attnzoo::config_to_json(loaded->config()) == attnzoo::config_to_json(model->config()));
     auto a = model->state(), b = loaded->state();
     REQUIRE(a.size() == b.size());

@@ -396,6 +396,25 @@ def test_train_and_eval_switch_dropout_in_cpp():
     assert torch.equal(model(x), model(x))
 
 
+def test_loaded_models_come_back_in_eval_mode(tmp_path):
+    """As HF's from_pretrained: a loaded model is deterministic (dropout off)
+    until the user asks for train(), in both readers and in every submodule."""
+    model = gpt(dropout=0.5, attention_dropout=0.5)
+    model.save_pretrained(tmp_path)
+    assert model.training  # the saved model was in training mode
+    x = ids()
+    for loaded in (attnzoo.from_pretrained(tmp_path), attnzoo.models.from_pretrained_cpp(tmp_path),
+                   GPT.from_pretrained(tmp_path)):
+        assert not loaded.training and not loaded._cpp.training
+        assert not any(m.training for m in loaded.modules())
+        torch.manual_seed(1)
+        a = loaded(x)
+        torch.manual_seed(2)
+        assert torch.equal(a, loaded(x))
+        loaded.train()
+        assert loaded._cpp.training and loaded.layers[0].training
+
+
 def test_jit_trace_through_the_facade():
     model = gpt().eval()
     x = ids()

@@ -471,6 +471,7 @@ namespace attnzoo {
 std::shared_ptr<models::ModelBase> from_pretrained(const std::string& dir) {
   auto model = models::create_model(config_from_file(dir + "/config.json"));
   model->load_state(io::load_safetensors(dir + "/model.safetensors").tensors);
+  model->eval();  // as HF's from_pretrained: deterministic until train() is asked for
   return model;
 }
 

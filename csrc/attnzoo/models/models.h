@@ -162,7 +162,8 @@ std::shared_ptr<ModelBase> create_model(const ModelConfig& config);
 }  // namespace attnzoo::models
 
 namespace attnzoo {
-// Reads dir/config.json and dir/model.safetensors (strictly) into a new model.
+// Reads dir/config.json and dir/model.safetensors (strictly) into a new
+// model, in eval mode (call train() to fine-tune).
 std::shared_ptr<models::ModelBase> from_pretrained(const std::string& dir);
 // The same, checked to be of kind M (e.g. from_pretrained_as<models::GPTImpl>).
 template <typename M>
