@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 
 from .train import TrainOptions, recommended_options
 
@@ -36,6 +37,9 @@ def main(argv=None):
     p.add_argument("--attention", help="attention kind for every layer (dense, rotary, lsh, ...)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="model config overrides, e.g. --set hidden_size=128 dropout=0.0")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over when --out holds a run of another config or other options (default: refuse; "
+                        "the same command resumes an interrupted run)")
     p.add_argument("--quiet", action="store_true")
     defaults = TrainOptions()
     for field in dataclasses.fields(TrainOptions):
@@ -45,7 +49,8 @@ def main(argv=None):
     e = sub.add_parser("evaluate", help="held-out metrics of a run or checkpoint")
     e.add_argument("path", help="a run directory (its best checkpoint) or a checkpoint directory")
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
-    e.add_argument("--out", help="where to write the JSON (default: eval-<split>.json in the run)")
+    e.add_argument("--out", help="where to write the JSON (default: eval-<split>.json in a run directory; "
+                                 "for a checkpoint directory only with --out)")
     e.add_argument("--max-batches", type=int, default=0, help="limit the evaluation (0 = the whole split)")
     e.add_argument("--sample-tokens", type=int, default=200, help="GPT: length of the generated sample; speech: 0 skips the transcripts")
 
@@ -72,6 +77,13 @@ def main(argv=None):
     pa.add_argument("--out", default="attention.png")
 
     args = ap.parse_args(argv)
+    with warnings.catch_warnings():  # warnings as one plain line each, like the errors
+        warnings.showwarning = lambda message, *_: print(f"attnzoo {args.command}: warning: {message}",
+                                                         file=sys.stderr)
+        return _run(ap, args)
+
+
+def _run(ap, args) -> int:
     try:
         if args.command == "pretrain":
             from .train import pretrain
@@ -80,7 +92,7 @@ def main(argv=None):
                      if getattr(args, f.name) is not None}
             options = dataclasses.replace(recommended_options(args.model), **given)
             pretrain(args.model, args.out, options, attention=args.attention, model_overrides=overrides,
-                     quiet=args.quiet)
+                     quiet=args.quiet, overwrite=args.overwrite)
             if not args.quiet and os.environ.get("RANK", "0") == "0":
                 print(f"done: {args.out} (evaluate with: python -m attnzoo evaluate {args.out})")
         elif args.command == "compare":

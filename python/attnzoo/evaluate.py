@@ -3,8 +3,10 @@
     python -m attnzoo evaluate runs/gpt-kjv            # the run's best checkpoint, test split
     python -m attnzoo evaluate models/vit-digits --split val
 
-Prints a table and writes the metrics as JSON (eval-<split>.json beside the
-run, or --out). GPT runs also print a generated sample, speech runs a few
+Prints a table and writes the metrics as JSON: eval-<split>.json in a run
+directory, or the file given by --out. Nothing is written into a checkpoint
+directory (a committed model stays as it is): without --out its metrics are
+only printed. GPT runs also print a generated sample, speech runs a few
 transcripts.
 """
 from __future__ import annotations
@@ -64,12 +66,13 @@ def evaluate(path: str, split: str = "test", out: Optional[str] = None, max_batc
         _, heard = task.transcribe(model, split, shown, torch.Generator().manual_seed(1234))
         result["sample"] = "\n".join(f"{task.splits[split][1][i]!r} -> {h!r}" for i, h in zip(shown, heard))
         result["sample_title"] = "transcripts (reference -> greedy CTC):"
-    if out is None:
-        out = os.path.join(path if os.path.exists(run_json) else checkpoint, f"eval-{split}.json")
-    write_text_atomic(out, json.dumps(result, indent=1))
+    if out is None and os.path.exists(run_json):
+        out = os.path.join(path, f"eval-{split}.json")
+    if out is not None:
+        write_text_atomic(out, json.dumps(result, indent=1))
     if not quiet:
         print(format_table(result))
-        print(f"wrote {out}")
+        print(f"wrote {out}" if out else "(a checkpoint, not a run: nothing written; --out FILE saves the metrics)")
     return result
 
 

@@ -20,6 +20,7 @@ is pickled: tensors go to safetensors, the rest to JSON.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -27,6 +28,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -210,10 +212,19 @@ def _distributed():
 
 
 def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, attention: Optional[str] = None,
-             model_overrides: Optional[dict] = None, cache: Optional[str] = None, quiet: bool = False) -> dict:
-    """Trains (or resumes) the run in `out`; returns the final metrics."""
+             model_overrides: Optional[dict] = None, cache: Optional[str] = None, quiet: bool = False,
+             overwrite: bool = False) -> dict:
+    """Trains the run in `out`, or resumes it when `out` holds an interrupted
+    run of the same model config and options (`steps` may differ: a finished
+    run can be extended). A run of another config or other options is refused
+    with the differences named, unless `overwrite` starts it over. Returns
+    the final metrics."""
     o = options or TrainOptions()
     o.validate()
+    overrides = dict(model_overrides or {})
+    if attention:
+        overrides["attention"] = {"kind": attention}
+    config = models.load_config(model_source, **overrides)
     started_group = not dist.is_initialized()
     rank, world = _distributed()
     started_group = started_group and dist.is_initialized()
@@ -222,16 +233,25 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
         raise ValueError(f"batch_size {o.batch_size} must be divisible by the number of processes {world}")
     last = os.path.join(out, "last")
     resuming = os.path.exists(os.path.join(last, "trainer_state.json"))
+    if resuming and overwrite:
+        if main:
+            _remove_run(out)
+        if world > 1:
+            dist.barrier()
+        resuming = False
     if resuming:
         with open(os.path.join(out, "run.json")) as f:
             run = json.load(f)
-        config = models.load_config(run["model"])
+        differences = _run_differences(run, config, o)
+        if differences:
+            raise ValueError(f"{out!r} holds a run of another configuration: {'; '.join(differences)}. "
+                             "Run the command that started it to resume, choose another --out, or pass "
+                             "--overwrite to start it over")
         o = dataclasses.replace(TrainOptions(**run["options"]), steps=o.steps)
-    else:
-        overrides = dict(model_overrides or {})
-        if attention:
-            overrides["attention"] = {"kind": attention}
-        config = models.load_config(model_source, **overrides)
+    if o.warmup_steps >= o.steps:
+        warnings.warn(f"warmup_steps ({o.warmup_steps}) >= steps ({o.steps}): the learning rate never leaves "
+                      f"warm-up (it peaks at {lr_at(o.steps - 1, o):.3g}, not lr = {o.lr:.3g}); lower "
+                      "--warmup-steps", UserWarning, stacklevel=2)
     task_options = {}
     if o.mask_prob != TrainOptions.mask_prob:
         if config["model_type"] != "bert":
@@ -289,7 +309,7 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
             units += task.units_per_batch(batch)
             local = shard(batch, rank, world)
             sync = m == o.grad_accum - 1
-            with (trained.no_sync() if world > 1 and not sync else _nullcontext()):
+            with (trained.no_sync() if world > 1 and not sync else contextlib.nullcontext()):
                 loss = task.loss(trained, local) / o.grad_accum
                 loss.backward()
             loss_sum += loss.item()
@@ -335,12 +355,36 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
     return final
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
+def _run_differences(run: dict, config: dict, o: TrainOptions) -> list:
+    """What this command asks for that the run in the directory was not
+    started with: model config keys and training options (steps excepted)."""
+    differences = []
+    started = run["model"]
+    for key in sorted(set(started) | set(config)):
+        if started.get(key) != config.get(key):
+            differences.append(f"model {key} is {_shown(started.get(key))} there, "
+                               f"{_shown(config.get(key))} here")
+    asked = dataclasses.asdict(o)
+    for key in sorted(asked):
+        if key != "steps" and run["options"].get(key) != asked[key]:
+            differences.append(f"option {key} is {_shown(run['options'].get(key))} there, "
+                               f"{_shown(asked[key])} here")
+    return differences
 
-    def __exit__(self, *exc):
-        return False
+
+def _shown(value) -> str:
+    return "unset" if value is None else json.dumps(value)
+
+
+def _remove_run(out: str) -> None:
+    """Removes what pretrain wrote into `out` (and nothing else)."""
+    for name in ("last", "best"):
+        if os.path.lexists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
+    for name in ("run.json", "metrics.jsonl", "loss.png"):
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
 
 
 def _mean_over_ranks(value, world):

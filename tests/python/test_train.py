@@ -5,7 +5,9 @@ import errno
 import json
 import os
 import random
+import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,7 +168,8 @@ def test_disk_full_while_checkpointing_keeps_the_last_checkpoint(tmp_path, monke
     assert sorted(os.listdir(run / "checkpoints")) == ["step-000006"]  # the partial one is removed
     assert os.path.realpath(run / "last").endswith("step-000006")
     monkeypatch.setattr(train, "_save_trainer_state", real)
-    pretrain(os.path.join(ROOT, "models", "gpt-kjv"), str(run), tiny(), quiet=True)  # resumes
+    pretrain(os.path.join(ROOT, "models", "gpt-kjv"), str(run), tiny(), model_overrides=TINY_TEXT,
+             quiet=True)  # the same call resumes
     pretrain(os.path.join(ROOT, "models", "gpt-kjv"), str(tmp_path / "full"), tiny(), model_overrides=TINY_TEXT,
              quiet=True)
     a, b = weights(tmp_path / "full" / "last"), weights(run / "last")
@@ -213,6 +216,67 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
     wa, wb = weights(tmp_path / "one" / "last"), weights(tmp_path / "two" / "last")
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+
+def test_rerunning_into_a_run_of_another_configuration_is_refused(tmp_path):
+    """The same call resumes (and may extend the steps); another model config,
+    model directory or training option names the differences instead of
+    silently continuing the old run, and overwrite starts over."""
+    gpt_kjv, run = os.path.join(ROOT, "models", "gpt-kjv"), tmp_path / "run"
+    pretrain(gpt_kjv, str(run), tiny(steps=6), model_overrides=TINY_TEXT, quiet=True)
+    checkpoints = sorted(os.listdir(run / "checkpoints"))
+    for call, message in [
+        (lambda: pretrain(gpt_kjv, str(run), tiny(steps=6), model_overrides={**TINY_TEXT, "num_heads": 2}),
+         "model num_heads is 4 there, 2 here"),
+        (lambda: pretrain(gpt_kjv, str(run), tiny(steps=6, batch_size=8), model_overrides=TINY_TEXT),
+         "option batch_size is 4 there, 8 here"),
+        (lambda: pretrain(gpt_kjv, str(run), tiny(steps=6), model_overrides=TINY_TEXT, attention="rotary"),
+         'model attention is {"kind": "dense"} there, {"kind": "rotary", "rotary_base": 10000.0, "rotary_dim": 0} '
+         "here"),
+        (lambda: pretrain(os.path.join(ROOT, "models", "bert-kjv"), str(run), tiny(steps=6),
+                          model_overrides={**TINY_TEXT, "vocab_size": 512}),
+         'model model_type is "gpt" there, "bert" here'),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message) + r".*pass --overwrite to start it over"):
+            call()
+        assert sorted(os.listdir(run / "checkpoints")) == checkpoints  # nothing was touched
+    pretrain(gpt_kjv, str(run), tiny(steps=8), model_overrides=TINY_TEXT, quiet=True)  # extends the same run
+    assert json.loads((run / "last" / "trainer_state.json").read_text())["step"] == 8
+    pretrain(gpt_kjv, str(run), tiny(steps=4, batch_size=8), model_overrides=TINY_TEXT, quiet=True, overwrite=True)
+    assert json.loads((run / "run.json").read_text())["options"]["batch_size"] == 8
+    assert sorted(os.listdir(run / "checkpoints")) == ["step-000004"]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4 and steps == sorted(steps)  # the old run's records are gone
+    p = _cli(*_pretrain_args(run, 4))  # from the command line: one line naming the difference
+    assert p.wait(timeout=300) == 1
+    error = p.stderr.read()
+    assert error.startswith("attnzoo pretrain: ") and "option batch_size is 8 there, 4 here" in error, error
+
+
+def test_a_warm_up_longer_than_the_run_is_warned_about(tmp_path):
+    with pytest.warns(UserWarning, match=r"warmup_steps \(10\) >= steps \(4\): the learning rate never leaves "
+                                         r"warm-up \(it peaks at 0\.0004, not lr = 0\.001\)"):
+        pretrain(os.path.join(ROOT, "models", "gpt-kjv"), str(tmp_path / "run"), tiny(steps=4, warmup_steps=10),
+                 model_overrides=TINY_TEXT, quiet=True)
+    args = [a if a != "3" else "50" for a in _pretrain_args(tmp_path / "cli", 2)]  # warm-up 50, as gpt-kjv's
+    p = _cli(*args)
+    assert p.wait(timeout=300) == 0
+    assert "attnzoo pretrain: warning: warmup_steps (50) >= steps (2)" in p.stderr.read()
+
+
+def test_evaluate_never_writes_into_a_checkpoint_directory(tmp_path, capsys):
+    run = tmp_path / "run"
+    pretrain(os.path.join(ROOT, "models", "gpt-kjv"), str(run), tiny(steps=2, eval_every=2, warmup_steps=1),
+             model_overrides=TINY_TEXT, quiet=True)
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(run / "last", checkpoint)
+    before = sorted(os.listdir(checkpoint))
+    evaluate(str(checkpoint), "test", max_batches=1, sample_tokens=0)
+    assert sorted(os.listdir(checkpoint)) == before
+    assert "nothing written; --out FILE saves the metrics" in capsys.readouterr().out
+    evaluate(str(checkpoint), "test", out=str(tmp_path / "metrics.json"), max_batches=1, sample_tokens=0, quiet=True)
+    assert json.loads((tmp_path / "metrics.json").read_text())["split"] == "test"
+    assert sorted(os.listdir(checkpoint)) == before
 
 
 def test_unwritable_output_fails_before_training(tmp_path):
