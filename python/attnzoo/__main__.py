@@ -71,7 +71,7 @@ def main(argv=None):
     pa = sub.add_parser("plot-attention", help="attention heat maps (PNG) of a checkpoint on one input")
     pa.add_argument("path", help="a run directory or a checkpoint directory")
     pa.add_argument("--text", help="GPT / BERT: the input text")
-    pa.add_argument("--index", type=int, default=0, help="ViT / speech: which example of --split")
+    pa.add_argument("--index", type=int, help="ViT / speech: which example of --split (default: 0)")
     pa.add_argument("--split", default="test", choices=["train", "val", "test"])
     pa.add_argument("--layers", type=int, nargs="+", help="layers to draw (default: all)")
     pa.add_argument("--out", default="attention.png")
@@ -110,7 +110,10 @@ def _run(ap, args) -> int:
             from .evaluate import evaluate
             evaluate(args.path, args.split, args.out, args.max_batches, args.sample_tokens)
     except (ValueError, OSError, RuntimeError) as error:
-        print(f"attnzoo {args.command}: {error}", file=sys.stderr)
+        message = str(error)
+        # Library messages often start with the function's name; the command is named once.
+        message = message[len(args.command) + 2:] if message.startswith(f"{args.command}: ") else message
+        print(f"attnzoo {args.command}: {message}", file=sys.stderr)
         return 1
     return 0
 

@@ -12,6 +12,8 @@ def atomic_write(path: str, write, suffix: str = "") -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as error:  # name the file the caller asked for, not the temporary one
+        raise type(error)(error.errno, f"cannot write {path}: {error.strerror or error}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -33,7 +33,7 @@ def resolve_checkpoint(path: str) -> str:
             return os.path.realpath(candidate)
     if os.path.exists(os.path.join(path, "model.safetensors")):
         return path
-    raise FileNotFoundError(f"evaluate: {path!r} holds neither a run (best/ or last/) nor a checkpoint "
+    raise FileNotFoundError(f"{path!r} holds neither a run (best/ or last/) nor a checkpoint "
                             "(config.json + model.safetensors)")
 
 

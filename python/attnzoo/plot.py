@@ -19,9 +19,10 @@ from ._files import atomic_write
 from .evaluate import resolve_checkpoint
 from .tasks import task_for
 
-__all__ = ["model_inputs", "plot_attention"]
+__all__ = ["model_inputs", "plot_attention", "draw_attention"]
 
 MAX_LABELLED = 48  # more tokens than this and the axis labels would overlap
+LABEL_POINTS = 8
 
 
 def model_inputs(model, checkpoint: str, text: Optional[str], index: int, split: str, cache=None):
@@ -55,16 +56,16 @@ def model_inputs(model, checkpoint: str, text: Optional[str], index: int, split:
     return (audio[index].float().unsqueeze(0) / 32768.0,), None
 
 
-def plot_attention(path: str, out: str, text: Optional[str] = None, index: int = 0, split: str = "test",
-                   layers: Optional[Sequence[int]] = None, cache=None) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_attention(path: str, out: str, text: Optional[str] = None, index: Optional[int] = None,
+                   split: str = "test", layers: Optional[Sequence[int]] = None, cache=None) -> str:
+    """Draws the attention maps of the checkpoint (or run) at `path` on one
+    input into the PNG `out` (its directory is created when missing)."""
     checkpoint = resolve_checkpoint(path)
-    model = models.from_pretrained(checkpoint).eval()
-    inputs, labels = model_inputs(model, checkpoint, text, index, split, cache)
+    model = models.from_pretrained(checkpoint)
+    if text and index is not None:
+        raise ValueError("plot-attention: --index picks a held-out example of an image or speech model; "
+                         "with --text it has nothing to pick (give one of them)")
+    inputs, labels = model_inputs(model, checkpoint, text, 0 if index is None else index, split, cache)
     maps = model.attention_maps(*inputs)
     chosen = list(range(len(maps))) if not layers else list(layers)
     for layer in chosen:
@@ -75,30 +76,57 @@ def plot_attention(path: str, out: str, text: Optional[str] = None, index: int =
         kinds = {_layer_kind(model.config, i) for i in chosen}
         raise ValueError(f"plot-attention: attention kind(s) {', '.join(sorted(kinds))} never form the probability "
                          "matrix; nothing to draw")
-    heads = maps[drawable[0]].shape[1]
-    fig, axes = plt.subplots(len(drawable), heads, figsize=(2.6 * heads, 2.6 * len(drawable)), squeeze=False)
-    for row, layer in enumerate(drawable):
-        probs = maps[layer][0]
+    title = f"{path}: attention (rows: queries, columns: keys)"
+    skipped = [i for i in chosen if maps[i] is None]
+    if skipped:
+        title += f"; layers {skipped} not drawn (no probability matrix)"
+    fig = draw_attention({layer: maps[layer][0] for layer in drawable}, labels, title)
+    directory = os.path.dirname(os.path.abspath(out))
+    os.makedirs(directory, exist_ok=True)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return out
+
+
+def draw_attention(maps: dict, labels: Optional[Sequence[str]], title: str):
+    """A figure with a row per layer and a column per head, every panel on one
+    colour scale (0 to the largest probability drawn) with one colour bar, so
+    panels compare at a glance. `maps`: layer -> (heads, queries, keys)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(maps)
+    heads = next(iter(maps.values())).shape[0]
+    n = next(iter(maps.values())).shape[-1]
+    labelled = bool(labels) and n <= MAX_LABELLED
+    # Panels grow with the number of labelled tokens so that the labels stay readable.
+    panel = max(2.6, 0.16 * n) if labelled else 2.6
+    fig, axes = plt.subplots(len(layers), heads, figsize=(panel * heads + 1.0, panel * len(layers) + 0.6),
+                             squeeze=False, layout="constrained")
+    top = max(float(m.max()) for m in maps.values())
+    norm = matplotlib.colors.Normalize(vmin=0.0, vmax=top if top > 0 else 1.0)
+    # Spaces shown as "␣" (a blank label reads as a missing one), other invisible characters escaped.
+    tick_labels = [repr(t)[1:-1].replace(" ", "\u2423") for t in labels] if labelled else None
+    rotation = 0 if labelled and max(len(t) for t in tick_labels) <= 2 else 60
+    for row, layer in enumerate(layers):
         for head in range(heads):
             ax = axes[row][head]
-            ax.imshow(probs[head].float().numpy(), cmap="viridis", vmin=0.0, aspect="auto", interpolation="nearest")
-            ax.set_title(f"layer {layer} head {head}", fontsize=8)
-            n = probs.shape[-1]
-            if labels and n <= MAX_LABELLED:
-                ax.set_xticks(range(n), [repr(t)[1:-1] for t in labels], rotation=90, fontsize=5)
-                ax.set_yticks(range(n), [repr(t)[1:-1] for t in labels], fontsize=5)
+            image = ax.imshow(maps[layer][head].float().numpy(), cmap="viridis", norm=norm, aspect="auto",
+                              interpolation="nearest")
+            ax.set_title(f"layer {layer} head {head}", fontsize=9)
+            if labelled:
+                ax.set_xticks(range(n), tick_labels, rotation=rotation, fontsize=LABEL_POINTS,
+                              ha="center" if rotation == 0 else "right")
+                ax.set_yticks(range(n), tick_labels, fontsize=LABEL_POINTS)
             else:
                 ax.set_xticks([])
                 ax.set_yticks([])
-    skipped = [i for i in chosen if maps[i] is None]
-    title = f"{path}: attention (rows: queries, columns: keys)"
-    if skipped:
-        title += f"; layers {skipped} not drawn (no probability matrix)"
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
-    plt.close(fig)
-    return out
+    fig.colorbar(image, ax=axes, shrink=0.8, label="attention probability")
+    fig.suptitle(title, fontsize=10)
+    return fig
 
 
 def _layer_kind(config: dict, layer: int) -> str:

@@ -132,7 +132,29 @@ def test_plot_attention_draws_text_and_image_models(tmp_path):
     assert _is_png(out)
 
 
+def test_plot_attention_panels_share_one_scale_with_a_colour_bar_and_readable_labels(tmp_path):
+    """Every panel on one colour scale (so heads compare), a colour bar, labels
+    of at least 8 pt upright for characters; and --out may name a new directory."""
+    from attnzoo.plot import draw_attention
+    torch.manual_seed(0)
+    maps = {0: torch.rand(2, 5, 5).softmax(-1), 3: torch.rand(2, 5, 5).softmax(-1) * 0.5}
+    fig = draw_attention(maps, list("In th"), "title")
+    images = [im for ax in fig.axes for im in ax.get_images()]
+    assert len(images) == 4 and {(im.norm.vmin, im.norm.vmax) for im in images} == {(0.0, maps[0].max().item())}
+    colour_bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(colour_bars) == 1 and colour_bars[0].get_ylabel() == "attention probability"
+    panel = fig.axes[0]
+    ticks = panel.get_xticklabels() + panel.get_yticklabels()
+    assert [t.get_text() for t in panel.get_xticklabels()] == ["I", "n", "\u2423", "t", "h"]
+    assert all(t.get_fontsize() >= 8 for t in ticks) and all(t.get_rotation() == 0 for t in ticks)
+    out = tmp_path / "new" / "dir" / "gpt.png"
+    p = _attnzoo("plot-attention", GPT_KJV, "--text", "In", "--out", str(out))
+    assert p.returncode == 0 and _is_png(out), p.stderr
+
+
 @pytest.mark.parametrize("args,message", [
+    (["/nonexistent", "--text", "x"], "attnzoo plot-attention: '/nonexistent' holds neither a run"),
+    ([GPT_KJV, "--text", "x", "--index", "3"], "--index picks a held-out example of an image or speech model"),
     ([GPT_KJV], "needs --text"),
     ([GPT_KJV, "--text", "x", "--layers", "9"], "layers must be in [0, 4)"),
     ([GPT_KJV, "--text", "x" * 300], "the model takes 1..256"),
@@ -142,6 +164,7 @@ def test_plot_attention_draws_text_and_image_models(tmp_path):
 def test_plot_attention_errors_name_the_argument(tmp_path, args, message):
     p = _attnzoo("plot-attention", *args, "--out", str(tmp_path / "x.png"))
     assert p.returncode == 1 and message in p.stderr, p.stderr
+    assert "evaluate:" not in p.stderr and "plot-attention: plot-attention:" not in p.stderr
     assert not (tmp_path / "x.png").exists()
 
 
@@ -191,7 +214,7 @@ def test_cli_generate_matches_python_generate():
     assert p.returncode == 0 and p.stdout.rstrip("\n") == bytes(expected).decode("utf-8", "replace")
     sampled = [_cli("generate", GPT_KJV, "--prompt", "And", "--temperature", 0.8, "--top-k", 40, "--seed", 7).stdout
                for _ in range(2)]
-    assert sampled[0] == sampled[1] and len(sampled[0]) > 40
+    assert sampled[0] == sampled[1] and len(sampled[0]) == len("And") + 32 + len("\n")  # 32: the default
 
 
 @pytest.mark.parametrize("args,code,message", [
@@ -200,7 +223,7 @@ def test_cli_generate_matches_python_generate():
     (["generate", GPT_KJV, "--ids", "1", "--top-k", "many"], 2, "--top-k: not a number"),
     (["generate", GPT_KJV, "--ids", "1", "--bogus", "1"], 2, "unknown option --bogus"),
     (["generate", GPT_KJV, "--ids", "300"], 1, "input_ids"),
-    (["generate", GPT_KJV, "--ids", "1", "--top-p", "1.5"], 1, "top_p"),
+    (["generate", GPT_KJV, "--ids", "1", "--top-p", "1.5"], 1, "generate: top_p must be in (0, 1]"),
     (["evaluate", GPT_KJV], 2, "needs --text"),
     (["evaluate", GPT_KJV, "--text", "/nonexistent"], 1, "cannot read /nonexistent"),
     (["evaluate", GPT_KJV, "--text", __file__, "--seq-len", "0"], 2, "--seq-len must be in [1, 256]"),
@@ -212,6 +235,34 @@ def test_cli_errors_are_clear(args, code, message):
     p = _cli(*args)
     assert p.returncode == code and message in p.stderr, (p.returncode, p.stderr)
     assert "Exception raised from" not in p.stderr  # no C++ backtrace for a user's mistake
+    assert f"{args[0]}: {args[0]}:" not in p.stderr  # the command is named once
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-h"], ["generate", "--help"], ["evaluate", GPT_KJV, "--help"],
+                                  ["generate", GPT_KJV, "--ids", "1", "--help"]])
+def test_cli_help_is_usage_and_success(args):
+    p = _cli(*args)
+    assert p.returncode == 0 and p.stdout.startswith("usage:") and "--max-new-tokens" in p.stdout, p
+    assert not p.stderr
+
+
+def test_cli_generation_defaults_are_pythons_and_fit_the_model():
+    import inspect
+    default = inspect.signature(attnzoo.models.GPT.generate).parameters["max_new_tokens"].default
+    p = _cli("generate", GPT_KJV, "--ids", "65,110,100")
+    assert p.returncode == 0, p.stderr
+    assert len(p.stdout.split(",")) == 3 + default
+    model = attnzoo.models.from_pretrained(GPT_KJV)
+    limit = model.config["max_position_embeddings"]
+    # A long prompt leaves less room than the default: the default shrinks to fit, and says so.
+    p = _cli("generate", GPT_KJV, "--prompt", "a" * (limit - 5))
+    assert p.returncode == 0, p.stderr
+    assert len(p.stdout.rstrip("\n")) == limit and "note: generating 5 tokens, all that fit" in p.stderr
+    # A number the user gave is not changed behind their back.
+    p = _cli("generate", GPT_KJV, "--prompt", "a" * (limit - 5), "--max-new-tokens", 6)
+    assert p.returncode == 1 and "--max-new-tokens 6 does not fit: the prompt is 251 tokens" in p.stderr, p.stderr
+    p = _cli("generate", GPT_KJV, "--prompt", "a" * (limit + 1))
+    assert p.returncode == 1 and "the prompt is 257 tokens; this model reads at most" in p.stderr, p.stderr
 
 
 def test_cli_refuses_text_for_a_subword_checkpoint(tmp_path):

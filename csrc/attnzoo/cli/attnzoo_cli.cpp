@@ -33,7 +33,18 @@ const char* kUsage =
     "usage:\n"
     "  attnzoo-cli generate MODEL_DIR (--prompt TEXT | --ids 1,2,3) [--max-new-tokens N] [--temperature T]\n"
     "                       [--top-k K] [--top-p P] [--seed S] [--no-cache]\n"
-    "  attnzoo-cli evaluate MODEL_DIR --text FILE [--seq-len N] [--batch-size B] [--max-batches M] [--json OUT]\n";
+    "  attnzoo-cli evaluate MODEL_DIR --text FILE [--seq-len N] [--batch-size B] [--max-batches M] [--json OUT]\n"
+    "\n"
+    "MODEL_DIR is a GPT checkpoint directory (config.json + model.safetensors). generate continues the\n"
+    "prompt, greedy unless --temperature > 0 (then --top-k, --top-p, --seed); --max-new-tokens defaults\n"
+    "to 32, as in Python, and to what fits the model's max_position_embeddings when the prompt leaves\n"
+    "less room. evaluate scores next-byte prediction on a text file, as `python -m attnzoo evaluate`.\n";
+
+bool asks_for_help(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i)
+    if (std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h") return true;
+  return false;
+}
 
 struct UsageError : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
@@ -130,16 +141,34 @@ double seconds_since(Clock::time_point start) {
 int generate(const std::string& dir, const std::map<std::string, std::string>& flags) {
   const bool has_prompt = flags.count("--prompt"), has_ids = flags.count("--ids");
   if (has_prompt == has_ids) throw UsageError("generate takes exactly one of --prompt and --ids");
-  auto gpt = attnzoo::from_pretrained_as<attnzoo::models::GPTImpl>(dir);
-  gpt->eval();
+  auto gpt = attnzoo::from_pretrained_as<attnzoo::models::GPTImpl>(dir);  // in eval mode
   if (has_prompt) require_byte_tokenizer(dir);
   at::Tensor prompt = has_prompt ? bytes_to_ids(flags.at("--prompt")) : torch::tensor(parse_ids(flags.at("--ids")));
   if (prompt.numel() == 0) throw UsageError("the prompt is empty");
-  attnzoo::models::GenerationOptions options;
-  options.max_new_tokens = number<int64_t>(flags, "--max-new-tokens", 64);
-  options.temperature = number<double>(flags, "--temperature", 0.0);
-  options.top_k = number<int64_t>(flags, "--top-k", 0);
-  options.top_p = number<double>(flags, "--top-p", 1.0);
+  attnzoo::models::GenerationOptions options;  // its defaults are Python's too
+  const auto& config = gpt->config();
+  const int64_t room = config.max_position_embeddings - prompt.numel();
+  if (config.position_embedding == "learned") {  // learned positions end at max_position_embeddings
+    if (room < 0)
+      throw std::invalid_argument("the prompt is " + std::to_string(prompt.numel()) +
+                                  " tokens; this model reads at most max_position_embeddings = " +
+                                  std::to_string(config.max_position_embeddings));
+    if (!flags.count("--max-new-tokens") && options.max_new_tokens > room) {
+      std::fprintf(stderr, "note: generating %lld tokens, all that fit after the %lld-token prompt "
+                   "(max_position_embeddings = %lld)\n", static_cast<long long>(room),
+                   static_cast<long long>(prompt.numel()), static_cast<long long>(config.max_position_embeddings));
+      options.max_new_tokens = room;
+    }
+    if (number<int64_t>(flags, "--max-new-tokens", 0) > room)
+      throw std::invalid_argument("--max-new-tokens " + flags.at("--max-new-tokens") + " does not fit: the prompt is " +
+                       std::to_string(prompt.numel()) + " tokens and the model reads at most " +
+                       std::to_string(config.max_position_embeddings) + " (at most " + std::to_string(room) +
+                       " new tokens)");
+  }
+  options.max_new_tokens = number<int64_t>(flags, "--max-new-tokens", options.max_new_tokens);
+  options.temperature = number<double>(flags, "--temperature", options.temperature);
+  options.top_k = number<int64_t>(flags, "--top-k", options.top_k);
+  options.top_p = number<double>(flags, "--top-p", options.top_p);
   options.use_cache = !flags.count("--no-cache");
   if (flags.count("--seed")) options.seed = number<uint64_t>(flags, "--seed", 0);
   torch::NoGradGuard no_grad;
@@ -160,8 +189,7 @@ int generate(const std::string& dir, const std::map<std::string, std::string>& f
 
 int evaluate(const std::string& dir, const std::map<std::string, std::string>& flags) {
   if (!flags.count("--text")) throw UsageError("evaluate needs --text FILE");
-  auto gpt = attnzoo::from_pretrained_as<attnzoo::models::GPTImpl>(dir);
-  gpt->eval();
+  auto gpt = attnzoo::from_pretrained_as<attnzoo::models::GPTImpl>(dir);  // in eval mode
   require_byte_tokenizer(dir);
   const auto& config = gpt->config();
   const int64_t seq_len = number<int64_t>(flags, "--seq-len", std::min<int64_t>(config.max_position_embeddings, 256));
@@ -217,7 +245,18 @@ int evaluate(const std::string& dir, const std::map<std::string, std::string>& f
 
 }  // namespace
 
+// Errors from the library often begin with the name of the function that
+// raised them ("generate: ..."); the CLI already names the command.
+std::string without_prefix(const std::string& message, const std::string& command) {
+  const std::string prefix = command + ": ";
+  return message.rfind(prefix, 0) == 0 ? message.substr(prefix.size()) : message;
+}
+
 int main(int argc, char** argv) {
+  if (asks_for_help(argc, argv)) {
+    std::cout << kUsage;
+    return 0;
+  }
   if (argc < 3) {
     std::cerr << kUsage;
     return 2;
@@ -235,10 +274,10 @@ int main(int argc, char** argv) {
     std::cerr << "attnzoo-cli: " << e.what() << '\n' << kUsage;
     return 2;
   } catch (const c10::Error& e) {
-    std::cerr << "attnzoo-cli " << command << ": " << e.what_without_backtrace() << '\n';
+    std::cerr << "attnzoo-cli " << command << ": " << without_prefix(e.what_without_backtrace(), command) << '\n';
     return 1;
   } catch (const std::exception& e) {
-    std::cerr << "attnzoo-cli " << command << ": " << e.what() << '\n';
+    std::cerr << "attnzoo-cli " << command << ": " << without_prefix(e.what(), command) << '\n';
     return 1;
   }
 }
