@@ -1,6 +1,7 @@
 """Attention operators: thin Python wrappers over ``torch.ops.attnzoo``.
 
-Tensors are (B, H, N, D). See DESIGN.md section 4 for the exact semantics.
+Tensors are (B, H, N, D). Shape inference (meta kernels for torch.compile and FakeTensor) and autograd
+are registered in C++ beside the kernels; docs/ops.md gives the exact semantics.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  registers the ops
+from . import _vmap  # noqa: F401  registers the batching rules (torch.vmap)
 
 __all__ = ["attention", "attention_weights", "alibi_slopes", "t5_relative_bucket", "rotary",
            "linformer_attention", "linear_attention", "block_sparse_attention", "shaw_attention",
@@ -199,81 +201,3 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, feature_map: str = "elu
     are left out."""
     return torch.ops.attnzoo.linear_attention(q, k, v, feature_map=feature_map, causal=bool(causal),
                                               key_mask=key_mask)
-
-
-# ---------------------------------------------------------------------------
-# Fake (meta) implementations: shapes and dtypes only, for torch.compile,
-# FakeTensor and torch.library.opcheck.
-
-def _lse_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
-def _compute_dtype(q: Tensor) -> torch.dtype:
-    return torch.float64 if q.dtype == torch.float64 else torch.float32
-
-
-def _fake_forward(q, k, v):
-    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
-                 lambda: "attention: q, k and v must have shape (B, H, N, D)")
-    B, H, Nq, _ = q.shape
-    out = q.new_empty((B, H, Nq, v.shape[-1]))
-    lse = q.new_empty((B, H, Nq), dtype=_lse_dtype(q))
-    return out, lse
-
-
-@torch.library.register_fake("attnzoo::attention")
-def _attention_fake(q, k, v, **_):
-    return _fake_forward(q, k, v)
-
-
-@torch.library.register_fake("attnzoo::_attention_forward")
-def _attention_forward_fake(q, k, v, **_):
-    return _fake_forward(q, k, v)
-
-
-def _grad_like(t, wanted, q):
-    if wanted and t is not None:
-        return torch.empty_like(t, memory_format=torch.contiguous_format)
-    return q.new_empty((0,))
-
-
-@torch.library.register_fake("attnzoo::_attention_backward")
-def _attention_backward_fake(grad_out, q, k, v, out, lse, *, bias=None, rel_bias=None, shaw_k=None,
-                             shaw_v=None, bias_requires_grad=False, rel_bias_requires_grad=False,
-                             shaw_k_requires_grad=False, shaw_v_requires_grad=False, **_):
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format),
-            _grad_like(bias, bias_requires_grad, q), _grad_like(rel_bias, rel_bias_requires_grad, q),
-            _grad_like(shaw_k, shaw_k_requires_grad, q), _grad_like(shaw_v, shaw_v_requires_grad, q))
-
-
-def _lsh_shapes(qk, v, rotations):
-    B, H, N, _ = qk.shape
-    out = qk.new_empty((B, H, N, v.shape[-1]))
-    buckets = qk.new_empty((B, H, rotations.shape[-2], N), dtype=torch.int64)
-    return out, buckets
-
-
-@torch.library.register_fake("attnzoo::lsh_attention")
-def _lsh_attention_fake(qk, v, rotations, bucket_size, **_):
-    return _lsh_shapes(qk, v, rotations)
-
-
-@torch.library.register_fake("attnzoo::_lsh_forward")
-def _lsh_forward_fake(qk, v, rotations, bucket_size, **_):
-    out, buckets = _lsh_shapes(qk, v, rotations)
-    return out, qk.new_empty(qk.shape[:3], dtype=_lse_dtype(qk)), buckets
-
-
-@torch.library.register_fake("attnzoo::_lsh_backward")
-def _lsh_backward_fake(grad_out, qk, v, rotations, out, lse, bucket_size, **_):
-    return (torch.empty_like(qk, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format))
-
-
-@torch.library.register_fake("attnzoo::attention_weights")
-def _attention_weights_fake(q, k, v, **_):
-    B, H, Nq, _ = q.shape
-    return q.new_empty((B, H, Nq, k.shape[2]))

@@ -103,7 +103,7 @@ def test_opcheck_with_t5():
     ({"t5_table": torch.randn(32)}, "t5_table must have shape (num_buckets, H)"),
     ({"t5_table": torch.randn(32, 2).long()}, "t5_table must be a floating tensor"),
     ({"t5_table": torch.randn(32, 2), "t5_max_distance": 8}, "max_distance must exceed the exact range (8)"),
-    ({"t5_table": torch.randn(2, 2)}, "num_buckets must be at least 4"),
+    ({"t5_table": torch.randn(2, 2)}, "t5_table must have at least 4 buckets, got (2, 2)"),
 ])
 def test_bad_t5_arguments(kwargs, fragment):
     q, k, v = make_qkv(1, 2, 2, 10, 14, 8, 8, seed=7)

@@ -1,6 +1,6 @@
 #pragma once
-// Fused dense attention: the C++ entry points. They go through the Torch
-// dispatcher (torch.ops.attnzoo.*), so autograd works from C++ as well.
+// Fused attention: the C++ entry points. They go through the Torch dispatcher
+// (torch.ops.attnzoo.*), so autograd works from C++ as well.
 #include <ATen/core/Tensor.h>
 #include <torch/arg.h>
 
@@ -10,33 +10,61 @@
 
 namespace attnzoo::ops {
 
-// Options of attention() and attention_weights(); see DESIGN.md section 4.
-//   auto out = attnzoo::ops::attention(q, k, v, AttentionOptions().causal(true));
+// (left, right): key j is visible from query position p iff p - left <= j <= p + right.
+using AttentionWindow = std::array<int64_t, 2>;
+
+// Every option of attnzoo::attention, once: X(name, C++ type, default).
+// AttentionOptions below, the op's schema (registration.cpp), the dispatcher
+// calls, the kernels and the autograd node are all made from this list, so an
+// option added here reaches each of them (docs/design.md, "The op arguments").
+//
+//   mask              bool, broadcastable to (B, H, Nq, Nk); true = may attend.
+//   bias              float, broadcastable to (B, H, Nq, Nk), added to the
+//                     scaled scores; differentiable (its gradient is summed
+//                     over broadcast dimensions).
+//   causal            bottom-right aligned: query i stands at position i + Nk - Nq.
+//   window            (left, right) band around each query's position.
+//   alibi_slopes      (H,) or (B, H); adds -slope * |p_i - j|.
+//   dropout_p         dropout on the probabilities (counter-based, regenerated
+//                     by the backward from one seed).
+//   scale             defaults to 1/sqrt(D).
+//   t5_table          T5 relative position bias (num_buckets, H): adds
+//                     table[t5_relative_bucket(j - p_i), h] inside the kernel;
+//                     differentiable. (T5 itself uses scale 1.0.)
+//   t5_bidirectional, t5_max_distance   T5's bucketing.
+//   layout            block-sparse layout, bool (H or 1, ceil(Nq/block_size),
+//                     ceil(Nk/block_size)): only marked blocks are computed.
+//   block_size        the layout's block size.
+//   shaw_k, shaw_v    Shaw relative keys (2K+1, D) or (H, 2K+1, D) and values
+//                     (2K+1, Dv) or (H, 2K+1, Dv), K = shaw_max_distance;
+//                     differentiable. Not combinable with a layout.
+#define ATTNZOO_ATTENTION_OPTIONS(X)                                        \
+  X(mask, std::optional<at::Tensor>, std::nullopt)                          \
+  X(bias, std::optional<at::Tensor>, std::nullopt)                          \
+  X(causal, bool, false)                                                    \
+  X(window, std::optional<::attnzoo::ops::AttentionWindow>, std::nullopt)   \
+  X(alibi_slopes, std::optional<at::Tensor>, std::nullopt)                  \
+  X(dropout_p, double, 0.0)                                                 \
+  X(scale, std::optional<double>, std::nullopt)                             \
+  X(t5_table, std::optional<at::Tensor>, std::nullopt)                      \
+  X(t5_bidirectional, bool, true)                                           \
+  X(t5_max_distance, int64_t, 128)                                          \
+  X(layout, std::optional<at::Tensor>, std::nullopt)                        \
+  X(block_size, int64_t, 0)                                                 \
+  X(shaw_k, std::optional<at::Tensor>, std::nullopt)                        \
+  X(shaw_v, std::optional<at::Tensor>, std::nullopt)                        \
+  X(shaw_max_distance, int64_t, 0)
+
+// The options of attention() and attention_weights(), set by chained calls:
+//   auto out = attnzoo::ops::attention(q, k, v, AttentionOptions().causal(true).bias(b));
 struct AttentionOptions {
-  using Window = std::array<int64_t, 2>;
-  // bool, broadcastable to (B, H, Nq, Nk); true = may attend.
-  TORCH_ARG(std::optional<at::Tensor>, mask) = std::nullopt;
-  // float, broadcastable to (B, H, Nq, Nk), added to the scaled scores;
-  // differentiable (its gradient is summed over broadcast dimensions).
-  TORCH_ARG(std::optional<at::Tensor>, bias) = std::nullopt;
-  // Bottom-right aligned: query i stands at position i + Nk - Nq.
-  TORCH_ARG(bool, causal) = false;
-  // (left, right): key j visible iff p_i - left <= j <= p_i + right.
-  TORCH_ARG(std::optional<Window>, window) = std::nullopt;
-  // (H,) or (B, H); adds -slope * |p_i - j|.
-  TORCH_ARG(std::optional<at::Tensor>, alibi_slopes) = std::nullopt;
-  TORCH_ARG(double, dropout_p) = 0.0;
-  // Defaults to 1/sqrt(D).
-  TORCH_ARG(std::optional<double>, scale) = std::nullopt;
-  // T5 relative position bias: table (num_buckets, H); adds
-  // table[t5_relative_bucket(j - p_i), h] inside the kernel; differentiable.
-  // (T5 itself uses scale 1.0.)
-  TORCH_ARG(std::optional<at::Tensor>, t5_table) = std::nullopt;
-  TORCH_ARG(bool, t5_bidirectional) = true;
-  TORCH_ARG(int64_t, t5_max_distance) = 128;
+  using Window = AttentionWindow;
+#define ATTNZOO_DECLARE_OPTION(name, T, default_value) TORCH_ARG(T, name) = default_value;
+  ATTNZOO_ATTENTION_OPTIONS(ATTNZOO_DECLARE_OPTION)
+#undef ATTNZOO_DECLARE_OPTION
 };
 
-// softmax(scale * q k^T + bias + alibi, masked) v, with q (B,H,Nq,D),
+// softmax(scale * q k^T + modifiers, masked) v, with q (B,H,Nq,D),
 // k (B,Hkv,Nk,D), v (B,Hkv,Nk,Dv); returns (B,H,Nq,Dv).
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const AttentionOptions& options = {});
@@ -47,8 +75,9 @@ std::tuple<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const
                                                       const at::Tensor& v,
                                                       const AttentionOptions& options = {});
 
-// The (B,H,Nq,Nk) attention probabilities, for inspection and plots (not
-// differentiable; it materialises Nq x Nk, which attention() never does).
+// The (B,H,Nq,Nk) attention probabilities, for inspection and plots: not
+// differentiable (the result does not require grad), and it materialises
+// Nq x Nk, which attention() never does.
 at::Tensor attention_weights(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const AttentionOptions& options = {});
 

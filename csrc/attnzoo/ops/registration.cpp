@@ -1,37 +1,28 @@
 // The schemas of every attnzoo op: the one TORCH_LIBRARY. Kernels register
-// beside their implementations (attention.cpp, composite_ops.cpp, autograd/).
+// beside their implementations: CPU in cpu/, autograd in autograd/, meta and
+// composite ones in the op's own file (docs/design.md, "Layout of the ops").
 #include <torch/library.h>
 
-#define ATTNZOO_SCORE_ARGS                                                                 \
-  "Tensor? mask=None, Tensor? bias=None, bool causal=False, int[]? window=None, "          \
-  "Tensor? alibi_slopes=None, float dropout_p=0.0, float? scale=None"
-// layout / block_size make the op block-sparse (block_sparse_attention);
-// shaw_k / shaw_v / shaw_max_distance add Shaw relative positions
-// (shaw_attention).
-#define ATTNZOO_T5_ARGS                                                                 \
-  "Tensor? t5_table=None, bool t5_bidirectional=True, int t5_max_distance=128, "        \
-  "Tensor? layout=None, int block_size=0, Tensor? shaw_k=None, Tensor? shaw_v=None, "   \
-  "int shaw_max_distance=0"
-#define ATTNZOO_INTERNAL_SCORE_ARGS                                                         \
-  "Tensor? mask=None, Tensor? bias=None, Tensor? rel_bias=None, bool causal=False, "         \
-  "int[]? window=None, Tensor? alibi_slopes=None, float dropout_p=0.0, float? scale=None, " \
-  "Tensor? seed=None, Tensor? layout=None, int block_size=0, Tensor? shaw_k=None, "           \
-  "Tensor? shaw_v=None, int shaw_max_distance=0"
+#include <string>
+
+#include "attnzoo/ops/op_support.h"
 
 TORCH_LIBRARY(attnzoo, m) {
-  m.def("attention(Tensor q, Tensor k, Tensor v, *, " ATTNZOO_SCORE_ARGS ", " ATTNZOO_T5_ARGS
-        ") -> (Tensor out, Tensor lse)");
-  m.def("attention_weights(Tensor q, Tensor k, Tensor v, *, " ATTNZOO_SCORE_ARGS
-        ", " ATTNZOO_T5_ARGS ") -> Tensor");
-  m.def("_attention_forward(Tensor q, Tensor k, Tensor v, *, " ATTNZOO_INTERNAL_SCORE_ARGS
-        ") -> (Tensor out, Tensor lse)");
-  m.def("_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
-        "Tensor lse, *, " ATTNZOO_INTERNAL_SCORE_ARGS
-        ", bool bias_requires_grad=False, bool rel_bias_requires_grad=False, "
-        "bool shaw_k_requires_grad=False, bool shaw_v_requires_grad=False, Tensor? grad_lse=None) "
-        "-> (Tensor grad_q, "
-        "Tensor grad_k, Tensor grad_v, Tensor grad_bias, Tensor grad_rel_bias, Tensor grad_shaw_k, "
-        "Tensor grad_shaw_v)");
+  // The options of attention (attention.h, ATTNZOO_ATTENTION_OPTIONS), as schema text.
+  const std::string options = attnzoo::ops::detail::attention_options_schema();
+  auto def = [&](const std::string& schema) { m.def(schema.c_str()); };
+
+  def("attention(Tensor q, Tensor k, Tensor v, *, " + options + ") -> (Tensor out, Tensor lse)");
+  def("attention_weights(Tensor q, Tensor k, Tensor v, *, " + options + ") -> Tensor");
+  // Below autograd: the forward with its dropout seed, and the backward that
+  // recomputes the probabilities tile by tile. output_mask says which option
+  // gradients to compute: bias, t5_table, shaw_k, shaw_v.
+  def("_attention_forward(Tensor q, Tensor k, Tensor v, *, " + options +
+      ", Tensor? seed=None) -> (Tensor out, Tensor lse)");
+  def("_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, *, " + options + ", Tensor? seed=None, bool[4] output_mask) -> (Tensor grad_q, Tensor grad_k, "
+      "Tensor grad_v, Tensor grad_bias, Tensor grad_t5_table, Tensor grad_shaw_k, Tensor grad_shaw_v)");
+
   m.def("alibi_slopes(int num_heads) -> Tensor");
   m.def("t5_relative_bucket(Tensor relative_position, bool bidirectional=True, "
         "int num_buckets=32, int max_distance=128) -> Tensor");
@@ -62,4 +53,3 @@ TORCH_LIBRARY(attnzoo, m) {
   m.def("linear_attention(Tensor q, Tensor k, Tensor v, *, str feature_map=\"elu+1\", "
         "bool causal=False, Tensor? key_mask=None) -> Tensor");
 }
-

@@ -1,27 +1,22 @@
-// Ops composed of ATen ops and the fused attention op: rotary embeddings,
-// Linformer and kernelised linear attention. Registered as
-// CompositeImplicitAutograd, so autograd, meta/fake tensors and
-// torch.compile follow from their parts.
+// The ops composed of ATen ops and the fused attention op, each with its
+// checks: rotary embeddings, Linformer, token-exact Longformer and kernelised
+// linear attention. Registered as CompositeImplicitAutograd, so autograd,
+// meta/fake tensors and torch.compile follow from their parts.
 #include <ATen/ATen.h>
-#include <ATen/CPUGeneratorImpl.h>
 #include <torch/library.h>
 
 #include "attnzoo/ops/attention.h"
 #include "attnzoo/ops/attention_variants.h"
-#include "attnzoo/ops/layouts.h"
+#include "attnzoo/ops/op_support.h"
 
 namespace attnzoo::ops {
 namespace {
 
-std::string shape_of(const at::Tensor& t) {
-  std::ostringstream os;
-  os << t.sizes();
-  return os.str();
-}
+using detail::given;
+using detail::shape_str;
 
 void check_bhnd(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.defined() && t.dim() == 4, op, ": ", name, " must have shape (B, H, N, D), got ",
-              t.defined() ? shape_of(t) : std::string("undefined"));
+  TORCH_CHECK(t.defined() && t.dim() == 4, op, ": ", name, " must have shape (B, H, N, D), got ", shape_str(t));
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
               " must be a floating tensor, got ", t.scalar_type());
 }
@@ -31,7 +26,7 @@ at::Tensor key_rows(const char* op, const at::Tensor& key_mask, int64_t B, int64
   TORCH_CHECK(key_mask.scalar_type() == at::kBool, op, ": key_mask must be bool (True = keep), got ",
               key_mask.scalar_type());
   TORCH_CHECK(key_mask.dim() == 2 && key_mask.size(0) == B && key_mask.size(1) == Nk, op,
-              ": key_mask must have shape (B, Nk) = (", B, ", ", Nk, "), got ", shape_of(key_mask));
+              ": key_mask must have shape (B, Nk) = (", B, ", ", Nk, "), got ", shape_str(key_mask));
   return key_mask.view({B, 1, Nk, 1});
 }
 
@@ -45,7 +40,7 @@ at::Tensor key_rows(const char* op, const at::Tensor& key_mask, int64_t B, int64
 at::Tensor rotary(const at::Tensor& x, const std::optional<at::Tensor>& positions, int64_t offset,
                   double base, std::optional<int64_t> rotary_dim, bool interleaved) {
   const char* op = "rotary";
-  TORCH_CHECK(x.dim() >= 2, op, ": x must have shape (..., N, D), got ", shape_of(x));
+  TORCH_CHECK(x.dim() >= 2, op, ": x must have shape (..., N, D), got ", shape_str(x));
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating, got ", x.scalar_type());
   const int64_t N = x.size(-2), D = x.size(-1);
   const int64_t rd = rotary_dim.value_or(D);
@@ -56,13 +51,13 @@ at::Tensor rotary(const at::Tensor& x, const std::optional<at::Tensor>& position
   const auto angle_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto topt = at::TensorOptions().dtype(angle_type).device(x.device());
   at::Tensor pos;
-  if (positions.has_value() && positions->defined()) {
+  if (given(positions)) {
     const auto& p = *positions;
     TORCH_CHECK(!at::isFloatingType(p.scalar_type()) && p.scalar_type() != at::kBool, op,
                 ": positions must be an integer tensor, got ", p.scalar_type());
     TORCH_CHECK((p.dim() == 1 && p.size(0) == N) ||
                     (p.dim() == 2 && x.dim() >= 3 && p.size(0) == x.size(0) && p.size(1) == N),
-                op, ": positions must have shape (N,) = (", N, ",) or (B, N), got ", shape_of(p));
+                op, ": positions must have shape (N,) = (", N, ",) or (B, N), got ", shape_str(p));
     pos = (p + offset).to(angle_type);
     if (p.dim() == 2)  // (B, N) -> (B, 1, ..., N)
       for (int64_t d = 1; d < x.dim() - 2; ++d) pos = pos.unsqueeze(1);
@@ -103,7 +98,7 @@ at::Tensor linformer_attention(const at::Tensor& q, const at::Tensor& k, const a
   check_bhnd(op, "v", v);
   const int64_t B = k.size(0), Nk = k.size(2);
   auto check_projection = [&](const char* name, const at::Tensor& P) {
-    TORCH_CHECK(P.dim() == 2, op, ": ", name, " must have shape (Kp, Nmax), got ", shape_of(P));
+    TORCH_CHECK(P.dim() == 2, op, ": ", name, " must have shape (Kp, Nmax), got ", shape_str(P));
     TORCH_CHECK(P.size(1) >= Nk, op, ": ", name, " covers ", P.size(1), " positions (Nmax), but k has ",
                 Nk, "; make it at least as long as the longest sequence");
     TORCH_CHECK(P.size(0) > 0, op, ": ", name, " must project to Kp > 0 rows");
@@ -111,14 +106,14 @@ at::Tensor linformer_attention(const at::Tensor& q, const at::Tensor& k, const a
                 k.scalar_type(), "), got ", P.scalar_type());
   };
   check_projection("E", E);
-  const bool shared = !(F.has_value() && F->defined());
+  const bool shared = !given(F);
   if (!shared) {
     check_projection("F", *F);
     TORCH_CHECK(F->size(0) == E.size(0), op, ": E and F must project to the same Kp, got ",
                 E.size(0), " and ", F->size(0));
   }
   at::Tensor keys = k, values = v;
-  if (key_mask.has_value() && key_mask->defined()) {
+  if (given(key_mask)) {
     const at::Tensor rows = key_rows(op, *key_mask, B, Nk);
     keys = keys.masked_fill(rows.logical_not(), 0.0);
     values = values.masked_fill(rows.logical_not(), 0.0);
@@ -152,7 +147,7 @@ at::Tensor longformer_attention(const at::Tensor& q, const at::Tensor& k, const 
   TORCH_CHECK(window >= 0, op, ": window must be >= 0, got ", window);
   TORCH_CHECK(global_tokens.dim() == 1 && !at::isFloatingType(global_tokens.scalar_type()) &&
                   global_tokens.scalar_type() != at::kBool,
-              op, ": global_tokens must be a 1-D integer tensor of positions, got ", shape_of(global_tokens),
+              op, ": global_tokens must be a 1-D integer tensor of positions, got ", shape_str(global_tokens),
               " ", global_tokens.scalar_type());
   const at::Tensor g = global_tokens.to(at::kLong);
   const int64_t G = g.numel();
@@ -163,7 +158,7 @@ at::Tensor longformer_attention(const at::Tensor& q, const at::Tensor& k, const 
   }
   const auto bool_opts = at::TensorOptions().dtype(at::kBool);
   at::Tensor keep = at::ones({B, 1, 1, N}, bool_opts);
-  if (key_mask.has_value() && key_mask->defined()) keep = key_rows(op, *key_mask, B, N).view({B, 1, 1, N});
+  if (given(key_mask)) keep = key_rows(op, *key_mask, B, N).view({B, 1, 1, N});
   const at::Tensor not_global = at::ones({N}, bool_opts).index_fill(0, g, false);
   const auto opts = AttentionOptions().dropout_p(dropout_p).scale(scale);
   auto [out_w, lse_w] = attention_with_lse(q, k, v,
@@ -216,17 +211,17 @@ at::Tensor linear_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const int64_t Hkv = k.size(1), Nk = k.size(2), Dv = v.size(3);
   TORCH_CHECK(k.size(0) == B && v.size(0) == B, op, ": q, k and v must have the same batch size");
   TORCH_CHECK(v.size(1) == Hkv && v.size(2) == Nk, op, ": k and v must agree in heads and length, got ",
-              shape_of(k), " and ", shape_of(v));
+              shape_str(k), " and ", shape_str(v));
   TORCH_CHECK(Hkv > 0 && H % Hkv == 0, op, ": the heads of q (", H,
               ") must be a multiple of the heads of k and v (", Hkv, ")");
-  TORCH_CHECK(k.size(3) == D, op, ": q and k must have the same head dim D, got ", shape_of(q), " and ",
-              shape_of(k));
+  TORCH_CHECK(k.size(3) == D, op, ": q and k must have the same head dim D, got ", shape_str(q), " and ",
+              shape_str(k));
   TORCH_CHECK(!causal || Nq == Nk, op, ": causal linear attention needs Nq == Nk, got ", Nq, " and ", Nk);
 
   at::Tensor fq = feature_map_of(op, q, feature_map);
   at::Tensor fk = feature_map_of(op, k, feature_map);
   at::Tensor vv = v;
-  if (key_mask.has_value() && key_mask->defined())
+  if (given(key_mask))
     fk = fk.masked_fill(key_rows(op, *key_mask, B, Nk).logical_not(), 0.0);
   if (H != Hkv) {
     fk = fk.repeat_interleave(H / Hkv, 1);
@@ -257,121 +252,7 @@ at::Tensor linear_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return pad ? out.narrow(2, 0, N) : out;
 }
 
-}  // namespace attnzoo::ops
-
-// ---------------------------------------------------------------------------
-// Block layouts. Small (blocks x blocks) tensors built on the CPU.
-
-namespace attnzoo::layouts {
-namespace {
-
-void check_blocks(const char* op, const char* name, int64_t n) {
-  TORCH_CHECK(n > 0, op, ": ", name, " must be positive, got ", n);
-}
-
-// allowed(i, j) over query/key block indices, as a (1, nq, nk) bool tensor.
-template <class Fn>
-at::Tensor build(int64_t nq, int64_t nk, Fn&& allowed) {
-  at::Tensor out = at::zeros({1, nq, nk}, at::TensorOptions().dtype(at::kBool));
-  auto acc = out.accessor<bool, 3>();
-  for (int64_t i = 0; i < nq; ++i)
-    for (int64_t j = 0; j < nk; ++j) acc[0][i][j] = allowed(i + nk - nq, j);
-  return out;
-}
-
-}  // namespace
-
-at::Tensor local(int64_t num_q_blocks, int64_t num_k_blocks, int64_t window, bool causal) {
-  check_blocks("layouts.local", "num_q_blocks", num_q_blocks);
-  check_blocks("layouts.local", "num_k_blocks", num_k_blocks);
-  TORCH_CHECK(window >= 0, "layouts.local: window must be >= 0, got ", window);
-  return build(num_q_blocks, num_k_blocks, [&](int64_t p, int64_t j) {
-    return j >= p - window && j <= (causal ? p : p + window);
-  });
-}
-
-at::Tensor bigbird(int64_t num_q_blocks, int64_t num_k_blocks, int64_t window, int64_t num_global,
-                   int64_t num_random, int64_t num_heads, int64_t seed, bool causal) {
-  const char* op = "layouts.bigbird";
-  check_blocks(op, "num_q_blocks", num_q_blocks);
-  check_blocks(op, "num_k_blocks", num_k_blocks);
-  check_blocks(op, "num_heads", num_heads);
-  TORCH_CHECK(window >= 0 && num_global >= 0 && num_random >= 0, op,
-              ": window, num_global and num_random must be >= 0, got ", window, ", ", num_global,
-              ", ", num_random);
-  const int64_t nq = num_q_blocks, nk = num_k_blocks;
-  const at::Tensor base = build(nq, nk, [&](int64_t p, int64_t j) {
-    const bool visible = !causal || j <= p;
-    const bool global = j < num_global || p - (nk - nq) < num_global;
-    return visible && (std::abs(p - j) <= window || global);
-  });
-  at::Tensor out = base.repeat({num_heads, 1, 1});
-  auto acc = out.accessor<bool, 3>();
-  auto gen = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(seed));
-  for (int64_t h = 0; h < num_heads; ++h) {
-    for (int64_t i = 0; i < nq; ++i) {
-      const int64_t p = i + nk - nq;
-      std::vector<int64_t> candidates;
-      for (int64_t j = 0; j < nk; ++j)
-        if (!acc[h][i][j] && (!causal || j <= p)) candidates.push_back(j);
-      const int64_t take = std::min<int64_t>(num_random, candidates.size());
-      const at::Tensor order = at::randperm(static_cast<int64_t>(candidates.size()), gen);
-      for (int64_t r = 0; r < take; ++r) acc[h][i][candidates[order[r].item<int64_t>()]] = true;
-    }
-  }
-  return out;
-}
-
-at::Tensor fixed(int64_t num_blocks, int64_t stride, int64_t num_summary, bool causal) {
-  const char* op = "layouts.fixed";
-  check_blocks(op, "num_blocks", num_blocks);
-  check_blocks(op, "stride", stride);
-  TORCH_CHECK(num_summary >= 1 && num_summary <= stride, op, ": num_summary must be in [1, stride = ",
-              stride, "], got ", num_summary);
-  return build(num_blocks, num_blocks, [&](int64_t i, int64_t j) {
-    if (causal && j > i) return false;
-    return j / stride == i / stride || j % stride >= stride - num_summary;
-  });
-}
-
-at::Tensor strided(int64_t num_blocks, int64_t stride, bool causal) {
-  const char* op = "layouts.strided";
-  check_blocks(op, "num_blocks", num_blocks);
-  check_blocks(op, "stride", stride);
-  return build(num_blocks, num_blocks, [&](int64_t i, int64_t j) {
-    if (causal && j > i) return false;
-    return std::abs(i - j) < stride || (i - j) % stride == 0;
-  });
-}
-
-at::Tensor longformer(int64_t num_blocks, int64_t window, const std::vector<int64_t>& global_blocks,
-                      bool causal) {
-  const char* op = "layouts.longformer";
-  check_blocks(op, "num_blocks", num_blocks);
-  TORCH_CHECK(window >= 0, op, ": window must be >= 0, got ", window);
-  std::vector<bool> global(num_blocks, false);
-  for (int64_t g : global_blocks) {
-    TORCH_CHECK(g >= 0 && g < num_blocks, op, ": global block ", g, " is outside [0, ", num_blocks, ")");
-    global[g] = true;
-  }
-  return build(num_blocks, num_blocks, [&](int64_t i, int64_t j) {
-    if (causal && j > i) return false;
-    return std::abs(i - j) <= window || global[i] || global[j];
-  });
-}
-
-}  // namespace attnzoo::layouts
-
-namespace attnzoo::ops {
-
 TORCH_LIBRARY_IMPL(attnzoo, CompositeImplicitAutograd, m) {
-  m.impl("layout_local", &layouts::local);
-  m.impl("layout_bigbird", &layouts::bigbird);
-  m.impl("layout_fixed", &layouts::fixed);
-  m.impl("layout_strided", &layouts::strided);
-  m.impl("layout_longformer", [](int64_t n, int64_t w, at::IntArrayRef g, bool c) {
-    return layouts::longformer(n, w, g.vec(), c);
-  });
   m.impl("rotary", &rotary);
   m.impl("longformer_attention", &longformer_attention);
   m.impl("linformer_attention", &linformer_attention);

@@ -1,0 +1,332 @@
+// The CPU kernels of attention, attention_weights, _attention_forward and
+// _attention_backward: the checked options turned into the engine's plain
+// arguments (DenseArgs), and the engine's passes run over ATen's threads.
+#include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "attnzoo/ops/cpu/cpu_support.h"
+#include "attnzoo/ops/op_support.h"
+
+namespace attnzoo::cpu {
+
+const EngineTable& selected_engine() {
+  static const EngineTable* table = [] {
+    const std::string cap = at::get_cpu_capability();
+#if defined(ATTNZOO_HAVE_ISA_AVX512)
+    if (cap == "AVX512") return &engine_AVX512();
+#endif
+#if defined(ATTNZOO_HAVE_ISA_AVX2)
+    if (cap == "AVX2" || cap == "AVX512") return &engine_AVX2();
+#endif
+    return &engine_DEFAULT();
+  }();
+  return *table;
+}
+
+}  // namespace attnzoo::cpu
+
+namespace attnzoo::ops {
+
+const char* engine_isa() { return cpu::selected_engine().isa; }
+
+namespace {
+
+using cpu::DenseArgs;
+using detail::given;
+using detail::OptTensor;
+using Shapes = detail::Shapes<int64_t>;
+
+// The checked options in the compute type (float or double), contiguous:
+// what the engine reads through raw pointers.
+struct Prepared {
+  Shapes s;
+  at::ScalarType compute;
+  at::Tensor q, k, v, mask, bias, rel_bias, alibi, layout, shaw_k, shaw_v;
+  int64_t block_size = 0, shaw_K = 0;
+  int64_t left, right;
+  double scale, dropout_p;
+  uint64_t seed = 0;
+};
+
+at::Tensor to_compute(const at::Tensor& t, at::ScalarType compute) { return t.to(compute).contiguous(); }
+
+Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const AttentionOptions& o, const OptTensor& seed) {
+  Prepared p;
+  p.s = detail::check_attention<int64_t>(op, q, k, v, o);
+  const Shapes& s = p.s;
+  p.compute = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  p.q = to_compute(q, p.compute);
+  p.k = to_compute(k, p.compute);
+  p.v = to_compute(v, p.compute);
+  if (given(o.mask())) p.mask = o.mask()->contiguous();
+  if (given(o.bias())) p.bias = to_compute(*o.bias(), p.compute);
+  if (given(o.alibi_slopes())) p.alibi = to_compute(*o.alibi_slopes(), p.compute);
+  // T5: the table's entries for the Nq + Nk - 1 relative positions, once per
+  // call; the kernel adds them without an Nq x Nk bias.
+  if (given(o.t5_table()))
+    p.rel_bias = to_compute(detail::t5_relative_bias(*o.t5_table(), s.Nq, s.Nk, o.t5_bidirectional(),
+                                                     o.t5_max_distance()),
+                            p.compute);
+  if (given(o.layout())) {
+    p.layout = o.layout()->contiguous();
+    p.block_size = o.block_size();
+  }
+  if (given(o.shaw_k())) {
+    auto table = [&](const at::Tensor& t) { return to_compute(t.dim() == 2 ? t.unsqueeze(0) : t, p.compute); };
+    p.shaw_k = table(*o.shaw_k());
+    if (given(o.shaw_v())) p.shaw_v = table(*o.shaw_v());
+    p.shaw_K = o.shaw_max_distance();
+  }
+  // Any bound >= Nq + Nk is "unbounded"; it keeps the index arithmetic far
+  // from overflow.
+  const int64_t unbounded = s.Nq + s.Nk + 1;
+  p.left = unbounded;
+  p.right = o.causal() ? 0 : unbounded;
+  if (o.window().has_value()) {
+    p.left = std::min(p.left, (*o.window())[0]);
+    p.right = std::min(p.right, (*o.window())[1]);
+  }
+  p.scale = o.scale().value_or(1.0 / std::sqrt(static_cast<double>(s.D)));
+  p.dropout_p = o.dropout_p();
+  if (p.dropout_p > 0) {
+    TORCH_CHECK(given(seed) && seed->numel() == 1, op, ": dropout needs a one-element int64 seed tensor");
+    p.seed = static_cast<uint64_t>(seed->item<int64_t>());
+  }
+  return p;
+}
+
+DenseArgs engine_args(const Prepared& p) {
+  DenseArgs a;
+  const Shapes& s = p.s;
+  a.B = s.B, a.H = s.H, a.Hkv = s.Hkv, a.Nq = s.Nq, a.Nk = s.Nk, a.D = s.D, a.Dv = s.Dv;
+  a.block_q = cpu::forward_block_q(s.Nq);
+  a.q = p.q.data_ptr(), a.k = p.k.data_ptr(), a.v = p.v.data_ptr();
+  a.scale = p.scale;
+  a.left = p.left, a.right = p.right;
+  auto view4 = [&](const at::Tensor& t, cpu::Broadcast4& out) {
+    if (!t.defined()) return;
+    const auto e = t.expand({s.B, s.H, s.Nq, s.Nk});
+    out.data = e.data_ptr();
+    out.sb = e.stride(0), out.sh = e.stride(1), out.si = e.stride(2), out.sj = e.stride(3);
+  };
+  view4(p.mask, a.mask);
+  view4(p.bias, a.bias);
+  if (p.rel_bias.defined()) {
+    a.rel_bias = p.rel_bias.data_ptr();  // (H, Nq + Nk - 1): the same for every batch entry
+    a.rel_sb = 0, a.rel_sh = p.rel_bias.stride(0);
+  }
+  if (p.alibi.defined()) {
+    const auto e = p.alibi.expand({s.B, s.H});
+    a.alibi = e.data_ptr();
+    a.alibi_sb = e.stride(0), a.alibi_sh = e.stride(1);
+  }
+  a.dropout_p = p.dropout_p;
+  a.seed = p.seed;
+  if (p.layout.defined()) {
+    a.layout = static_cast<const uint8_t*>(p.layout.data_ptr());
+    a.layout_sh = p.layout.size(0) == 1 ? 0 : p.layout.stride(0);
+    a.layout_cols = p.layout.size(2);
+    a.layout_block = p.block_size;
+    a.block_q = p.block_size;
+  }
+  if (p.shaw_k.defined()) {
+    a.shaw_k = p.shaw_k.data_ptr();
+    a.shaw_k_sh = p.shaw_k.size(0) == 1 ? 0 : p.shaw_k.stride(0);
+    if (p.shaw_v.defined()) {
+      a.shaw_v = p.shaw_v.data_ptr();
+      a.shaw_v_sh = p.shaw_v.size(0) == 1 ? 0 : p.shaw_v.stride(0);
+    }
+    a.shaw_K = p.shaw_K;
+  }
+  return a;
+}
+
+const cpu::PassTable& passes(const Prepared& p) {
+  const auto& e = cpu::selected_engine();
+  const int dt = p.compute == at::kDouble ? 1 : 0;
+  if (p.layout.defined()) return e.block_sparse[dt];
+  if (p.shaw_k.defined()) return e.shaw[dt];
+  return e.dense[dt];
+}
+
+// Forward / probabilities work items: (b, h, query block of a.block_q).
+int64_t query_blocks(const DenseArgs& a) { return a.B * a.H * ((a.Nq + a.block_q - 1) / a.block_q); }
+
+detail::Tensor2 forward_cpu(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const AttentionOptions& options, const OptTensor& seed) {
+  const Prepared p = prepare(op, q, k, v, options, seed);
+  const Shapes& s = p.s;
+  const auto opts = p.q.options();
+  at::Tensor out = at::empty({s.B, s.H, s.Nq, s.Dv}, opts);
+  at::Tensor lse = at::empty({s.B, s.H, s.Nq}, opts);
+  DenseArgs a = engine_args(p);
+  a.out = out.data_ptr();
+  a.lse = lse.data_ptr();
+  cpu::run_parallel(query_blocks(a), a, passes(p).forward);
+  return {out.to(q.scalar_type()), lse};
+}
+
+// The gradient of an option tensor from the engine's per-(b, h) accumulator,
+// summed to the option's own (broadcast) shape and dtype.
+at::Tensor to_option_grad(const at::Tensor& accumulated, const at::Tensor& option) {
+  return accumulated.sum_to_size(option.sizes()).to(option.scalar_type());
+}
+
+detail::Tensor7 backward_cpu(const at::Tensor& grad_out, const OptTensor& grad_lse, const at::Tensor& q,
+                             const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                             const AttentionOptions& o, const OptTensor& seed, detail::OptionGradMask wanted) {
+  const char* op = "attention_backward";
+  const Prepared p = prepare(op, q, k, v, o, seed);
+  const Shapes& s = p.s;
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({s.B, s.H, s.Nq, s.Dv}) && out.sizes() == grad_out.sizes(), op,
+              ": grad_out and out must have shape ", detail::shape_str(at::IntArrayRef({s.B, s.H, s.Nq, s.Dv})),
+              ", got ", detail::shape_str(grad_out), " and ", detail::shape_str(out));
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({s.B, s.H, s.Nq}) && (!given(grad_lse) || grad_lse->sizes() == lse.sizes()),
+              op, ": lse and grad_lse must have shape (B, H, Nq)");
+  const auto opts = p.q.options();
+  const at::Tensor dout = to_compute(grad_out, p.compute);
+  const at::Tensor lse_c = to_compute(lse, p.compute);
+  // The log-sum-exp is an output too: its gradient g adds g_i * p_ij to the
+  // score gradient, which is the same as lowering delta_i by g_i.
+  at::Tensor delta = (dout * to_compute(out, p.compute)).sum(-1);
+  if (given(grad_lse)) delta = delta - grad_lse->to(p.compute);
+  delta = delta.contiguous();
+
+  const bool want_bias = wanted[0] && p.bias.defined();
+  const bool want_rel = wanted[1] && p.rel_bias.defined();
+  const bool want_shaw_k = wanted[2] && p.shaw_k.defined();
+  const bool want_shaw_v = wanted[3] && p.shaw_v.defined();
+  // Score gradients are accumulated per (b, h) by one work item, so a head's
+  // key blocks are only split across threads when none is wanted.
+  const int64_t key_block = p.layout.defined() ? p.block_size : cpu::kBwdBlockK;
+  const int64_t nkb = (s.Nk + key_block - 1) / key_block;
+  int64_t splits = 1;
+  const int64_t heads = s.B * s.H, threads = at::get_num_threads();
+  if (!want_bias && !want_rel && !want_shaw_k && !want_shaw_v && heads < threads && nkb > 1)
+    splits = std::min(nkb, (threads + heads - 1) / heads);
+
+  at::Tensor dq = at::zeros({splits, s.B, s.H, s.Nq, s.D}, opts);
+  at::Tensor dk = at::zeros({s.B, s.H, s.Nk, s.D}, opts);
+  at::Tensor dv = at::zeros({s.B, s.H, s.Nk, s.Dv}, opts);
+  at::Tensor dbias, drel, dshaw_k, dshaw_v;
+
+  DenseArgs a = engine_args(p);
+  a.lse = lse_c.data_ptr();
+  a.grad_out = dout.data_ptr();
+  a.delta = delta.data_ptr();
+  a.grad_q = dq.data_ptr(), a.grad_k = dk.data_ptr(), a.grad_v = dv.data_ptr();
+  a.key_splits = splits;
+  if (want_bias) {
+    // Summed over queries (keys) inside the engine where the bias broadcasts
+    // over them; over batch and heads afterwards.
+    const auto& b = *o.bias();
+    const int64_t rows = (b.dim() >= 2 && b.size(-2) != 1) ? s.Nq : 1;
+    const int64_t cols = (b.dim() >= 1 && b.size(-1) != 1) ? s.Nk : 1;
+    dbias = at::zeros({s.B, s.H, rows, cols}, opts);
+    a.grad_bias = dbias.data_ptr();
+    a.gb_sb = dbias.stride(0), a.gb_sh = dbias.stride(1);
+    a.gb_si = rows == 1 ? 0 : dbias.stride(2);
+    a.gb_sj = cols == 1 ? 0 : dbias.stride(3);
+  }
+  if (want_rel) {
+    drel = at::zeros({s.B, s.H, s.Nq + s.Nk - 1}, opts);
+    a.grad_rel_bias = drel.data_ptr();
+  }
+  if (want_shaw_k) {
+    dshaw_k = at::zeros({s.B, s.H, 2 * p.shaw_K + 1, s.D}, opts);
+    a.grad_shaw_k = dshaw_k.data_ptr();
+  }
+  if (want_shaw_v) {
+    dshaw_v = at::zeros({s.B, s.H, 2 * p.shaw_K + 1, s.Dv}, opts);
+    a.grad_shaw_v = dshaw_v.data_ptr();
+  }
+  cpu::run_parallel(heads * splits, a, passes(p).backward);
+
+  at::Tensor grad_q = splits == 1 ? dq[0] : dq.sum(0);
+  if (s.H != s.Hkv) {
+    const int64_t group = s.H / s.Hkv;
+    dk = dk.view({s.B, s.Hkv, group, s.Nk, s.D}).sum(2);
+    dv = dv.view({s.B, s.Hkv, group, s.Nk, s.Dv}).sum(2);
+  }
+  const at::Tensor none = at::empty({0}, q.options());
+  at::Tensor dtable = none;
+  if (want_rel) {
+    // Each relative position's gradient goes back to its bucket (in order,
+    // so the sum is deterministic).
+    const auto& table = *o.t5_table();
+    const at::Tensor buckets = detail::t5_relative_buckets(table.size(0), s.Nq, s.Nk, o.t5_bidirectional(),
+                                                           o.t5_max_distance());
+    dtable = at::zeros({table.size(0), s.H}, opts).index_add_(0, buckets, drel.sum(0).t()).to(table.scalar_type());
+  }
+  const auto dt = q.scalar_type();
+  return {grad_q.to(dt),
+          dk.to(dt),
+          dv.to(dt),
+          want_bias ? to_option_grad(dbias, *o.bias()) : none,
+          dtable,
+          want_shaw_k ? to_option_grad(dshaw_k, *o.shaw_k()) : none,
+          want_shaw_v ? to_option_grad(dshaw_v, *o.shaw_v()) : none};
+}
+
+at::Tensor weights_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionOptions& o,
+                       const OptTensor& seed) {
+  const Prepared p = prepare("attention_weights", q, k, v, o, seed);
+  const Shapes& s = p.s;
+  const auto opts = p.q.options();
+  at::Tensor lse = at::empty({s.B, s.H, s.Nq}, opts);
+  at::Tensor probs = at::zeros({s.B, s.H, s.Nq, s.Nk}, opts);
+  DenseArgs a = engine_args(p);
+  a.lse = lse.data_ptr();
+  a.probs = probs.data_ptr();
+  cpu::run_parallel(query_blocks(a), a, passes(p).forward);  // log-sum-exp only (out is null)
+  cpu::run_parallel(query_blocks(a), a, passes(p).probs);
+  return probs.to(q.scalar_type());
+}
+
+OptTensor seed_for(const AttentionOptions& o) {
+  return o.dropout_p() > 0 ? OptTensor(detail::fresh_seed()) : std::nullopt;
+}
+
+// ---------------------------------------------------------------------------
+// The kernels with the dispatcher's signatures.
+
+detail::Tensor2 attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v ATTNZOO_OPTION_PARAMS) {
+  ATTNZOO_OPTIONS_FROM_PARAMS
+  // Below autograd (inference, or nothing needs a gradient): draw the seed here.
+  return forward_cpu("attention", q, k, v, options, seed_for(options));
+}
+
+at::Tensor attention_weights_kernel(const at::Tensor& q, const at::Tensor& k,
+                                    const at::Tensor& v ATTNZOO_OPTION_PARAMS) {
+  ATTNZOO_OPTIONS_FROM_PARAMS
+  return weights_cpu(q, k, v, options, seed_for(options));
+}
+
+detail::Tensor2 attention_forward_kernel(const at::Tensor& q, const at::Tensor& k,
+                                         const at::Tensor& v ATTNZOO_OPTION_PARAMS, const OptTensor& seed) {
+  ATTNZOO_OPTIONS_FROM_PARAMS
+  return forward_cpu("attention", q, k, v, options, seed);
+}
+
+detail::Tensor7 attention_backward_kernel(const at::Tensor& grad_out, const OptTensor& grad_lse, const at::Tensor& q,
+                                          const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                                          const at::Tensor& lse ATTNZOO_OPTION_PARAMS, const OptTensor& seed,
+                                          detail::OptionGradMask output_mask) {
+  ATTNZOO_OPTIONS_FROM_PARAMS
+  return backward_cpu(grad_out, grad_lse, q, k, v, out, lse, options, seed, output_mask);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnzoo, CPU, m) {
+  m.impl("attention", &attention_kernel);
+  m.impl("attention_weights", &attention_weights_kernel);
+  m.impl("_attention_forward", &attention_forward_kernel);
+  m.impl("_attention_backward", &attention_backward_kernel);
+}
+
+}  // namespace attnzoo::ops
