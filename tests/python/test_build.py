@@ -2,7 +2,8 @@
 may appear only inside the per-ISA engine builds (namespaces ...::AVX2 and
 ...::AVX512), never in code a baseline caller can reach. The linker merges
 inline code the builds share and keeps the first copy; this checks that the
-first copy is the baseline one (see CMakeLists.txt)."""
+first copy is the baseline one (see CMakeLists.txt). Also: the engine's
+policy check rejects a misspelt hook at compile time."""
 import os
 import platform
 import re
@@ -14,6 +15,7 @@ import pytest
 import attnzoo
 
 LIB = os.path.join(os.path.dirname(attnzoo.__file__), "lib", "libattnzoo.so")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 only")
@@ -37,3 +39,50 @@ def test_wide_vector_instructions_only_in_isa_builds():
                 offenders.add(current)
     assert isa_functions > 0, "no wide-vector code found at all: is the AVX2/AVX-512 engine built?"
     assert not offenders, f"AVX2/AVX-512 code outside the ISA builds: {sorted(offenders)[:10]}"
+
+
+POLICY_PROGRAM = """
+#include "attnzoo/ops/cpu/engine/policy.h"
+using namespace attnzoo::cpu;
+struct Base : PolicyHooks<float> {
+  static constexpr uint32_t kOverrides = hooks(Hook::block_q, Hook::block_k, Hook::max_key_tile,
+      Hook::max_query_tile, Hook::for_each_key_tile, Hook::for_each_query_tile, Hook::modify_scores,
+      Hook::wants_score_grad, Hook::accumulate_score_grad);
+  int64_t block_q() const { return 1; }
+  int64_t block_k() const { return 1; }
+  int64_t max_key_tile() const { return 1; }
+  int64_t max_query_tile() const { return 1; }
+  template <class Fn> void for_each_key_tile(int64_t, int64_t, int64_t, int64_t, Fn&&) const {}
+  template <class Fn> void for_each_query_tile(int64_t, int64_t, int64_t, int64_t, Fn&&) const {}
+  void modify_scores(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float*, int64_t) const {}
+  bool wants_score_grad() const { return false; }
+  void accumulate_score_grad(int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, const float*, int64_t,
+                             const float*, float*) {}
+};
+struct Derived : Base {
+  static constexpr uint32_t kOverrides = hooks(Hook::on_rescale);
+  void HOOK_NAME(int64_t, float) {}
+};
+static_assert(check_policy_hooks<Base>());
+static_assert(check_policy_hooks<Derived>());
+int main() {}
+"""
+
+
+@pytest.mark.parametrize("hook_name,compiles", [("on_rescale", True), ("on_rescal", False)])
+def test_a_misspelt_policy_hook_does_not_compile(tmp_path, hook_name, compiles):
+    """engine/policy.h: a policy that lists a hook in kOverrides must define
+    it under that name; a misspelt one is a compile error naming the hook,
+    not a silent fall-back to the base policy's hook."""
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler on PATH")
+    source = tmp_path / "policy.cpp"
+    source.write_text(POLICY_PROGRAM)
+    r = subprocess.run([compiler, "-std=c++17", "-fsyntax-only", "-DCPU_CAPABILITY=DEFAULT",
+                        f"-DHOOK_NAME={hook_name}", f"-I{os.path.join(ROOT, 'csrc')}", str(source)],
+                       capture_output=True, text=True)
+    if compiles:
+        assert r.returncode == 0, r.stderr
+    else:
+        assert r.returncode != 0 and "policy hook on_rescale" in r.stderr, r.stderr

@@ -10,7 +10,13 @@
 // Nothing of size rounds x N x 2*bucket_size is kept: the backward redoes
 // the hashing and each chunk's probabilities, and needs only the combined
 // output and log-sum-exp.
-#include "attnzoo/ops/cpu/engine.h"
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "attnzoo/ops/cpu/engine/dropout.h"
+#include "attnzoo/ops/cpu/engine/row_kernels.h"
+#include "attnzoo/ops/cpu/engine_api.h"
 
 namespace attnzoo::cpu {
 inline namespace CPU_CAPABILITY {
