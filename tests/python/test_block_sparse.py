@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from attnzoo import layouts, ops
-from test_attention import assert_matches_reference, make_qkv, reference
+from reference import assert_matches_reference, make_qkv, reference
 
 
 def token_mask(layout, block_size, Nq, Nk):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from attnzoo import ops
-from test_attention import assert_matches_reference, make_qkv
+from reference import assert_matches_reference, make_qkv
 
 
 def shaw_reference(q, k, v, rel_k, rel_v, K, causal=False, mask=None, scale=None):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attnzoo import ops
-from test_attention import make_qkv, reference
+from reference import make_qkv, reference
 
 T5Attention = pytest.importorskip("transformers.models.t5.modeling_t5").T5Attention
 T5Config = pytest.importorskip("transformers").T5Config

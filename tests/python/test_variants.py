@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from attnzoo import ops
-from test_attention import make_qkv, reference
+from reference import make_qkv, reference
 
 
 # ---------------------------------------------------------------------------
