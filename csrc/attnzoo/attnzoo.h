@@ -1,9 +1,9 @@
 #pragma once
 // Everything attnzoo offers to C++ programs: #include <attnzoo/attnzoo.h>
+#include "attnzoo/models/models.h"  // also models/config.h, nn/modules.h, io/safetensors.h
 #include "attnzoo/ops/attention.h"
 #include "attnzoo/ops/attention_variants.h"
 #include "attnzoo/ops/layouts.h"
-#include "attnzoo/models/models.h"   // also models/config.h, nn/modules.h, io/safetensors.h
 
 namespace attnzoo {
 // Referencing this from a program keeps the library (and so its static op

@@ -37,10 +37,14 @@ int main(int argc, char** argv) {
   int64_t max_new_tokens = 20;
   for (int i = 2; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
-    if (flag == "--ids") prompt = parse_ids(value);
-    else if (flag == "--max-new-tokens") max_new_tokens = std::stoll(value);
-    else if (flag == "--logits-out") logits_out = value;
-    else return usage();
+    if (flag == "--ids")
+      prompt = parse_ids(value);
+    else if (flag == "--max-new-tokens")
+      max_new_tokens = std::stoll(value);
+    else if (flag == "--logits-out")
+      logits_out = value;
+    else
+      return usage();
   }
   if (prompt.empty()) return usage();
   try {

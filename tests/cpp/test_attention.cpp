@@ -2,9 +2,9 @@
 // (matmul + softmax with an explicit mask), gradients through the C++
 // autograd, and the errors that bad arguments give.
 #include <ATen/ATen.h>
-#include <catch2/catch.hpp>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <catch2/catch.hpp>
 #include <thread>
 
 #include "attnzoo/attnzoo.h"
@@ -41,11 +41,17 @@ double max_err(const at::Tensor& a, const at::Tensor& b) {
 
 TEST_CASE("attention matches the float64 reference", "[attention]") {
   at::manual_seed(1234);
-  struct Case { int64_t B, H, Hkv, Nq, Nk, D; bool causal; std::optional<std::array<int64_t, 2>> window; };
+  struct Case {
+    int64_t B, H, Hkv, Nq, Nk, D;
+    bool causal;
+    std::optional<std::array<int64_t, 2>> window;
+  };
   const Case cases[] = {
-      {2, 4, 4, 77, 77, 32, false, std::nullopt},  {1, 4, 2, 33, 300, 16, true, std::nullopt},
-      {2, 2, 1, 130, 70, 24, false, std::nullopt}, {1, 3, 3, 260, 260, 8, false, std::array<int64_t, 2>{17, 5}},
-      {1, 2, 2, 100, 40, 16, true, std::nullopt},  // Nq > Nk: the first rows see nothing
+      {2, 4, 4, 77, 77, 32, false, std::nullopt},
+      {1, 4, 2, 33, 300, 16, true, std::nullopt},
+      {2, 2, 1, 130, 70, 24, false, std::nullopt},
+      {1, 3, 3, 260, 260, 8, false, std::array<int64_t, 2>{17, 5}},
+      {1, 2, 2, 100, 40, 16, true, std::nullopt},    // Nq > Nk: the first rows see nothing
       {1, 2, 1, 900, 1200, 16, true, std::nullopt},  // several blocks in every pass
   };
   for (const auto& c : cases) {
@@ -54,8 +60,8 @@ TEST_CASE("attention matches the float64 reference", "[attention]") {
       auto k = at::randn({c.B, c.Hkv, c.Nk, c.D}, dtype);
       auto v = at::randn({c.B, c.Hkv, c.Nk, c.D + 3}, dtype);
       auto bias = at::randn({c.H, c.Nq, c.Nk}, dtype);
-      auto out = attnzoo::ops::attention(
-          q, k, v, AttentionOptions().causal(c.causal).window(c.window).bias(bias));
+      auto out =
+          attnzoo::ops::attention(q, k, v, AttentionOptions().causal(c.causal).window(c.window).bias(bias));
       auto ref = reference(q, k, v, c.causal, c.window, bias);
       INFO("B=" << c.B << " H=" << c.H << " Nq=" << c.Nq << " Nk=" << c.Nk << " dtype=" << dtype);
       REQUIRE(out.sizes() == ref.sizes());
@@ -132,7 +138,7 @@ TEST_CASE("T5 bias in the kernel equals the explicit bias", "[attention][t5]") {
       q, k, v, AttentionOptions().t5_table(table).t5_bidirectional(false).causal(true).scale(1.0));
   auto rel = at::arange(Nk, at::kLong).unsqueeze(0) - (at::arange(Nq, at::kLong).unsqueeze(1) + (Nk - Nq));
   auto buckets = attnzoo::ops::t5_relative_bucket(rel, false, 32, 128);
-  auto bias = table.index({buckets}).permute({2, 0, 1});  // (H, Nq, Nk)
+  auto bias = table.index({buckets}).permute({2, 0, 1});          // (H, Nq, Nk)
   auto ref = reference(q * 4.0, k, v, true, std::nullopt, bias);  // scale 1 = (4q) / sqrt(16)
   REQUIRE(max_err(out, ref) < 1e-12);
   auto grad = at::randn_like(out);

@@ -1,8 +1,8 @@
 // The C++ readers: config.json parsing and the safetensors reader on honest
 // and hostile files.
 #include <ATen/ATen.h>
-#include <catch2/catch.hpp>
 
+#include <catch2/catch.hpp>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -40,15 +40,17 @@ TEST_CASE("config.json: defaults, round trip and errors that name the key", "[io
 
   CHECK_THAT(error_of([] { attnzoo::config_from_json("{\"model_type\": \"gpt\", \"hiden_size\": 3}"); }),
              Catch::Contains("'hiden_size' is not a config key"));
-  CHECK_THAT(error_of([] { attnzoo::config_from_json("{\"model_type\": \"gpt\""); }), Catch::Contains("malformed JSON"));
+  CHECK_THAT(error_of([] { attnzoo::config_from_json("{\"model_type\": \"gpt\""); }),
+             Catch::Contains("malformed JSON"));
   CHECK_THAT(error_of([] { attnzoo::config_from_json("{\"model_type\": \"gpt\", \"num_heads\": 1.5}"); }),
              Catch::Contains("'num_heads' must be an integer"));
   CHECK_THAT(error_of([] { attnzoo::config_from_json(gpt_json(R"({"kind": "local", "bucket_size": 4})")); }),
              Catch::Contains("'attention.bucket_size' does not apply to attention kind \"local\""));
   CHECK_THAT(error_of([] { attnzoo::config_from_json("{\"model_type\": \"vit\", \"patch_size\": 3}"); }),
              Catch::Contains("'patch_size' must divide image_size"));
-  CHECK_THAT(error_of([] { attnzoo::config_from_json("{\"model_type\": \"gpt\", \"vocab_size\": 99999999999}"); }),
-             Catch::Contains("'vocab_size' must be in"));
+  CHECK_THAT(
+      error_of([] { attnzoo::config_from_json("{\"model_type\": \"gpt\", \"vocab_size\": 99999999999}"); }),
+      Catch::Contains("'vocab_size' must be in"));
 }
 
 TEST_CASE("safetensors: write, read back, and the same bytes parse from memory", "[io]") {
@@ -65,7 +67,8 @@ TEST_CASE("safetensors: write, read back, and the same bytes parse from memory",
   REQUIRE(file.tensors.size() == tensors.size());
   CHECK(file.metadata.at("note") == "hi");
   for (const auto& [name, t] : tensors) {
-    auto it = std::find_if(file.tensors.begin(), file.tensors.end(), [&](const auto& e) { return e.first == name; });
+    auto it = std::find_if(file.tensors.begin(), file.tensors.end(),
+                           [&](const auto& e) { return e.first == name; });
     REQUIRE(it != file.tensors.end());
     CHECK(it->second.scalar_type() == t.scalar_type());
     CHECK(at::equal(it->second, t));
@@ -91,14 +94,21 @@ TEST_CASE("safetensors: hostile headers are refused before any allocation", "[io
       {bytes_of(R"({"w": {"dtype": "F64", "shape": [2, 2], "data_offsets": [0, 16]}})", 16), "need 32"},
       {bytes_of(R"({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 2]}})", 2), "unsupported dtype"},
       {bytes_of(R"({"w": {"dtype": "U8", "shape": [-1], "data_offsets": [0, 1]}})", 1), "non-negative"},
-      {bytes_of(R"({"w": {"dtype": "U8", "shape": [281474976710656, 281474976710656], "data_offsets": [0, 1]}})", 1),
+      {bytes_of(
+           R"({"w": {"dtype": "U8", "shape": [281474976710656, 281474976710656], "data_offsets": [0, 1]}})",
+           1),
        "too large"},
       {bytes_of(R"({"w": {"dtype": "U8", "shape": [2], "data_offsets": [1, 0]}})", 2), "run outside"},
       {bytes_of(R"({"a": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]},
-                    "b": {"dtype": "U8", "shape": [2], "data_offsets": [1, 3]}})", 3), "overlap"},
+                    "b": {"dtype": "U8", "shape": [2], "data_offsets": [1, 3]}})",
+                3),
+       "overlap"},
       {bytes_of(R"({"w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
-                    "w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}})", 1), "duplicate key \"w\""},
-      {bytes_of(R"({"w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1], "extra": 1}})", 1), "exactly dtype"},
+                    "w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}})",
+                1),
+       "duplicate key \"w\""},
+      {bytes_of(R"({"w": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1], "extra": 1}})", 1),
+       "exactly dtype"},
       {bytes_of(R"({"w": {"dtype": "U8", "shape": [1]}})", 1), "exactly dtype"},
       {bytes_of(R"({"w": 5})", 1), "exactly dtype"},
       {bytes_of(R"([1, 2])", 0), "must be a JSON object"},

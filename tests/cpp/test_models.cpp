@@ -1,11 +1,10 @@
 // The C++ side of the zoo: the models' forward, training, checkpoints and
 // cached generation from C++ (the readers' tests are in test_io.cpp).
 #include <ATen/ATen.h>
-#include <catch2/catch.hpp>
 #include <torch/optim/adamw.h>
-
 #include <unistd.h>
 
+#include <catch2/catch.hpp>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -30,12 +29,14 @@ TEST_CASE("every model builds, trains one step and round-trips its checkpoint fr
     auto model = attnzoo::models::create_model(attnzoo::config_from_json(text));
     INFO(model->config().model_type);
     auto loss_of = [&](attnzoo::models::ModelBase& m) -> at::Tensor {
-      if (auto* g = dynamic_cast<attnzoo::models::GPTImpl*>(&m)) return g->forward(at::randint(0, 50, {2, 9})).logsumexp(-1).mean();
+      if (auto* g = dynamic_cast<attnzoo::models::GPTImpl*>(&m))
+        return g->forward(at::randint(0, 50, {2, 9})).logsumexp(-1).mean();
       if (auto* b = dynamic_cast<attnzoo::models::BertImpl*>(&m)) {
         auto ids = at::randint(0, 50, {2, 9});
         return b->classify(ids).pow(2).mean() + b->forward(ids).logsumexp(-1).mean();
       }
-      if (auto* v = dynamic_cast<attnzoo::models::ViTImpl*>(&m)) return v->forward(at::randn({2, 1, 8, 8})).pow(2).mean();
+      if (auto* v = dynamic_cast<attnzoo::models::ViTImpl*>(&m))
+        return v->forward(at::randn({2, 1, 8, 8})).pow(2).mean();
       auto* s = dynamic_cast<attnzoo::models::SpeechImpl*>(&m);
       return std::get<0>(s->forward(at::randn({2, 3000}))).exp().pow(2).mean();
     };
@@ -150,18 +151,48 @@ TEST_CASE("bad inputs to every model entry point give errors that name the argum
   const std::vector<std::pair<std::string, std::function<void()>>> cases = {
       // GPT forward
       {"input_ids must have shape (batch, length)", [&] { gpt->forward(at::randint(0, 50, {5})); }},
-      {"input_ids must have shape (batch, length)", [&] { gpt->forward(at::randint(0, 50, {1, 2, 3})); }},
+      {"input_ids must have shape (batch, length)",
+       [&] {
+         gpt->forward(at::randint(0, 50, {1, 2, 3}));
+       }},
       {"input_ids must have shape (batch, length)", [&] { gpt->forward(at::Tensor()); }},
-      {"input_ids must hold at least one", [&] { gpt->forward(at::zeros({2, 0}, at::kLong)); }},
-      {"input_ids must hold at least one", [&] { gpt->forward(at::zeros({0, 4}, at::kLong)); }},
-      {"input_ids must hold integer ids", [&] { gpt->forward(at::rand({2, 5})); }},
-      {"input_ids must hold integer ids", [&] { gpt->forward(at::ones({2, 5}, at::kBool)); }},
-      {"input_ids must lie in [0, 50)", [&] { gpt->forward(at::full({1, 3}, 50, at::kLong)); }},
-      {"input_ids must lie in [0, 50)", [&] { gpt->forward(at::full({1, 3}, -1, at::kLong)); }},
-      {"max_position_embeddings", [&] { gpt->forward(at::randint(0, 50, {1, 65})); }},
-      {"attention_mask must have shape", [&] { gpt->forward(ids, at::ones({2, 4}, at::kBool)); }},
+      {"input_ids must hold at least one",
+       [&] {
+         gpt->forward(at::zeros({2, 0}, at::kLong));
+       }},
+      {"input_ids must hold at least one",
+       [&] {
+         gpt->forward(at::zeros({0, 4}, at::kLong));
+       }},
+      {"input_ids must hold integer ids",
+       [&] {
+         gpt->forward(at::rand({2, 5}));
+       }},
+      {"input_ids must hold integer ids",
+       [&] {
+         gpt->forward(at::ones({2, 5}, at::kBool));
+       }},
+      {"input_ids must lie in [0, 50)",
+       [&] {
+         gpt->forward(at::full({1, 3}, 50, at::kLong));
+       }},
+      {"input_ids must lie in [0, 50)",
+       [&] {
+         gpt->forward(at::full({1, 3}, -1, at::kLong));
+       }},
+      {"max_position_embeddings",
+       [&] {
+         gpt->forward(at::randint(0, 50, {1, 65}));
+       }},
+      {"attention_mask must have shape",
+       [&] {
+         gpt->forward(ids, at::ones({2, 4}, at::kBool));
+       }},
       {"attention_mask must have shape", [&] { gpt->forward(ids, at::ones({5}, at::kBool)); }},
-      {"attention_mask must be bool or integer", [&] { gpt->forward(ids, at::ones({2, 5})); }},
+      {"attention_mask must be bool or integer",
+       [&] {
+         gpt->forward(ids, at::ones({2, 5}));
+       }},
       // GPT generate
       {"max_new_tokens must be >= 0", [&] { generate([](GenerationOptions& o) { o.max_new_tokens = -1; }); }},
       {"temperature must be >= 0", [&] { generate([](GenerationOptions& o) { o.temperature = -0.5; }); }},
@@ -169,42 +200,104 @@ TEST_CASE("bad inputs to every model entry point give errors that name the argum
       {"top_k must be >= 0", [&] { generate([](GenerationOptions& o) { o.top_k = -3; }); }},
       {"top_p must be in (0, 1]", [&] { generate([](GenerationOptions& o) { o.top_p = 0.0; }); }},
       {"top_p must be in (0, 1]", [&] { generate([](GenerationOptions& o) { o.top_p = 1.5; }); }},
-      {"eos_token_id must be in [-1, 50)", [&] { generate([](GenerationOptions& o) { o.eos_token_id = 50; }); }},
+      {"eos_token_id must be in [-1, 50)",
+       [&] { generate([](GenerationOptions& o) { o.eos_token_id = 50; }); }},
       {"generate: prompt length", [&] { generate([](GenerationOptions& o) { o.max_new_tokens = 60; }); }},
-      {"input_ids must lie in", [&] { gpt->generate(at::full({1, 2}, 99, at::kLong), {}); }},
-      {"the KV cache holds batch 2", [&] {
+      {"input_ids must lie in",
+       [&] {
+         gpt->generate(at::full({1, 2}, 99, at::kLong), {});
+       }},
+      {"the KV cache holds batch 2",
+       [&] {
          attnzoo::nn::KVCache cache;
          gpt->forward_cached(ids, cache);
          gpt->forward_cached(ids.slice(0, 0, 1), cache);
        }},
       // Bert
-      {"input_ids must lie in [0, 50)", [&] { bert->forward(at::full({1, 3}, 77, at::kLong)); }},
-      {"max_position_embeddings", [&] { bert->forward(at::randint(0, 50, {1, 17})); }},
+      {"input_ids must lie in [0, 50)",
+       [&] {
+         bert->forward(at::full({1, 3}, 77, at::kLong));
+       }},
+      {"max_position_embeddings",
+       [&] {
+         bert->forward(at::randint(0, 50, {1, 17}));
+       }},
       {"token_type_ids must have the shape of input_ids",
-       [&] { bert->forward(ids, std::nullopt, at::zeros({2, 4}, at::kLong)); }},
-      {"token_type_ids must lie in [0, 2)", [&] { bert->forward(ids, std::nullopt, at::full({2, 5}, 2, at::kLong)); }},
-      {"attention_mask must have shape", [&] { bert->forward(ids, at::ones({1, 5}, at::kBool)); }},
+       [&] {
+         bert->forward(ids, std::nullopt, at::zeros({2, 4}, at::kLong));
+       }},
+      {"token_type_ids must lie in [0, 2)",
+       [&] {
+         bert->forward(ids, std::nullopt, at::full({2, 5}, 2, at::kLong));
+       }},
+      {"attention_mask must have shape",
+       [&] {
+         bert->forward(ids, at::ones({1, 5}, at::kBool));
+       }},
       {"classify needs a classification head", [&] { bert->classify(ids); }},
       // ViT
-      {"pixel_values must have shape (batch, 1, 8, 8)", [&] { vit->forward(at::randn({2, 3, 8, 8})); }},
-      {"pixel_values must have shape (batch, 1, 8, 8)", [&] { vit->forward(at::randn({2, 1, 9, 8})); }},
-      {"pixel_values must have shape (batch, 1, 8, 8)", [&] { vit->forward(at::randn({1, 8, 8})); }},
-      {"pixel_values must have shape (batch, 1, 8, 8)", [&] { vit->forward(at::randn({0, 1, 8, 8})); }},
-      {"pixel_values must be floating", [&] { vit->forward(at::ones({2, 1, 8, 8}, at::kLong)); }},
+      {"pixel_values must have shape (batch, 1, 8, 8)",
+       [&] {
+         vit->forward(at::randn({2, 3, 8, 8}));
+       }},
+      {"pixel_values must have shape (batch, 1, 8, 8)",
+       [&] {
+         vit->forward(at::randn({2, 1, 9, 8}));
+       }},
+      {"pixel_values must have shape (batch, 1, 8, 8)",
+       [&] {
+         vit->forward(at::randn({1, 8, 8}));
+       }},
+      {"pixel_values must have shape (batch, 1, 8, 8)",
+       [&] {
+         vit->forward(at::randn({0, 1, 8, 8}));
+       }},
+      {"pixel_values must be floating",
+       [&] {
+         vit->forward(at::ones({2, 1, 8, 8}, at::kLong));
+       }},
       // Speech
       {"waveforms must have shape (batch, samples)", [&] { speech->forward(at::randn({4000})); }},
-      {"waveforms must have shape (batch, samples)", [&] { speech->forward(at::randn({0, 4000})); }},
-      {"waveforms must be floating", [&] { speech->forward(at::ones({1, 4000}, at::kLong)); }},
-      {"at least n_fft = 400 samples", [&] { speech->forward(at::randn({1, 100})); }},
-      {"too short for two stride-2 convolutions", [&] { speech->forward(at::randn({1, 600})); }},
-      {"lengths must lie in [1, 4000]", [&] { speech->forward(at::randn({1, 4000}), at::full({1}, 5000, at::kLong)); }},
-      {"lengths must lie in [1, 4000]", [&] { speech->forward(at::randn({1, 4000}), at::zeros({1}, at::kLong)); }},
-      {"lengths must be (batch,) integers", [&] { speech->forward(at::randn({2, 4000}), at::full({1}, 10, at::kLong)); }},
-      {"lengths must be (batch,) integers", [&] { speech->forward(at::randn({1, 4000}), at::full({1}, 10.0)); }},
+      {"waveforms must have shape (batch, samples)",
+       [&] {
+         speech->forward(at::randn({0, 4000}));
+       }},
+      {"waveforms must be floating",
+       [&] {
+         speech->forward(at::ones({1, 4000}, at::kLong));
+       }},
+      {"at least n_fft = 400 samples",
+       [&] {
+         speech->forward(at::randn({1, 100}));
+       }},
+      {"too short for two stride-2 convolutions",
+       [&] {
+         speech->forward(at::randn({1, 600}));
+       }},
+      {"lengths must lie in [1, 4000]",
+       [&] {
+         speech->forward(at::randn({1, 4000}), at::full({1}, 5000, at::kLong));
+       }},
+      {"lengths must lie in [1, 4000]",
+       [&] {
+         speech->forward(at::randn({1, 4000}), at::zeros({1}, at::kLong));
+       }},
+      {"lengths must be (batch,) integers",
+       [&] {
+         speech->forward(at::randn({2, 4000}), at::full({1}, 10, at::kLong));
+       }},
+      {"lengths must be (batch,) integers",
+       [&] {
+         speech->forward(at::randn({1, 4000}), at::full({1}, 10.0));
+       }},
       {"greedy_decode takes log_probs (B, T, vocab) and lengths (B,)",
-       [&] { speech->greedy_decode(at::randn({4, 10}), at::ones({4}, at::kLong)); }},
+       [&] {
+         speech->greedy_decode(at::randn({4, 10}), at::ones({4}, at::kLong));
+       }},
       {"greedy_decode takes log_probs (B, T, vocab) and lengths (B,)",
-       [&] { speech->greedy_decode(at::randn({2, 4, 10}), at::ones({3}, at::kLong)); }},
+       [&] {
+         speech->greedy_decode(at::randn({2, 4, 10}), at::ones({3}, at::kLong));
+       }},
   };
   for (const auto& [expected, call] : cases) {
     INFO(expected);

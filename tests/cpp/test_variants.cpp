@@ -1,8 +1,9 @@
 // The C++ entry points of the attention kinds beyond dense attention, each
 // against a float64 reference written here.
 #include <ATen/ATen.h>
-#include <catch2/catch.hpp>
 #include <torch/csrc/autograd/autograd.h>
+
+#include <catch2/catch.hpp>
 
 #include "attnzoo/attnzoo.h"
 
@@ -43,7 +44,7 @@ TEST_CASE("shaw_attention adds relative keys and values", "[variants]") {
   auto out = attnzoo::ops::shaw_attention(q, k, v, rel_k, rel_v, K);
   auto pos = at::arange(N, at::kLong);
   auto r = (pos.unsqueeze(0) - pos.unsqueeze(1)).clamp(-K, K) + K;  // (N, N)
-  auto rk = rel_k.index({r});                                        // (N, N, D)
+  auto rk = rel_k.index({r});                                       // (N, N, D)
   auto s = (at::matmul(q[0][0], k[0][0].t()) + (q[0][0].unsqueeze(1) * rk).sum(-1)) / std::sqrt(double(D));
   auto p = at::softmax(s, -1);
   auto ref = at::matmul(p, v[0][0]) + (p.unsqueeze(-1) * rel_v.index({r})).sum(1);
@@ -65,9 +66,9 @@ TEST_CASE("rotary, linformer and linear attention from C++", "[variants]") {
   auto Ek = E.narrow(1, 0, 30);
   REQUIRE(max_err(lin, masked_reference(q, at::matmul(Ek, k), at::matmul(Ek, v),
                                         at::ones({30, 6}, at::kBool))) < 1e-12);
-  REQUIRE_THROWS_WITH(attnzoo::ops::linformer_attention(q, k, v, E, std::nullopt, std::nullopt, 0.0,
-                                                        std::nullopt, true),
-                      Catch::Matchers::Contains("causal=True is not supported"));
+  REQUIRE_THROWS_WITH(
+      attnzoo::ops::linformer_attention(q, k, v, E, std::nullopt, std::nullopt, 0.0, std::nullopt, true),
+      Catch::Matchers::Contains("causal=True is not supported"));
 
   auto la = attnzoo::ops::linear_attention(q, k, v, "elu+1", true);
   auto fq = at::elu(q) + 1, fk = at::elu(k) + 1;

@@ -12,7 +12,6 @@
 // --max-batches, evenly spaced ones), so on the KJV split files in the data
 // cache it reproduces the Python numbers. Timings are printed with results.
 #include <attnzoo/attnzoo.h>
-#include <nlohmann/json.hpp>
 
 #include <chrono>
 #include <cmath>
@@ -20,6 +19,7 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -33,7 +33,8 @@ const char* kUsage =
     "usage:\n"
     "  attnzoo-cli generate MODEL_DIR (--prompt TEXT | --ids 1,2,3) [--max-new-tokens N] [--temperature T]\n"
     "                       [--top-k K] [--top-p P] [--seed S] [--no-cache]\n"
-    "  attnzoo-cli evaluate MODEL_DIR --text FILE [--seq-len N] [--batch-size B] [--max-batches M] [--json OUT]\n"
+    "  attnzoo-cli evaluate MODEL_DIR --text FILE [--seq-len N] [--batch-size B] [--max-batches M] [--json "
+    "OUT]\n"
     "\n"
     "MODEL_DIR is a GPT checkpoint directory (config.json + model.safetensors). generate continues the\n"
     "prompt, greedy unless --temperature > 0 (then --top-k, --top-p, --seed); --max-new-tokens defaults\n"
@@ -143,7 +144,8 @@ int generate(const std::string& dir, const std::map<std::string, std::string>& f
   if (has_prompt == has_ids) throw UsageError("generate takes exactly one of --prompt and --ids");
   auto gpt = attnzoo::from_pretrained_as<attnzoo::models::GPTImpl>(dir);  // in eval mode
   if (has_prompt) require_byte_tokenizer(dir);
-  at::Tensor prompt = has_prompt ? bytes_to_ids(flags.at("--prompt")) : torch::tensor(parse_ids(flags.at("--ids")));
+  at::Tensor prompt =
+      has_prompt ? bytes_to_ids(flags.at("--prompt")) : torch::tensor(parse_ids(flags.at("--ids")));
   if (prompt.numel() == 0) throw UsageError("the prompt is empty");
   attnzoo::models::GenerationOptions options;  // its defaults are Python's too
   const auto& config = gpt->config();
@@ -154,16 +156,19 @@ int generate(const std::string& dir, const std::map<std::string, std::string>& f
                                   " tokens; this model reads at most max_position_embeddings = " +
                                   std::to_string(config.max_position_embeddings));
     if (!flags.count("--max-new-tokens") && options.max_new_tokens > room) {
-      std::fprintf(stderr, "note: generating %lld tokens, all that fit after the %lld-token prompt "
-                   "(max_position_embeddings = %lld)\n", static_cast<long long>(room),
-                   static_cast<long long>(prompt.numel()), static_cast<long long>(config.max_position_embeddings));
+      std::fprintf(stderr,
+                   "note: generating %lld tokens, all that fit after the %lld-token prompt "
+                   "(max_position_embeddings = %lld)\n",
+                   static_cast<long long>(room), static_cast<long long>(prompt.numel()),
+                   static_cast<long long>(config.max_position_embeddings));
       options.max_new_tokens = room;
     }
     if (number<int64_t>(flags, "--max-new-tokens", 0) > room)
-      throw std::invalid_argument("--max-new-tokens " + flags.at("--max-new-tokens") + " does not fit: the prompt is " +
-                       std::to_string(prompt.numel()) + " tokens and the model reads at most " +
-                       std::to_string(config.max_position_embeddings) + " (at most " + std::to_string(room) +
-                       " new tokens)");
+      throw std::invalid_argument("--max-new-tokens " + flags.at("--max-new-tokens") +
+                                  " does not fit: the prompt is " + std::to_string(prompt.numel()) +
+                                  " tokens and the model reads at most " +
+                                  std::to_string(config.max_position_embeddings) + " (at most " +
+                                  std::to_string(room) + " new tokens)");
   }
   options.max_new_tokens = number<int64_t>(flags, "--max-new-tokens", options.max_new_tokens);
   options.temperature = number<double>(flags, "--temperature", options.temperature);
@@ -182,8 +187,9 @@ int generate(const std::string& dir, const std::map<std::string, std::string>& f
     for (int64_t t = 0; t < out.numel(); ++t) std::cout << (t ? "," : "") << out[t].item<int64_t>();
     std::cout << '\n';
   }
-  std::fprintf(stderr, "generated %lld tokens in %.3f s (%.1f tokens/s, %s)\n", static_cast<long long>(produced),
-               elapsed, produced / std::max(elapsed, 1e-9), options.use_cache ? "KV cache" : "no cache");
+  std::fprintf(stderr, "generated %lld tokens in %.3f s (%.1f tokens/s, %s)\n",
+               static_cast<long long>(produced), elapsed, produced / std::max(elapsed, 1e-9),
+               options.use_cache ? "KV cache" : "no cache");
   return 0;
 }
 
@@ -192,7 +198,8 @@ int evaluate(const std::string& dir, const std::map<std::string, std::string>& f
   auto gpt = attnzoo::from_pretrained_as<attnzoo::models::GPTImpl>(dir);  // in eval mode
   require_byte_tokenizer(dir);
   const auto& config = gpt->config();
-  const int64_t seq_len = number<int64_t>(flags, "--seq-len", std::min<int64_t>(config.max_position_embeddings, 256));
+  const int64_t seq_len =
+      number<int64_t>(flags, "--seq-len", std::min<int64_t>(config.max_position_embeddings, 256));
   const int64_t batch_size = number<int64_t>(flags, "--batch-size", 32);
   const int64_t max_batches = number<int64_t>(flags, "--max-batches", 0);
   if (seq_len < 1 || seq_len > config.max_position_embeddings)
@@ -215,29 +222,32 @@ int evaluate(const std::string& dir, const std::map<std::string, std::string>& f
   for (int64_t b = 0; b < starts.numel(); b += batch_size) {
     const auto chunk = starts.slice(0, b, std::min(b + batch_size, starts.numel()));
     std::vector<at::Tensor> rows;
-    for (int64_t i = 0; i < chunk.numel(); ++i) rows.push_back(stream.narrow(0, chunk[i].item<int64_t>(), window));
+    for (int64_t i = 0; i < chunk.numel(); ++i)
+      rows.push_back(stream.narrow(0, chunk[i].item<int64_t>(), window));
     const auto x = at::stack(rows);
     const auto logits = gpt->forward(x.slice(1, 0, seq_len));
     const auto targets = x.slice(1, 1);
-    total += at::cross_entropy_loss(logits.flatten(0, 1), targets.flatten(), {}, at::Reduction::Sum).item<double>();
+    total += at::cross_entropy_loss(logits.flatten(0, 1), targets.flatten(), {}, at::Reduction::Sum)
+                 .item<double>();
     count += targets.numel();
   }
   const double elapsed = seconds_since(start), loss = total / count;
-  std::printf("metric         value\n"
-              "-------------  -----\n"
-              "loss           %.4f\n"
-              "perplexity     %.4f\n"
-              "bits_per_char  %.4f\n"
-              "tokens         %lld\n"
-              "seconds        %.2f\n"
-              "tokens_per_s   %.0f\n",
-              loss, std::exp(loss), loss / std::log(2.0), static_cast<long long>(count), elapsed, count / elapsed);
+  std::printf(
+      "metric         value\n"
+      "-------------  -----\n"
+      "loss           %.4f\n"
+      "perplexity     %.4f\n"
+      "bits_per_char  %.4f\n"
+      "tokens         %lld\n"
+      "seconds        %.2f\n"
+      "tokens_per_s   %.0f\n",
+      loss, std::exp(loss), loss / std::log(2.0), static_cast<long long>(count), elapsed, count / elapsed);
   if (flags.count("--json")) {
     std::ofstream out(flags.at("--json"));
     out.precision(17);
-    out << "{\"loss\": " << loss << ", \"perplexity\": " << std::exp(loss) << ", \"bits_per_char\": "
-        << loss / std::log(2.0) << ", \"tokens\": " << count << ", \"seconds\": " << elapsed
-        << ", \"tokens_per_s\": " << count / elapsed << "}\n";
+    out << "{\"loss\": " << loss << ", \"perplexity\": " << std::exp(loss)
+        << ", \"bits_per_char\": " << loss / std::log(2.0) << ", \"tokens\": " << count
+        << ", \"seconds\": " << elapsed << ", \"tokens_per_s\": " << count / elapsed << "}\n";
     if (!out) throw std::runtime_error("cannot write " + flags.at("--json"));
   }
   return 0;
@@ -264,17 +274,21 @@ int main(int argc, char** argv) {
   const std::string command = argv[1], dir = argv[2];
   try {
     if (command == "generate")
-      return generate(dir, parse_flags(argc, argv, {"--prompt", "--ids", "--max-new-tokens", "--temperature",
-                                                    "--top-k", "--top-p", "--seed"}, {"--no-cache"}));
+      return generate(dir, parse_flags(argc, argv,
+                                       {"--prompt", "--ids", "--max-new-tokens", "--temperature", "--top-k",
+                                        "--top-p", "--seed"},
+                                       {"--no-cache"}));
     if (command == "evaluate")
-      return evaluate(dir, parse_flags(argc, argv, {"--text", "--seq-len", "--batch-size", "--max-batches", "--json"},
-                                       {}));
+      return evaluate(
+          dir,
+          parse_flags(argc, argv, {"--text", "--seq-len", "--batch-size", "--max-batches", "--json"}, {}));
     throw UsageError("unknown command '" + command + "'");
   } catch (const UsageError& e) {
     std::cerr << "attnzoo-cli: " << e.what() << '\n' << kUsage;
     return 2;
   } catch (const c10::Error& e) {
-    std::cerr << "attnzoo-cli " << command << ": " << without_prefix(e.what_without_backtrace(), command) << '\n';
+    std::cerr << "attnzoo-cli " << command << ": " << without_prefix(e.what_without_backtrace(), command)
+              << '\n';
     return 1;
   } catch (const std::exception& e) {
     std::cerr << "attnzoo-cli " << command << ": " << without_prefix(e.what(), command) << '\n';

@@ -1,16 +1,15 @@
 // config.json <-> ModelConfig, on nlohmann_json. Every key is declared once
 // in a table with the model (or attention) kinds it applies to, its member
 // and its type; reading, writing and the "unknown key" check all use it.
+#include "attnzoo/models/config.h"
+
 #include <algorithm>
 #include <fstream>
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 #include <stdexcept>
-
-#include <nlohmann/json.hpp>
-
-#include "attnzoo/models/config.h"
 
 namespace attnzoo {
 namespace {
@@ -74,9 +73,10 @@ struct Field {
 
 template <typename S, typename T>
 Field<S> field(const char* key, const char* kinds, T S::*member) {
-  return {key, kinds,
-          [member](S& s, const json& value, const std::string& path) { s.*member = read_value<T>(value, path); },
-          [member](const S& s) { return json(s.*member); }};
+  return {
+      key, kinds,
+      [member](S& s, const json& value, const std::string& path) { s.*member = read_value<T>(value, path); },
+      [member](const S& s) { return json(s.*member); }};
 }
 
 const std::vector<Field<AttentionConfig>>& attention_fields() {
@@ -146,8 +146,9 @@ const std::vector<Field<ModelConfig>>& model_fields() {
 }
 
 const std::vector<std::string> kModelTypes = {"bert", "gpt", "vit", "speech"};
-const std::vector<std::string> kAttentionKinds = {"dense", "alibi",  "rotary", "t5",     "shaw",      "local",
-                                                  "block_sparse", "linformer", "lsh", "linear", "longformer"};
+const std::vector<std::string> kAttentionKinds = {"dense", "alibi",  "rotary",       "t5",
+                                                  "shaw",  "local",  "block_sparse", "linformer",
+                                                  "lsh",   "linear", "longformer"};
 
 bool one_of(const std::string& value, const std::vector<std::string>& choices) {
   return std::find(choices.begin(), choices.end(), value) != choices.end();
@@ -159,7 +160,8 @@ std::string join(const std::vector<std::string>& words) {
   return out;
 }
 
-void require_choice(const std::string& key, const std::string& value, const std::vector<std::string>& choices) {
+void require_choice(const std::string& key, const std::string& value,
+                    const std::vector<std::string>& choices) {
   if (!one_of(value, choices)) fail(key, "must be one of " + join(choices) + ", got \"" + value + "\"");
 }
 
@@ -185,7 +187,8 @@ AttentionConfig attention_from_json(const json& object, const std::string& path)
     auto it = std::find_if(attention_fields().begin(), attention_fields().end(),
                            [&](const auto& f) { return f.key == key; });
     if (it == attention_fields().end()) fail(key_path, "is not an attention parameter");
-    if (!it->applies_to(config.kind)) fail(key_path, "does not apply to attention kind \"" + config.kind + "\"");
+    if (!it->applies_to(config.kind))
+      fail(key_path, "does not apply to attention kind \"" + config.kind + "\"");
     it->read(config, value, key_path);
   }
   return config;
@@ -209,7 +212,8 @@ void validate_attention(const AttentionConfig& a, const ModelConfig& m, const st
   require_choice(path + ".kind", a.kind, kAttentionKinds);
   const bool causal = m.model_type == "gpt";
   if (causal && a.kind == "longformer")
-    fail(path + ".kind", "\"" + a.kind + "\" attention is bidirectional and cannot be used in a causal (gpt) model");
+    fail(path + ".kind",
+         "\"" + a.kind + "\" attention is bidirectional and cannot be used in a causal (gpt) model");
   if (a.kind == "t5") {
     require_range(path + ".num_buckets", double(a.num_buckets), 2, 4096);
     require_range(path + ".max_distance", double(a.max_distance), 1, 1 << 20);
@@ -219,7 +223,8 @@ void validate_attention(const AttentionConfig& a, const ModelConfig& m, const st
     if (!(a.rotary_base > 1.0)) fail(path + ".rotary_base", "must be greater than 1");
     const int64_t dim = a.rotary_dim == 0 ? m.head_dim() : a.rotary_dim;
     if (dim <= 0 || dim > m.head_dim() || dim % 2 != 0)
-      fail(path + ".rotary_dim", "must be even and at most the head dimension " + std::to_string(m.head_dim()));
+      fail(path + ".rotary_dim",
+           "must be even and at most the head dimension " + std::to_string(m.head_dim()));
   } else if (a.kind == "local" || a.kind == "longformer") {
     require_range(path + ".window", double(a.window), 0, 1 << 24);
     for (int64_t t : a.global_tokens)
@@ -238,7 +243,8 @@ void validate_attention(const AttentionConfig& a, const ModelConfig& m, const st
   } else if (a.kind == "lsh") {
     require_range(path + ".bucket_size", double(a.bucket_size), 1, 1 << 16);
     require_range(path + ".n_hashes", double(a.n_hashes), 1, 64);
-    if (m.kv_heads() != m.num_heads) fail(path + ".kind", "\"lsh\" shares queries and keys and needs num_kv_heads == num_heads");
+    if (m.kv_heads() != m.num_heads)
+      fail(path + ".kind", "\"lsh\" shares queries and keys and needs num_kv_heads == num_heads");
   } else if (a.kind == "linear") {
     require_choice(path + ".feature_map", a.feature_map, {"elu+1", "relu"});
   }
@@ -275,9 +281,11 @@ void validate(const ModelConfig& c) {
   require_range("hidden_size", double(c.hidden_size), 1, 1 << 16);
   require_range("num_layers", double(c.num_layers), 1, 1024);
   require_range("num_heads", double(c.num_heads), 1, 1024);
-  if (c.hidden_size % c.num_heads != 0) fail("num_heads", "must divide hidden_size " + std::to_string(c.hidden_size));
+  if (c.hidden_size % c.num_heads != 0)
+    fail("num_heads", "must divide hidden_size " + std::to_string(c.hidden_size));
   require_range("num_kv_heads", double(c.num_kv_heads), 0, double(c.num_heads));
-  if (c.num_heads % c.kv_heads() != 0) fail("num_kv_heads", "must divide num_heads " + std::to_string(c.num_heads));
+  if (c.num_heads % c.kv_heads() != 0)
+    fail("num_kv_heads", "must divide num_heads " + std::to_string(c.num_heads));
   require_range("intermediate_size", double(c.intermediate_size), 0, 1 << 18);
   require_range("max_position_embeddings", double(c.max_position_embeddings), 1, 1 << 22);
   require_range("vocab_size", double(c.vocab_size), 1, 1 << 24);
@@ -301,7 +309,8 @@ void validate(const ModelConfig& c) {
     require_range("num_channels", double(c.num_channels), 1, 64);
     require_range("patch_size", double(c.patch_size), 1, 1 << 12);
     require_range("image_size", double(c.image_size), double(c.patch_size), 1 << 14);
-    if (c.image_size % c.patch_size != 0) fail("patch_size", "must divide image_size " + std::to_string(c.image_size));
+    if (c.image_size % c.patch_size != 0)
+      fail("patch_size", "must divide image_size " + std::to_string(c.image_size));
   }
   if (c.model_type == "speech") {
     require_range("sample_rate", double(c.sample_rate), 1000, 192000);
@@ -314,7 +323,8 @@ void validate(const ModelConfig& c) {
     require_range("blank_id", double(c.blank_id), 0, double(c.vocab_size - 1));
   }
   if (int64_t(c.attention.size()) != c.num_layers)
-    fail("attention", "has " + std::to_string(c.attention.size()) + " entries for " + std::to_string(c.num_layers) +
+    fail("attention", "has " + std::to_string(c.attention.size()) + " entries for " +
+                          std::to_string(c.num_layers) +
                           " layers (give one object for all layers or a list with one per layer)");
   // One spec for every layer was one JSON object: name it as such.
   const bool uniform = same_attention_everywhere(c);
@@ -341,9 +351,11 @@ ModelConfig config_from_json(const std::string& text) {
       attention = value;
       continue;
     }
-    auto it = std::find_if(model_fields().begin(), model_fields().end(), [&](const auto& f) { return f.key == key; });
+    auto it = std::find_if(model_fields().begin(), model_fields().end(),
+                           [&](const auto& f) { return f.key == key; });
     if (it == model_fields().end()) fail(key, "is not a config key");
-    if (!it->applies_to(config.model_type)) fail(key, "does not apply to model_type \"" + config.model_type + "\"");
+    if (!it->applies_to(config.model_type))
+      fail(key, "does not apply to model_type \"" + config.model_type + "\"");
     it->read(config, value, key);
   }
   require_range("num_layers", double(config.num_layers), 1, 1024);

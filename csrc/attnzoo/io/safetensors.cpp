@@ -2,7 +2,6 @@
 // against the file size (safetensors_index.cpp) before it allocates a single
 // tensor; the writer builds its header with nlohmann_json.
 #include "attnzoo/io/safetensors.h"
-#include "attnzoo/io/safetensors_index.h"
 
 #include <ATen/ATen.h>
 #include <unistd.h>
@@ -13,10 +12,11 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <stdexcept>
 
-#include <nlohmann/json.hpp>
+#include "attnzoo/io/safetensors_index.h"
 
 namespace attnzoo::io {
 namespace {
@@ -28,7 +28,7 @@ struct DtypeName {
   at::ScalarType type;
 };
 constexpr DtypeName kDtypes[] = {
-    {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf}, {"BF16", at::kBFloat16},
+    {"F64", at::kDouble}, {"F32", at::kFloat}, {"F16", at::kHalf},  {"BF16", at::kBFloat16},
     {"I64", at::kLong},   {"I32", at::kInt},   {"I16", at::kShort}, {"I8", at::kChar},
     {"U8", at::kByte},    {"BOOL", at::kBool},
 };
@@ -84,7 +84,8 @@ SafetensorsFile load_safetensors(const std::string& path) {
   source.read = [in, &path](uint64_t offset, void* dst, uint64_t n) {
     in->seekg(std::streamoff(offset));
     in->read(static_cast<char*>(dst), std::streamsize(n));
-    if (uint64_t(in->gcount()) != n) throw std::invalid_argument(path + ": read failed (file changed while loading?)");
+    if (uint64_t(in->gcount()) != n)
+      throw std::invalid_argument(path + ": read failed (file changed while loading?)");
   };
   return parse(source, path);
 }
@@ -106,7 +107,8 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors,
   std::vector<at::Tensor> data;
   for (size_t i = 0; i < sorted.size(); ++i) {
     const auto& [name, tensor] = sorted[i];
-    if (i > 0 && name == sorted[i - 1].first) throw std::invalid_argument("save_safetensors: duplicate name \"" + name + "\"");
+    if (i > 0 && name == sorted[i - 1].first)
+      throw std::invalid_argument("save_safetensors: duplicate name \"" + name + "\"");
     if (name == "__metadata__") throw std::invalid_argument("save_safetensors: \"__metadata__\" is reserved");
     if (!tensor.defined() || tensor.device().type() != at::kCPU)
       throw std::invalid_argument("save_safetensors: tensor \"" + name + "\" must be a defined CPU tensor");
@@ -117,7 +119,8 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors,
                                   std::string(c10::toString(tensor.scalar_type())));
     auto contiguous = tensor.detach().contiguous();
     const uint64_t nbytes = contiguous.nbytes();
-    header[name] = {{"dtype", known->name}, {"shape", tensor.sizes().vec()}, {"data_offsets", {offset, offset + nbytes}}};
+    header[name] = {
+        {"dtype", known->name}, {"shape", tensor.sizes().vec()}, {"data_offsets", {offset, offset + nbytes}}};
     offset += nbytes;
     data.push_back(std::move(contiguous));
   }
@@ -125,7 +128,8 @@ void save_safetensors(const std::string& path, const NamedTensors& tensors,
   header_text.append((8 - header_text.size() % 8) % 8, ' ');  // keeps the data 8-byte aligned
   uint8_t length_bytes[8];
   for (int i = 0; i < 8; ++i) length_bytes[i] = uint8_t(uint64_t(header_text.size()) >> (8 * i));
-  std::vector<std::pair<const void*, size_t>> chunks = {{length_bytes, 8}, {header_text.data(), header_text.size()}};
+  std::vector<std::pair<const void*, size_t>> chunks = {{length_bytes, 8},
+                                                        {header_text.data(), header_text.size()}};
   for (const auto& t : data) chunks.emplace_back(t.data_ptr(), t.nbytes());
   write_atomic(path, chunks);
 }

@@ -3,10 +3,9 @@
 #include "attnzoo/io/safetensors_index.h"
 
 #include <algorithm>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <stdexcept>
-
-#include <nlohmann/json.hpp>
 
 namespace attnzoo::io {
 namespace {
@@ -29,9 +28,12 @@ constexpr DtypeSize kDtypeSizes[] = {{"F64", 8}, {"F32", 4}, {"F16", 2}, {"BF16"
 json parse_header(const std::string& text, const std::string& where) {
   std::vector<std::set<std::string>> keys_in_object;
   auto on_event = [&](int, json::parse_event_t event, json& parsed) {
-    if (event == json::parse_event_t::object_start) keys_in_object.emplace_back();
-    else if (event == json::parse_event_t::object_end) keys_in_object.pop_back();
-    else if (event == json::parse_event_t::key && !keys_in_object.back().insert(parsed.get<std::string>()).second)
+    if (event == json::parse_event_t::object_start)
+      keys_in_object.emplace_back();
+    else if (event == json::parse_event_t::object_end)
+      keys_in_object.pop_back();
+    else if (event == json::parse_event_t::key &&
+             !keys_in_object.back().insert(parsed.get<std::string>()).second)
       bad_file(where, "duplicate key \"" + parsed.get<std::string>() + "\" in the header");
     return true;
   };
@@ -48,7 +50,7 @@ uint64_t checked_offset(const json& value, const std::string& where) {
 }
 
 std::vector<TensorEntry> read_entries(const json& header, uint64_t data_size, const std::string& where,
-                                std::map<std::string, std::string>& metadata) {
+                                      std::map<std::string, std::string>& metadata) {
   if (!header.is_object()) bad_file(where, "the header must be a JSON object");
   std::vector<TensorEntry> entries;
   for (const auto& [name, info] : header.items()) {
@@ -77,7 +79,8 @@ std::vector<TensorEntry> read_entries(const json& header, uint64_t data_size, co
       if (!dim.is_number_unsigned() || dim.get<uint64_t>() > (uint64_t(1) << 48))
         bad_file(at_name, "shape sizes must be non-negative integers below 2^48, got " + shape.dump());
       const uint64_t d = dim.get<uint64_t>();
-      if (d != 0 && numel > (uint64_t(1) << 62) / d) bad_file(at_name, "shape " + shape.dump() + " is too large");
+      if (d != 0 && numel > (uint64_t(1) << 62) / d)
+        bad_file(at_name, "shape " + shape.dump() + " is too large");
       numel *= d;
       entry.shape.push_back(int64_t(d));
     }
@@ -90,8 +93,9 @@ std::vector<TensorEntry> read_entries(const json& header, uint64_t data_size, co
                             "] run outside the " + std::to_string(data_size) + " data bytes");
     const uint64_t expected = numel * entry.element_size;
     if (entry.end - entry.begin != expected)
-      bad_file(at_name, "holds " + std::to_string(entry.end - entry.begin) + " bytes but dtype " + dtype.dump() +
-                            " and shape " + shape.dump() + " need " + std::to_string(expected));
+      bad_file(at_name, "holds " + std::to_string(entry.end - entry.begin) + " bytes but dtype " +
+                            dtype.dump() + " and shape " + shape.dump() + " need " +
+                            std::to_string(expected));
     entries.push_back(std::move(entry));
   }
   std::vector<const TensorEntry*> by_offset;
@@ -99,14 +103,16 @@ std::vector<TensorEntry> read_entries(const json& header, uint64_t data_size, co
   std::sort(by_offset.begin(), by_offset.end(), [](auto* a, auto* b) { return a->begin < b->begin; });
   for (size_t i = 1; i < by_offset.size(); ++i)
     if (by_offset[i]->begin < by_offset[i - 1]->end)
-      bad_file(where, "tensors \"" + by_offset[i - 1]->name + "\" and \"" + by_offset[i]->name + "\" overlap");
+      bad_file(where,
+               "tensors \"" + by_offset[i - 1]->name + "\" and \"" + by_offset[i]->name + "\" overlap");
   return entries;
 }
 
 }  // namespace
 
 SafetensorsIndex read_safetensors_index(const ByteSource& source, const std::string& where) {
-  if (source.size < 8) bad_file(where, "too short to be a safetensors file (" + std::to_string(source.size) + " bytes)");
+  if (source.size < 8)
+    bad_file(where, "too short to be a safetensors file (" + std::to_string(source.size) + " bytes)");
   uint8_t length_bytes[8];
   source.read(0, length_bytes, 8);
   uint64_t header_length = 0;
@@ -120,7 +126,8 @@ SafetensorsIndex read_safetensors_index(const ByteSource& source, const std::str
   source.read(8, header_text.data(), header_length);
   SafetensorsIndex index;
   index.data_start = 8 + header_length;
-  index.tensors = read_entries(parse_header(header_text, where), source.size - index.data_start, where, index.metadata);
+  index.tensors =
+      read_entries(parse_header(header_text, where), source.size - index.data_start, where, index.metadata);
   return index;
 }
 

@@ -22,16 +22,16 @@ struct ByteSource {
 
 struct TensorEntry {
   std::string name;
-  std::string dtype;       // "F32", "BF16", "I64", ...
-  uint64_t element_size;   // bytes
+  std::string dtype;      // "F32", "BF16", "I64", ...
+  uint64_t element_size;  // bytes
   std::vector<int64_t> shape;
-  uint64_t begin, end;     // byte range within the data section
+  uint64_t begin, end;  // byte range within the data section
 };
 
 struct SafetensorsIndex {
   std::vector<TensorEntry> tensors;  // header order
   std::map<std::string, std::string> metadata;
-  uint64_t data_start = 0;           // file offset of the data section
+  uint64_t data_start = 0;  // file offset of the data section
 };
 
 // Throws std::invalid_argument (prefixed with `where`) on anything malformed:

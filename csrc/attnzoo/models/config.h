@@ -15,25 +15,25 @@ struct AttentionConfig {
   // dense | alibi | rotary | t5 | shaw | local | block_sparse | linformer |
   // lsh | linear | longformer
   std::string kind = "dense";
-  int64_t num_buckets = 32;       // t5
-  int64_t max_distance = 128;     // t5, shaw (Shaw clips at +-max_distance)
-  double rotary_base = 10000.0;   // rotary
-  int64_t rotary_dim = 0;         // rotary; 0 = the head dimension
-  int64_t window = 64;            // local, longformer (tokens each side)
-  std::string layout = "bigbird"; // block_sparse: local | bigbird | fixed | strided
-  int64_t block_size = 32;        // block_sparse
-  int64_t layout_window = 1;      // block_sparse local/bigbird: blocks each side
-  int64_t num_global = 1;         // block_sparse bigbird
-  int64_t num_random = 2;         // block_sparse bigbird
-  int64_t stride = 4;             // block_sparse fixed/strided (blocks)
-  int64_t num_summary = 1;        // block_sparse fixed
-  int64_t seed = 0;               // block_sparse bigbird random blocks
-  int64_t projected_length = 64;  // linformer
-  bool share_kv_projection = true;  // linformer
-  int64_t chunk_size = 64;        // linformer in causal models: exact attention within a chunk
-  int64_t bucket_size = 32;       // lsh
-  int64_t n_hashes = 2;           // lsh
-  std::string feature_map = "elu+1";  // linear
+  int64_t num_buckets = 32;                  // t5
+  int64_t max_distance = 128;                // t5, shaw (Shaw clips at +-max_distance)
+  double rotary_base = 10000.0;              // rotary
+  int64_t rotary_dim = 0;                    // rotary; 0 = the head dimension
+  int64_t window = 64;                       // local, longformer (tokens each side)
+  std::string layout = "bigbird";            // block_sparse: local | bigbird | fixed | strided
+  int64_t block_size = 32;                   // block_sparse
+  int64_t layout_window = 1;                 // block_sparse local/bigbird: blocks each side
+  int64_t num_global = 1;                    // block_sparse bigbird
+  int64_t num_random = 2;                    // block_sparse bigbird
+  int64_t stride = 4;                        // block_sparse fixed/strided (blocks)
+  int64_t num_summary = 1;                   // block_sparse fixed
+  int64_t seed = 0;                          // block_sparse bigbird random blocks
+  int64_t projected_length = 64;             // linformer
+  bool share_kv_projection = true;           // linformer
+  int64_t chunk_size = 64;                   // linformer in causal models: exact attention within a chunk
+  int64_t bucket_size = 32;                  // lsh
+  int64_t n_hashes = 2;                      // lsh
+  std::string feature_map = "elu+1";         // linear
   std::vector<int64_t> global_tokens = {0};  // longformer
 };
 
@@ -43,36 +43,36 @@ struct ModelConfig {
   int64_t hidden_size = 256;
   int64_t num_layers = 4;
   int64_t num_heads = 4;
-  int64_t num_kv_heads = 0;        // 0 = num_heads (GQA when smaller)
-  int64_t intermediate_size = 0;   // 0 = 4 * hidden_size
+  int64_t num_kv_heads = 0;       // 0 = num_heads (GQA when smaller)
+  int64_t intermediate_size = 0;  // 0 = 4 * hidden_size
   int64_t max_position_embeddings = 512;
   double dropout = 0.1;            // embeddings, residual branches, MLP
   double attention_dropout = 0.0;  // on the attention probabilities
   double layer_norm_eps = 1e-5;
-  std::string activation = "gelu";           // gelu | gelu_tanh | relu
-  std::string norm = "pre";                  // pre | post (LayerNorm placement)
+  std::string activation = "gelu";             // gelu | gelu_tanh | relu
+  std::string norm = "pre";                    // pre | post (LayerNorm placement)
   std::string position_embedding = "learned";  // learned | sinusoidal | none
   bool qkv_bias = true;
-  bool fused_qkv = false;          // one (3C, C) projection instead of three
-  bool tie_word_embeddings = true; // gpt, bert: output layer shares the token embedding
+  bool fused_qkv = false;                  // one (3C, C) projection instead of three
+  bool tie_word_embeddings = true;         // gpt, bert: output layer shares the token embedding
   std::vector<AttentionConfig> attention;  // one per layer (JSON: one object or a list)
 
-  int64_t type_vocab_size = 2;     // bert
-  int64_t pad_token_id = 0;        // bert, gpt
-  int64_t num_labels = 0;          // bert (classification head when > 0), vit
-  int64_t bos_token_id = -1;       // gpt (-1 = none)
-  int64_t eos_token_id = -1;       // gpt (-1 = none)
-  int64_t image_size = 8;          // vit
-  int64_t patch_size = 2;          // vit
-  int64_t num_channels = 1;        // vit
-  int64_t sample_rate = 16000;     // speech
-  int64_t n_fft = 400;             // speech
-  int64_t hop_length = 160;        // speech
-  int64_t n_mels = 80;             // speech
+  int64_t type_vocab_size = 2;        // bert
+  int64_t pad_token_id = 0;           // bert, gpt
+  int64_t num_labels = 0;             // bert (classification head when > 0), vit
+  int64_t bos_token_id = -1;          // gpt (-1 = none)
+  int64_t eos_token_id = -1;          // gpt (-1 = none)
+  int64_t image_size = 8;             // vit
+  int64_t patch_size = 2;             // vit
+  int64_t num_channels = 1;           // vit
+  int64_t sample_rate = 16000;        // speech
+  int64_t n_fft = 400;                // speech
+  int64_t hop_length = 160;           // speech
+  int64_t n_mels = 80;                // speech
   int64_t subsampling_channels = 64;  // speech
-  bool conformer_conv = false;     // speech: a convolution module in every block
-  int64_t conv_kernel_size = 15;   // speech
-  int64_t blank_id = 0;            // speech
+  bool conformer_conv = false;        // speech: a convolution module in every block
+  int64_t conv_kernel_size = 15;      // speech
+  int64_t blank_id = 0;               // speech
 
   int64_t head_dim() const { return hidden_size / num_heads; }
   int64_t kv_heads() const { return num_kv_heads > 0 ? num_kv_heads : num_heads; }

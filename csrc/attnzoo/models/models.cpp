@@ -25,23 +25,27 @@ std::string list_names(const std::vector<std::string>& names) {
 
 // The token embedding and, when the config asks for learned positions, the
 // position embedding of a text model (GPT, Bert), registered on `model`.
-std::pair<torch::nn::Embedding, torch::nn::Embedding> text_embeddings(torch::nn::Module& model, const ModelConfig& c) {
+std::pair<torch::nn::Embedding, torch::nn::Embedding> text_embeddings(torch::nn::Module& model,
+                                                                      const ModelConfig& c) {
   auto tokens = model.register_module("token_embedding", torch::nn::Embedding(c.vocab_size, c.hidden_size));
   torch::nn::Embedding positions{nullptr};
   if (c.position_embedding == "learned")
-    positions = model.register_module("position_embedding", torch::nn::Embedding(c.max_position_embeddings, c.hidden_size));
+    positions = model.register_module("position_embedding",
+                                      torch::nn::Embedding(c.max_position_embeddings, c.hidden_size));
   return {tokens, positions};
 }
 
 // h + the embedding of positions past .. past + N - 1 (learned or sinusoidal).
-at::Tensor add_positions(const ModelConfig& c, const at::Tensor& h, torch::nn::Embedding& learned, int64_t past) {
+at::Tensor add_positions(const ModelConfig& c, const at::Tensor& h, torch::nn::Embedding& learned,
+                         int64_t past) {
   const int64_t N = h.size(1);
   if (learned) {
     TORCH_CHECK(past + N <= c.max_position_embeddings, c.model_type, ": input_ids reach position ", past + N,
                 ", beyond max_position_embeddings = ", c.max_position_embeddings);
     return h + learned(at::arange(past, past + N, at::kLong));
   }
-  if (c.position_embedding == "sinusoidal") return h + nn::sinusoidal_positions(N, c.hidden_size, past, h.options());
+  if (c.position_embedding == "sinusoidal")
+    return h + nn::sinusoidal_positions(N, c.hidden_size, past, h.options());
   return h;
 }
 
@@ -99,12 +103,15 @@ void ModelBase::load_state(const io::NamedTensors& tensors) {
   if (!missing.empty()) problems += "\n  missing keys: " + list_names(missing);
   if (!unexpected.empty()) problems += "\n  unexpected keys: " + list_names(unexpected);
   if (!mismatched.empty()) problems += "\n  shape mismatch: " + list_names(mismatched);
-  if (!problems.empty()) throw std::invalid_argument("load_state: the checkpoint does not fit the " + config_.model_type + " model:" + problems);
+  if (!problems.empty())
+    throw std::invalid_argument("load_state: the checkpoint does not fit the " + config_.model_type +
+                                " model:" + problems);
   torch::NoGradGuard no_grad;
   for (auto& [name, dst] : state()) {
     const auto& src = given.at(name);
     TORCH_CHECK(at::isFloatingType(src.scalar_type()) == at::isFloatingType(dst.scalar_type()),
-                "load_state: ", name, " has dtype ", src.scalar_type(), ", the model holds ", dst.scalar_type());
+                "load_state: ", name, " has dtype ", src.scalar_type(), ", the model holds ",
+                dst.scalar_type());
     dst.copy_(src);
   }
 }
@@ -120,18 +127,19 @@ void ModelBase::save_pretrained(const std::string& dir) const {
 }
 
 at::Tensor ModelBase::check_ids(const at::Tensor& ids, const char* name, int64_t vocab) const {
-  TORCH_CHECK(ids.defined() && ids.dim() == 2, config_.model_type, ": ", name, " must have shape (batch, length), got ",
-              ids.defined() ? ids.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(ids.defined() && ids.dim() == 2, config_.model_type, ": ", name,
+              " must have shape (batch, length), got ", ids.defined() ? ids.sizes() : at::IntArrayRef{});
   TORCH_CHECK(!at::isFloatingType(ids.scalar_type()) && !at::isComplexType(ids.scalar_type()) &&
                   ids.scalar_type() != at::kBool,
               config_.model_type, ": ", name, " must hold integer ids, got ", ids.scalar_type());
   TORCH_CHECK(ids.size(0) > 0 && ids.size(1) > 0, config_.model_type, ": ", name,
               " must hold at least one sequence of at least one token, got ", ids.sizes());
-  TORCH_CHECK(ids.device().is_cpu(), config_.model_type, ": ", name, " is on ", ids.device(), ", expected cpu");
+  TORCH_CHECK(ids.device().is_cpu(), config_.model_type, ": ", name, " is on ", ids.device(),
+              ", expected cpu");
   auto ids64 = ids.to(at::kLong);
   const int64_t lo = ids64.min().item<int64_t>(), hi = ids64.max().item<int64_t>();
-  TORCH_CHECK(lo >= 0 && hi < vocab, config_.model_type, ": ", name, " must lie in [0, ", vocab, "), got values in [",
-              lo, ", ", hi, "]");
+  TORCH_CHECK(lo >= 0 && hi < vocab, config_.model_type, ": ", name, " must lie in [0, ", vocab,
+              "), got values in [", lo, ", ", hi, "]");
   return ids64;
 }
 
@@ -165,7 +173,8 @@ GPTImpl::GPTImpl(const ModelConfig& config) : ModelBase(config) {
   for (int64_t i = 0; i < c.num_layers; ++i) layers->push_back(nn::TransformerBlock(c, c.attention[i]));
   final_norm = register_module("final_norm", nn::layer_norm(c));
   if (!c.tie_word_embeddings)
-    lm_head = register_module("lm_head", torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.vocab_size).bias(false)));
+    lm_head = register_module(
+        "lm_head", torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.vocab_size).bias(false)));
   init_weights();
 }
 
@@ -175,14 +184,16 @@ bool GPTImpl::supports_kv_cache() const {
   return true;
 }
 
-at::Tensor GPTImpl::logits(const at::Tensor& input_ids, const std::optional<at::Tensor>& mask, nn::KVCache* cache) {
+at::Tensor GPTImpl::logits(const at::Tensor& input_ids, const std::optional<at::Tensor>& mask,
+                           nn::KVCache* cache) {
   const auto& c = config_;
   auto ids = check_ids(input_ids, "input_ids", c.vocab_size);
   const int64_t B = ids.size(0), N = ids.size(1);
   const int64_t past = cache && !cache->empty() ? cache->front().length() : 0;
   if (past > 0)
-    TORCH_CHECK(cache->front().k.size(0) == B, "gpt: input_ids has batch ", B, " but the KV cache holds batch ",
-                cache->front().k.size(0), "; use a fresh cache for a new batch");
+    TORCH_CHECK(cache->front().k.size(0) == B, "gpt: input_ids has batch ", B,
+                " but the KV cache holds batch ", cache->front().k.size(0),
+                "; use a fresh cache for a new batch");
   auto h = add_positions(c, token_embedding(ids), position_embedding, past);
   nn::AttentionInputs inputs;
   inputs.causal = true;
@@ -203,15 +214,17 @@ at::Tensor GPTImpl::generate(const at::Tensor& input_ids, const GenerationOption
   const auto& c = config_;
   auto ids = check_ids(input_ids, "input_ids", c.vocab_size);
   TORCH_CHECK(o.max_new_tokens >= 0, "generate: max_new_tokens must be >= 0, got ", o.max_new_tokens);
-  TORCH_CHECK(std::isfinite(o.temperature) && o.temperature >= 0, "generate: temperature must be >= 0 (0 = greedy), got ",
-              o.temperature);
+  TORCH_CHECK(std::isfinite(o.temperature) && o.temperature >= 0,
+              "generate: temperature must be >= 0 (0 = greedy), got ", o.temperature);
   TORCH_CHECK(o.top_k >= 0, "generate: top_k must be >= 0 (0 = off), got ", o.top_k);
   TORCH_CHECK(o.top_p > 0 && o.top_p <= 1, "generate: top_p must be in (0, 1], got ", o.top_p);
   const int64_t eos = o.eos_token_id == -2 ? c.eos_token_id : o.eos_token_id;
-  TORCH_CHECK(eos >= -1 && eos < c.vocab_size, "generate: eos_token_id must be in [-1, ", c.vocab_size, "), got ", eos);
+  TORCH_CHECK(eos >= -1 && eos < c.vocab_size, "generate: eos_token_id must be in [-1, ", c.vocab_size,
+              "), got ", eos);
   if (position_embedding)
-    TORCH_CHECK(ids.size(1) + o.max_new_tokens <= c.max_position_embeddings, "generate: prompt length ", ids.size(1),
-                " + max_new_tokens ", o.max_new_tokens, " exceeds max_position_embeddings = ", c.max_position_embeddings);
+    TORCH_CHECK(ids.size(1) + o.max_new_tokens <= c.max_position_embeddings, "generate: prompt length ",
+                ids.size(1), " + max_new_tokens ", o.max_new_tokens,
+                " exceeds max_position_embeddings = ", c.max_position_embeddings);
   std::optional<at::Generator> generator;
   if (o.seed) generator = at::make_generator<at::CPUGeneratorImpl>(*o.seed);
 
@@ -224,7 +237,8 @@ at::Tensor GPTImpl::generate(const at::Tensor& input_ids, const GenerationOption
   at::Tensor done = at::zeros({ids.size(0)}, at::kBool);
   for (int64_t step = 0; step < o.max_new_tokens; ++step) {
     auto last = (cached ? logits(next_input, std::nullopt, &cache) : logits(out, std::nullopt, nullptr))
-                    .select(1, -1).to(at::kFloat);
+                    .select(1, -1)
+                    .to(at::kFloat);
     at::Tensor next;
     if (o.temperature == 0) {
       next = last.argmax(-1);
@@ -259,14 +273,16 @@ BertImpl::BertImpl(const ModelConfig& config) : ModelBase(config) {
   TORCH_CHECK(config.model_type == "bert", "Bert: config.model_type is \"", config.model_type, "\"");
   const auto& c = config_;
   std::tie(token_embedding, position_embedding) = text_embeddings(*this, c);
-  token_type_embedding = register_module("token_type_embedding", torch::nn::Embedding(c.type_vocab_size, c.hidden_size));
+  token_type_embedding =
+      register_module("token_type_embedding", torch::nn::Embedding(c.type_vocab_size, c.hidden_size));
   embedding_norm = register_module("embedding_norm", nn::layer_norm(c));
   dropout = register_module("dropout", torch::nn::Dropout(c.dropout));
   for (int64_t i = 0; i < c.num_layers; ++i) layers->push_back(nn::TransformerBlock(c, c.attention[i]));
   mlm_transform = register_module("mlm_transform", torch::nn::Linear(c.hidden_size, c.hidden_size));
   mlm_norm = register_module("mlm_norm", nn::layer_norm(c));
   if (!c.tie_word_embeddings)
-    mlm_decoder = register_module("mlm_decoder", torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.vocab_size).bias(false)));
+    mlm_decoder = register_module(
+        "mlm_decoder", torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.vocab_size).bias(false)));
   mlm_bias = register_parameter("mlm_bias", at::zeros({c.vocab_size}));
   if (c.num_labels > 0) {
     pooler = register_module("pooler", torch::nn::Linear(c.hidden_size, c.hidden_size));
@@ -283,8 +299,8 @@ at::Tensor BertImpl::encode(const at::Tensor& input_ids, const std::optional<at:
   auto h = add_positions(c, token_embedding(ids), position_embedding, 0);
   if (token_type_ids) {
     auto types = check_ids(*token_type_ids, "token_type_ids", c.type_vocab_size);
-    TORCH_CHECK(types.sizes() == ids.sizes(), "bert: token_type_ids must have the shape of input_ids ", ids.sizes(),
-                ", got ", types.sizes());
+    TORCH_CHECK(types.sizes() == ids.sizes(), "bert: token_type_ids must have the shape of input_ids ",
+                ids.sizes(), ", got ", types.sizes());
     h = h + token_type_embedding(types);
   } else {
     h = h + token_type_embedding->weight[0];
@@ -300,8 +316,8 @@ at::Tensor BertImpl::forward(const at::Tensor& input_ids, const std::optional<at
   auto h = encode(input_ids, attention_mask, token_type_ids);
   if (predict_mask) {
     TORCH_CHECK(predict_mask->scalar_type() == at::kBool && predict_mask->sizes() == input_ids.sizes(),
-                "bert: predict_mask must be a bool tensor of the shape of input_ids ", input_ids.sizes(), ", got ",
-                predict_mask->scalar_type(), " ", predict_mask->sizes());
+                "bert: predict_mask must be a bool tensor of the shape of input_ids ", input_ids.sizes(),
+                ", got ", predict_mask->scalar_type(), " ", predict_mask->sizes());
     h = h.index({*predict_mask});
   }
   h = mlm_norm(nn::activation(config_.activation, mlm_transform(h)));
@@ -320,10 +336,13 @@ ViTImpl::ViTImpl(const ModelConfig& config) : ModelBase(config) {
   TORCH_CHECK(config.model_type == "vit", "ViT: config.model_type is \"", config.model_type, "\"");
   const auto& c = config_;
   const int64_t patches = (c.image_size / c.patch_size) * (c.image_size / c.patch_size);
-  patch_embedding = register_module("patch_embedding", torch::nn::Conv2d(torch::nn::Conv2dOptions(
-                                                           c.num_channels, c.hidden_size, c.patch_size).stride(c.patch_size)));
+  patch_embedding = register_module(
+      "patch_embedding",
+      torch::nn::Conv2d(
+          torch::nn::Conv2dOptions(c.num_channels, c.hidden_size, c.patch_size).stride(c.patch_size)));
   cls_token = register_parameter("cls_token", at::randn({1, 1, c.hidden_size}) * 0.02);
-  position_embedding = register_parameter("position_embedding", at::randn({1, patches + 1, c.hidden_size}) * 0.02);
+  position_embedding =
+      register_parameter("position_embedding", at::randn({1, patches + 1, c.hidden_size}) * 0.02);
   dropout = register_module("dropout", torch::nn::Dropout(c.dropout));
   for (int64_t i = 0; i < c.num_layers; ++i) layers->push_back(nn::TransformerBlock(c, c.attention[i]));
   final_norm = register_module("final_norm", nn::layer_norm(c));
@@ -335,8 +354,8 @@ at::Tensor ViTImpl::encode(const at::Tensor& pixel_values) {
   const auto& c = config_;
   TORCH_CHECK(pixel_values.dim() == 4 && pixel_values.size(0) > 0 && pixel_values.size(1) == c.num_channels &&
                   pixel_values.size(2) == c.image_size && pixel_values.size(3) == c.image_size,
-              "vit: pixel_values must have shape (batch, ", c.num_channels, ", ", c.image_size, ", ", c.image_size,
-              "), got ", pixel_values.sizes());
+              "vit: pixel_values must have shape (batch, ", c.num_channels, ", ", c.image_size, ", ",
+              c.image_size, "), got ", pixel_values.sizes());
   TORCH_CHECK(at::isFloatingType(pixel_values.scalar_type()), "vit: pixel_values must be floating, got ",
               pixel_values.scalar_type());
   auto x = patch_embedding(pixel_values.to(cls_token.scalar_type())).flatten(2).transpose(1, 2);
@@ -354,8 +373,10 @@ SpeechImpl::SpeechImpl(const ModelConfig& config) : ModelBase(config) {
   const auto& c = config_;
   const int64_t ch = c.subsampling_channels;
   const int64_t f1 = (c.n_mels - 3) / 2 + 1, f2 = (f1 - 3) / 2 + 1;
-  subsample_conv1 = register_module("subsample_conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, ch, 3).stride(2)));
-  subsample_conv2 = register_module("subsample_conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(ch, ch, 3).stride(2)));
+  subsample_conv1 =
+      register_module("subsample_conv1", torch::nn::Conv2d(torch::nn::Conv2dOptions(1, ch, 3).stride(2)));
+  subsample_conv2 =
+      register_module("subsample_conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(ch, ch, 3).stride(2)));
   subsample_proj = register_module("subsample_proj", torch::nn::Linear(ch * f2, c.hidden_size));
   dropout = register_module("dropout", torch::nn::Dropout(c.dropout));
   for (int64_t i = 0; i < c.num_layers; ++i)
@@ -373,7 +394,8 @@ at::Tensor SpeechImpl::mel_filterbank(at::ScalarType dtype) const {
   auto hz = [](const at::Tensor& m) { return 700.0 * (at::pow(10.0, m / 2595.0) - 1.0); };
   auto points = hz(at::linspace(0.0, mel(c.sample_rate / 2.0), c.n_mels + 2, at::kDouble));
   auto freqs = at::linspace(0.0, c.sample_rate / 2.0, bins, at::kDouble);
-  auto lower = points.narrow(0, 0, c.n_mels).unsqueeze(1), centre = points.narrow(0, 1, c.n_mels).unsqueeze(1),
+  auto lower = points.narrow(0, 0, c.n_mels).unsqueeze(1),
+       centre = points.narrow(0, 1, c.n_mels).unsqueeze(1),
        upper = points.narrow(0, 2, c.n_mels).unsqueeze(1);
   auto rising = (freqs - lower) / (centre - lower), falling = (upper - freqs) / (upper - centre);
   return at::clamp_min(at::minimum(rising, falling), 0.0).to(dtype);  // (n_mels, bins)
@@ -382,25 +404,27 @@ at::Tensor SpeechImpl::mel_filterbank(at::ScalarType dtype) const {
 std::tuple<at::Tensor, at::Tensor> SpeechImpl::features(const at::Tensor& waveforms,
                                                         const std::optional<at::Tensor>& lengths) const {
   const auto& c = config_;
-  TORCH_CHECK(waveforms.dim() == 2 && waveforms.size(0) > 0, "speech: waveforms must have shape (batch, samples), got ",
-              waveforms.sizes());
+  TORCH_CHECK(waveforms.dim() == 2 && waveforms.size(0) > 0,
+              "speech: waveforms must have shape (batch, samples), got ", waveforms.sizes());
   TORCH_CHECK(at::isFloatingType(waveforms.scalar_type()), "speech: waveforms must be floating, got ",
               waveforms.scalar_type());
-  TORCH_CHECK(waveforms.size(1) >= c.n_fft, "speech: waveforms must have at least n_fft = ", c.n_fft, " samples, got ",
-              waveforms.size(1));
+  TORCH_CHECK(waveforms.size(1) >= c.n_fft, "speech: waveforms must have at least n_fft = ", c.n_fft,
+              " samples, got ", waveforms.size(1));
   const int64_t B = waveforms.size(0), S = waveforms.size(1);
   at::Tensor samples = at::full({B}, S, at::kLong);
   if (lengths) {
     TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == B && !at::isFloatingType(lengths->scalar_type()),
-                "speech: lengths must be (batch,) integers, got ", lengths->sizes(), " ", lengths->scalar_type());
+                "speech: lengths must be (batch,) integers, got ", lengths->sizes(), " ",
+                lengths->scalar_type());
     samples = lengths->to(at::kLong);
     TORCH_CHECK(samples.min().item<int64_t>() >= 1 && samples.max().item<int64_t>() <= S,
                 "speech: lengths must lie in [1, ", S, "]");
   }
   const auto dtype = subsample_proj->weight.scalar_type();
   auto x = waveforms.to(dtype);
-  auto spectrum = at::stft(x, c.n_fft, c.hop_length, c.n_fft, at::hann_window(c.n_fft, x.options()), /*center=*/true,
-                           "reflect", /*normalized=*/false, /*onesided=*/true, /*return_complex=*/true);
+  auto spectrum =
+      at::stft(x, c.n_fft, c.hop_length, c.n_fft, at::hann_window(c.n_fft, x.options()), /*center=*/true,
+               "reflect", /*normalized=*/false, /*onesided=*/true, /*return_complex=*/true);
   auto power = at::real(spectrum * spectrum.conj());  // (B, bins, frames)
   auto mel = at::matmul(mel_filterbank(dtype), power);
   auto feats = at::log(mel + 1e-6).transpose(1, 2);  // (B, frames, n_mels)
@@ -423,8 +447,8 @@ std::tuple<at::Tensor, at::Tensor> SpeechImpl::forward(const at::Tensor& wavefor
                                                        const std::optional<at::Tensor>& lengths) {
   const auto& c = config_;
   auto [feats, frames] = features(waveforms, lengths);
-  TORCH_CHECK(feats.size(1) >= 7, "speech: the input is too short for two stride-2 convolutions (", feats.size(1),
-              " frames, need 7)");
+  TORCH_CHECK(feats.size(1) >= 7, "speech: the input is too short for two stride-2 convolutions (",
+              feats.size(1), " frames, need 7)");
   auto x = at::relu(subsample_conv2(at::relu(subsample_conv1(feats.unsqueeze(1)))));  // (B, ch, T', F')
   x = subsample_proj(x.transpose(1, 2).flatten(2));
   auto out_lengths = at::clamp_min(at::div(at::div(frames - 3, 2, "floor") + 1 - 3, 2, "floor") + 1, 1);
@@ -440,7 +464,8 @@ std::tuple<at::Tensor, at::Tensor> SpeechImpl::forward(const at::Tensor& wavefor
   return {at::log_softmax(ctc_head(h), -1), out_lengths};
 }
 
-std::vector<std::vector<int64_t>> SpeechImpl::greedy_decode(const at::Tensor& log_probs, const at::Tensor& lengths) const {
+std::vector<std::vector<int64_t>> SpeechImpl::greedy_decode(const at::Tensor& log_probs,
+                                                            const at::Tensor& lengths) const {
   TORCH_CHECK(log_probs.dim() == 3 && lengths.dim() == 1 && lengths.size(0) == log_probs.size(0),
               "speech: greedy_decode takes log_probs (B, T, vocab) and lengths (B,)");
   auto best = log_probs.argmax(-1).to(at::kLong).contiguous();

@@ -45,7 +45,8 @@ class ModelBase : public torch::nn::Module {
   void init_weights();
   // input_ids (B, N) integer ids in [0, vocab_size); returns them as int64.
   at::Tensor check_ids(const at::Tensor& ids, const char* name, int64_t vocab) const;
-  std::optional<at::Tensor> check_padding_mask(const std::optional<at::Tensor>& mask, int64_t B, int64_t N) const;
+  std::optional<at::Tensor> check_padding_mask(const std::optional<at::Tensor>& mask, int64_t B,
+                                               int64_t N) const;
   at::Tensor run_layers(at::Tensor h, const nn::AttentionInputs& inputs, nn::KVCache* cache = nullptr);
 
   ModelConfig config_;
@@ -58,11 +59,11 @@ class ModelBase : public torch::nn::Module {
 
 struct GenerationOptions {
   int64_t max_new_tokens = 32;
-  double temperature = 0.0;  // 0: greedy; > 0: sample from softmax(logits / temperature)
-  int64_t top_k = 0;         // sample among the k most likely tokens (0: all)
-  double top_p = 1.0;        // nucleus: the smallest set with probability >= top_p
-  int64_t eos_token_id = -2; // -2: the config's eos_token_id; -1: none
-  bool use_cache = true;     // KV cache (kinds without one recompute the prefix)
+  double temperature = 0.0;      // 0: greedy; > 0: sample from softmax(logits / temperature)
+  int64_t top_k = 0;             // sample among the k most likely tokens (0: all)
+  double top_p = 1.0;            // nucleus: the smallest set with probability >= top_p
+  int64_t eos_token_id = -2;     // -2: the config's eos_token_id; -1: none
+  bool use_cache = true;         // KV cache (kinds without one recompute the prefix)
   std::optional<uint64_t> seed;  // sampling generator seed (default: the global one)
 };
 
@@ -70,7 +71,8 @@ class GPTImpl : public ModelBase {
  public:
   explicit GPTImpl(const ModelConfig& config);
   // input_ids (B, N) -> logits (B, N, vocab). attention_mask (B, N) bool: false = padding.
-  at::Tensor forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask = std::nullopt);
+  at::Tensor forward(const at::Tensor& input_ids,
+                     const std::optional<at::Tensor>& attention_mask = std::nullopt);
   // The logits of input_ids continuing the sequence held by `cache` (filled in).
   at::Tensor forward_cached(const at::Tensor& input_ids, nn::KVCache& cache);
   // input_ids (B, N) -> (B, N + generated); rows that emit eos are padded with eos.
@@ -95,14 +97,17 @@ class BertImpl : public ModelBase {
   // With predict_mask (B, N) bool, only the logits of the positions marked
   // true, (count, vocab) in row-major order: training needs the masked
   // positions alone, and the head is then applied to those only.
-  at::Tensor forward(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask = std::nullopt,
+  at::Tensor forward(const at::Tensor& input_ids,
+                     const std::optional<at::Tensor>& attention_mask = std::nullopt,
                      const std::optional<at::Tensor>& token_type_ids = std::nullopt,
                      const std::optional<at::Tensor>& predict_mask = std::nullopt);
   // Final hidden states (B, N, C).
-  at::Tensor encode(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask = std::nullopt,
+  at::Tensor encode(const at::Tensor& input_ids,
+                    const std::optional<at::Tensor>& attention_mask = std::nullopt,
                     const std::optional<at::Tensor>& token_type_ids = std::nullopt);
   // Sequence-classification logits (B, num_labels) from the pooled first token.
-  at::Tensor classify(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask = std::nullopt,
+  at::Tensor classify(const at::Tensor& input_ids,
+                      const std::optional<at::Tensor>& attention_mask = std::nullopt,
                       const std::optional<at::Tensor>& token_type_ids = std::nullopt);
 
   torch::nn::Embedding token_embedding{nullptr}, position_embedding{nullptr}, token_type_embedding{nullptr};
@@ -144,7 +149,8 @@ class SpeechImpl : public ModelBase {
   std::tuple<at::Tensor, at::Tensor> features(const at::Tensor& waveforms,
                                               const std::optional<at::Tensor>& lengths = std::nullopt) const;
   // Greedy CTC: best label per frame, repeats merged, blanks removed.
-  std::vector<std::vector<int64_t>> greedy_decode(const at::Tensor& log_probs, const at::Tensor& lengths) const;
+  std::vector<std::vector<int64_t>> greedy_decode(const at::Tensor& log_probs,
+                                                  const at::Tensor& lengths) const;
 
   torch::nn::Conv2d subsample_conv1{nullptr}, subsample_conv2{nullptr};
   torch::nn::Linear subsample_proj{nullptr}, ctc_head{nullptr};

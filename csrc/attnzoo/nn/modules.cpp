@@ -19,7 +19,8 @@ bool is_dense_family(const std::string& kind) {
   return kind == "dense" || kind == "alibi" || kind == "rotary" || kind == "t5" || kind == "local";
 }
 
-at::Tensor normal_parameter(torch::nn::Module& m, const std::string& name, at::IntArrayRef shape, double std) {
+at::Tensor normal_parameter(torch::nn::Module& m, const std::string& name, at::IntArrayRef shape,
+                            double std) {
   return m.register_parameter(name, at::randn(shape) * std);
 }
 
@@ -59,12 +60,17 @@ MultiHeadAttentionImpl::MultiHeadAttentionImpl(const ModelConfig& config, const 
   const bool shared_qk = attention_.kind == "lsh";
   if (config.fused_qkv && !cross) {
     qkv_proj = register_module(
-        "qkv_proj", torch::nn::Linear(torch::nn::LinearOptions(hidden_, q_out + (shared_qk ? 0 : kv_out) + kv_out).bias(bias)));
+        "qkv_proj",
+        torch::nn::Linear(
+            torch::nn::LinearOptions(hidden_, q_out + (shared_qk ? 0 : kv_out) + kv_out).bias(bias)));
   } else {
-    q_proj = register_module("q_proj", torch::nn::Linear(torch::nn::LinearOptions(hidden_, q_out).bias(bias)));
+    q_proj =
+        register_module("q_proj", torch::nn::Linear(torch::nn::LinearOptions(hidden_, q_out).bias(bias)));
     if (!shared_qk)
-      k_proj = register_module("k_proj", torch::nn::Linear(torch::nn::LinearOptions(hidden_, kv_out).bias(bias)));
-    v_proj = register_module("v_proj", torch::nn::Linear(torch::nn::LinearOptions(hidden_, kv_out).bias(bias)));
+      k_proj =
+          register_module("k_proj", torch::nn::Linear(torch::nn::LinearOptions(hidden_, kv_out).bias(bias)));
+    v_proj =
+        register_module("v_proj", torch::nn::Linear(torch::nn::LinearOptions(hidden_, kv_out).bias(bias)));
   }
   out_proj = register_module("out_proj", torch::nn::Linear(q_out, hidden_));
   const auto& a = attention_;
@@ -85,8 +91,8 @@ bool MultiHeadAttentionImpl::supports_kv_cache() const {
   return is_dense_family(attention_.kind) || attention_.kind == "shaw" || attention_.kind == "block_sparse";
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> MultiHeadAttentionImpl::project(const at::Tensor& x,
-                                                                               const AttentionInputs& inputs) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> MultiHeadAttentionImpl::project(
+    const at::Tensor& x, const AttentionInputs& inputs) {
   TORCH_CHECK(x.dim() == 3 && x.size(2) == hidden_, "attention: input must have shape (B, N, ", hidden_,
               "), got ", x.sizes());
   TORCH_CHECK(!cross_ || inputs.context != nullptr, "attention: a cross-attention layer needs a context");
@@ -121,15 +127,19 @@ at::Tensor MultiHeadAttentionImpl::block_layout(int64_t nq, int64_t nk, bool cau
   const int64_t nb = std::max(nkb, (max_positions_ + a.block_size - 1) / a.block_size);
   std::lock_guard<std::mutex> lock(layout_mutex_);  // one module may serve several threads
   if (!layout_.defined() || layout_.size(1) < nb || layout_causal_ != causal) {
-    if (a.layout == "local") layout_ = layouts::local(nb, nb, a.layout_window, causal);
+    if (a.layout == "local")
+      layout_ = layouts::local(nb, nb, a.layout_window, causal);
     else if (a.layout == "bigbird")
       layout_ = layouts::bigbird(nb, nb, a.layout_window, a.num_global, a.num_random, heads_, a.seed, causal);
-    else if (a.layout == "fixed") layout_ = layouts::fixed(nb, a.stride, a.num_summary, causal);
-    else layout_ = layouts::strided(nb, a.stride, causal);
+    else if (a.layout == "fixed")
+      layout_ = layouts::fixed(nb, a.stride, a.num_summary, causal);
+    else
+      layout_ = layouts::strided(nb, a.stride, causal);
     layout_causal_ = causal;
   }
   // Query blocks stand bottom-right: one new token after a cache is the last block's row.
-  TORCH_CHECK(nq == nk || nq == 1, "attention: block_sparse with a cache takes one new token at a time, got ", nq);
+  TORCH_CHECK(nq == nk || nq == 1, "attention: block_sparse with a cache takes one new token at a time, got ",
+              nq);
   const int64_t nqb = nq == nk ? nkb : 1;
   return layout_.narrow(1, nkb - nqb, nqb).narrow(2, 0, nkb);
 }
@@ -150,14 +160,16 @@ at::Tensor MultiHeadAttentionImpl::attend(const at::Tensor& q, const at::Tensor&
   if (a.kind == "shaw")
     return ops::shaw_attention(q, kr, vr, shaw_rel_k, shaw_rel_v, a.max_distance, mask4, causal, p);
   if (a.kind == "block_sparse")
-    return ops::block_sparse_attention(q, kr, vr, block_layout(Nq, Nk, causal), a.block_size, causal, mask4, p);
+    return ops::block_sparse_attention(q, kr, vr, block_layout(Nq, Nk, causal), a.block_size, causal, mask4,
+                                       p);
   if (a.kind == "linformer") {
-    TORCH_CHECK(Nk <= max_positions_, "attention: linformer projects at most max_position_embeddings = ",
-                max_positions_, " keys, got ", Nk);
+    TORCH_CHECK(Nk <= max_positions_,
+                "attention: linformer projects at most max_position_embeddings = ", max_positions_,
+                " keys, got ", Nk);
     if (causal) return causal_linformer(q, kr, vr, inputs.key_padding_mask, p);
-    return ops::linformer_attention(q, kr, vr, linformer_e,
-                                    linformer_f.defined() ? std::optional<at::Tensor>(linformer_f) : std::nullopt,
-                                    inputs.key_padding_mask, p);
+    return ops::linformer_attention(
+        q, kr, vr, linformer_e, linformer_f.defined() ? std::optional<at::Tensor>(linformer_f) : std::nullopt,
+        inputs.key_padding_mask, p);
   }
   if (a.kind == "lsh") {
     // Reformer draws fresh random rotations at every call; the number of
@@ -165,25 +177,31 @@ at::Tensor MultiHeadAttentionImpl::attend(const at::Tensor& q, const at::Tensor&
     int64_t buckets = std::max<int64_t>(2, (Nk + a.bucket_size - 1) / a.bucket_size);
     buckets += buckets % 2;
     auto rotations = at::randn({head_dim_, a.n_hashes, buckets / 2}, q.options());
-    return std::get<0>(ops::lsh_attention(q, vr, rotations, a.bucket_size, causal, inputs.key_padding_mask, p));
+    return std::get<0>(
+        ops::lsh_attention(q, vr, rotations, a.bucket_size, causal, inputs.key_padding_mask, p));
   }
-  if (a.kind == "linear") return ops::linear_attention(q, kr, vr, a.feature_map, causal, inputs.key_padding_mask);
+  if (a.kind == "linear")
+    return ops::linear_attention(q, kr, vr, a.feature_map, causal, inputs.key_padding_mask);
   // longformer: global tokens that exist at this length.
   std::vector<int64_t> global;
   for (int64_t t : a.global_tokens)
     if (t < Nk && std::find(global.begin(), global.end(), t) == global.end()) global.push_back(t);
-  return ops::longformer_attention(q, kr, vr, a.window, at::tensor(global, at::kLong), inputs.key_padding_mask, p);
+  return ops::longformer_attention(q, kr, vr, a.window, at::tensor(global, at::kLong),
+                                   inputs.key_padding_mask, p);
 }
 
-at::Tensor MultiHeadAttentionImpl::causal_linformer(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                    const std::optional<at::Tensor>& key_padding_mask, double p) {
+at::Tensor MultiHeadAttentionImpl::causal_linformer(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& v,
+                                                    const std::optional<at::Tensor>& key_padding_mask,
+                                                    double p) {
   // Linformer's projection mixes every position, so a causal model cannot
   // use it as is. Here each query attends exactly to the earlier tokens of
   // its own chunk and to the Linformer projection (E, F) of all the chunks
   // before it; the two attentions merge exactly through their log-sum-exps.
   // Cost O(N (chunk + projected_length) D): linear in N.
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), Dv = v.size(3);
-  const int64_t c = attention_.chunk_size, nb = (N + c - 1) / c, Np = nb * c, Kp = attention_.projected_length;
+  const int64_t c = attention_.chunk_size, nb = (N + c - 1) / c, Np = nb * c,
+                Kp = attention_.projected_length;
   auto pad = [&](const at::Tensor& t) { return Np == N ? t : at::constant_pad_nd(t, {0, 0, 0, Np - N}); };
   auto chunks = [&](const at::Tensor& t) {  // (B, H, Np, d) -> (B * nb, H, c, d)
     return pad(t).view({B, H, nb, c, t.size(3)}).transpose(1, 2).reshape({B * nb, H, c, t.size(3)});
@@ -196,7 +214,8 @@ at::Tensor MultiHeadAttentionImpl::causal_linformer(const at::Tensor& q, const a
       ops::AttentionOptions().causal(true).dropout_p(p).mask(keep.view({B * nb, 1, 1, c})));
   // Earlier chunks: per-chunk projections E[:, chunk] k_chunk, summed over the chunks before.
   auto project = [&](const at::Tensor& P, const at::Tensor& x) {
-    auto Pc = at::constant_pad_nd(P.narrow(1, 0, N), {0, Np - N}).view({Kp, nb, c}).transpose(0, 1);  // (nb, Kp, c)
+    auto Pc =
+        at::constant_pad_nd(P.narrow(1, 0, N), {0, Np - N}).view({Kp, nb, c}).transpose(0, 1);  // (nb, Kp, c)
     auto xs = (pad(x) * keep.view({B, 1, Np, 1}).to(x.scalar_type())).view({B, H, nb, c, x.size(3)});
     auto per_chunk = at::matmul(Pc.to(x.scalar_type()), xs);  // (B, H, nb, Kp, d)
     auto before = per_chunk.cumsum(2) - per_chunk;
@@ -207,7 +226,9 @@ at::Tensor MultiHeadAttentionImpl::causal_linformer(const at::Tensor& q, const a
       chunks(q), project(linformer_e, k), project(linformer_f.defined() ? linformer_f : linformer_e, v),
       ops::AttentionOptions().dropout_p(p).mask(has_past.expand({B * nb, 1, 1, Kp})));
   auto lse = at::logaddexp(lse_local, lse_past);
-  auto weight = [&](const at::Tensor& part) { return (part - lse).exp().nan_to_num(0.0).unsqueeze(-1).to(q.scalar_type()); };
+  auto weight = [&](const at::Tensor& part) {
+    return (part - lse).exp().nan_to_num(0.0).unsqueeze(-1).to(q.scalar_type());
+  };
   auto out = out_local * weight(lse_local) + out_past * weight(lse_past);  // (B * nb, H, c, Dv)
   return out.view({B, nb, H, c, Dv}).transpose(1, 2).reshape({B, H, Np, Dv}).narrow(2, 0, N);
 }
@@ -250,7 +271,8 @@ std::pair<at::Tensor, at::Tensor> MultiHeadAttentionImpl::rotate(const at::Tenso
                                                                  int64_t past) const {
   const auto& a = attention_;
   const std::optional<int64_t> dim = a.rotary_dim > 0 ? std::optional<int64_t>(a.rotary_dim) : std::nullopt;
-  return {ops::rotary(q, std::nullopt, past, a.rotary_base, dim), ops::rotary(k, std::nullopt, past, a.rotary_base, dim)};
+  return {ops::rotary(q, std::nullopt, past, a.rotary_base, dim),
+          ops::rotary(k, std::nullopt, past, a.rotary_base, dim)};
 }
 
 ops::AttentionOptions MultiHeadAttentionImpl::dense_options(const at::Tensor& q, const at::Tensor& k,
@@ -271,15 +293,14 @@ FeedForwardImpl::FeedForwardImpl(const ModelConfig& config) : activation_(config
   fc_out = register_module("fc_out", torch::nn::Linear(config.ffn_size(), config.hidden_size));
 }
 
-at::Tensor FeedForwardImpl::forward(const at::Tensor& x) {
-  return fc_out(activation(activation_, fc_in(x)));
-}
+at::Tensor FeedForwardImpl::forward(const at::Tensor& x) { return fc_out(activation(activation_, fc_in(x))); }
 
 // ---------------------------------------------------------------------------
 ConvModuleImpl::ConvModuleImpl(const ModelConfig& config) {
   const int64_t C = config.hidden_size, k = config.conv_kernel_size;
   pointwise_in = register_module("pointwise_in", torch::nn::Conv1d(torch::nn::Conv1dOptions(C, 2 * C, 1)));
-  depthwise = register_module("depthwise", torch::nn::Conv1d(torch::nn::Conv1dOptions(C, C, k).padding(k / 2).groups(C)));
+  depthwise = register_module("depthwise",
+                              torch::nn::Conv1d(torch::nn::Conv1dOptions(C, C, k).padding(k / 2).groups(C)));
   depthwise_norm = register_module("depthwise_norm", layer_norm(config));
   pointwise_out = register_module("pointwise_out", torch::nn::Conv1d(torch::nn::Conv1dOptions(C, C, 1)));
   dropout = register_module("dropout", torch::nn::Dropout(config.dropout));
@@ -288,7 +309,7 @@ ConvModuleImpl::ConvModuleImpl(const ModelConfig& config) {
 at::Tensor ConvModuleImpl::forward(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask) {
   auto h = at::glu(pointwise_in(x.transpose(1, 2)), 1);  // (B, C, N)
   if (key_padding_mask) h = h.masked_fill(key_padding_mask->logical_not().unsqueeze(1), 0.0);
-  h = depthwise_norm(depthwise(h).transpose(1, 2));      // (B, N, C)
+  h = depthwise_norm(depthwise(h).transpose(1, 2));  // (B, N, C)
   h = pointwise_out(at::silu(h).transpose(1, 2)).transpose(1, 2);
   return dropout(h);
 }
@@ -323,11 +344,13 @@ at::Tensor TransformerBlockImpl::forward(const at::Tensor& x, const AttentionInp
   self_inputs.context = nullptr;
   auto h = residual(x, attn_norm, [&](const at::Tensor& y) { return dropout(attn(y, self_inputs)); });
   if (cross_attn) {
-    TORCH_CHECK(inputs.context != nullptr, "transformer block: this block has cross-attention and needs a context");
+    TORCH_CHECK(inputs.context != nullptr,
+                "transformer block: this block has cross-attention and needs a context");
     AttentionInputs cross_inputs;
     cross_inputs.context = inputs.context;
     cross_inputs.key_padding_mask = context_mask;
-    h = residual(h, cross_attn_norm, [&](const at::Tensor& y) { return dropout(cross_attn(y, cross_inputs)); });
+    h = residual(h, cross_attn_norm,
+                 [&](const at::Tensor& y) { return dropout(cross_attn(y, cross_inputs)); });
   }
   if (conv_module)
     h = residual(h, conv_norm, [&](const at::Tensor& y) { return conv_module(y, inputs.key_padding_mask); });

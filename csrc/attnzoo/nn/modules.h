@@ -70,13 +70,15 @@ class MultiHeadAttentionImpl : public torch::nn::Module {
 
  private:
   std::tuple<at::Tensor, at::Tensor, at::Tensor> project(const at::Tensor& x, const AttentionInputs& inputs);
-  at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionInputs& inputs);
+  at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const AttentionInputs& inputs);
   at::Tensor block_layout(int64_t nq, int64_t nk, bool causal);
   at::Tensor causal_linformer(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& key_padding_mask, double p);
   std::pair<at::Tensor, at::Tensor> rotate(const at::Tensor& q, const at::Tensor& k, int64_t past) const;
   // Dense-family options: the padding mask (B, Nk) as (B, 1, 1, Nk), causality, the kind's bias.
-  ops::AttentionOptions dense_options(const at::Tensor& q, const at::Tensor& k, const AttentionInputs& inputs) const;
+  ops::AttentionOptions dense_options(const at::Tensor& q, const at::Tensor& k,
+                                      const AttentionInputs& inputs) const;
 
   AttentionConfig attention_;
   int64_t hidden_, heads_, kv_heads_, head_dim_, max_positions_;
@@ -118,8 +120,8 @@ TORCH_MODULE(ConvModule);
 
 class TransformerBlockImpl : public torch::nn::Module {
  public:
-  TransformerBlockImpl(const ModelConfig& config, const AttentionConfig& attention, bool cross_attention = false,
-                       bool conv_module = false);
+  TransformerBlockImpl(const ModelConfig& config, const AttentionConfig& attention,
+                       bool cross_attention = false, bool conv_module = false);
   at::Tensor forward(const at::Tensor& x, const AttentionInputs& inputs = {},
                      const std::optional<at::Tensor>& context_mask = std::nullopt);
 

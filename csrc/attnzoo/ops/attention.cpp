@@ -65,7 +65,7 @@ void check_floating(const char* op, const char* name, const at::Tensor& t, const
 
 std::string attention_options_schema() {
   std::string out;
-#define ATTNZOO_OPTION_SCHEMA(name, T, default_value)                                    \
+#define ATTNZOO_OPTION_SCHEMA(name, T, default_value)                                  \
   out += std::string(out.empty() ? "" : ", ") + OptionArg<T>::schema + " " #name "=" + \
          schema_literal<T>(T(default_value));
   ATTNZOO_ATTENTION_OPTIONS(ATTNZOO_OPTION_SCHEMA)
@@ -78,13 +78,13 @@ Shapes<Int> check_attention(const char* op, const at::Tensor& q, const at::Tenso
                             const AttentionOptions& o) {
   for (auto [name, t] : {std::pair{"q", &q}, {"k", &k}, {"v", &v}}) {
     TORCH_CHECK(t->defined(), op, ": ", name, " is undefined");
-    TORCH_CHECK(t->dim() == 4, op, ": ", name, " must have shape (B, H, N, D), got ", t->dim(), " dimensions ",
-                shape_str(*t));
+    TORCH_CHECK(t->dim() == 4, op, ": ", name, " must have shape (B, H, N, D), got ", t->dim(),
+                " dimensions ", shape_str(*t));
     const auto dt = t->scalar_type();
     TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, op, ": ", name,
                 " must be float32, float64 or bfloat16, got ", dt);
-    TORCH_CHECK(t->device() == q.device(), op, ": q, k and v must be on one device, got q on ", q.device(), ", ",
-                name, " on ", t->device());
+    TORCH_CHECK(t->device() == q.device(), op, ": q, k and v must be on one device, got q on ", q.device(),
+                ", ", name, " on ", t->device());
   }
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
               ": q, k and v must have one dtype, got ", q.scalar_type(), ", ", k.scalar_type(), ", ",
@@ -93,12 +93,12 @@ Shapes<Int> check_attention(const char* op, const at::Tensor& q, const at::Tenso
   Shapes<Int> s{qs[0], qs[1], ks[1], qs[2], ks[2], qs[3], vs[3]};
   TORCH_CHECK(ks[0] == s.B && vs[0] == s.B, op, ": q, k and v must have the same batch size B, got q ",
               shape_str(q), ", k ", shape_str(k), ", v ", shape_str(v));
-  TORCH_CHECK(vs[1] == s.Hkv, op, ": k and v must have the same number of heads, got k ", shape_str(k), " and v ",
-              shape_str(v));
+  TORCH_CHECK(vs[1] == s.Hkv, op, ": k and v must have the same number of heads, got k ", shape_str(k),
+              " and v ", shape_str(v));
   TORCH_CHECK(s.Hkv > 0 && s.H % s.Hkv == 0, op, ": the heads of q (H=", s.H,
               ") must be a multiple of the heads of k and v (Hkv=", s.Hkv, ")");
-  TORCH_CHECK(vs[2] == s.Nk, op, ": k and v must have the same sequence length, got k ", shape_str(k), " and v ",
-              shape_str(v));
+  TORCH_CHECK(vs[2] == s.Nk, op, ": k and v must have the same sequence length, got k ", shape_str(k),
+              " and v ", shape_str(v));
   TORCH_CHECK(ks[3] == s.D, op, ": q and k must have the same head dim D, got q ", shape_str(q), " and k ",
               shape_str(k));
   TORCH_CHECK(s.D > 0, op, ": head dim D of q and k must be positive");
@@ -125,8 +125,8 @@ Shapes<Int> check_attention(const char* op, const at::Tensor& q, const at::Tenso
   if (given(o.t5_table())) {
     const auto& t = *o.t5_table();
     check_floating(op, "t5_table", t, q);
-    TORCH_CHECK(t.dim() == 2 && sizes_of<Int>(t)[1] == s.H, op, ": t5_table must have shape (num_buckets, H) with H = ",
-                s.H, ", got ", shape_str(t));
+    TORCH_CHECK(t.dim() == 2 && sizes_of<Int>(t)[1] == s.H, op,
+                ": t5_table must have shape (num_buckets, H) with H = ", s.H, ", got ", shape_str(t));
     TORCH_CHECK(sizes_of<Int>(t)[0] >= (o.t5_bidirectional() ? 4 : 2), op, ": t5_table must have at least ",
                 o.t5_bidirectional() ? 4 : 2, " buckets, got ", shape_str(t));
   }
@@ -139,8 +139,8 @@ Shapes<Int> check_attention(const char* op, const at::Tensor& q, const at::Tenso
     const Int rows = (s.Nq + bs - 1) / bs, cols = (s.Nk + bs - 1) / bs;
     const auto ls = sizes_of<Int>(l);
     TORCH_CHECK(l.dim() == 3 && (ls[0] == 1 || ls[0] == s.H) && ls[1] == rows && ls[2] == cols, op,
-                ": layout must have shape (H or 1, ceil(Nq/block_size), ceil(Nk/block_size)) = (", s.H, " or 1, ",
-                rows, ", ", cols, ") for block_size ", bs, ", got ", shape_str(l));
+                ": layout must have shape (H or 1, ceil(Nq/block_size), ceil(Nk/block_size)) = (", s.H,
+                " or 1, ", rows, ", ", cols, ") for block_size ", bs, ", got ", shape_str(l));
   }
   if (given(o.shaw_k())) {
     TORCH_CHECK(!given(o.layout()), op, ": Shaw relative positions and a block layout cannot be combined");
@@ -163,7 +163,8 @@ Shapes<Int> check_attention(const char* op, const at::Tensor& q, const at::Tenso
     const auto& w = *o.window();
     TORCH_CHECK(w[0] >= 0 && w[1] >= 0, op, ": window sizes must be >= 0, got (", w[0], ", ", w[1], ")");
   }
-  TORCH_CHECK(!o.scale().has_value() || std::isfinite(*o.scale()), op, ": scale must be finite, got ", *o.scale());
+  TORCH_CHECK(!o.scale().has_value() || std::isfinite(*o.scale()), op, ": scale must be finite, got ",
+              *o.scale());
   TORCH_CHECK(std::isfinite(o.dropout_p()) && o.dropout_p() >= 0.0 && o.dropout_p() <= 1.0, op,
               ": dropout_p must be in [0, 1], got ", o.dropout_p());
   return s;
@@ -206,10 +207,12 @@ at::TensorOptions lse_options(const at::Tensor& q) {
 detail::Tensor2 forward_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const AttentionOptions& options) {
   const SymShapes s = detail::check_attention<c10::SymInt>("attention", q, k, v, options);
-  return {at::empty_symint({s.B, s.H, s.Nq, s.Dv}, q.options()), at::empty_symint({s.B, s.H, s.Nq}, lse_options(q))};
+  return {at::empty_symint({s.B, s.H, s.Nq, s.Dv}, q.options()),
+          at::empty_symint({s.B, s.H, s.Nq}, lse_options(q))};
 }
 
-detail::Tensor2 attention_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v ATTNZOO_OPTION_PARAMS) {
+detail::Tensor2 attention_meta(const at::Tensor& q, const at::Tensor& k,
+                               const at::Tensor& v ATTNZOO_OPTION_PARAMS) {
   ATTNZOO_OPTIONS_FROM_PARAMS
   return forward_meta(q, k, v, options);
 }
@@ -233,23 +236,21 @@ at::Tensor grad_like(const OptTensor& input, bool wanted, const at::Tensor& q) {
                                 : at::empty({0}, q.options());
 }
 
-detail::Tensor7 attention_backward_meta(const at::Tensor& grad_out, const OptTensor& grad_lse, const at::Tensor& q,
-                                        const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                                        const at::Tensor& lse ATTNZOO_OPTION_PARAMS, const OptTensor&,
-                                        detail::OptionGradMask wanted) {
+detail::Tensor7 attention_backward_meta(const at::Tensor& grad_out, const OptTensor& grad_lse,
+                                        const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                        const at::Tensor& out, const at::Tensor& lse ATTNZOO_OPTION_PARAMS,
+                                        const OptTensor&, detail::OptionGradMask wanted) {
   ATTNZOO_OPTIONS_FROM_PARAMS
   const SymShapes s = detail::check_attention<c10::SymInt>("attention_backward", q, k, v, options);
-  TORCH_CHECK(grad_out.sym_sizes() == out.sym_sizes() && out.sym_sizes() == c10::SymIntArrayRef({s.B, s.H, s.Nq, s.Dv}),
+  TORCH_CHECK(grad_out.sym_sizes() == out.sym_sizes() &&
+                  out.sym_sizes() == c10::SymIntArrayRef({s.B, s.H, s.Nq, s.Dv}),
               "attention_backward: grad_out and out must have shape (B, H, Nq, Dv)");
   TORCH_CHECK(lse.sym_sizes() == c10::SymIntArrayRef({s.B, s.H, s.Nq}) &&
                   (!given(grad_lse) || grad_lse->sym_sizes() == lse.sym_sizes()),
               "attention_backward: lse and grad_lse must have shape (B, H, Nq)");
-  return {at::empty_symint(q.sym_sizes(), q.options()),
-          at::empty_symint(k.sym_sizes(), k.options()),
-          at::empty_symint(v.sym_sizes(), v.options()),
-          grad_like(options.bias(), wanted[0], q),
-          grad_like(options.t5_table(), wanted[1], q),
-          grad_like(options.shaw_k(), wanted[2], q),
+  return {at::empty_symint(q.sym_sizes(), q.options()), at::empty_symint(k.sym_sizes(), k.options()),
+          at::empty_symint(v.sym_sizes(), v.options()), grad_like(options.bias(), wanted[0], q),
+          grad_like(options.t5_table(), wanted[1], q),  grad_like(options.shaw_k(), wanted[2], q),
           grad_like(options.shaw_v(), wanted[3], q)};
 }
 
@@ -277,8 +278,8 @@ at::Tensor t5_relative_bucket(const at::Tensor& relative_position, bool bidirect
   const char* op = "t5_relative_bucket";
   TORCH_CHECK(at::isIntegralType(relative_position.scalar_type(), /*includeBool=*/false), op,
               ": relative_position must be an integer tensor, got ", relative_position.scalar_type());
-  TORCH_CHECK(num_buckets >= (bidirectional ? 4 : 2), op, ": num_buckets must be at least ", bidirectional ? 4 : 2,
-              ", got ", num_buckets);
+  TORCH_CHECK(num_buckets >= (bidirectional ? 4 : 2), op, ": num_buckets must be at least ",
+              bidirectional ? 4 : 2, ", got ", num_buckets);
   at::Tensor rel = relative_position.to(at::kLong);
   at::Tensor buckets = at::zeros_like(rel);
   if (bidirectional) {
@@ -289,13 +290,14 @@ at::Tensor t5_relative_bucket(const at::Tensor& relative_position, bool bidirect
     rel = -at::minimum(rel, at::zeros_like(rel));
   }
   const int64_t max_exact = num_buckets / 2;
-  TORCH_CHECK(max_distance > max_exact, op, ": max_distance must exceed the exact range (", max_exact, "), got ",
-              max_distance);
+  TORCH_CHECK(max_distance > max_exact, op, ": max_distance must exceed the exact range (", max_exact,
+              "), got ", max_distance);
   const at::Tensor is_small = rel < max_exact;
-  at::Tensor large = max_exact + (at::log(rel.to(at::kFloat) / static_cast<float>(max_exact)) /
-                                  static_cast<float>(std::log(static_cast<double>(max_distance) / max_exact)) *
-                                  static_cast<float>(num_buckets - max_exact))
-                                     .to(at::kLong);
+  at::Tensor large =
+      max_exact + (at::log(rel.to(at::kFloat) / static_cast<float>(max_exact)) /
+                   static_cast<float>(std::log(static_cast<double>(max_distance) / max_exact)) *
+                   static_cast<float>(num_buckets - max_exact))
+                      .to(at::kLong);
   large = at::minimum(large, at::full_like(large, num_buckets - 1));
   return buckets + at::where(is_small, rel, large);
 }
@@ -329,13 +331,14 @@ TORCH_LIBRARY_IMPL(attnzoo, CompositeImplicitAutograd, m) {
 // ---------------------------------------------------------------------------
 // Public C++ functions: through the dispatcher, so autograd applies.
 
-std::tuple<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                      const AttentionOptions& options) {
+std::tuple<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v, const AttentionOptions& options) {
   static const auto op = detail::op_handle<detail::AttentionSig>("attnzoo::attention");
   return op.call(q, k, v ATTNZOO_OPTION_VALUES);
 }
 
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionOptions& options) {
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const AttentionOptions& options) {
   return std::get<0>(attention_with_lse(q, k, v, options));
 }
 
@@ -350,16 +353,20 @@ at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, cons
                                   const std::optional<at::Tensor>& mask, double dropout_p,
                                   std::optional<double> scale) {
   TORCH_CHECK(layout.defined(), "block_sparse_attention: layout is undefined");
-  return attention(
-      q, k, v,
-      AttentionOptions().layout(layout).block_size(block_size).causal(causal).mask(mask).dropout_p(dropout_p).scale(
-          scale));
+  return attention(q, k, v,
+                   AttentionOptions()
+                       .layout(layout)
+                       .block_size(block_size)
+                       .causal(causal)
+                       .mask(mask)
+                       .dropout_p(dropout_p)
+                       .scale(scale));
 }
 
-at::Tensor shaw_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& rel_k,
-                          const std::optional<at::Tensor>& rel_v, int64_t max_distance,
-                          const std::optional<at::Tensor>& mask, bool causal, double dropout_p,
-                          std::optional<double> scale) {
+at::Tensor shaw_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& rel_k, const std::optional<at::Tensor>& rel_v,
+                          int64_t max_distance, const std::optional<at::Tensor>& mask, bool causal,
+                          double dropout_p, std::optional<double> scale) {
   TORCH_CHECK(rel_k.defined(), "shaw_attention: rel_k is undefined");
   return attention(q, k, v,
                    AttentionOptions()

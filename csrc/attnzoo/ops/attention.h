@@ -38,6 +38,8 @@ using AttentionWindow = std::array<int64_t, 2>;
 //   shaw_k, shaw_v    Shaw relative keys (2K+1, D) or (H, 2K+1, D) and values
 //                     (2K+1, Dv) or (H, 2K+1, Dv), K = shaw_max_distance;
 //                     differentiable. Not combinable with a layout.
+// One option per line (clang-format would join them).
+// clang-format off
 #define ATTNZOO_ATTENTION_OPTIONS(X)                                        \
   X(mask, std::optional<at::Tensor>, std::nullopt)                          \
   X(bias, std::optional<at::Tensor>, std::nullopt)                          \
@@ -54,6 +56,7 @@ using AttentionWindow = std::array<int64_t, 2>;
   X(shaw_k, std::optional<at::Tensor>, std::nullopt)                        \
   X(shaw_v, std::optional<at::Tensor>, std::nullopt)                        \
   X(shaw_max_distance, int64_t, 0)
+// clang-format on
 
 // The options of attention() and attention_weights(), set by chained calls:
 //   auto out = attnzoo::ops::attention(q, k, v, AttentionOptions().causal(true).bias(b));

@@ -2,11 +2,12 @@
 // checks: rotary embeddings, Linformer, token-exact Longformer and kernelised
 // linear attention. Registered as CompositeImplicitAutograd, so autograd,
 // meta/fake tensors and torch.compile follow from their parts.
+#include "attnzoo/ops/attention_variants.h"
+
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "attnzoo/ops/attention.h"
-#include "attnzoo/ops/attention_variants.h"
 #include "attnzoo/ops/op_support.h"
 
 namespace attnzoo::ops {
@@ -16,9 +17,10 @@ using detail::given;
 using detail::shape_str;
 
 void check_bhnd(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.defined() && t.dim() == 4, op, ": ", name, " must have shape (B, H, N, D), got ", shape_str(t));
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name,
-              " must be a floating tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.defined() && t.dim() == 4, op, ": ", name, " must have shape (B, H, N, D), got ",
+              shape_str(t));
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating tensor, got ",
+              t.scalar_type());
 }
 
 // Tensor (B, Nk) bool -> (B, 1, Nk, 1) for masking rows of keys/values.
@@ -44,8 +46,8 @@ at::Tensor rotary(const at::Tensor& x, const std::optional<at::Tensor>& position
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating, got ", x.scalar_type());
   const int64_t N = x.size(-2), D = x.size(-1);
   const int64_t rd = rotary_dim.value_or(D);
-  TORCH_CHECK(rd > 0 && rd <= D && rd % 2 == 0, op, ": rotary_dim must be even and in (0, D = ", D,
-              "], got ", rd);
+  TORCH_CHECK(rd > 0 && rd <= D && rd % 2 == 0, op, ": rotary_dim must be even and in (0, D = ", D, "], got ",
+              rd);
   TORCH_CHECK(std::isfinite(base) && base > 0, op, ": base must be positive and finite, got ", base);
   // float32 angles as in the reference implementations, float64 for float64.
   const auto angle_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -64,8 +66,7 @@ at::Tensor rotary(const at::Tensor& x, const std::optional<at::Tensor>& position
   } else {
     pos = at::arange(offset, offset + N, topt);
   }
-  const at::Tensor inv_freq =
-      1.0 / at::pow(base, at::arange(0, rd, 2, topt) / static_cast<double>(rd));
+  const at::Tensor inv_freq = 1.0 / at::pow(base, at::arange(0, rd, 2, topt) / static_cast<double>(rd));
   const at::Tensor angles = pos.unsqueeze(-1) * inv_freq;  // (..., N, rd/2)
   const at::Tensor cos = angles.cos().to(x.scalar_type()), sin = angles.sin().to(x.scalar_type());
   const at::Tensor rot = x.narrow(-1, 0, rd);
@@ -99,8 +100,8 @@ at::Tensor linformer_attention(const at::Tensor& q, const at::Tensor& k, const a
   const int64_t B = k.size(0), Nk = k.size(2);
   auto check_projection = [&](const char* name, const at::Tensor& P) {
     TORCH_CHECK(P.dim() == 2, op, ": ", name, " must have shape (Kp, Nmax), got ", shape_str(P));
-    TORCH_CHECK(P.size(1) >= Nk, op, ": ", name, " covers ", P.size(1), " positions (Nmax), but k has ",
-                Nk, "; make it at least as long as the longest sequence");
+    TORCH_CHECK(P.size(1) >= Nk, op, ": ", name, " covers ", P.size(1), " positions (Nmax), but k has ", Nk,
+                "; make it at least as long as the longest sequence");
     TORCH_CHECK(P.size(0) > 0, op, ": ", name, " must project to Kp > 0 rows");
     TORCH_CHECK(P.scalar_type() == k.scalar_type(), op, ": ", name, " must have the dtype of k (",
                 k.scalar_type(), "), got ", P.scalar_type());
@@ -109,8 +110,8 @@ at::Tensor linformer_attention(const at::Tensor& q, const at::Tensor& k, const a
   const bool shared = !given(F);
   if (!shared) {
     check_projection("F", *F);
-    TORCH_CHECK(F->size(0) == E.size(0), op, ": E and F must project to the same Kp, got ",
-                E.size(0), " and ", F->size(0));
+    TORCH_CHECK(F->size(0) == E.size(0), op, ": E and F must project to the same Kp, got ", E.size(0),
+                " and ", F->size(0));
   }
   at::Tensor keys = k, values = v;
   if (given(key_mask)) {
@@ -133,10 +134,9 @@ at::Tensor linformer_attention(const at::Tensor& q, const at::Tensor& k, const a
 // rows recomputed densely. Dropout on the union equals dropout on each part,
 // since the merge only rescales each part's probabilities.
 
-at::Tensor longformer_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                int64_t window, const at::Tensor& global_tokens,
-                                const std::optional<at::Tensor>& key_mask, double dropout_p,
-                                std::optional<double> scale) {
+at::Tensor longformer_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window,
+                                const at::Tensor& global_tokens, const std::optional<at::Tensor>& key_mask,
+                                double dropout_p, std::optional<double> scale) {
   const char* op = "longformer_attention";
   check_bhnd(op, "q", q);
   check_bhnd(op, "k", k);
@@ -161,9 +161,9 @@ at::Tensor longformer_attention(const at::Tensor& q, const at::Tensor& k, const 
   if (given(key_mask)) keep = key_rows(op, *key_mask, B, N).view({B, 1, 1, N});
   const at::Tensor not_global = at::ones({N}, bool_opts).index_fill(0, g, false);
   const auto opts = AttentionOptions().dropout_p(dropout_p).scale(scale);
-  auto [out_w, lse_w] = attention_with_lse(q, k, v,
-                                           AttentionOptions(opts).window(AttentionOptions::Window{window, window})
-                                               .mask(keep & not_global));
+  auto [out_w, lse_w] = attention_with_lse(
+      q, k, v,
+      AttentionOptions(opts).window(AttentionOptions::Window{window, window}).mask(keep & not_global));
   if (G == 0) return out_w;
   auto [out_g, lse_g] = attention_with_lse(q, k.index_select(2, g), v.index_select(2, g),
                                            AttentionOptions(opts).mask(keep.index_select(3, g)));
@@ -221,17 +221,16 @@ at::Tensor linear_attention(const at::Tensor& q, const at::Tensor& k, const at::
   at::Tensor fq = feature_map_of(op, q, feature_map);
   at::Tensor fk = feature_map_of(op, k, feature_map);
   at::Tensor vv = v;
-  if (given(key_mask))
-    fk = fk.masked_fill(key_rows(op, *key_mask, B, Nk).logical_not(), 0.0);
+  if (given(key_mask)) fk = fk.masked_fill(key_rows(op, *key_mask, B, Nk).logical_not(), 0.0);
   if (H != Hkv) {
     fk = fk.repeat_interleave(H / Hkv, 1);
     vv = vv.repeat_interleave(H / Hkv, 1);
   }
   if (!causal) {
-    const at::Tensor kv = at::matmul(fk.transpose(-1, -2), vv);   // (B, H, D, Dv)
-    const at::Tensor z = fk.sum(-2, /*keepdim=*/true);            // (B, H, 1, D)
-    const at::Tensor num = at::matmul(fq, kv);                    // (B, H, Nq, Dv)
-    const at::Tensor den = (fq * z).sum(-1, /*keepdim=*/true);    // (B, H, Nq, 1)
+    const at::Tensor kv = at::matmul(fk.transpose(-1, -2), vv);  // (B, H, D, Dv)
+    const at::Tensor z = fk.sum(-2, /*keepdim=*/true);           // (B, H, 1, D)
+    const at::Tensor num = at::matmul(fq, kv);                   // (B, H, Nq, Dv)
+    const at::Tensor den = (fq * z).sum(-1, /*keepdim=*/true);   // (B, H, Nq, 1)
     return num / (den + kLinearEps);
   }
   const int64_t C = kLinearChunk, N = Nq, chunks = (N + C - 1) / C, pad = chunks * C - N;
@@ -243,8 +242,8 @@ at::Tensor linear_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const at::Tensor tril = at::ones({C, C}, q.options().dtype(at::kBool)).tril();
   const at::Tensor scores = at::matmul(cq, ck.transpose(-1, -2)).masked_fill(tril.logical_not(), 0.0);
   const at::Tensor kv = at::matmul(ck.transpose(-1, -2), cv);  // (B,H,chunks,D,Dv)
-  const at::Tensor z = ck.sum(-2);                              // (B,H,chunks,D)
-  const at::Tensor kv_before = at::cumsum(kv, 2) - kv;          // exclusive prefix over chunks
+  const at::Tensor z = ck.sum(-2);                             // (B,H,chunks,D)
+  const at::Tensor kv_before = at::cumsum(kv, 2) - kv;         // exclusive prefix over chunks
   const at::Tensor z_before = at::cumsum(z, 2) - z;
   const at::Tensor num = at::matmul(scores, cv) + at::matmul(cq, kv_before);
   const at::Tensor den = scores.sum(-1, true) + at::matmul(cq, z_before.unsqueeze(-1));

@@ -15,8 +15,8 @@ namespace attnzoo::ops {
 // interleaved. positions: (N,) or (B, N) integers; default 0..N-1. Features
 // past rotary_dim pass through.
 at::Tensor rotary(const at::Tensor& x, const std::optional<at::Tensor>& positions = std::nullopt,
-                  int64_t offset = 0, double base = 10000.0,
-                  std::optional<int64_t> rotary_dim = std::nullopt, bool interleaved = false);
+                  int64_t offset = 0, double base = 10000.0, std::optional<int64_t> rotary_dim = std::nullopt,
+                  bool interleaved = false);
 
 // Linformer: k and v are projected along the sequence with E[:, :Nk] and
 // F[:, :Nk] (F defaults to E; both (Kp, Nmax)); keys whose key_mask (B, Nk)
@@ -62,8 +62,8 @@ std::tuple<at::Tensor, at::Tensor> lsh_attention(const at::Tensor& qk, const at:
 // Longformer self-attention, exact at token level: query i sees keys j with
 // |i - j| <= window and every global token; global tokens' queries see every
 // key. global_tokens: 1-D positions; key_mask (B, N).
-at::Tensor longformer_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                int64_t window, const at::Tensor& global_tokens,
+at::Tensor longformer_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window,
+                                const at::Tensor& global_tokens,
                                 const std::optional<at::Tensor>& key_mask = std::nullopt,
                                 double dropout_p = 0.0, std::optional<double> scale = std::nullopt);
 

@@ -29,9 +29,8 @@ at::Tensor local(int64_t num_q_blocks, int64_t num_k_blocks, int64_t window, boo
   check_blocks("layouts.local", "num_q_blocks", num_q_blocks);
   check_blocks("layouts.local", "num_k_blocks", num_k_blocks);
   TORCH_CHECK(window >= 0, "layouts.local: window must be >= 0, got ", window);
-  return build(num_q_blocks, num_k_blocks, [&](int64_t p, int64_t j) {
-    return j >= p - window && j <= (causal ? p : p + window);
-  });
+  return build(num_q_blocks, num_k_blocks,
+               [&](int64_t p, int64_t j) { return j >= p - window && j <= (causal ? p : p + window); });
 }
 
 at::Tensor bigbird(int64_t num_q_blocks, int64_t num_k_blocks, int64_t window, int64_t num_global,
@@ -41,8 +40,8 @@ at::Tensor bigbird(int64_t num_q_blocks, int64_t num_k_blocks, int64_t window, i
   check_blocks(op, "num_k_blocks", num_k_blocks);
   check_blocks(op, "num_heads", num_heads);
   TORCH_CHECK(window >= 0 && num_global >= 0 && num_random >= 0, op,
-              ": window, num_global and num_random must be >= 0, got ", window, ", ", num_global,
-              ", ", num_random);
+              ": window, num_global and num_random must be >= 0, got ", window, ", ", num_global, ", ",
+              num_random);
   const int64_t nq = num_q_blocks, nk = num_k_blocks;
   const at::Tensor base = build(nq, nk, [&](int64_t p, int64_t j) {
     const bool visible = !causal || j <= p;
@@ -70,8 +69,8 @@ at::Tensor fixed(int64_t num_blocks, int64_t stride, int64_t num_summary, bool c
   const char* op = "layouts.fixed";
   check_blocks(op, "num_blocks", num_blocks);
   check_blocks(op, "stride", stride);
-  TORCH_CHECK(num_summary >= 1 && num_summary <= stride, op, ": num_summary must be in [1, stride = ",
-              stride, "], got ", num_summary);
+  TORCH_CHECK(num_summary >= 1 && num_summary <= stride, op, ": num_summary must be in [1, stride = ", stride,
+              "], got ", num_summary);
   return build(num_blocks, num_blocks, [&](int64_t i, int64_t j) {
     if (causal && j > i) return false;
     return j / stride == i / stride || j % stride >= stride - num_summary;

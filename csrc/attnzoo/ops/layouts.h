@@ -17,9 +17,8 @@ at::Tensor local(int64_t num_q_blocks, int64_t num_k_blocks, int64_t window, boo
 // `num_global` blocks global (their rows see everything, every row sees
 // them), and `num_random` further random key blocks per row and head, drawn
 // from a generator seeded with `seed` (the same seed gives the same layout).
-at::Tensor bigbird(int64_t num_q_blocks, int64_t num_k_blocks, int64_t window = 1,
-                   int64_t num_global = 1, int64_t num_random = 2, int64_t num_heads = 1,
-                   int64_t seed = 0, bool causal = false);
+at::Tensor bigbird(int64_t num_q_blocks, int64_t num_k_blocks, int64_t window = 1, int64_t num_global = 1,
+                   int64_t num_random = 2, int64_t num_heads = 1, int64_t seed = 0, bool causal = false);
 
 // Sparse Transformer "fixed" pattern (Child et al. 2019) over num_blocks:
 // blocks in the same chunk of `stride` blocks, plus the last `num_summary`

@@ -11,16 +11,18 @@ namespace attnzoo::ops {
 namespace detail {
 
 template <class Int>
-LshShapes<Int> check_lsh(const char* op, const at::Tensor& qk, const at::Tensor& v, const at::Tensor& rotations,
-                         int64_t bucket_size, const OptTensor& key_mask, double dropout_p) {
+LshShapes<Int> check_lsh(const char* op, const at::Tensor& qk, const at::Tensor& v,
+                         const at::Tensor& rotations, int64_t bucket_size, const OptTensor& key_mask,
+                         double dropout_p) {
   for (auto [name, t] : {std::pair{"qk", &qk}, {"v", &v}}) {
-    TORCH_CHECK(t->defined() && t->dim() == 4, op, ": ", name, " must have shape (B, H, N, D), got ", shape_str(*t));
+    TORCH_CHECK(t->defined() && t->dim() == 4, op, ": ", name, " must have shape (B, H, N, D), got ",
+                shape_str(*t));
     const auto dt = t->scalar_type();
     TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, op, ": ", name,
                 " must be float32, float64 or bfloat16, got ", dt);
   }
-  TORCH_CHECK(v.scalar_type() == qk.scalar_type(), op, ": qk and v must have one dtype, got ", qk.scalar_type(),
-              " and ", v.scalar_type());
+  TORCH_CHECK(v.scalar_type() == qk.scalar_type(), op, ": qk and v must have one dtype, got ",
+              qk.scalar_type(), " and ", v.scalar_type());
   TORCH_CHECK(v.device() == qk.device(), op, ": qk and v must be on one device, got ", qk.device(), " and ",
               v.device());
   const auto qs = sizes_of<Int>(qk), vs = sizes_of<Int>(v);
@@ -34,29 +36,30 @@ LshShapes<Int> check_lsh(const char* op, const at::Tensor& qk, const at::Tensor&
   TORCH_CHECK(rotations.device() == qk.device(), op, ": rotations is on ", rotations.device(), ", qk on ",
               qk.device());
   const auto rs = sizes_of<Int>(rotations);
-  TORCH_CHECK((rotations.dim() == 3 && rs[0] == s.D) || (rotations.dim() == 4 && rs[0] == s.H && rs[1] == s.D), op,
-              ": rotations must have shape (D, n_hashes, n_buckets/2) or (H, D, n_hashes, n_buckets/2) with D = ",
-              s.D, ", H = ", s.H, ", got ", shape_str(rotations));
+  TORCH_CHECK(
+      (rotations.dim() == 3 && rs[0] == s.D) || (rotations.dim() == 4 && rs[0] == s.H && rs[1] == s.D), op,
+      ": rotations must have shape (D, n_hashes, n_buckets/2) or (H, D, n_hashes, n_buckets/2) with D = ",
+      s.D, ", H = ", s.H, ", got ", shape_str(rotations));
   s.R = rs[rs.size() - 2];
   s.n_buckets = 2 * rs[rs.size() - 1];
-  TORCH_CHECK(s.R > 0 && s.n_buckets > 0, op, ": rotations must have n_hashes >= 1 and n_buckets/2 >= 1, got ",
-              shape_str(rotations));
-  TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0 && dropout_p < 1, op, ": dropout_p must be in [0, 1), got ",
-              dropout_p);
+  TORCH_CHECK(s.R > 0 && s.n_buckets > 0, op,
+              ": rotations must have n_hashes >= 1 and n_buckets/2 >= 1, got ", shape_str(rotations));
+  TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0 && dropout_p < 1, op,
+              ": dropout_p must be in [0, 1), got ", dropout_p);
   if (given(key_mask)) {
     TORCH_CHECK(key_mask->scalar_type() == at::kBool, op, ": key_mask must be bool (True = keep), got ",
                 key_mask->scalar_type());
     TORCH_CHECK(key_mask->device() == qk.device(), op, ": key_mask is on ", key_mask->device(), ", qk on ",
                 qk.device());
     const auto ms = sizes_of<Int>(*key_mask);
-    TORCH_CHECK(key_mask->dim() == 2 && ms[0] == s.B && ms[1] == s.N, op, ": key_mask must have shape (B, N) = (",
-                s.B, ", ", s.N, "), got ", shape_str(*key_mask));
+    TORCH_CHECK(key_mask->dim() == 2 && ms[0] == s.B && ms[1] == s.N, op,
+                ": key_mask must have shape (B, N) = (", s.B, ", ", s.N, "), got ", shape_str(*key_mask));
   }
   return s;
 }
 
-template LshShapes<int64_t> check_lsh<int64_t>(const char*, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                               int64_t, const OptTensor&, double);
+template LshShapes<int64_t> check_lsh<int64_t>(const char*, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, int64_t, const OptTensor&, double);
 template LshShapes<c10::SymInt> check_lsh<c10::SymInt>(const char*, const at::Tensor&, const at::Tensor&,
                                                        const at::Tensor&, int64_t, const OptTensor&, double);
 
@@ -69,7 +72,8 @@ using detail::OptTensor;
 detail::Tensor3 lsh_forward_meta(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& rotations,
                                  int64_t bucket_size, bool, const OptTensor& key_mask, double dropout_p,
                                  const OptTensor&) {
-  const auto s = detail::check_lsh<c10::SymInt>("lsh_attention", qk, v, rotations, bucket_size, key_mask, dropout_p);
+  const auto s =
+      detail::check_lsh<c10::SymInt>("lsh_attention", qk, v, rotations, bucket_size, key_mask, dropout_p);
   const auto lse_type = qk.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return {at::empty_symint({s.B, s.H, s.N, s.Dv}, qk.options()),
           at::empty_symint({s.B, s.H, s.N}, qk.options().dtype(lse_type)),
@@ -77,7 +81,8 @@ detail::Tensor3 lsh_forward_meta(const at::Tensor& qk, const at::Tensor& v, cons
 }
 
 detail::Tensor2 lsh_attention_meta(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& rotations,
-                                   int64_t bucket_size, bool causal, const OptTensor& key_mask, double dropout_p) {
+                                   int64_t bucket_size, bool causal, const OptTensor& key_mask,
+                                   double dropout_p) {
   auto [out, lse, buckets] = lsh_forward_meta(qk, v, rotations, bucket_size, causal, key_mask, dropout_p, {});
   return {out, buckets};
 }
@@ -86,9 +91,10 @@ detail::Tensor2 lsh_backward_meta(const at::Tensor& grad_out, const at::Tensor& 
                                   const at::Tensor& rotations, const at::Tensor& out, const at::Tensor& lse,
                                   int64_t bucket_size, bool, const OptTensor& key_mask, double dropout_p,
                                   const OptTensor&) {
-  const auto s =
-      detail::check_lsh<c10::SymInt>("lsh_attention_backward", qk, v, rotations, bucket_size, key_mask, dropout_p);
-  TORCH_CHECK(grad_out.sym_sizes() == out.sym_sizes() && out.sym_sizes() == c10::SymIntArrayRef({s.B, s.H, s.N, s.Dv}) &&
+  const auto s = detail::check_lsh<c10::SymInt>("lsh_attention_backward", qk, v, rotations, bucket_size,
+                                                key_mask, dropout_p);
+  TORCH_CHECK(grad_out.sym_sizes() == out.sym_sizes() &&
+                  out.sym_sizes() == c10::SymIntArrayRef({s.B, s.H, s.N, s.Dv}) &&
                   lse.sym_sizes() == c10::SymIntArrayRef({s.B, s.H, s.N}),
               "lsh_attention_backward: grad_out and out must have shape (B, H, N, Dv), lse (B, H, N)");
   return {at::empty_symint(qk.sym_sizes(), qk.options()), at::empty_symint(v.sym_sizes(), v.options())};
@@ -103,8 +109,9 @@ TORCH_LIBRARY_IMPL(attnzoo, Meta, m) {
 }
 
 std::tuple<at::Tensor, at::Tensor> lsh_attention(const at::Tensor& qk, const at::Tensor& v,
-                                                 const at::Tensor& rotations, int64_t bucket_size, bool causal,
-                                                 const std::optional<at::Tensor>& key_mask, double dropout_p) {
+                                                 const at::Tensor& rotations, int64_t bucket_size,
+                                                 bool causal, const std::optional<at::Tensor>& key_mask,
+                                                 double dropout_p) {
   static const auto op = detail::op_handle<detail::LshSig>("attnzoo::lsh_attention");
   return op.call(qk, v, rotations, bucket_size, causal, key_mask, dropout_p);
 }

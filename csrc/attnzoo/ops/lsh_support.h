@@ -6,8 +6,8 @@ namespace attnzoo::ops::detail {
 
 using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // lsh_attention(qk, v, rotations, bucket_size, *, causal, key_mask, dropout_p) -> (out, buckets)
-using LshSig = Tensor2(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool, const OptTensor&,
-                       double);
+using LshSig = Tensor2(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool,
+                       const OptTensor&, double);
 // _lsh_forward(..., seed) -> (out, lse, buckets)
 using LshForwardSig = Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool,
                               const OptTensor&, double, const OptTensor&);
@@ -24,7 +24,8 @@ struct LshShapes {
 // Every check of lsh_attention's arguments, for the CPU kernels (plain sizes)
 // and the meta kernels (symbolic sizes).
 template <class Int>
-LshShapes<Int> check_lsh(const char* op, const at::Tensor& qk, const at::Tensor& v, const at::Tensor& rotations,
-                         int64_t bucket_size, const OptTensor& key_mask, double dropout_p);
+LshShapes<Int> check_lsh(const char* op, const at::Tensor& qk, const at::Tensor& v,
+                         const at::Tensor& rotations, int64_t bucket_size, const OptTensor& key_mask,
+                         double dropout_p);
 
 }  // namespace attnzoo::ops::detail

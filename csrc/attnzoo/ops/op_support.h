@@ -41,9 +41,13 @@ inline std::string shape_str(const at::Tensor& t) {
 template <class Int>
 c10::ArrayRef<Int> sizes_of(const at::Tensor& t);
 template <>
-inline c10::ArrayRef<int64_t> sizes_of<int64_t>(const at::Tensor& t) { return t.sizes(); }
+inline c10::ArrayRef<int64_t> sizes_of<int64_t>(const at::Tensor& t) {
+  return t.sizes();
+}
 template <>
-inline c10::ArrayRef<c10::SymInt> sizes_of<c10::SymInt>(const at::Tensor& t) { return t.sym_sizes(); }
+inline c10::ArrayRef<c10::SymInt> sizes_of<c10::SymInt>(const at::Tensor& t) {
+  return t.sym_sizes();
+}
 
 // A typed handle of a registered op; Sig is the C++ signature of its schema.
 template <typename Sig>
@@ -115,8 +119,7 @@ struct OptionArg<std::optional<AttentionWindow>> {
 std::string attention_options_schema();
 
 // Type lists, parameter lists, values and assignments made from the option list.
-#define ATTNZOO_OPTION_TYPE(name, T, default_value) \
-  , typename ::attnzoo::ops::detail::OptionArg<T>::type
+#define ATTNZOO_OPTION_TYPE(name, T, default_value) , typename ::attnzoo::ops::detail::OptionArg<T>::type
 #define ATTNZOO_OPTION_PARAM(name, T, default_value) \
   , typename ::attnzoo::ops::detail::OptionArg<T>::type name
 #define ATTNZOO_OPTION_VALUE(name, T, default_value) \
@@ -143,7 +146,8 @@ std::string attention_options_schema();
 //                       output_mask) -> (grad_q, grad_k, grad_v, grad_bias,
 //                       grad_t5_table, grad_shaw_k, grad_shaw_v)
 using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
-using Tensor7 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Tensor7 =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 // Which option gradients the backward computes: bias, t5_table, shaw_k, shaw_v.
 using OptionGradMask = std::array<bool, 4>;
 using AttentionSig = Tensor2(const at::Tensor&, const at::Tensor&, const at::Tensor& ATTNZOO_OPTION_TYPES);

@@ -57,36 +57,43 @@ PYBIND11_MODULE(_C, m) {
   // Configs travel as JSON text; this parses, validates and returns the
   // complete canonical form (every field of the model kind).
   m.def("canonical_config", [](const std::string& text) { return config_to_json(config_from_json(text)); });
-  m.def("default_config", [](const std::string& kind) { return config_to_json([&] {
-          auto c = default_config(kind);
-          c.attention.assign(size_t(c.num_layers), AttentionConfig{});
-          return c;
-        }()); });
+  m.def("default_config", [](const std::string& kind) {
+    return config_to_json([&] {
+      auto c = default_config(kind);
+      c.attention.assign(size_t(c.num_layers), AttentionConfig{});
+      return c;
+    }());
+  });
 
-  m.def("load_safetensors", [](const std::string& path) {
-          auto file = io::load_safetensors(path);
-          return py::make_tuple(named_tensors_to_list(file.tensors), file.metadata);
-        }, "The C++ safetensors reader: ([(name, tensor)], metadata)");
+  m.def(
+      "load_safetensors",
+      [](const std::string& path) {
+        auto file = io::load_safetensors(path);
+        return py::make_tuple(named_tensors_to_list(file.tensors), file.metadata);
+      },
+      "The C++ safetensors reader: ([(name, tensor)], metadata)");
   m.def("parse_safetensors", [](py::bytes data) {
-          std::string bytes = data;
-          auto file = io::parse_safetensors(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
-          return py::make_tuple(named_tensors_to_list(file.tensors), file.metadata);
-        });
-  m.def("save_safetensors", [](const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
-                               const std::map<std::string, std::string>& metadata) {
-          io::save_safetensors(path, io::NamedTensors(tensors.begin(), tensors.end()), metadata);
-        }, py::arg("path"), py::arg("tensors"), py::arg("metadata") = std::map<std::string, std::string>{});
+    std::string bytes = data;
+    auto file = io::parse_safetensors(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
+    return py::make_tuple(named_tensors_to_list(file.tensors), file.metadata);
+  });
+  m.def(
+      "save_safetensors",
+      [](const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+         const std::map<std::string, std::string>& metadata) {
+        io::save_safetensors(path, io::NamedTensors(tensors.begin(), tensors.end()), metadata);
+      },
+      py::arg("path"), py::arg("tensors"), py::arg("metadata") = std::map<std::string, std::string>{});
 
-  py::class_<PyKVCache>(m, "KVCache")
-      .def(py::init<>())
-      .def_property_readonly("length", &PyKVCache::length);
+  py::class_<PyKVCache>(m, "KVCache").def(py::init<>()).def_property_readonly("length", &PyKVCache::length);
 
   using models::ModelBase;
   py::class_<ModelBase, torch::nn::Module, std::shared_ptr<ModelBase>>(m, "ModelBase")
       .def("config_json", [](const ModelBase& self) { return config_to_json(self.config()); })
       .def("save_pretrained", &ModelBase::save_pretrained, py::arg("directory"))
       .def("state", [](const ModelBase& self) { return named_tensors_to_list(self.state()); })
-      .def("load_state", [](ModelBase& self, const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
+      .def("load_state",
+           [](ModelBase& self, const std::vector<std::pair<std::string, at::Tensor>>& tensors) {
              self.load_state(io::NamedTensors(tensors.begin(), tensors.end()));
            })
       .def("record_attention", &ModelBase::record_attention, py::arg("on"))
@@ -95,35 +102,42 @@ PYBIND11_MODULE(_C, m) {
   py::class_<models::GPTImpl, ModelBase, std::shared_ptr<models::GPTImpl>>(m, "GPT")
       .def(from_json<models::GPTImpl>())
       .def("forward", &models::GPTImpl::forward, py::arg("input_ids"), py::arg("attention_mask") = py::none())
-      .def("forward_cached", [](models::GPTImpl& self, const at::Tensor& ids, PyKVCache& cache) {
-             return self.forward_cached(ids, cache.layers);
-           }, py::arg("input_ids"), py::arg("cache"))
+      .def(
+          "forward_cached",
+          [](models::GPTImpl& self, const at::Tensor& ids, PyKVCache& cache) {
+            return self.forward_cached(ids, cache.layers);
+          },
+          py::arg("input_ids"), py::arg("cache"))
       .def("supports_kv_cache", &models::GPTImpl::supports_kv_cache)
-      .def("generate", [](models::GPTImpl& self, const at::Tensor& ids, int64_t max_new_tokens, double temperature,
-                          int64_t top_k, double top_p, std::optional<int64_t> eos_token_id, bool use_cache,
-                          std::optional<uint64_t> seed) {
-             models::GenerationOptions o;
-             o.max_new_tokens = max_new_tokens;
-             o.temperature = temperature;
-             o.top_k = top_k;
-             o.top_p = top_p;
-             o.eos_token_id = eos_token_id.value_or(-2);
-             o.use_cache = use_cache;
-             o.seed = seed;
-             py::gil_scoped_release no_gil;
-             return self.generate(ids, o);
-           }, py::arg("input_ids"), py::arg("max_new_tokens") = 32, py::arg("temperature") = 0.0,
-           py::arg("top_k") = 0, py::arg("top_p") = 1.0, py::arg("eos_token_id") = py::none(),
-           py::arg("use_cache") = true, py::arg("seed") = py::none());
+      .def(
+          "generate",
+          [](models::GPTImpl& self, const at::Tensor& ids, int64_t max_new_tokens, double temperature,
+             int64_t top_k, double top_p, std::optional<int64_t> eos_token_id, bool use_cache,
+             std::optional<uint64_t> seed) {
+            models::GenerationOptions o;
+            o.max_new_tokens = max_new_tokens;
+            o.temperature = temperature;
+            o.top_k = top_k;
+            o.top_p = top_p;
+            o.eos_token_id = eos_token_id.value_or(-2);
+            o.use_cache = use_cache;
+            o.seed = seed;
+            py::gil_scoped_release no_gil;
+            return self.generate(ids, o);
+          },
+          py::arg("input_ids"), py::arg("max_new_tokens") = 32, py::arg("temperature") = 0.0,
+          py::arg("top_k") = 0, py::arg("top_p") = 1.0, py::arg("eos_token_id") = py::none(),
+          py::arg("use_cache") = true, py::arg("seed") = py::none());
 
   py::class_<models::BertImpl, ModelBase, std::shared_ptr<models::BertImpl>>(m, "Bert")
       .def(from_json<models::BertImpl>())
-      .def("forward", &models::BertImpl::forward, py::arg("input_ids"), py::arg("attention_mask") = py::none(),
-           py::arg("token_type_ids") = py::none(), py::arg("predict_mask") = py::none())
+      .def("forward", &models::BertImpl::forward, py::arg("input_ids"),
+           py::arg("attention_mask") = py::none(), py::arg("token_type_ids") = py::none(),
+           py::arg("predict_mask") = py::none())
       .def("encode", &models::BertImpl::encode, py::arg("input_ids"), py::arg("attention_mask") = py::none(),
            py::arg("token_type_ids") = py::none())
-      .def("classify", &models::BertImpl::classify, py::arg("input_ids"), py::arg("attention_mask") = py::none(),
-           py::arg("token_type_ids") = py::none());
+      .def("classify", &models::BertImpl::classify, py::arg("input_ids"),
+           py::arg("attention_mask") = py::none(), py::arg("token_type_ids") = py::none());
 
   py::class_<models::ViTImpl, ModelBase, std::shared_ptr<models::ViTImpl>>(m, "ViT")
       .def(from_json<models::ViTImpl>())

@@ -1,5 +1,6 @@
-#include <attnzoo/attnzoo.h>
 #include <ATen/ATen.h>
+#include <attnzoo/attnzoo.h>
+
 #include <iostream>
 
 int main() {

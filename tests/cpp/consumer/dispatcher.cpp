@@ -1,5 +1,6 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+
 #include <iostream>
 
 // Calls attnzoo::attention through the boxed dispatcher, filling every

@@ -77,7 +77,12 @@ struct SavedOptions {
 std::vector<at::Tensor> differentiable_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                               const AttentionOptions& o) {
   auto or_undefined = [](const OptTensor& t) { return given(t) ? *t : at::Tensor(); };
-  return {q, k, v, or_undefined(o.bias()), or_undefined(o.t5_table()), or_undefined(o.shaw_k()),
+  return {q,
+          k,
+          v,
+          or_undefined(o.bias()),
+          or_undefined(o.t5_table()),
+          or_undefined(o.shaw_k()),
           or_undefined(o.shaw_v())};
 }
 
@@ -100,9 +105,9 @@ struct AttentionBackward : torch::autograd::Node {
     // An option gradient is computed when its edge leads somewhere.
     const detail::OptionGradMask wanted = {task_should_compute_output(3), task_should_compute_output(4),
                                            task_should_compute_output(5), task_should_compute_output(6)};
-    auto [dq, dk, dv, dbias, dtable, dshaw_k, dshaw_v] = backward_op.call(
-        grad_out, grad_lse, q_, k_, v_, out_, lse_ ATTNZOO_OPTION_VALUES,
-        seed.defined() ? OptTensor(seed) : std::nullopt, wanted);
+    auto [dq, dk, dv, dbias, dtable, dshaw_k, dshaw_v] =
+        backward_op.call(grad_out, grad_lse, q_, k_, v_, out_, lse_ ATTNZOO_OPTION_VALUES,
+                         seed.defined() ? OptTensor(seed) : std::nullopt, wanted);
     variable_list result = {dq, dk, dv, dbias, dtable, dshaw_k, dshaw_v};
     for (size_t i = 3; i < result.size(); ++i)
       if (!wanted[i - 3]) result[i] = at::Tensor();
@@ -117,7 +122,8 @@ struct AttentionBackward : torch::autograd::Node {
 };
 
 // The Autograd kernel of attnzoo::attention.
-detail::Tensor2 attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v ATTNZOO_OPTION_PARAMS) {
+detail::Tensor2 attention_autograd(const at::Tensor& q, const at::Tensor& k,
+                                   const at::Tensor& v ATTNZOO_OPTION_PARAMS) {
   static const auto forward_op = detail::op_handle<detail::ForwardSig>("attnzoo::_attention_forward");
   ATTNZOO_OPTIONS_FROM_PARAMS
   const std::vector<at::Tensor> inputs = differentiable_inputs(q, k, v, options);
@@ -131,7 +137,8 @@ detail::Tensor2 attention_autograd(const at::Tensor& q, const at::Tensor& k, con
   at::Tensor out, lse;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    std::tie(out, lse) = forward_op.call(q, k, v ATTNZOO_OPTION_VALUES, seed.defined() ? OptTensor(seed) : std::nullopt);
+    std::tie(out, lse) =
+        forward_op.call(q, k, v ATTNZOO_OPTION_VALUES, seed.defined() ? OptTensor(seed) : std::nullopt);
   }
   if (torch::autograd::compute_requires_grad(inputs)) {
     auto node = std::shared_ptr<AttentionBackward>(new AttentionBackward(), torch::autograd::deleteNode);

@@ -35,9 +35,10 @@ struct LshBackward : torch::autograd::Node {
     const auto self = shared_from_this();
     const at::Tensor out_ = out.unpack(self);
     const at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros_like(out_);
-    auto [dqk, dv] = op.call(grad, qk.unpack(self), v.unpack(self), rotations.unpack(self), out_, lse.unpack(self),
-                             bucket_size, causal, has_key_mask ? OptTensor(key_mask.unpack(self)) : std::nullopt,
-                             dropout_p, seed.defined() ? OptTensor(seed) : std::nullopt);
+    auto [dqk, dv] =
+        op.call(grad, qk.unpack(self), v.unpack(self), rotations.unpack(self), out_, lse.unpack(self),
+                bucket_size, causal, has_key_mask ? OptTensor(key_mask.unpack(self)) : std::nullopt,
+                dropout_p, seed.defined() ? OptTensor(seed) : std::nullopt);
     return {dqk, dv};  // the edges are qk and v
   }
 

@@ -68,15 +68,17 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
   // T5: the table's entries for the Nq + Nk - 1 relative positions, once per
   // call; the kernel adds them without an Nq x Nk bias.
   if (given(o.t5_table()))
-    p.rel_bias = to_compute(detail::t5_relative_bias(*o.t5_table(), s.Nq, s.Nk, o.t5_bidirectional(),
-                                                     o.t5_max_distance()),
-                            p.compute);
+    p.rel_bias = to_compute(
+        detail::t5_relative_bias(*o.t5_table(), s.Nq, s.Nk, o.t5_bidirectional(), o.t5_max_distance()),
+        p.compute);
   if (given(o.layout())) {
     p.layout = o.layout()->contiguous();
     p.block_size = o.block_size();
   }
   if (given(o.shaw_k())) {
-    auto table = [&](const at::Tensor& t) { return to_compute(t.dim() == 2 ? t.unsqueeze(0) : t, p.compute); };
+    auto table = [&](const at::Tensor& t) {
+      return to_compute(t.dim() == 2 ? t.unsqueeze(0) : t, p.compute);
+    };
     p.shaw_k = table(*o.shaw_k());
     if (given(o.shaw_v())) p.shaw_v = table(*o.shaw_v());
     p.shaw_K = o.shaw_max_distance();
@@ -177,15 +179,18 @@ at::Tensor to_option_grad(const at::Tensor& accumulated, const at::Tensor& optio
 }
 
 detail::Tensor7 backward_cpu(const at::Tensor& grad_out, const OptTensor& grad_lse, const at::Tensor& q,
-                             const at::Tensor& k, const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
-                             const AttentionOptions& o, const OptTensor& seed, detail::OptionGradMask wanted) {
+                             const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                             const at::Tensor& lse, const AttentionOptions& o, const OptTensor& seed,
+                             detail::OptionGradMask wanted) {
   const char* op = "attention_backward";
   const Prepared p = prepare(op, q, k, v, o, seed);
   const Shapes& s = p.s;
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({s.B, s.H, s.Nq, s.Dv}) && out.sizes() == grad_out.sizes(), op,
-              ": grad_out and out must have shape ", detail::shape_str(at::IntArrayRef({s.B, s.H, s.Nq, s.Dv})),
-              ", got ", detail::shape_str(grad_out), " and ", detail::shape_str(out));
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({s.B, s.H, s.Nq}) && (!given(grad_lse) || grad_lse->sizes() == lse.sizes()),
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({s.B, s.H, s.Nq, s.Dv}) && out.sizes() == grad_out.sizes(),
+              op, ": grad_out and out must have shape ",
+              detail::shape_str(at::IntArrayRef({s.B, s.H, s.Nq, s.Dv})), ", got ",
+              detail::shape_str(grad_out), " and ", detail::shape_str(out));
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({s.B, s.H, s.Nq}) &&
+                  (!given(grad_lse) || grad_lse->sizes() == lse.sizes()),
               op, ": lse and grad_lse must have shape (B, H, Nq)");
   const auto opts = p.q.options();
   const at::Tensor dout = to_compute(grad_out, p.compute);
@@ -258,9 +263,10 @@ detail::Tensor7 backward_cpu(const at::Tensor& grad_out, const OptTensor& grad_l
     // Each relative position's gradient goes back to its bucket (in order,
     // so the sum is deterministic).
     const auto& table = *o.t5_table();
-    const at::Tensor buckets = detail::t5_relative_buckets(table.size(0), s.Nq, s.Nk, o.t5_bidirectional(),
-                                                           o.t5_max_distance());
-    dtable = at::zeros({table.size(0), s.H}, opts).index_add_(0, buckets, drel.sum(0).t()).to(table.scalar_type());
+    const at::Tensor buckets =
+        detail::t5_relative_buckets(table.size(0), s.Nq, s.Nk, o.t5_bidirectional(), o.t5_max_distance());
+    dtable =
+        at::zeros({table.size(0), s.H}, opts).index_add_(0, buckets, drel.sum(0).t()).to(table.scalar_type());
   }
   const auto dt = q.scalar_type();
   return {grad_q.to(dt),
@@ -272,8 +278,8 @@ detail::Tensor7 backward_cpu(const at::Tensor& grad_out, const OptTensor& grad_l
           want_shaw_v ? to_option_grad(dshaw_v, *o.shaw_v()) : none};
 }
 
-at::Tensor weights_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionOptions& o,
-                       const OptTensor& seed) {
+at::Tensor weights_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const AttentionOptions& o, const OptTensor& seed) {
   const Prepared p = prepare("attention_weights", q, k, v, o, seed);
   const Shapes& s = p.s;
   const auto opts = p.q.options();
@@ -294,7 +300,8 @@ OptTensor seed_for(const AttentionOptions& o) {
 // ---------------------------------------------------------------------------
 // The kernels with the dispatcher's signatures.
 
-detail::Tensor2 attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v ATTNZOO_OPTION_PARAMS) {
+detail::Tensor2 attention_kernel(const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v ATTNZOO_OPTION_PARAMS) {
   ATTNZOO_OPTIONS_FROM_PARAMS
   // Below autograd (inference, or nothing needs a gradient): draw the seed here.
   return forward_cpu("attention", q, k, v, options, seed_for(options));
@@ -312,10 +319,10 @@ detail::Tensor2 attention_forward_kernel(const at::Tensor& q, const at::Tensor& 
   return forward_cpu("attention", q, k, v, options, seed);
 }
 
-detail::Tensor7 attention_backward_kernel(const at::Tensor& grad_out, const OptTensor& grad_lse, const at::Tensor& q,
-                                          const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                                          const at::Tensor& lse ATTNZOO_OPTION_PARAMS, const OptTensor& seed,
-                                          detail::OptionGradMask output_mask) {
+detail::Tensor7 attention_backward_kernel(const at::Tensor& grad_out, const OptTensor& grad_lse,
+                                          const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          const at::Tensor& out, const at::Tensor& lse ATTNZOO_OPTION_PARAMS,
+                                          const OptTensor& seed, detail::OptionGradMask output_mask) {
   ATTNZOO_OPTIONS_FROM_PARAMS
   return backward_cpu(grad_out, grad_lse, q, k, v, out, lse, options, seed, output_mask);
 }

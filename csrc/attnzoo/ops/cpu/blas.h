@@ -36,8 +36,8 @@ class SingleThreadedBlas {
 // Column-major C(m x n) = alpha * op(A) op(B) + beta * C. Tile sizes are far
 // below INT_MAX; leading dimensions are clamped to >= 1 as BLAS requires.
 template <typename T>
-inline void blas_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha,
-                      const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+inline void blas_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+                      int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
   const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
   const int mi = int(m), ni = int(n), ki = int(k);

@@ -40,8 +40,8 @@ struct DenseArgs {
   // is any value >= Nq + Nk.
   int64_t left = 0, right = 0;
 
-  Broadcast4 mask;   // bool (uint8), true = may attend
-  Broadcast4 bias;   // compute type, added to the scaled scores
+  Broadcast4 mask;  // bool (uint8), true = may attend
+  Broadcast4 bias;  // compute type, added to the scaled scores
   // A bias that depends on (b, h) and the relative position d = j - p_i only
   // (T5 buckets): entry rel_bias[b*rel_sb + h*rel_sh + d + Nk - 1], a vector
   // of Nq + Nk - 1 per head.

@@ -40,8 +40,8 @@ Lsh prepare(const char* op, const at::Tensor& qk, const at::Tensor& v, const at:
   l.qk = padded(qk);
   l.v = padded(v);
   l.rotations = (rotations.dim() == 3 ? rotations.unsqueeze(0) : rotations).to(l.compute).contiguous();
-  const at::Tensor keep =
-      given(key_mask) ? key_mask->contiguous() : at::ones({l.s.B, l.s.N}, at::TensorOptions().dtype(at::kBool));
+  const at::Tensor keep = given(key_mask) ? key_mask->contiguous()
+                                          : at::ones({l.s.B, l.s.N}, at::TensorOptions().dtype(at::kBool));
   // Padding keys are masked.
   l.key_mask = (pad ? at::constant_pad_nd(keep.to(at::kByte), {0, pad}, 0) : keep.to(at::kByte)).contiguous();
   l.dropout_p = dropout_p;
@@ -54,7 +54,8 @@ Lsh prepare(const char* op, const at::Tensor& qk, const at::Tensor& v, const at:
 
 cpu::LshArgs args_of(const Lsh& l, int64_t bucket_size, bool causal) {
   cpu::LshArgs a;
-  a.B = l.s.B, a.H = l.s.H, a.Npad = l.Npad, a.D = l.s.D, a.Dv = l.s.Dv, a.R = l.s.R, a.n_buckets = l.s.n_buckets;
+  a.B = l.s.B, a.H = l.s.H, a.Npad = l.Npad, a.D = l.s.D, a.Dv = l.s.Dv, a.R = l.s.R,
+  a.n_buckets = l.s.n_buckets;
   a.bucket_size = bucket_size;
   a.qk = l.qk.data_ptr(), a.v = l.v.data_ptr(), a.rotations = l.rotations.data_ptr();
   a.rot_sh = l.rotations.size(0) == 1 ? 0 : l.rotations.stride(0);
@@ -68,11 +69,13 @@ cpu::LshArgs args_of(const Lsh& l, int64_t bucket_size, bool causal) {
 // Work items are (b, h); an empty sequence has none.
 void run(const cpu::LshArgs& a, cpu::LshRangeFn fn) { cpu::run_parallel(a.Npad ? a.B * a.H : 0, a, fn); }
 
-const cpu::LshTable& kernels(const Lsh& l) { return cpu::selected_engine().lsh[l.compute == at::kDouble ? 1 : 0]; }
+const cpu::LshTable& kernels(const Lsh& l) {
+  return cpu::selected_engine().lsh[l.compute == at::kDouble ? 1 : 0];
+}
 
 detail::Tensor3 lsh_forward_kernel(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& rotations,
-                                   int64_t bucket_size, bool causal, const OptTensor& key_mask, double dropout_p,
-                                   const OptTensor& seed) {
+                                   int64_t bucket_size, bool causal, const OptTensor& key_mask,
+                                   double dropout_p, const OptTensor& seed) {
   const Lsh l = prepare("lsh_attention", qk, v, rotations, bucket_size, key_mask, dropout_p, seed);
   const auto& s = l.s;
   const auto opts = l.qk.options();
@@ -88,8 +91,8 @@ detail::Tensor3 lsh_forward_kernel(const at::Tensor& qk, const at::Tensor& v, co
 
 detail::Tensor2 lsh_backward_kernel(const at::Tensor& grad_out, const at::Tensor& qk, const at::Tensor& v,
                                     const at::Tensor& rotations, const at::Tensor& out, const at::Tensor& lse,
-                                    int64_t bucket_size, bool causal, const OptTensor& key_mask, double dropout_p,
-                                    const OptTensor& seed) {
+                                    int64_t bucket_size, bool causal, const OptTensor& key_mask,
+                                    double dropout_p, const OptTensor& seed) {
   const Lsh l = prepare("lsh_attention_backward", qk, v, rotations, bucket_size, key_mask, dropout_p, seed);
   const auto& s = l.s;
   TORCH_CHECK(grad_out.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({s.B, s.H, s.N, s.Dv}) &&
@@ -99,7 +102,8 @@ detail::Tensor2 lsh_backward_kernel(const at::Tensor& grad_out, const at::Tensor
   // Pads the sequence dimension: dim 2 of (B, H, N, X) or (B, H, N).
   auto padded = [&](const at::Tensor& t, double value) {
     const at::Tensor c = t.to(l.compute);
-    const std::vector<int64_t> p = t.dim() == 4 ? std::vector<int64_t>{0, 0, 0, pad} : std::vector<int64_t>{0, pad};
+    const std::vector<int64_t> p =
+        t.dim() == 4 ? std::vector<int64_t>{0, 0, 0, pad} : std::vector<int64_t>{0, pad};
     return (pad ? at::constant_pad_nd(c, p, value) : c).contiguous();
   };
   // Padded queries: zero gradient, and an lse of +inf so that their round
@@ -118,9 +122,11 @@ detail::Tensor2 lsh_backward_kernel(const at::Tensor& grad_out, const at::Tensor
 
 // Below autograd (inference, or nothing needs a gradient): draw the seed here.
 detail::Tensor2 lsh_attention_kernel(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& rotations,
-                                     int64_t bucket_size, bool causal, const OptTensor& key_mask, double dropout_p) {
+                                     int64_t bucket_size, bool causal, const OptTensor& key_mask,
+                                     double dropout_p) {
   const OptTensor seed = dropout_p > 0 ? OptTensor(detail::fresh_seed()) : std::nullopt;
-  auto [out, lse, buckets] = lsh_forward_kernel(qk, v, rotations, bucket_size, causal, key_mask, dropout_p, seed);
+  auto [out, lse, buckets] =
+      lsh_forward_kernel(qk, v, rotations, bucket_size, causal, key_mask, dropout_p, seed);
   return {out, buckets};
 }
 

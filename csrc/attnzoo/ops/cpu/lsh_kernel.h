@@ -40,8 +40,16 @@ struct LshHead {
   mutable std::vector<int64_t> limit, slot;
 
   LshHead(const LshArgs& args, int64_t b_, int64_t h_)
-      : a(args), b(b_), h(h_), Np(args.Npad), D(args.D), Dv(args.Dv), R(args.R),
-        half(args.n_buckets / 2), bs(args.bucket_size), chunks_per_round(args.Npad / args.bucket_size),
+      : a(args),
+        b(b_),
+        h(h_),
+        Np(args.Npad),
+        D(args.D),
+        Dv(args.Dv),
+        R(args.R),
+        half(args.n_buckets / 2),
+        bs(args.bucket_size),
+        chunks_per_round(args.Npad / args.bucket_size),
         chunks(args.R * (args.Npad / args.bucket_size)) {
     const int64_t bh = b * args.H + h;
     qk = static_cast<const T*>(args.qk) + bh * Np * D;
@@ -65,8 +73,7 @@ struct LshHead {
         argmax_columns(tile.data(), half, pb, best.data(), worst.data(), at_best.data(), at_worst.data());
         for (int64_t i = 0; i < pb; ++i) {
           // argmax over [xR, -xR]; ties go to the first index, as torch.argmax
-          bucket[r * Np + t0 + i] =
-              best[i] >= -worst[i] ? int64_t(at_best[i]) : half + int64_t(at_worst[i]);
+          bucket[r * Np + t0 + i] = best[i] >= -worst[i] ? int64_t(at_best[i]) : half + int64_t(at_worst[i]);
         }
       }
       // counting sort by bucket, stable in position
@@ -146,7 +153,8 @@ struct LshHead {
   void scores(int64_t g, const int64_t* kpos, int64_t nk, T* qt, T* kt, T* s) const {
     const int64_t* qpos = chunk(g);
     for (int64_t i = 0; i < bs; ++i) std::copy(qk + qpos[i] * D, qk + (qpos[i] + 1) * D, qt + i * D);
-    for (int64_t j = 0; j < nk; ++j) std::copy(khat.data() + kpos[j] * D, khat.data() + (kpos[j] + 1) * D, kt + j * D);
+    for (int64_t j = 0; j < nk; ++j)
+      std::copy(khat.data() + kpos[j] * D, khat.data() + (kpos[j] + 1) * D, kt + j * D);
     gemm_rowmajor<T>(false, true, bs, nk, D, T(1) / std::sqrt(T(D)), qt, D, kt, D, T(0), s, nk);
     // Key validity once per chunk; then per row a branch-free causal test.
     const uint8_t* km = a.key_mask + b * Np;

@@ -17,9 +17,9 @@ inline namespace CPU_CAPABILITY {
 // Dense policy: bool mask, additive bias, ALiBi and a (causal / window) band.
 template <typename T>
 struct DensePolicy : PolicyHooks<T> {
-  static constexpr uint32_t kOverrides =
-      hooks(Hook::block_q, Hook::block_k, Hook::max_key_tile, Hook::max_query_tile, Hook::for_each_key_tile,
-            Hook::for_each_query_tile, Hook::modify_scores, Hook::wants_score_grad, Hook::accumulate_score_grad);
+  static constexpr uint32_t kOverrides = hooks(
+      Hook::block_q, Hook::block_k, Hook::max_key_tile, Hook::max_query_tile, Hook::for_each_key_tile,
+      Hook::for_each_query_tile, Hook::modify_scores, Hook::wants_score_grad, Hook::accumulate_score_grad);
   const DenseArgs& a;
   int64_t offset;  // position of query i is i + offset (bottom-right alignment)
 
@@ -46,8 +46,7 @@ struct DensePolicy : PolicyHooks<T> {
   template <class Fn>
   void for_each_key_tile(int64_t, int64_t, int64_t q0, int64_t mq, Fn&& fn) const {
     const auto [lo, hi] = key_range(q0, mq);
-    for (int64_t k0 = (lo / kBlockK) * kBlockK; k0 < hi; k0 += kBlockK)
-      fn(k0, std::min(kBlockK, a.Nk - k0));
+    for (int64_t k0 = (lo / kBlockK) * kBlockK; k0 < hi; k0 += kBlockK) fn(k0, std::min(kBlockK, a.Nk - k0));
   }
   template <class Fn>
   void for_each_query_tile(int64_t, int64_t, int64_t k0, int64_t nk, Fn&& fn) const {

@@ -26,11 +26,11 @@ struct Dropout {
   int64_t H = 0, Nq = 0, Nk = 0;
 
   Dropout(double p, uint64_t seed_)
-      : active(p > 0), seed(seed_), threshold(static_cast<uint64_t>(p * double(1u << 24))),
+      : active(p > 0),
+        seed(seed_),
+        threshold(static_cast<uint64_t>(p * double(1u << 24))),
         keep_scale(p < 1 ? 1.0 / (1.0 - p) : 0.0) {}
-  explicit Dropout(const DenseArgs& a) : Dropout(a.dropout_p, a.seed) {
-    H = a.H, Nq = a.Nq, Nk = a.Nk;
-  }
+  explicit Dropout(const DenseArgs& a) : Dropout(a.dropout_p, a.seed) { H = a.H, Nq = a.Nq, Nk = a.Nk; }
   // Whether the element with this counter is kept: a 24-bit uniform >= p.
   bool keeps(uint64_t index) const {
     return (splitmix64(seed + (index + 1) * 0x9e3779b97f4a7c15ULL) >> 40) >= threshold;

@@ -79,8 +79,7 @@ void forward_range(const DenseArgs& a, Policy& policy, int64_t begin, int64_t en
       }
       // out += p v
       if (out && any_row)
-        gemm_rowmajor<T>(false, false, mq, g.Dv, nk, T(1), s, BK, v + k0 * g.Dv, g.Dv, T(1), out,
-                         g.Dv);
+        gemm_rowmajor<T>(false, false, mq, g.Dv, nk, T(1), s, BK, v + k0 * g.Dv, g.Dv, T(1), out, g.Dv);
     });
     if (out) policy.end_query_tile(out, g.Dv, mq);
     for (int64_t r = 0; r < mq; ++r) {
@@ -166,8 +165,7 @@ void backward_range(const DenseArgs& a, Policy& policy, int64_t begin, int64_t e
         T* p = p_tile.data();
         T* dp = dp_tile.data();
         policy.begin_pair(b, h, q0, mq, k0, nk, q + q0 * g.D, dout + q0 * g.Dv);
-        gemm_rowmajor<T>(false, true, mq, nk, g.D, scale, q + q0 * g.D, g.D, k + k0 * g.D, g.D,
-                         T(0), p, BK);
+        gemm_rowmajor<T>(false, true, mq, nk, g.D, scale, q + q0 * g.D, g.D, k + k0 * g.D, g.D, T(0), p, BK);
         policy.modify_scores(b, h, q0, mq, k0, nk, p, BK);
         for (int64_t r = 0; r < mq; ++r) {
           T* row = p + r * BK;
@@ -191,8 +189,8 @@ void backward_range(const DenseArgs& a, Policy& policy, int64_t begin, int64_t e
                          dv + k0 * g.Dv, g.Dv);
         policy.accumulate_value_grad(b, h, q0, mq, k0, nk, p_used, BK, dout + q0 * g.Dv);
         // dp = dout v^T
-        gemm_rowmajor<T>(false, true, mq, nk, g.Dv, T(1), dout + q0 * g.Dv, g.Dv, v + k0 * g.Dv,
-                         g.Dv, T(0), dp, BK);
+        gemm_rowmajor<T>(false, true, mq, nk, g.Dv, T(1), dout + q0 * g.Dv, g.Dv, v + k0 * g.Dv, g.Dv, T(0),
+                         dp, BK);
         policy.modify_dp(q0, mq, k0, nk, dp, BK);
         for (int64_t r = 0; r < mq; ++r) {
           if (dropout.active) dropout.apply(dp + r * BK, nk, b, h, q0 + r, k0);
@@ -201,10 +199,10 @@ void backward_range(const DenseArgs& a, Policy& policy, int64_t begin, int64_t e
         if (score_grad)
           policy.accumulate_score_grad(b, h, q0, mq, k0, nk, dp, BK, q + q0 * g.D, dq + q0 * g.D);
         // dq += scale * ds k ;  dk += scale * ds^T q
-        gemm_rowmajor<T>(false, false, mq, g.D, nk, scale, dp, BK, k + k0 * g.D, g.D, T(1),
-                         dq + q0 * g.D, g.D);
-        gemm_rowmajor<T>(true, false, nk, g.D, mq, scale, dp, BK, q + q0 * g.D, g.D, T(1),
-                         dk + k0 * g.D, g.D);
+        gemm_rowmajor<T>(false, false, mq, g.D, nk, scale, dp, BK, k + k0 * g.D, g.D, T(1), dq + q0 * g.D,
+                         g.D);
+        gemm_rowmajor<T>(true, false, nk, g.D, mq, scale, dp, BK, q + q0 * g.D, g.D, T(1), dk + k0 * g.D,
+                         g.D);
       });
     }
   }

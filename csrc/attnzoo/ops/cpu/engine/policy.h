@@ -50,11 +50,25 @@
 namespace attnzoo::cpu {
 inline namespace CPU_CAPABILITY {
 
-#define ATTNZOO_POLICY_HOOKS(X)                                                                   \
-  X(block_q) X(block_k) X(max_key_tile) X(max_query_tile) X(for_each_key_tile)                  \
-  X(for_each_query_tile) X(modify_scores) X(begin_query_tile) X(on_rescale) X(on_probs)           \
-  X(end_query_tile) X(begin_pair) X(modify_dp) X(accumulate_value_grad) X(wants_score_grad)       \
+// clang-format off
+#define ATTNZOO_POLICY_HOOKS(X) \
+  X(block_q) \
+  X(block_k) \
+  X(max_key_tile) \
+  X(max_query_tile) \
+  X(for_each_key_tile) \
+  X(for_each_query_tile) \
+  X(modify_scores) \
+  X(begin_query_tile) \
+  X(on_rescale) \
+  X(on_probs) \
+  X(end_query_tile) \
+  X(begin_pair) \
+  X(modify_dp) \
+  X(accumulate_value_grad) \
+  X(wants_score_grad) \
   X(accumulate_score_grad)
+// clang-format on
 
 enum class Hook : uint32_t {
 #define ATTNZOO_HOOK_ENUM(name) name,
@@ -103,10 +117,11 @@ struct TileVisitor {
 // Compile-time: every hook is defined by P exactly when P::kOverrides lists it.
 template <class P>
 constexpr bool check_policy_hooks() {
-#define ATTNZOO_CHECK_HOOK(name, member)                                                                    \
-  static_assert(std::is_same_v<typename policy_check::member_class<decltype(member)>::type, P> ==             \
-                    ((P::kOverrides & hooks(Hook::name)) != 0),                                             \
-                "policy hook " #name ": a policy defines a hook exactly when its kOverrides lists it (a "   \
+#define ATTNZOO_CHECK_HOOK(name, member)                                                          \
+  static_assert(std::is_same_v<typename policy_check::member_class<decltype(member)>::type, P> == \
+                    ((P::kOverrides & hooks(Hook::name)) != 0),                                   \
+                "policy hook " #name                                                              \
+                ": a policy defines a hook exactly when its kOverrides lists it (a "              \
                 "misspelt or unlisted hook would silently fall back to the base's)");
   ATTNZOO_CHECK_HOOK(block_q, &P::block_q)
   ATTNZOO_CHECK_HOOK(block_k, &P::block_k)

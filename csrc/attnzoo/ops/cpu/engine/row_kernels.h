@@ -27,9 +27,8 @@ constexpr T neg_inf() {
 // C(m x n, row-major, ldc) = A(m x k) * B(k x n) is C^T = B^T A^T.
 // Each helper names the row-major product it computes.
 template <typename T>
-inline void gemm_rowmajor(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha,
-                          const T* a, int64_t lda, const T* b, int64_t ldb, T beta, T* c,
-                          int64_t ldc) {
+inline void gemm_rowmajor(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+                          int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
   blas_gemm(trans_b, trans_a, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
 }
 
@@ -119,8 +118,7 @@ inline void softmax_grad_row(const T* p, T* dp, int64_t n, T delta) {
   using V = Vec<T>;
   const V vd(delta);
   int64_t c = 0;
-  for (; c + V::size() <= n; c += V::size())
-    (V::loadu(p + c) * (V::loadu(dp + c) - vd)).store(dp + c);
+  for (; c + V::size() <= n; c += V::size()) (V::loadu(p + c) * (V::loadu(dp + c) - vd)).store(dp + c);
   for (; c < n; ++c) dp[c] = p[c] * (dp[c] - delta);
 }
 

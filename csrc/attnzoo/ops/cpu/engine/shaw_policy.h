@@ -19,15 +19,15 @@ inline namespace CPU_CAPABILITY {
 template <typename T>
 struct ShawPolicy : DensePolicy<T> {
   static constexpr uint32_t kOverrides =
-      hooks(Hook::modify_scores, Hook::begin_query_tile, Hook::on_rescale, Hook::on_probs, Hook::end_query_tile,
-            Hook::begin_pair, Hook::modify_dp, Hook::accumulate_value_grad, Hook::wants_score_grad,
-            Hook::accumulate_score_grad);
+      hooks(Hook::modify_scores, Hook::begin_query_tile, Hook::on_rescale, Hook::on_probs,
+            Hook::end_query_tile, Hook::begin_pair, Hook::modify_dp, Hook::accumulate_value_grad,
+            Hook::wants_score_grad, Hook::accumulate_score_grad);
   using Base = DensePolicy<T>;
   using Base::a;
   using Base::offset;
   const int64_t K;
-  int64_t rlo = 0, nr = 0, row0 = 0;          // bucket range of the current tile, its first query
-  std::vector<T> qr, dvr, hist, hist_v;       // (rows x nr) scratch
+  int64_t rlo = 0, nr = 0, row0 = 0;     // bucket range of the current tile, its first query
+  std::vector<T> qr, dvr, hist, hist_v;  // (rows x nr) scratch
 
   explicit ShawPolicy(const DenseArgs& args) : Base(args), K(args.shaw_K) {}
 
@@ -83,8 +83,8 @@ struct ShawPolicy : DensePolicy<T> {
   // qr (mq x nr) = scale * q_tile rel_k[rlo .. rlo+nr)^T
   void compute_qr(int64_t h, int64_t mq, const T* q_tile) {
     qr.resize(mq * nr);
-    gemm_rowmajor<T>(false, true, mq, nr, a.D, T(a.scale), q_tile, a.D, rel_k(h) + rlo * a.D, a.D,
-                     T(0), qr.data(), nr);
+    gemm_rowmajor<T>(false, true, mq, nr, a.D, T(a.scale), q_tile, a.D, rel_k(h) + rlo * a.D, a.D, T(0),
+                     qr.data(), nr);
   }
 
   // --- forward -----------------------------------------------------------
@@ -103,7 +103,8 @@ struct ShawPolicy : DensePolicy<T> {
   void modify_scores(int64_t b, int64_t h, int64_t q0, int64_t mq, int64_t k0, int64_t nk, T* s,
                      int64_t ld) const {
     Base::modify_scores(b, h, q0, mq, k0, nk, s, ld);
-    for (int64_t r = 0; r < mq; ++r) gather_add(s + r * ld, qr.data() + (q0 - row0 + r) * nr, q0 + r + offset, k0, nk);
+    for (int64_t r = 0; r < mq; ++r)
+      gather_add(s + r * ld, qr.data() + (q0 - row0 + r) * nr, q0 + r + offset, k0, nk);
   }
   void on_rescale(int64_t r, T alpha) {
     if (a.shaw_v) scale_row(hist.data() + r * nr, nr, alpha);
@@ -113,8 +114,8 @@ struct ShawPolicy : DensePolicy<T> {
   }
   void end_query_tile(T* out, int64_t ld, int64_t mq) {
     if (a.shaw_v)  // out += hist rel_v[rlo .. rlo+nr)
-      gemm_rowmajor<T>(false, false, mq, a.Dv, nr, T(1), hist.data(), nr, rel_v(cur_h) + rlo * a.Dv,
-                       a.Dv, T(1), out, ld);
+      gemm_rowmajor<T>(false, false, mq, a.Dv, nr, T(1), hist.data(), nr, rel_v(cur_h) + rlo * a.Dv, a.Dv,
+                       T(1), out, ld);
   }
 
   // --- backward ----------------------------------------------------------
@@ -137,7 +138,8 @@ struct ShawPolicy : DensePolicy<T> {
                              const T* p_used, int64_t ld, const T* dout) {
     if (!a.shaw_v || !a.grad_shaw_v) return;
     hist_v.assign(mq * nr, T(0));
-    for (int64_t r = 0; r < mq; ++r) scatter_add(hist_v.data() + r * nr, p_used + r * ld, q0 + r + offset, k0, nk);
+    for (int64_t r = 0; r < mq; ++r)
+      scatter_add(hist_v.data() + r * nr, p_used + r * ld, q0 + r + offset, k0, nk);
     T* g = static_cast<T*>(a.grad_shaw_v) + ((b * a.H + h) * (2 * K + 1) + rlo) * a.Dv;
     // g (nr x Dv) += hist_v^T dout
     gemm_rowmajor<T>(true, false, nr, a.Dv, mq, T(1), hist_v.data(), nr, dout, a.Dv, T(1), g, a.Dv);
@@ -150,8 +152,8 @@ struct ShawPolicy : DensePolicy<T> {
     for (int64_t r = 0; r < mq; ++r) scatter_add(hist.data() + r * nr, ds + r * ld, q0 + r + offset, k0, nk);
     const T scale = T(a.scale);
     // dq += scale * hist rel_k[...];  d rel_k[...] += scale * hist^T q
-    gemm_rowmajor<T>(false, false, mq, a.D, nr, scale, hist.data(), nr, rel_k(h) + rlo * a.D, a.D,
-                     T(1), dq_tile, a.D);
+    gemm_rowmajor<T>(false, false, mq, a.D, nr, scale, hist.data(), nr, rel_k(h) + rlo * a.D, a.D, T(1),
+                     dq_tile, a.D);
     if (a.grad_shaw_k) {
       T* g = static_cast<T*>(a.grad_shaw_k) + ((b * a.H + h) * (2 * K + 1) + rlo) * a.D;
       gemm_rowmajor<T>(true, false, nr, a.D, mq, scale, hist.data(), nr, q_tile, a.D, T(1), g, a.D);
