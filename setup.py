@@ -1,6 +1,5 @@
 """pip install . : drives the same CMake build as tools/build.sh (nothing is
 compiled twice); the extension and libattnzoo land inside the attnzoo package."""
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -28,7 +28,8 @@ def _overrides(parser, items):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m attnzoo", description="attnzoo: pretrain and evaluate the zoo's models")
+    ap = argparse.ArgumentParser(prog="python -m attnzoo",
+                                 description="attnzoo: pretrain and evaluate the zoo's models")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pretrain", help="train a model on the embedded data (resumes an interrupted run)")
@@ -52,7 +53,8 @@ def main(argv=None):
     e.add_argument("--out", help="where to write the JSON (default: eval-<split>.json in a run directory; "
                                  "for a checkpoint directory only with --out)")
     e.add_argument("--max-batches", type=int, default=0, help="limit the evaluation (0 = the whole split)")
-    e.add_argument("--sample-tokens", type=int, default=200, help="GPT: length of the generated sample; speech: 0 skips the transcripts")
+    e.add_argument("--sample-tokens", type=int, default=200,
+                   help="GPT: length of the generated sample; speech: 0 skips the transcripts")
 
     c = sub.add_parser("compare", help="pretrain one model with several attention kinds at equal steps")
     c.add_argument("model")

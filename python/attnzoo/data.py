@@ -1,4 +1,4 @@
-"""Data that needs no download (DESIGN.md section 6), built once into a cache.
+"""Data that needs no download (docs/design.md, section 7), built once into a cache.
 
 * ``kjv()``: the King James Bible from Debian's ``bible-kjv`` package, one
   verse per line, split by chapter (every 20th chapter validation, the next
@@ -32,8 +32,8 @@ import torch
 
 from ._files import atomic_write, write_text_atomic
 
-__all__ = ["cache_dir", "kjv", "digits", "spoken_digits", "SpeechLabels", "ByteTokenizer", "SentencePieceTokenizer", "sentencepiece_tokenizer",
-           "tokenizer_for"]
+__all__ = ["cache_dir", "kjv", "digits", "spoken_digits", "SpeechLabels", "ByteTokenizer", "SentencePieceTokenizer",
+           "sentencepiece_tokenizer", "tokenizer_for"]
 
 SPLITS = ("train", "val", "test")
 

@@ -396,7 +396,8 @@ def _mean_over_ranks(value, world):
 
 
 def _attention_kinds(config):
-    kinds = [a["kind"] for a in config["attention"]] if isinstance(config["attention"], list) else [config["attention"]["kind"]]
+    attention = config["attention"]
+    kinds = [a["kind"] for a in attention] if isinstance(attention, list) else [attention["kind"]]
     return "/".join(dict.fromkeys(kinds))
 
 

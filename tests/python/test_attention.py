@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import attnzoo
 from attnzoo import ops
-from reference import assert_matches_reference, make_qkv, rand, reference
+from reference import make_qkv, rand, reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -300,7 +299,8 @@ def test_alibi_slopes():
 BAD_INPUTS = [
     # (description, call, expected message fragment)
     ("rank-3 q", lambda q, k, v: ops.attention(q[0], k, v), "q must have shape (B, H, N, D)"),
-    ("heads not a multiple", lambda q, k, v: ops.attention(q, k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1)), "multiple of the heads"),
+    ("heads not a multiple", lambda q, k, v: ops.attention(q, k.repeat(1, 2, 1, 1), v.repeat(1, 2, 1, 1)),
+     "multiple of the heads"),
     ("k/v heads differ", lambda q, k, v: ops.attention(q, k, v[:, :1]), "k and v must have the same number of heads"),
     ("head dims differ", lambda q, k, v: ops.attention(q, k[..., :8], v), "head dim D"),
     ("k/v lengths differ", lambda q, k, v: ops.attention(q, k, v[:, :, :5]), "same sequence length"),
@@ -311,15 +311,18 @@ BAD_INPUTS = [
      "mask of shape (10, 7) is not broadcastable to (B, H, Nq, Nk) = (2, 6, 10, 12)"),
     ("mask dtype", lambda q, k, v: ops.attention(q, k, v, mask=torch.ones(10, 12)), "mask must be a bool tensor"),
     ("bias shape", lambda q, k, v: ops.attention(q, k, v, bias=torch.ones(5, 10, 12)), "bias of shape (5, 10, 12)"),
-    ("bias dtype", lambda q, k, v: ops.attention(q, k, v, bias=torch.ones(10, 12, dtype=torch.long)), "bias must be a floating"),
+    ("bias dtype", lambda q, k, v: ops.attention(q, k, v, bias=torch.ones(10, 12, dtype=torch.long)),
+     "bias must be a floating"),
     ("nan scale", lambda q, k, v: ops.attention(q, k, v, scale=float("nan")), "scale must be finite"),
     ("inf scale", lambda q, k, v: ops.attention(q, k, v, scale=float("inf")), "scale must be finite"),
     ("dropout > 1", lambda q, k, v: ops.attention(q, k, v, dropout_p=1.5), "dropout_p must be in [0, 1]"),
     ("negative window", lambda q, k, v: ops.attention(q, k, v, window=(-1, 2)), "window sizes must be >= 0"),
     ("window length", lambda q, k, v: ops.attention(q, k, v, window=(1, 2, 3)), "window must be (left, right)"),
-    ("alibi shape", lambda q, k, v: ops.attention(q, k, v, alibi_slopes=torch.ones(5)), "alibi_slopes must have shape (H,)"),
+    ("alibi shape", lambda q, k, v: ops.attention(q, k, v, alibi_slopes=torch.ones(5)),
+     "alibi_slopes must have shape (H,)"),
     ("meta device", lambda q, k, v: ops.attention(q.to("meta"), k.to("meta"), v.to("meta")), ""),
-    ("zero head dim", lambda q, k, v: ops.attention(q[..., :0], k[..., :0], v), "head dim D of q and k must be positive"),
+    ("zero head dim", lambda q, k, v: ops.attention(q[..., :0], k[..., :0], v),
+     "head dim D of q and k must be positive"),
     ("alibi heads", lambda q, k, v: ops.alibi_slopes(0), "num_heads must be positive"),
 ]
 

@@ -102,7 +102,8 @@ def test_shaw_weights_and_opcheck():
 
 
 @pytest.mark.parametrize("kwargs,fragment", [
-    ({"rel_k": torch.randn(5, 8), "max_distance": 3}, "rel_k must have shape (2K+1, 8) or (H, 2K+1, 8) with K = max_distance = 3"),
+    ({"rel_k": torch.randn(5, 8), "max_distance": 3},
+     "rel_k must have shape (2K+1, 8) or (H, 2K+1, 8) with K = max_distance = 3"),
     ({"rel_k": torch.randn(3, 7, 8), "max_distance": 3}, "rel_k must have shape"),
     ({"rel_k": torch.randn(7, 8), "rel_v": torch.randn(7, 5), "max_distance": 3}, "rel_v must have shape (2K+1, 8)"),
     ({"rel_k": torch.randn(7, 8), "max_distance": -3}, "max_distance must be >= 0"),
