@@ -27,9 +27,11 @@ __all__ = ["GPT", "Bert", "ViT", "Speech", "from_pretrained", "load_config", "de
 ConfigLike = Union[None, str, os.PathLike, Mapping[str, Any]]
 
 
-def default_config(model_type: str) -> dict:
-    """The complete default config of a model kind, as a dict."""
-    return json.loads(_C.default_config(model_type))
+def default_config(model_type: str, attention: str = "dense") -> dict:
+    """The complete default config of a model kind, as a dict, with every
+    parameter of the attention kind ``attention`` at its default (the
+    kinds: docs/attention-kinds.md)."""
+    return json.loads(_C.canonical_config(json.dumps({"model_type": model_type, "attention": {"kind": attention}})))
 
 
 def load_config(config: ConfigLike, model_type: Optional[str] = None, **overrides) -> dict:
@@ -69,8 +71,7 @@ class CppModule(nn.Module):
         for name, tensor in cpp_module._buffers.items():
             self._buffers[name] = tensor
         for name, child in cpp_module._modules.items():
-            is_list = repr(child).endswith("ModuleListImpl")
-            self._modules[name] = (CppModuleList if is_list else CppModule)(child)
+            self._modules[name] = (CppModuleList if _C.is_module_list(child) else CppModule)(child)
         self.training = cpp_module.training
 
     def train(self, mode: bool = True):

@@ -27,7 +27,7 @@ from . import data
 class Task:
     model_type = ""
 
-    def __init__(self, config: dict, seq_len: int = 0, data_fraction: float = 1.0, cache=None, tokenizer=None):
+    def __init__(self, config: dict, data_fraction: float = 1.0):
         self.config = config
         self.data_fraction = data_fraction
 
@@ -60,7 +60,7 @@ class TextTask(Task):
     """A token stream per split and windows of seq_len over it."""
 
     def __init__(self, config, seq_len=0, data_fraction=1.0, cache=None, tokenizer=None):
-        super().__init__(config, seq_len, data_fraction, cache)
+        super().__init__(config, data_fraction)
         self.seq_len = seq_len or min(config["max_position_embeddings"], 256)
         if self.seq_len > config["max_position_embeddings"]:
             raise ValueError(f"seq_len {self.seq_len} exceeds the model's max_position_embeddings "
@@ -185,10 +185,11 @@ class ViTTask(Task):
     model_type = "vit"
 
     def __init__(self, config, seq_len=0, data_fraction=1.0, cache=None, tokenizer=None):
-        super().__init__(config, seq_len, data_fraction, cache)
+        super().__init__(config, data_fraction)
         if (config["image_size"], config["num_channels"], config["num_labels"]) != (8, 1, 10):
             raise ValueError("the digits task needs image_size 8, num_channels 1 and num_labels 10")
-        self.splits = {s: (x[: self._slice(len(x))], y[: self._slice(len(y))]) for s, (x, y) in data.digits(cache).items()}
+        self.splits = {s: (x[: self._slice(len(x))], y[: self._slice(len(y))])
+                       for s, (x, y) in data.digits(cache).items()}
 
     def batch(self, generator, batch_size):
         x, y = self.splits["train"]
@@ -225,7 +226,7 @@ class SpeechTask(Task):
     snr_db = (10.0, 30.0)
 
     def __init__(self, config, seq_len=0, data_fraction=1.0, cache=None, tokenizer=None):
-        super().__init__(config, seq_len, data_fraction, cache)
+        super().__init__(config, data_fraction)
         self.labels = data.SpeechLabels()
         blank = self.labels.blank_id
         if config["vocab_size"] != self.labels.vocab_size or config.get("blank_id", 0) != blank:

@@ -34,7 +34,7 @@ TEST_CASE("config.json: defaults, round trip and errors that name the key", "[io
   auto config = attnzoo::config_from_json(gpt_json(R"([{"kind": "t5"}, {"kind": "lsh", "bucket_size": 8}])"));
   REQUIRE(config.attention.size() == 2);
   CHECK(config.attention[1].bucket_size == 8);
-  CHECK(config.activation == "gelu_tanh");  // the GPT default
+  CHECK(config.activation == attnzoo::Activation::gelu_tanh);  // the GPT default
   auto again = attnzoo::config_from_json(attnzoo::config_to_json(config));
   CHECK(attnzoo::config_to_json(again) == attnzoo::config_to_json(config));
 

@@ -27,7 +27,7 @@ TEST_CASE("every model builds, trains one step and round-trips its checkpoint fr
           "conformer_conv": true, "attention": {"kind": "lsh", "bucket_size": 4}})"};
   for (const auto& text : configs) {
     auto model = attnzoo::models::create_model(attnzoo::config_from_json(text));
-    INFO(model->config().model_type);
+    INFO(attnzoo::name(model->config().model_type));
     auto loss_of = [&](attnzoo::models::ModelBase& m) -> at::Tensor {
       if (auto* g = dynamic_cast<attnzoo::models::GPTImpl*>(&m))
         return g->forward(at::randint(0, 50, {2, 9})).logsumexp(-1).mean();
@@ -52,7 +52,7 @@ TEST_CASE("every model builds, trains one step and round-trips its checkpoint fr
     CHECK(changed == before.size());
 
     model->eval();
-    const auto path = (dir / model->config().model_type).string();
+    const auto path = (dir / attnzoo::name(model->config().model_type)).string();
     model->save_pretrained(path);
     model->train();
     auto loaded = attnzoo::from_pretrained(path);

@@ -11,7 +11,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FUZZ = os.path.join(ROOT, "tests", "fuzz")
-SOURCES = [os.path.join(FUZZ, "fuzz_readers.cpp"), os.path.join(ROOT, "csrc", "attnzoo", "io", "config.cpp"),
+SOURCES = [os.path.join(FUZZ, "fuzz_readers.cpp"), os.path.join(ROOT, "csrc", "attnzoo", "models", "config.cpp"),
            os.path.join(ROOT, "csrc", "attnzoo", "io", "safetensors_index.cpp")]
 
 

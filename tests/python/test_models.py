@@ -628,3 +628,17 @@ def test_hostile_checkpoint_files_give_clear_errors_in_both_languages(tmp_path):
     for load in (attnzoo.from_pretrained, attnzoo.models.from_pretrained_cpp):
         with pytest.raises(ValueError, match="num_heads"):
             load(tmp_path)
+
+
+def test_default_config_lists_the_parameters_of_the_attention_kind():
+    assert attnzoo.models.default_config("gpt")["attention"] == {"kind": "dense"}
+    lsh = attnzoo.models.default_config("gpt", "lsh")["attention"]
+    assert lsh == {"kind": "lsh", "bucket_size": 32, "n_hashes": 2}
+    sparse = attnzoo.models.default_config("bert", attention="block_sparse")
+    assert sparse["attention"]["layout"] == "bigbird" and sparse["norm"] == "post"
+    # The dict is a valid config as it stands.
+    attnzoo.models.Bert(sparse)
+    with pytest.raises(ValueError, match="attention.kind.*must be one of"):
+        attnzoo.models.default_config("gpt", "flash")
+    with pytest.raises(ValueError, match="cannot be used in a causal"):
+        attnzoo.models.default_config("gpt", "longformer")

@@ -150,7 +150,8 @@ int generate(const std::string& dir, const std::map<std::string, std::string>& f
   attnzoo::models::GenerationOptions options;  // its defaults are Python's too
   const auto& config = gpt->config();
   const int64_t room = config.max_position_embeddings - prompt.numel();
-  if (config.position_embedding == "learned") {  // learned positions end at max_position_embeddings
+  if (config.position_embedding ==
+      attnzoo::PositionEmbedding::learned) {  // learned positions end at max_position_embeddings
     if (room < 0)
       throw std::invalid_argument("the prompt is " + std::to_string(prompt.numel()) +
                                   " tokens; this model reads at most max_position_embeddings = " +

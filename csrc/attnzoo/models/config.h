@@ -1,45 +1,122 @@
 #pragma once
 // Model configuration: one struct for every model kind, read from and written
-// to HF-style config.json (DESIGN.md section 5). Parsing is strict: an unknown
+// to HF-style config.json (docs/design.md section 6). Parsing is strict: an unknown
 // key, a key that does not apply to the model or attention kind, or a bad value
 // is an error that names the key.
+#include <array>
 #include <cstdint>
+#include <optional>
+#include <ostream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace attnzoo {
 
+// The words config.json may hold for a choice, as enums: parsed (and an
+// unknown word refused, naming the key and the choices) once, when the
+// config is read; the code switches on them.
+enum class ModelType { bert, gpt, vit, speech };
+enum class AttentionKind {
+  dense,
+  alibi,
+  rotary,
+  t5,
+  shaw,
+  local,
+  block_sparse,
+  linformer,
+  lsh,
+  linear,
+  longformer
+};
+enum class Activation { gelu, gelu_tanh, relu };
+enum class Norm { pre, post };  // LayerNorm before (pre) or after (post) each residual branch
+enum class PositionEmbedding { learned, sinusoidal, none };
+enum class BlockLayout { local, bigbird, fixed, strided };
+enum class FeatureMap { elu_plus_one, relu };
+
+// Each enum's words in config.json, in the enum's order.
+template <typename E>
+struct EnumWords;
+template <>
+struct EnumWords<ModelType> {
+  static constexpr std::array<const char*, 4> words = {"bert", "gpt", "vit", "speech"};
+};
+template <>
+struct EnumWords<AttentionKind> {
+  static constexpr std::array<const char*, 11> words = {"dense", "alibi",  "rotary",       "t5",
+                                                        "shaw",  "local",  "block_sparse", "linformer",
+                                                        "lsh",   "linear", "longformer"};
+};
+template <>
+struct EnumWords<Activation> {
+  static constexpr std::array<const char*, 3> words = {"gelu", "gelu_tanh", "relu"};
+};
+template <>
+struct EnumWords<Norm> {
+  static constexpr std::array<const char*, 2> words = {"pre", "post"};
+};
+template <>
+struct EnumWords<PositionEmbedding> {
+  static constexpr std::array<const char*, 3> words = {"learned", "sinusoidal", "none"};
+};
+template <>
+struct EnumWords<BlockLayout> {
+  static constexpr std::array<const char*, 4> words = {"local", "bigbird", "fixed", "strided"};
+};
+template <>
+struct EnumWords<FeatureMap> {
+  static constexpr std::array<const char*, 2> words = {"elu+1", "relu"};
+};
+
+// The config.json word of a value ("gpt", "block_sparse", "elu+1").
+template <typename E, typename = decltype(EnumWords<E>::words)>
+const char* name(E value) {
+  return EnumWords<E>::words[static_cast<size_t>(value)];
+}
+// The value of a word; nullopt for a word that is not one of the choices.
+template <typename E>
+std::optional<E> from_name(const std::string& word) {
+  for (size_t i = 0; i < EnumWords<E>::words.size(); ++i)
+    if (word == EnumWords<E>::words[i]) return static_cast<E>(i);
+  return std::nullopt;
+}
+// Messages print the word.
+template <typename E, typename = decltype(EnumWords<E>::words)>
+std::ostream& operator<<(std::ostream& out, E value) {
+  return out << name(value);
+}
+
 // One layer's attention kind and its parameters. Only the fields of the
 // chosen kind are read from and written to JSON.
 struct AttentionConfig {
-  // dense | alibi | rotary | t5 | shaw | local | block_sparse | linformer |
-  // lsh | linear | longformer
-  std::string kind = "dense";
-  int64_t num_buckets = 32;                  // t5
-  int64_t max_distance = 128;                // t5, shaw (Shaw clips at +-max_distance)
-  double rotary_base = 10000.0;              // rotary
-  int64_t rotary_dim = 0;                    // rotary; 0 = the head dimension
-  int64_t window = 64;                       // local, longformer (tokens each side)
-  std::string layout = "bigbird";            // block_sparse: local | bigbird | fixed | strided
-  int64_t block_size = 32;                   // block_sparse
-  int64_t layout_window = 1;                 // block_sparse local/bigbird: blocks each side
-  int64_t num_global = 1;                    // block_sparse bigbird
-  int64_t num_random = 2;                    // block_sparse bigbird
-  int64_t stride = 4;                        // block_sparse fixed/strided (blocks)
-  int64_t num_summary = 1;                   // block_sparse fixed
-  int64_t seed = 0;                          // block_sparse bigbird random blocks
-  int64_t projected_length = 64;             // linformer
-  bool share_kv_projection = true;           // linformer
-  int64_t chunk_size = 64;                   // linformer in causal models: exact attention within a chunk
-  int64_t bucket_size = 32;                  // lsh
-  int64_t n_hashes = 2;                      // lsh
-  std::string feature_map = "elu+1";         // linear
-  std::vector<int64_t> global_tokens = {0};  // longformer
+  AttentionKind kind = AttentionKind::dense;
+  int64_t num_buckets = 32;                   // t5
+  int64_t max_distance = 128;                 // t5, shaw (Shaw clips at +-max_distance)
+  double rotary_base = 10000.0;               // rotary
+  int64_t rotary_dim = 0;                     // rotary; 0 = the head dimension
+  int64_t window = 64;                        // local, longformer (tokens each side)
+  BlockLayout layout = BlockLayout::bigbird;  // block_sparse
+  int64_t block_size = 32;                    // block_sparse
+  int64_t layout_window = 1;                  // block_sparse local/bigbird: blocks each side
+  int64_t num_global = 1;                     // block_sparse bigbird
+  int64_t num_random = 2;                     // block_sparse bigbird
+  int64_t stride = 4;                         // block_sparse fixed/strided (blocks)
+  int64_t num_summary = 1;                    // block_sparse fixed
+  int64_t seed = 0;                           // block_sparse bigbird random blocks
+  int64_t projected_length = 64;              // linformer
+  bool share_kv_projection = true;            // linformer
+  int64_t chunk_size = 64;                    // linformer in causal models: exact attention within a chunk
+  int64_t bucket_size = 32;                   // lsh
+  int64_t n_hashes = 2;                       // lsh
+  FeatureMap feature_map = FeatureMap::elu_plus_one;  // linear
+  std::vector<int64_t> global_tokens = {0};           // longformer
 };
 
 struct ModelConfig {
-  std::string model_type = "gpt";  // bert | gpt | vit | speech
-  int64_t vocab_size = 256;        // bert, gpt, speech (CTC labels incl. blank)
+  ModelType model_type = ModelType::gpt;
+  int64_t vocab_size = 256;  // bert, gpt, speech (CTC labels incl. blank)
   int64_t hidden_size = 256;
   int64_t num_layers = 4;
   int64_t num_heads = 4;
@@ -49,9 +126,9 @@ struct ModelConfig {
   double dropout = 0.1;            // embeddings, residual branches, MLP
   double attention_dropout = 0.0;  // on the attention probabilities
   double layer_norm_eps = 1e-5;
-  std::string activation = "gelu";             // gelu | gelu_tanh | relu
-  std::string norm = "pre";                    // pre | post (LayerNorm placement)
-  std::string position_embedding = "learned";  // learned | sinusoidal | none
+  Activation activation = Activation::gelu;
+  Norm norm = Norm::pre;
+  PositionEmbedding position_embedding = PositionEmbedding::learned;
   bool qkv_bias = true;
   bool fused_qkv = false;                  // one (3C, C) projection instead of three
   bool tie_word_embeddings = true;         // gpt, bert: output layer shares the token embedding
@@ -77,12 +154,11 @@ struct ModelConfig {
   int64_t head_dim() const { return hidden_size / num_heads; }
   int64_t kv_heads() const { return num_kv_heads > 0 ? num_kv_heads : num_heads; }
   int64_t ffn_size() const { return intermediate_size > 0 ? intermediate_size : 4 * hidden_size; }
-  const AttentionConfig& layer_attention(int64_t layer) const { return attention.at(layer); }
 };
 
 // The defaults of a model kind (BERT: post-LN, eps 1e-12, exact GELU; GPT:
 // pre-LN, tanh GELU; ViT: pre-LN, eps 1e-12; speech: sinusoidal positions).
-ModelConfig default_config(const std::string& model_type);
+ModelConfig default_config(ModelType model_type);
 
 // Parse config.json text. Throws std::invalid_argument naming the key.
 ModelConfig config_from_json(const std::string& text);

@@ -15,8 +15,17 @@ namespace {
 
 // Kinds that read every key (optionally masked or banded) and therefore give
 // the same answer whether the keys come from a cache or not.
-bool is_dense_family(const std::string& kind) {
-  return kind == "dense" || kind == "alibi" || kind == "rotary" || kind == "t5" || kind == "local";
+bool is_dense_family(AttentionKind kind) {
+  switch (kind) {
+    case AttentionKind::dense:
+    case AttentionKind::alibi:
+    case AttentionKind::rotary:
+    case AttentionKind::t5:
+    case AttentionKind::local:
+      return true;
+    default:
+      return false;
+  }
 }
 
 at::Tensor normal_parameter(torch::nn::Module& m, const std::string& name, at::IntArrayRef shape,
@@ -34,10 +43,16 @@ at::Tensor sinusoidal_positions(int64_t n, int64_t channels, int64_t offset, at:
   return table.to(options.dtype());
 }
 
-at::Tensor activation(const std::string& name, const at::Tensor& x) {
-  if (name == "gelu") return at::gelu(x);
-  if (name == "gelu_tanh") return at::gelu(x, "tanh");
-  return at::relu(x);
+at::Tensor activation(Activation kind, const at::Tensor& x) {
+  switch (kind) {
+    case Activation::gelu:
+      return at::gelu(x);
+    case Activation::gelu_tanh:
+      return at::gelu(x, "tanh");
+    case Activation::relu:
+      return at::relu(x);
+  }
+  TORCH_CHECK(false, "activation: unknown kind ", static_cast<int>(kind));
 }
 
 torch::nn::LayerNorm layer_norm(const ModelConfig& config) {
@@ -57,7 +72,7 @@ MultiHeadAttentionImpl::MultiHeadAttentionImpl(const ModelConfig& config, const 
       cross_(cross) {
   const bool bias = config.qkv_bias;
   const int64_t q_out = heads_ * head_dim_, kv_out = kv_heads_ * head_dim_;
-  const bool shared_qk = attention_.kind == "lsh";
+  const bool shared_qk = attention_.kind == AttentionKind::lsh;
   if (config.fused_qkv && !cross) {
     qkv_proj = register_module(
         "qkv_proj",
@@ -74,12 +89,12 @@ MultiHeadAttentionImpl::MultiHeadAttentionImpl(const ModelConfig& config, const 
   }
   out_proj = register_module("out_proj", torch::nn::Linear(q_out, hidden_));
   const auto& a = attention_;
-  if (a.kind == "t5") {
+  if (a.kind == AttentionKind::t5) {
     t5_bias = normal_parameter(*this, "t5_bias", {a.num_buckets, heads_}, 0.02);
-  } else if (a.kind == "shaw") {
+  } else if (a.kind == AttentionKind::shaw) {
     shaw_rel_k = normal_parameter(*this, "shaw_rel_k", {2 * a.max_distance + 1, head_dim_}, 0.02);
     shaw_rel_v = normal_parameter(*this, "shaw_rel_v", {2 * a.max_distance + 1, head_dim_}, 0.02);
-  } else if (a.kind == "linformer") {
+  } else if (a.kind == AttentionKind::linformer) {
     const double std = 1.0 / std::sqrt(double(a.projected_length));
     linformer_e = normal_parameter(*this, "linformer_e", {a.projected_length, max_positions_}, std);
     if (!a.share_kv_projection)
@@ -88,7 +103,8 @@ MultiHeadAttentionImpl::MultiHeadAttentionImpl(const ModelConfig& config, const 
 }
 
 bool MultiHeadAttentionImpl::supports_kv_cache() const {
-  return is_dense_family(attention_.kind) || attention_.kind == "shaw" || attention_.kind == "block_sparse";
+  return is_dense_family(attention_.kind) || attention_.kind == AttentionKind::shaw ||
+         attention_.kind == AttentionKind::block_sparse;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> MultiHeadAttentionImpl::project(
@@ -105,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> MultiHeadAttentionImpl::project(
     const int64_t q_out = heads_ * head_dim_, kv_out = kv_heads_ * head_dim_;
     auto qkv = qkv_proj(x);
     q = qkv.narrow(2, 0, q_out);
-    k = attention_.kind == "lsh" ? q : qkv.narrow(2, q_out, kv_out);
+    k = attention_.kind == AttentionKind::lsh ? q : qkv.narrow(2, q_out, kv_out);
     v = qkv.narrow(2, qkv.size(2) - kv_out, kv_out);
   } else {
     q = q_proj(x);
@@ -127,14 +143,21 @@ at::Tensor MultiHeadAttentionImpl::block_layout(int64_t nq, int64_t nk, bool cau
   const int64_t nb = std::max(nkb, (max_positions_ + a.block_size - 1) / a.block_size);
   std::lock_guard<std::mutex> lock(layout_mutex_);  // one module may serve several threads
   if (!layout_.defined() || layout_.size(1) < nb || layout_causal_ != causal) {
-    if (a.layout == "local")
-      layout_ = layouts::local(nb, nb, a.layout_window, causal);
-    else if (a.layout == "bigbird")
-      layout_ = layouts::bigbird(nb, nb, a.layout_window, a.num_global, a.num_random, heads_, a.seed, causal);
-    else if (a.layout == "fixed")
-      layout_ = layouts::fixed(nb, a.stride, a.num_summary, causal);
-    else
-      layout_ = layouts::strided(nb, a.stride, causal);
+    switch (a.layout) {
+      case BlockLayout::local:
+        layout_ = layouts::local(nb, nb, a.layout_window, causal);
+        break;
+      case BlockLayout::bigbird:
+        layout_ =
+            layouts::bigbird(nb, nb, a.layout_window, a.num_global, a.num_random, heads_, a.seed, causal);
+        break;
+      case BlockLayout::fixed:
+        layout_ = layouts::fixed(nb, a.stride, a.num_summary, causal);
+        break;
+      case BlockLayout::strided:
+        layout_ = layouts::strided(nb, a.stride, causal);
+        break;
+    }
     layout_causal_ = causal;
   }
   // Query blocks stand bottom-right: one new token after a cache is the last block's row.
@@ -155,39 +178,51 @@ at::Tensor MultiHeadAttentionImpl::attend(const at::Tensor& q, const at::Tensor&
   if (inputs.key_padding_mask) mask4 = inputs.key_padding_mask->view({B, 1, 1, Nk});
   // The remaining kinds take keys with as many heads as the queries.
   const int64_t groups = heads_ / kv_heads_;
-  const at::Tensor kr = groups > 1 && a.kind != "linear" ? k.repeat_interleave(groups, 1) : k;
-  const at::Tensor vr = groups > 1 && a.kind != "linear" ? v.repeat_interleave(groups, 1) : v;
-  if (a.kind == "shaw")
-    return ops::shaw_attention(q, kr, vr, shaw_rel_k, shaw_rel_v, a.max_distance, mask4, causal, p);
-  if (a.kind == "block_sparse")
-    return ops::block_sparse_attention(q, kr, vr, block_layout(Nq, Nk, causal), a.block_size, causal, mask4,
-                                       p);
-  if (a.kind == "linformer") {
-    TORCH_CHECK(Nk <= max_positions_,
-                "attention: linformer projects at most max_position_embeddings = ", max_positions_,
-                " keys, got ", Nk);
-    if (causal) return causal_linformer(q, kr, vr, inputs.key_padding_mask, p);
-    return ops::linformer_attention(
-        q, kr, vr, linformer_e, linformer_f.defined() ? std::optional<at::Tensor>(linformer_f) : std::nullopt,
-        inputs.key_padding_mask, p);
+  const bool native_gqa = a.kind == AttentionKind::linear;
+  const at::Tensor kr = groups > 1 && !native_gqa ? k.repeat_interleave(groups, 1) : k;
+  const at::Tensor vr = groups > 1 && !native_gqa ? v.repeat_interleave(groups, 1) : v;
+  switch (a.kind) {
+    case AttentionKind::shaw:
+      return ops::shaw_attention(q, kr, vr, shaw_rel_k, shaw_rel_v, a.max_distance, mask4, causal, p);
+    case AttentionKind::block_sparse:
+      return ops::block_sparse_attention(q, kr, vr, block_layout(Nq, Nk, causal), a.block_size, causal, mask4,
+                                         p);
+    case AttentionKind::linformer:
+      TORCH_CHECK(Nk <= max_positions_,
+                  "attention: linformer projects at most max_position_embeddings = ", max_positions_,
+                  " keys, got ", Nk);
+      if (causal) return causal_linformer(q, kr, vr, inputs.key_padding_mask, p);
+      return ops::linformer_attention(
+          q, kr, vr, linformer_e,
+          linformer_f.defined() ? std::optional<at::Tensor>(linformer_f) : std::nullopt,
+          inputs.key_padding_mask, p);
+    case AttentionKind::lsh: {
+      // Reformer draws fresh random rotations at every call; the number of
+      // buckets follows the length (two per bucket_size tokens, at least 2).
+      int64_t buckets = std::max<int64_t>(2, (Nk + a.bucket_size - 1) / a.bucket_size);
+      buckets += buckets % 2;
+      auto rotations = at::randn({head_dim_, a.n_hashes, buckets / 2}, q.options());
+      return std::get<0>(
+          ops::lsh_attention(q, vr, rotations, a.bucket_size, causal, inputs.key_padding_mask, p));
+    }
+    case AttentionKind::linear:
+      return ops::linear_attention(q, kr, vr, attnzoo::name(a.feature_map), causal, inputs.key_padding_mask);
+    case AttentionKind::longformer: {
+      // The global tokens that exist at this length.
+      std::vector<int64_t> global;
+      for (int64_t t : a.global_tokens)
+        if (t < Nk && std::find(global.begin(), global.end(), t) == global.end()) global.push_back(t);
+      return ops::longformer_attention(q, kr, vr, a.window, at::tensor(global, at::kLong),
+                                       inputs.key_padding_mask, p);
+    }
+    case AttentionKind::dense:
+    case AttentionKind::alibi:
+    case AttentionKind::rotary:
+    case AttentionKind::t5:
+    case AttentionKind::local:
+      break;  // handled above
   }
-  if (a.kind == "lsh") {
-    // Reformer draws fresh random rotations at every call; the number of
-    // buckets follows the length (two per bucket_size tokens, at least 2).
-    int64_t buckets = std::max<int64_t>(2, (Nk + a.bucket_size - 1) / a.bucket_size);
-    buckets += buckets % 2;
-    auto rotations = at::randn({head_dim_, a.n_hashes, buckets / 2}, q.options());
-    return std::get<0>(
-        ops::lsh_attention(q, vr, rotations, a.bucket_size, causal, inputs.key_padding_mask, p));
-  }
-  if (a.kind == "linear")
-    return ops::linear_attention(q, kr, vr, a.feature_map, causal, inputs.key_padding_mask);
-  // longformer: global tokens that exist at this length.
-  std::vector<int64_t> global;
-  for (int64_t t : a.global_tokens)
-    if (t < Nk && std::find(global.begin(), global.end(), t) == global.end()) global.push_back(t);
-  return ops::longformer_attention(q, kr, vr, a.window, at::tensor(global, at::kLong),
-                                   inputs.key_padding_mask, p);
+  TORCH_CHECK(false, "attention: kind ", a.kind, " reached no op");
 }
 
 at::Tensor MultiHeadAttentionImpl::causal_linformer(const at::Tensor& q, const at::Tensor& k,
@@ -236,7 +271,7 @@ at::Tensor MultiHeadAttentionImpl::causal_linformer(const at::Tensor& q, const a
 at::Tensor MultiHeadAttentionImpl::forward(const at::Tensor& x, const AttentionInputs& inputs) {
   auto [q, k, v] = project(x, inputs);
   const int64_t past = inputs.cache ? inputs.cache->length() : 0;
-  if (attention_.kind == "rotary") std::tie(q, k) = rotate(q, k, past);
+  if (attention_.kind == AttentionKind::rotary) std::tie(q, k) = rotate(q, k, past);
   if (inputs.cache) {
     TORCH_CHECK(past == 0 || supports_kv_cache(), "attention: kind \"", attention_.kind,
                 "\" cannot continue from a KV cache");
@@ -259,14 +294,6 @@ at::Tensor MultiHeadAttentionImpl::forward(const at::Tensor& x, const AttentionI
 
 bool MultiHeadAttentionImpl::forms_probabilities() const { return is_dense_family(attention_.kind); }
 
-at::Tensor MultiHeadAttentionImpl::attention_probs(const at::Tensor& x, const AttentionInputs& inputs) {
-  TORCH_CHECK(forms_probabilities(), "attention_probs: kind \"", attention_.kind,
-              "\" does not form the full probability matrix; use a dense-family kind");
-  auto [q, k, v] = project(x, inputs);
-  if (attention_.kind == "rotary") std::tie(q, k) = rotate(q, k, 0);
-  return ops::attention_weights(q, k, v, dense_options(q, k, inputs));
-}
-
 std::pair<at::Tensor, at::Tensor> MultiHeadAttentionImpl::rotate(const at::Tensor& q, const at::Tensor& k,
                                                                  int64_t past) const {
   const auto& a = attention_;
@@ -281,9 +308,11 @@ ops::AttentionOptions MultiHeadAttentionImpl::dense_options(const at::Tensor& q,
   const bool causal = inputs.causal;
   auto options = ops::AttentionOptions().causal(causal);
   if (inputs.key_padding_mask) options.mask(inputs.key_padding_mask->view({q.size(0), 1, 1, k.size(2)}));
-  if (a.kind == "alibi") options.alibi_slopes(ops::alibi_slopes(heads_).to(q.scalar_type()));
-  if (a.kind == "t5") options.t5_table(t5_bias).t5_bidirectional(!causal).t5_max_distance(a.max_distance);
-  if (a.kind == "local") options.window(ops::AttentionOptions::Window{a.window, causal ? 0 : a.window});
+  if (a.kind == AttentionKind::alibi) options.alibi_slopes(ops::alibi_slopes(heads_).to(q.scalar_type()));
+  if (a.kind == AttentionKind::t5)
+    options.t5_table(t5_bias).t5_bidirectional(!causal).t5_max_distance(a.max_distance);
+  if (a.kind == AttentionKind::local)
+    options.window(ops::AttentionOptions::Window{a.window, causal ? 0 : a.window});
   return options;
 }
 
@@ -317,7 +346,7 @@ at::Tensor ConvModuleImpl::forward(const at::Tensor& x, const std::optional<at::
 // ---------------------------------------------------------------------------
 TransformerBlockImpl::TransformerBlockImpl(const ModelConfig& config, const AttentionConfig& attention,
                                            bool cross_attention, bool conv)
-    : pre_norm_(config.norm == "pre") {
+    : pre_norm_(config.norm == Norm::pre) {
   attn = register_module("attn", MultiHeadAttention(config, attention));
   attn_norm = register_module("attn_norm", layer_norm(config));
   if (cross_attention) {

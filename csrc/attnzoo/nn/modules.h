@@ -33,7 +33,7 @@ using KVCache = std::vector<LayerCache>;
 at::Tensor sinusoidal_positions(int64_t n, int64_t channels, int64_t offset, at::TensorOptions options);
 
 // The config's activation ("gelu" exact, "gelu_tanh", "relu") applied to x.
-at::Tensor activation(const std::string& name, const at::Tensor& x);
+at::Tensor activation(Activation kind, const at::Tensor& x);
 
 // A LayerNorm over hidden_size with the config's epsilon.
 torch::nn::LayerNorm layer_norm(const ModelConfig& config);
@@ -58,10 +58,8 @@ class MultiHeadAttentionImpl : public torch::nn::Module {
 
   // x (B, N, C) -> (B, N, C).
   at::Tensor forward(const at::Tensor& x, const AttentionInputs& inputs = {});
-  // The attention probabilities (B, H, N, Nk) of a dense-family layer, for
-  // inspection; refused for kinds whose probabilities are not materialisable.
-  at::Tensor attention_probs(const at::Tensor& x, const AttentionInputs& inputs = {});
-  // Whether attention_probs() is available for this layer's kind.
+  // Whether this layer's kind forms the full probability matrix, so that
+  // record_attention can record it.
   bool forms_probabilities() const;
 
   // Whether forward() with a cache computes exactly what the full forward does.
@@ -98,7 +96,7 @@ class FeedForwardImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x);
 
  private:
-  std::string activation_;
+  Activation activation_;
   torch::nn::Linear fc_in{nullptr}, fc_out{nullptr};
 };
 TORCH_MODULE(FeedForward);

@@ -40,21 +40,21 @@ using AttentionWindow = std::array<int64_t, 2>;
 //                     differentiable. Not combinable with a layout.
 // One option per line (clang-format would join them).
 // clang-format off
-#define ATTNZOO_ATTENTION_OPTIONS(X)                                        \
-  X(mask, std::optional<at::Tensor>, std::nullopt)                          \
-  X(bias, std::optional<at::Tensor>, std::nullopt)                          \
-  X(causal, bool, false)                                                    \
-  X(window, std::optional<::attnzoo::ops::AttentionWindow>, std::nullopt)   \
-  X(alibi_slopes, std::optional<at::Tensor>, std::nullopt)                  \
-  X(dropout_p, double, 0.0)                                                 \
-  X(scale, std::optional<double>, std::nullopt)                             \
-  X(t5_table, std::optional<at::Tensor>, std::nullopt)                      \
-  X(t5_bidirectional, bool, true)                                           \
-  X(t5_max_distance, int64_t, 128)                                          \
-  X(layout, std::optional<at::Tensor>, std::nullopt)                        \
-  X(block_size, int64_t, 0)                                                 \
-  X(shaw_k, std::optional<at::Tensor>, std::nullopt)                        \
-  X(shaw_v, std::optional<at::Tensor>, std::nullopt)                        \
+#define ATTNZOO_ATTENTION_OPTIONS(X)                                      \
+  X(mask, std::optional<at::Tensor>, std::nullopt)                        \
+  X(bias, std::optional<at::Tensor>, std::nullopt)                        \
+  X(causal, bool, false)                                                  \
+  X(window, std::optional<::attnzoo::ops::AttentionWindow>, std::nullopt) \
+  X(alibi_slopes, std::optional<at::Tensor>, std::nullopt)                \
+  X(dropout_p, double, 0.0)                                               \
+  X(scale, std::optional<double>, std::nullopt)                           \
+  X(t5_table, std::optional<at::Tensor>, std::nullopt)                    \
+  X(t5_bidirectional, bool, true)                                         \
+  X(t5_max_distance, int64_t, 128)                                        \
+  X(layout, std::optional<at::Tensor>, std::nullopt)                      \
+  X(block_size, int64_t, 0)                                               \
+  X(shaw_k, std::optional<at::Tensor>, std::nullopt)                      \
+  X(shaw_v, std::optional<at::Tensor>, std::nullopt)                      \
   X(shaw_max_distance, int64_t, 0)
 // clang-format on
 

@@ -1,6 +1,6 @@
 #pragma once
 // Attention kinds beyond dense softmax attention, and positional helpers.
-// Each is also a Torch op (torch.ops.attnzoo.<name>); see DESIGN.md section 4.
+// Each is also a Torch op (torch.ops.attnzoo.<name>); semantics in docs/design.md section 5.
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 

@@ -1,7 +1,7 @@
 // attnzoo._C: importing it loads libattnzoo, whose static initialisers
 // register the torch.ops.attnzoo.* operators, and binds the C++ models. The
 // Python classes in attnzoo.models wrap these objects in an nn.Module facade
-// that shares their tensors (DESIGN.md section 5).
+// that shares their tensors (docs/design.md section 6).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/python.h>
@@ -57,13 +57,6 @@ PYBIND11_MODULE(_C, m) {
   // Configs travel as JSON text; this parses, validates and returns the
   // complete canonical form (every field of the model kind).
   m.def("canonical_config", [](const std::string& text) { return config_to_json(config_from_json(text)); });
-  m.def("default_config", [](const std::string& kind) {
-    return config_to_json([&] {
-      auto c = default_config(kind);
-      c.attention.assign(size_t(c.num_layers), AttentionConfig{});
-      return c;
-    }());
-  });
 
   m.def(
       "load_safetensors",
@@ -84,6 +77,14 @@ PYBIND11_MODULE(_C, m) {
         io::save_safetensors(path, io::NamedTensors(tensors.begin(), tensors.end()), metadata);
       },
       py::arg("path"), py::arg("tensors"), py::arg("metadata") = std::map<std::string, std::string>{});
+
+  // The facade wraps a C++ child as a list when it is one (attnzoo.models.CppModule).
+  m.def(
+      "is_module_list",
+      [](const std::shared_ptr<torch::nn::Module>& module) {
+        return std::dynamic_pointer_cast<torch::nn::ModuleListImpl>(module) != nullptr;
+      },
+      "Whether a C++ module is a torch::nn::ModuleList");
 
   py::class_<PyKVCache>(m, "KVCache").def(py::init<>()).def_property_readonly("length", &PyKVCache::length);
 
@@ -119,7 +120,7 @@ PYBIND11_MODULE(_C, m) {
             o.temperature = temperature;
             o.top_k = top_k;
             o.top_p = top_p;
-            o.eos_token_id = eos_token_id.value_or(-2);
+            o.eos_token_id = eos_token_id;
             o.use_cache = use_cache;
             o.seed = seed;
             py::gil_scoped_release no_gil;

@@ -25,6 +25,23 @@ struct Geometry {
   int64_t kv_head(int64_t b, int64_t h) const { return b * Hkv + h / group; }
 };
 
+// A forward / probabilities work item: query rows [q0, q0 + mq) of head h
+// of batch entry b (bh = b * H + h), their q rows and the head's keys.
+template <typename T>
+struct QueryBlock {
+  int64_t bh, b, h, q0, mq;
+  const T* q;
+  const T* k;
+  QueryBlock(const DenseArgs& a, const Geometry& g, int64_t item, int64_t block_q) {
+    const int64_t blocks = (g.Nq + block_q - 1) / block_q;
+    bh = item / blocks;
+    b = bh / g.H, h = bh % g.H;
+    q0 = (item % blocks) * block_q, mq = std::min(block_q, g.Nq - q0);
+    q = static_cast<const T*>(a.q) + (bh * g.Nq + q0) * g.D;
+    k = static_cast<const T*>(a.k) + g.kv_head(b, h) * g.Nk * g.D;
+  }
+};
+
 // Forward: items are (b, h, query block). With a.out == nullptr only the
 // log-sum-exp is computed (used by the probabilities pass).
 template <typename T, class Policy>
@@ -32,17 +49,14 @@ void forward_range(const DenseArgs& a, Policy& policy, int64_t begin, int64_t en
   static_assert(check_policy_hooks<Policy>());
   const Geometry g(a);
   const int64_t BQ = policy.block_q(), BK = policy.max_key_tile();
-  const int64_t nqb = (g.Nq + BQ - 1) / BQ;
   const Dropout dropout(a);
   const T scale = T(a.scale);
   std::vector<T> s_tile(BQ * BK), m_run(BQ), l_run(BQ);
 
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t bh = item / nqb, qb = item % nqb;
-    const int64_t b = bh / g.H, h = bh % g.H;
-    const int64_t q0 = qb * BQ, mq = std::min(BQ, g.Nq - q0);
-    const T* q = static_cast<const T*>(a.q) + (bh * g.Nq + q0) * g.D;
-    const T* k = static_cast<const T*>(a.k) + g.kv_head(b, h) * g.Nk * g.D;
+    const QueryBlock<T> blk(a, g, item, BQ);
+    const int64_t bh = blk.bh, b = blk.b, h = blk.h, q0 = blk.q0, mq = blk.mq;
+    const T *q = blk.q, *k = blk.k;
     const T* v = static_cast<const T*>(a.v) + g.kv_head(b, h) * g.Nk * g.Dv;
     T* out = a.out ? static_cast<T*>(a.out) + (bh * g.Nq + q0) * g.Dv : nullptr;
     T* lse = static_cast<T*>(a.lse) + bh * g.Nq + q0;
@@ -101,15 +115,12 @@ void probs_range(const DenseArgs& a, Policy& policy, int64_t begin, int64_t end)
   static_assert(check_policy_hooks<Policy>());
   const Geometry g(a);
   const int64_t BQ = policy.block_q(), BK = policy.max_key_tile();
-  const int64_t nqb = (g.Nq + BQ - 1) / BQ;
   const Dropout dropout(a);
   std::vector<T> s_tile(BQ * BK);
   for (int64_t item = begin; item < end; ++item) {
-    const int64_t bh = item / nqb, qb = item % nqb;
-    const int64_t b = bh / g.H, h = bh % g.H;
-    const int64_t q0 = qb * BQ, mq = std::min(BQ, g.Nq - q0);
-    const T* q = static_cast<const T*>(a.q) + (bh * g.Nq + q0) * g.D;
-    const T* k = static_cast<const T*>(a.k) + g.kv_head(b, h) * g.Nk * g.D;
+    const QueryBlock<T> blk(a, g, item, BQ);
+    const int64_t bh = blk.bh, b = blk.b, h = blk.h, q0 = blk.q0, mq = blk.mq;
+    const T *q = blk.q, *k = blk.k;
     const T* lse = static_cast<const T*>(a.lse) + bh * g.Nq + q0;
     T* probs = static_cast<T*>(a.probs) + (bh * g.Nq + q0) * g.Nk;
     policy.begin_query_tile(b, h, q0, mq, q);

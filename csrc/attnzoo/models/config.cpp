@@ -44,6 +44,21 @@ std::string read_value<std::string>(const json& value, const std::string& key) {
   if (!value.is_string()) fail(key, "must be a string, got " + value.dump());
   return value.get<std::string>();
 }
+std::string join(const std::vector<std::string>& words) {
+  std::string out;
+  for (const auto& w : words) out += (out.empty() ? "" : ", ") + w;
+  return out;
+}
+
+// A choice (ModelType, AttentionKind, ...): its word, checked here, once.
+template <typename E>
+E read_enum(const json& value, const std::string& key) {
+  const auto word = read_value<std::string>(value, key);
+  if (auto parsed = from_name<E>(word)) return *parsed;
+  fail(key, "must be one of " + join({EnumWords<E>::words.begin(), EnumWords<E>::words.end()}) + ", got \"" +
+                word + "\"");
+}
+
 template <>
 std::vector<int64_t> read_value<std::vector<int64_t>>(const json& value, const std::string& key) {
   if (!value.is_array()) fail(key, "must be a list of integers, got " + value.dump());
@@ -73,10 +88,18 @@ struct Field {
 
 template <typename S, typename T>
 Field<S> field(const char* key, const char* kinds, T S::*member) {
-  return {
-      key, kinds,
-      [member](S& s, const json& value, const std::string& path) { s.*member = read_value<T>(value, path); },
-      [member](const S& s) { return json(s.*member); }};
+  if constexpr (std::is_enum_v<T>) {
+    return {
+        key, kinds,
+        [member](S& s, const json& value, const std::string& path) { s.*member = read_enum<T>(value, path); },
+        [member](const S& s) { return json(name(s.*member)); }};
+  } else {
+    return {key, kinds,
+            [member](S& s, const json& value, const std::string& path) {
+              s.*member = read_value<T>(value, path);
+            },
+            [member](const S& s) { return json(s.*member); }};
+  }
 }
 
 const std::vector<Field<AttentionConfig>>& attention_fields() {
@@ -145,26 +168,6 @@ const std::vector<Field<ModelConfig>>& model_fields() {
   return fields;
 }
 
-const std::vector<std::string> kModelTypes = {"bert", "gpt", "vit", "speech"};
-const std::vector<std::string> kAttentionKinds = {"dense", "alibi",  "rotary",       "t5",
-                                                  "shaw",  "local",  "block_sparse", "linformer",
-                                                  "lsh",   "linear", "longformer"};
-
-bool one_of(const std::string& value, const std::vector<std::string>& choices) {
-  return std::find(choices.begin(), choices.end(), value) != choices.end();
-}
-
-std::string join(const std::vector<std::string>& words) {
-  std::string out;
-  for (const auto& w : words) out += (out.empty() ? "" : ", ") + w;
-  return out;
-}
-
-void require_choice(const std::string& key, const std::string& value,
-                    const std::vector<std::string>& choices) {
-  if (!one_of(value, choices)) fail(key, "must be one of " + join(choices) + ", got \"" + value + "\"");
-}
-
 void require_range(const std::string& key, double value, double lo, double hi) {
   if (!(value >= lo && value <= hi)) {
     std::ostringstream s;
@@ -176,9 +179,9 @@ void require_range(const std::string& key, double value, double lo, double hi) {
 AttentionConfig attention_from_json(const json& object, const std::string& path) {
   if (!object.is_object()) fail(path, "must be an object with a \"kind\", got " + object.dump());
   AttentionConfig config;
-  if (object.contains("kind")) config.kind = read_value<std::string>(object.at("kind"), path + ".kind");
-  require_choice(path + ".kind", config.kind, kAttentionKinds);
-  if (config.kind == "shaw" && !object.contains("max_distance")) config.max_distance = 16;
+  if (object.contains("kind")) config.kind = read_enum<AttentionKind>(object.at("kind"), path + ".kind");
+  // Shaw clips at +-16 by default, T5's buckets reach 128.
+  if (config.kind == AttentionKind::shaw && !object.contains("max_distance")) config.max_distance = 16;
   for (const auto& item : object.items()) {
     const std::string& key = item.key();
     const json& value = item.value();
@@ -187,8 +190,8 @@ AttentionConfig attention_from_json(const json& object, const std::string& path)
     auto it = std::find_if(attention_fields().begin(), attention_fields().end(),
                            [&](const auto& f) { return f.key == key; });
     if (it == attention_fields().end()) fail(key_path, "is not an attention parameter");
-    if (!it->applies_to(config.kind))
-      fail(key_path, "does not apply to attention kind \"" + config.kind + "\"");
+    if (!it->applies_to(name(config.kind)))
+      fail(key_path, "does not apply to attention kind \"" + std::string(name(config.kind)) + "\"");
     it->read(config, value, key_path);
   }
   return config;
@@ -196,9 +199,9 @@ AttentionConfig attention_from_json(const json& object, const std::string& path)
 
 json attention_to_json(const AttentionConfig& config) {
   json out = json::object();
-  out["kind"] = config.kind;
+  out["kind"] = name(config.kind);
   for (const auto& f : attention_fields())
-    if (f.applies_to(config.kind)) out[f.key] = f.write(config);
+    if (f.applies_to(name(config.kind))) out[f.key] = f.write(config);
   return out;
 }
 
@@ -209,75 +212,88 @@ bool same_attention_everywhere(const ModelConfig& c) {
 }
 
 void validate_attention(const AttentionConfig& a, const ModelConfig& m, const std::string& path) {
-  require_choice(path + ".kind", a.kind, kAttentionKinds);
-  const bool causal = m.model_type == "gpt";
-  if (causal && a.kind == "longformer")
-    fail(path + ".kind",
-         "\"" + a.kind + "\" attention is bidirectional and cannot be used in a causal (gpt) model");
-  if (a.kind == "t5") {
-    require_range(path + ".num_buckets", double(a.num_buckets), 2, 4096);
-    require_range(path + ".max_distance", double(a.max_distance), 1, 1 << 20);
-  } else if (a.kind == "shaw") {
-    require_range(path + ".max_distance", double(a.max_distance), 1, 4096);
-  } else if (a.kind == "rotary") {
-    if (!(a.rotary_base > 1.0)) fail(path + ".rotary_base", "must be greater than 1");
-    const int64_t dim = a.rotary_dim == 0 ? m.head_dim() : a.rotary_dim;
-    if (dim <= 0 || dim > m.head_dim() || dim % 2 != 0)
-      fail(path + ".rotary_dim",
-           "must be even and at most the head dimension " + std::to_string(m.head_dim()));
-  } else if (a.kind == "local" || a.kind == "longformer") {
-    require_range(path + ".window", double(a.window), 0, 1 << 24);
-    for (int64_t t : a.global_tokens)
-      if (a.kind == "longformer") require_range(path + ".global_tokens", double(t), 0, 1 << 24);
-  } else if (a.kind == "block_sparse") {
-    require_choice(path + ".layout", a.layout, {"local", "bigbird", "fixed", "strided"});
-    require_range(path + ".block_size", double(a.block_size), 1, 1 << 16);
-    require_range(path + ".layout_window", double(a.layout_window), 0, 1 << 16);
-    require_range(path + ".num_global", double(a.num_global), 0, 1 << 16);
-    require_range(path + ".num_random", double(a.num_random), 0, 1 << 16);
-    require_range(path + ".stride", double(a.stride), 1, 1 << 16);
-    require_range(path + ".num_summary", double(a.num_summary), 1, double(a.stride));
-  } else if (a.kind == "linformer") {
-    require_range(path + ".projected_length", double(a.projected_length), 1, 1 << 16);
-    require_range(path + ".chunk_size", double(a.chunk_size), 1, 1 << 16);
-  } else if (a.kind == "lsh") {
-    require_range(path + ".bucket_size", double(a.bucket_size), 1, 1 << 16);
-    require_range(path + ".n_hashes", double(a.n_hashes), 1, 64);
-    if (m.kv_heads() != m.num_heads)
-      fail(path + ".kind", "\"lsh\" shares queries and keys and needs num_kv_heads == num_heads");
-  } else if (a.kind == "linear") {
-    require_choice(path + ".feature_map", a.feature_map, {"elu+1", "relu"});
+  switch (a.kind) {
+    case AttentionKind::dense:
+    case AttentionKind::alibi:
+      break;
+    case AttentionKind::t5:
+      require_range(path + ".num_buckets", double(a.num_buckets), 2, 4096);
+      require_range(path + ".max_distance", double(a.max_distance), 1, 1 << 20);
+      break;
+    case AttentionKind::shaw:
+      require_range(path + ".max_distance", double(a.max_distance), 1, 4096);
+      break;
+    case AttentionKind::rotary: {
+      if (!(a.rotary_base > 1.0)) fail(path + ".rotary_base", "must be greater than 1");
+      const int64_t dim = a.rotary_dim == 0 ? m.head_dim() : a.rotary_dim;
+      if (dim <= 0 || dim > m.head_dim() || dim % 2 != 0)
+        fail(path + ".rotary_dim",
+             "must be even and at most the head dimension " + std::to_string(m.head_dim()));
+      break;
+    }
+    case AttentionKind::longformer:
+      if (m.model_type == ModelType::gpt)
+        fail(path + ".kind",
+             "\"longformer\" attention is bidirectional and cannot be used in a causal (gpt) model");
+      for (int64_t t : a.global_tokens) require_range(path + ".global_tokens", double(t), 0, 1 << 24);
+      [[fallthrough]];
+    case AttentionKind::local:
+      require_range(path + ".window", double(a.window), 0, 1 << 24);
+      break;
+    case AttentionKind::block_sparse:
+      require_range(path + ".block_size", double(a.block_size), 1, 1 << 16);
+      require_range(path + ".layout_window", double(a.layout_window), 0, 1 << 16);
+      require_range(path + ".num_global", double(a.num_global), 0, 1 << 16);
+      require_range(path + ".num_random", double(a.num_random), 0, 1 << 16);
+      require_range(path + ".stride", double(a.stride), 1, 1 << 16);
+      require_range(path + ".num_summary", double(a.num_summary), 1, double(a.stride));
+      break;
+    case AttentionKind::linformer:
+      require_range(path + ".projected_length", double(a.projected_length), 1, 1 << 16);
+      require_range(path + ".chunk_size", double(a.chunk_size), 1, 1 << 16);
+      break;
+    case AttentionKind::lsh:
+      require_range(path + ".bucket_size", double(a.bucket_size), 1, 1 << 16);
+      require_range(path + ".n_hashes", double(a.n_hashes), 1, 64);
+      if (m.kv_heads() != m.num_heads)
+        fail(path + ".kind", "\"lsh\" shares queries and keys and needs num_kv_heads == num_heads");
+      break;
+    case AttentionKind::linear:
+      break;
   }
 }
 
 }  // namespace
 
-ModelConfig default_config(const std::string& model_type) {
-  require_choice("model_type", model_type, kModelTypes);
+ModelConfig default_config(ModelType model_type) {
   ModelConfig c;
   c.model_type = model_type;
-  if (model_type == "bert") {
-    c.norm = "post";
-    c.layer_norm_eps = 1e-12;
-    c.vocab_size = 256;
-  } else if (model_type == "gpt") {
-    c.activation = "gelu_tanh";
-    c.attention_dropout = 0.1;
-  } else if (model_type == "vit") {
-    c.layer_norm_eps = 1e-12;
-    c.num_labels = 10;
-    c.position_embedding = "learned";
-  } else {
-    c.position_embedding = "sinusoidal";
-    c.vocab_size = 32;
-    c.max_position_embeddings = 4096;
+  switch (model_type) {
+    case ModelType::bert:
+      c.norm = Norm::post;
+      c.layer_norm_eps = 1e-12;
+      c.vocab_size = 256;
+      break;
+    case ModelType::gpt:
+      c.activation = Activation::gelu_tanh;
+      c.attention_dropout = 0.1;
+      break;
+    case ModelType::vit:
+      c.layer_norm_eps = 1e-12;
+      c.num_labels = 10;
+      c.position_embedding = PositionEmbedding::learned;
+      break;
+    case ModelType::speech:
+      c.position_embedding = PositionEmbedding::sinusoidal;
+      c.vocab_size = 32;
+      c.max_position_embeddings = 4096;
+      break;
   }
   return c;
 }
 
 void validate(const ModelConfig& c) {
-  require_choice("model_type", c.model_type, kModelTypes);
-  const bool text = c.model_type == "bert" || c.model_type == "gpt";
+  const bool text = c.model_type == ModelType::bert || c.model_type == ModelType::gpt;
   require_range("hidden_size", double(c.hidden_size), 1, 1 << 16);
   require_range("num_layers", double(c.num_layers), 1, 1024);
   require_range("num_heads", double(c.num_heads), 1, 1024);
@@ -292,19 +308,16 @@ void validate(const ModelConfig& c) {
   require_range("dropout", c.dropout, 0.0, 0.99);
   require_range("attention_dropout", c.attention_dropout, 0.0, 0.99);
   require_range("layer_norm_eps", c.layer_norm_eps, 1e-30, 1.0);
-  require_choice("activation", c.activation, {"gelu", "gelu_tanh", "relu"});
-  require_choice("norm", c.norm, {"pre", "post"});
-  require_choice("position_embedding", c.position_embedding, {"learned", "sinusoidal", "none"});
   if (text) require_range("pad_token_id", double(c.pad_token_id), 0, double(c.vocab_size - 1));
-  if (c.model_type == "bert") {
+  if (c.model_type == ModelType::bert) {
     require_range("type_vocab_size", double(c.type_vocab_size), 1, 1024);
     require_range("num_labels", double(c.num_labels), 0, 1 << 16);
   }
-  if (c.model_type == "gpt") {
+  if (c.model_type == ModelType::gpt) {
     require_range("bos_token_id", double(c.bos_token_id), -1, double(c.vocab_size - 1));
     require_range("eos_token_id", double(c.eos_token_id), -1, double(c.vocab_size - 1));
   }
-  if (c.model_type == "vit") {
+  if (c.model_type == ModelType::vit) {
     require_range("num_labels", double(c.num_labels), 1, 1 << 16);
     require_range("num_channels", double(c.num_channels), 1, 64);
     require_range("patch_size", double(c.patch_size), 1, 1 << 12);
@@ -312,7 +325,7 @@ void validate(const ModelConfig& c) {
     if (c.image_size % c.patch_size != 0)
       fail("patch_size", "must divide image_size " + std::to_string(c.image_size));
   }
-  if (c.model_type == "speech") {
+  if (c.model_type == ModelType::speech) {
     require_range("sample_rate", double(c.sample_rate), 1000, 192000);
     require_range("n_fft", double(c.n_fft), 16, 1 << 14);
     require_range("hop_length", double(c.hop_length), 1, double(c.n_fft));
@@ -340,8 +353,11 @@ ModelConfig config_from_json(const std::string& text) {
     throw std::invalid_argument(std::string("config: malformed JSON: ") + e.what());
   }
   if (!root.is_object()) throw std::invalid_argument("config: the top level must be a JSON object");
-  if (!root.contains("model_type")) fail("model_type", "is missing (one of " + join(kModelTypes) + ")");
-  ModelConfig config = default_config(read_value<std::string>(root.at("model_type"), "model_type"));
+  if (!root.contains("model_type"))
+    fail("model_type", "is missing (one of " +
+                           join({EnumWords<ModelType>::words.begin(), EnumWords<ModelType>::words.end()}) +
+                           ")");
+  ModelConfig config = default_config(read_enum<ModelType>(root.at("model_type"), "model_type"));
   json attention = json::object();
   for (const auto& item : root.items()) {
     const std::string& key = item.key();
@@ -354,8 +370,8 @@ ModelConfig config_from_json(const std::string& text) {
     auto it = std::find_if(model_fields().begin(), model_fields().end(),
                            [&](const auto& f) { return f.key == key; });
     if (it == model_fields().end()) fail(key, "is not a config key");
-    if (!it->applies_to(config.model_type))
-      fail(key, "does not apply to model_type \"" + config.model_type + "\"");
+    if (!it->applies_to(name(config.model_type)))
+      fail(key, "does not apply to model_type \"" + std::string(name(config.model_type)) + "\"");
     it->read(config, value, key);
   }
   require_range("num_layers", double(config.num_layers), 1, 1024);
@@ -383,9 +399,9 @@ ModelConfig config_from_file(const std::string& path) {
 
 std::string config_to_json(const ModelConfig& config) {
   json out = json::object();
-  out["model_type"] = config.model_type;
+  out["model_type"] = name(config.model_type);
   for (const auto& f : model_fields())
-    if (f.applies_to(config.model_type)) out[f.key] = f.write(config);
+    if (f.applies_to(name(config.model_type))) out[f.key] = f.write(config);
   if (same_attention_everywhere(config) && !config.attention.empty()) {
     out["attention"] = attention_to_json(config.attention.front());
   } else {

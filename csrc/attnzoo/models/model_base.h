@@ -1,0 +1,63 @@
+#pragma once
+// What the zoo's models share (docs/design.md section 6): the config, the
+// stack of transformer blocks, strict state loading, checkpoint directories
+// and attention recording. The models: gpt.h, bert.h, vit.h, speech.h.
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "attnzoo/io/safetensors.h"
+#include "attnzoo/models/config.h"
+#include "attnzoo/nn/modules.h"
+
+namespace attnzoo::models {
+
+// What every zoo model shares: its config, strict state loading, and the
+// HF-style checkpoint directory (config.json + model.safetensors).
+class ModelBase : public torch::nn::Module {
+ public:
+  explicit ModelBase(const ModelConfig& config);
+  const ModelConfig& config() const { return config_; }
+
+  // Every parameter and buffer by its dotted name.
+  io::NamedTensors state() const;
+  // Copies tensors into the model (converting dtype). Strict: a missing or
+  // unexpected name, or a shape that differs, is an error naming them all.
+  void load_state(const io::NamedTensors& tensors);
+  // Writes dir/config.json and dir/model.safetensors (each atomically);
+  // creates dir when missing.
+  void save_pretrained(const std::string& dir) const;
+
+  // While recording, every forward call appends each layer's self-attention
+  // probabilities (B, H, N, Nk), the ones that layer attends with (with a KV
+  // cache, Nk counts the cached keys too; undefined for kinds that never form
+  // them); take_attention_maps() hands them over and clears the record. For
+  // inspection: it costs one extra score computation per layer.
+  void record_attention(bool on) { recording_attention_ = on; }
+  std::vector<at::Tensor> take_attention_maps() { return std::exchange(attention_maps_, {}); }
+
+ protected:
+  // GPT-2/BERT initialisation: normal(0, 0.02) weights, zero biases, unit norms.
+  void init_weights();
+  // input_ids (B, N) integer ids in [0, vocab_size); returns them as int64.
+  at::Tensor check_ids(const at::Tensor& ids, const char* name, int64_t vocab) const;
+  std::optional<at::Tensor> check_padding_mask(const std::optional<at::Tensor>& mask, int64_t B,
+                                               int64_t N) const;
+  at::Tensor run_layers(at::Tensor h, const nn::AttentionInputs& inputs, nn::KVCache* cache = nullptr);
+  // The token embedding and, with learned positions, the position embedding
+  // of a text model (GPT, Bert), registered on this model.
+  std::pair<torch::nn::Embedding, torch::nn::Embedding> register_text_embeddings();
+  // h + the embedding of positions past .. past + N - 1 (learned or sinusoidal).
+  at::Tensor add_positions(const at::Tensor& h, torch::nn::Embedding& learned, int64_t past) const;
+
+  ModelConfig config_;
+  torch::nn::ModuleList layers{nullptr};
+
+ private:
+  bool recording_attention_ = false;
+  std::vector<at::Tensor> attention_maps_;
+};
+
+}  // namespace attnzoo::models
