@@ -2,8 +2,8 @@
 `cmake --install`, then outside projects configured with nothing but
 -DCMAKE_PREFIX_PATH find it with find_package(AttnZoo) (and the torch it was
 built against, with no Python: a python3 without torch comes first on PATH
-here), link with -Wl,--as-needed and run the op from C++ (DESIGN.md section
-7: dropped static registrations). The README's C++ quick start
+here), link with -Wl,--as-needed and run the op from C++ (docs/design.md
+section 8: dropped static registrations). The README's C++ quick start
 (examples/cpp/quickstart.cpp) prints the committed gpt-kjv's eval-mode
 logits, and gpt_generate runs a checkpoint written by Python."""
 import os
