@@ -13,6 +13,7 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include "attnzoo/ops/autograd/autograd_support.h"
 #include "attnzoo/ops/op_support.h"
 
 namespace attnzoo::ops {
@@ -29,7 +30,7 @@ template <class T>
 struct Saved {
   T value;
   void save(const T& v) { value = v; }
-  T load(const std::shared_ptr<torch::autograd::Node>&) const { return value; }
+  T load(const detail::NodePtr&) const { return value; }
   void release() {}
 };
 template <>
@@ -40,7 +41,7 @@ struct Saved<OptTensor> {
     present = given(t);
     if (present) variable = SavedVariable(*t, /*is_output=*/false);
   }
-  OptTensor load(const std::shared_ptr<torch::autograd::Node>& node) const {
+  OptTensor load(const detail::NodePtr& node) const {
     return present ? OptTensor(variable.unpack(node)) : std::nullopt;
   }
   void release() { variable.reset_data(); }
@@ -57,7 +58,7 @@ struct SavedOptions {
     ATTNZOO_ATTENTION_OPTIONS(ATTNZOO_SAVE)
 #undef ATTNZOO_SAVE
   }
-  AttentionOptions load(const std::shared_ptr<torch::autograd::Node>& node) const {
+  AttentionOptions load(const detail::NodePtr& node) const {
     AttentionOptions o;
 #define ATTNZOO_LOAD(name, T, default_value) o.name(name.load(node));
     ATTNZOO_ATTENTION_OPTIONS(ATTNZOO_LOAD)
@@ -96,7 +97,7 @@ struct AttentionBackward : torch::autograd::Node {
 
   variable_list apply(variable_list&& grads) override {
     static const auto backward_op = detail::op_handle<detail::BackwardSig>("attnzoo::_attention_backward");
-    const auto self = shared_from_this();
+    const auto self = detail::self_of(this);
     const at::Tensor q_ = q.unpack(self), k_ = k.unpack(self), v_ = v.unpack(self);
     const at::Tensor out_ = out.unpack(self), lse_ = lse.unpack(self);
     const AttentionOptions options = saved_options.load(self);
@@ -141,7 +142,7 @@ detail::Tensor2 attention_autograd(const at::Tensor& q, const at::Tensor& k,
         forward_op.call(q, k, v ATTNZOO_OPTION_VALUES, seed.defined() ? OptTensor(seed) : std::nullopt);
   }
   if (torch::autograd::compute_requires_grad(inputs)) {
-    auto node = std::shared_ptr<AttentionBackward>(new AttentionBackward(), torch::autograd::deleteNode);
+    auto node = detail::make_node<AttentionBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(inputs));
     node->q = SavedVariable(q, false);
     node->k = SavedVariable(k, false);

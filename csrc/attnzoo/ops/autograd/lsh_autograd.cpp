@@ -9,6 +9,7 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include "attnzoo/ops/autograd/autograd_support.h"
 #include "attnzoo/ops/lsh_support.h"
 
 namespace attnzoo::ops {
@@ -32,7 +33,7 @@ struct LshBackward : torch::autograd::Node {
 
   variable_list apply(variable_list&& grads) override {
     static const auto op = detail::op_handle<detail::LshBackwardSig>("attnzoo::_lsh_backward");
-    const auto self = shared_from_this();
+    const auto self = detail::self_of(this);
     const at::Tensor out_ = out.unpack(self);
     const at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros_like(out_);
     auto [dqk, dv] =
@@ -66,7 +67,7 @@ detail::Tensor2 lsh_attention_autograd(const at::Tensor& qk, const at::Tensor& v
                                                   seed.defined() ? OptTensor(seed) : std::nullopt);
   }
   if (torch::autograd::compute_requires_grad(qk, v)) {
-    auto node = std::shared_ptr<LshBackward>(new LshBackward(), torch::autograd::deleteNode);
+    auto node = detail::make_node<LshBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(qk, v));
     node->qk = SavedVariable(qk, false);
     node->v = SavedVariable(v, false);
