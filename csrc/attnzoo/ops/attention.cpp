@@ -58,7 +58,7 @@ void check_broadcast4(const char* op, const char* name, const at::Tensor& t, con
 void check_floating(const char* op, const char* name, const at::Tensor& t, const at::Tensor& q) {
   TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating tensor, got ",
               t.scalar_type());
-  TORCH_CHECK(t.device() == q.device(), op, ": ", name, " is on ", t.device(), ", q on ", q.device());
+  check_same_device(op, name, t, "q", q);
 }
 
 }  // namespace
@@ -80,9 +80,7 @@ Shapes<Int> check_attention(const char* op, const at::Tensor& q, const at::Tenso
     TORCH_CHECK(t->defined(), op, ": ", name, " is undefined");
     TORCH_CHECK(t->dim() == 4, op, ": ", name, " must have shape (B, H, N, D), got ", t->dim(),
                 " dimensions ", shape_str(*t));
-    const auto dt = t->scalar_type();
-    TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, op, ": ", name,
-                " must be float32, float64 or bfloat16, got ", dt);
+    check_input_dtype(op, name, *t);
     TORCH_CHECK(t->device() == q.device(), op, ": q, k and v must be on one device, got q on ", q.device(),
                 ", ", name, " on ", t->device());
   }
@@ -107,7 +105,7 @@ Shapes<Int> check_attention(const char* op, const at::Tensor& q, const at::Tenso
     const auto& m = *o.mask();
     TORCH_CHECK(m.scalar_type() == at::kBool, op, ": mask must be a bool tensor (True = may attend), got ",
                 m.scalar_type(), "; pass an additive float mask as bias=");
-    TORCH_CHECK(m.device() == q.device(), op, ": mask is on ", m.device(), ", q on ", q.device());
+    check_same_device(op, "mask", m, "q", q);
     check_broadcast4(op, "mask", m, s);
   }
   if (given(o.bias())) {
@@ -135,7 +133,7 @@ Shapes<Int> check_attention(const char* op, const at::Tensor& q, const at::Tenso
     const int64_t bs = o.block_size();
     TORCH_CHECK(bs > 0, op, ": block_size must be positive, got ", bs);
     TORCH_CHECK(l.scalar_type() == at::kBool, op, ": layout must be a bool tensor, got ", l.scalar_type());
-    TORCH_CHECK(l.device() == q.device(), op, ": layout is on ", l.device(), ", q on ", q.device());
+    check_same_device(op, "layout", l, "q", q);
     const Int rows = (s.Nq + bs - 1) / bs, cols = (s.Nk + bs - 1) / bs;
     const auto ls = sizes_of<Int>(l);
     TORCH_CHECK(l.dim() == 3 && (ls[0] == 1 || ls[0] == s.H) && ls[1] == rows && ls[2] == cols, op,
@@ -170,10 +168,28 @@ Shapes<Int> check_attention(const char* op, const at::Tensor& q, const at::Tenso
   return s;
 }
 
+template <class Int>
+void check_attention_backward(const char* op, const at::Tensor& grad_out, const OptTensor& grad_lse,
+                              const at::Tensor& out, const at::Tensor& lse, const Shapes<Int>& s) {
+  const Int out_sizes[4] = {s.B, s.H, s.Nq, s.Dv};
+  const c10::ArrayRef<Int> want_out(out_sizes, 4), want_lse(out_sizes, 3);
+  TORCH_CHECK(sizes_of<Int>(grad_out) == want_out && sizes_of<Int>(out) == want_out, op,
+              ": grad_out and out must have shape (B, H, Nq, Dv) = ", shape_str(want_out), ", got ",
+              shape_str(grad_out), " and ", shape_str(out));
+  TORCH_CHECK(sizes_of<Int>(lse) == want_lse && (!given(grad_lse) || sizes_of<Int>(*grad_lse) == want_lse),
+              op, ": lse and grad_lse must have shape (B, H, Nq) = ", shape_str(want_lse), ", got ",
+              shape_str(lse), " and ", given(grad_lse) ? shape_str(*grad_lse) : std::string("none"));
+}
+
 template Shapes<int64_t> check_attention<int64_t>(const char*, const at::Tensor&, const at::Tensor&,
                                                   const at::Tensor&, const AttentionOptions&);
 template Shapes<c10::SymInt> check_attention<c10::SymInt>(const char*, const at::Tensor&, const at::Tensor&,
                                                           const at::Tensor&, const AttentionOptions&);
+template void check_attention_backward<int64_t>(const char*, const at::Tensor&, const OptTensor&,
+                                                const at::Tensor&, const at::Tensor&, const Shapes<int64_t>&);
+template void check_attention_backward<c10::SymInt>(const char*, const at::Tensor&, const OptTensor&,
+                                                    const at::Tensor&, const at::Tensor&,
+                                                    const Shapes<c10::SymInt>&);
 
 at::Tensor t5_relative_buckets(int64_t num_buckets, int64_t Nq, int64_t Nk, bool bidirectional,
                                int64_t max_distance) {
@@ -200,15 +216,11 @@ namespace {
 
 using SymShapes = detail::Shapes<c10::SymInt>;
 
-at::TensorOptions lse_options(const at::Tensor& q) {
-  return q.options().dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-}
-
 detail::Tensor2 forward_meta(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const AttentionOptions& options) {
   const SymShapes s = detail::check_attention<c10::SymInt>("attention", q, k, v, options);
   return {at::empty_symint({s.B, s.H, s.Nq, s.Dv}, q.options()),
-          at::empty_symint({s.B, s.H, s.Nq}, lse_options(q))};
+          at::empty_symint({s.B, s.H, s.Nq}, q.options().dtype(detail::compute_type(q.scalar_type())))};
 }
 
 detail::Tensor2 attention_meta(const at::Tensor& q, const at::Tensor& k,
@@ -241,13 +253,9 @@ detail::Tensor7 attention_backward_meta(const at::Tensor& grad_out, const OptTen
                                         const at::Tensor& out, const at::Tensor& lse ATTNZOO_OPTION_PARAMS,
                                         const OptTensor&, detail::OptionGradMask wanted) {
   ATTNZOO_OPTIONS_FROM_PARAMS
-  const SymShapes s = detail::check_attention<c10::SymInt>("attention_backward", q, k, v, options);
-  TORCH_CHECK(grad_out.sym_sizes() == out.sym_sizes() &&
-                  out.sym_sizes() == c10::SymIntArrayRef({s.B, s.H, s.Nq, s.Dv}),
-              "attention_backward: grad_out and out must have shape (B, H, Nq, Dv)");
-  TORCH_CHECK(lse.sym_sizes() == c10::SymIntArrayRef({s.B, s.H, s.Nq}) &&
-                  (!given(grad_lse) || grad_lse->sym_sizes() == lse.sym_sizes()),
-              "attention_backward: lse and grad_lse must have shape (B, H, Nq)");
+  const char* op = "attention_backward";
+  const SymShapes s = detail::check_attention<c10::SymInt>(op, q, k, v, options);
+  detail::check_attention_backward(op, grad_out, grad_lse, out, lse, s);
   return {at::empty_symint(q.sym_sizes(), q.options()), at::empty_symint(k.sym_sizes(), k.options()),
           at::empty_symint(v.sym_sizes(), v.options()), grad_like(options.bias(), wanted[0], q),
           grad_like(options.t5_table(), wanted[1], q),  grad_like(options.shaw_k(), wanted[2], q),

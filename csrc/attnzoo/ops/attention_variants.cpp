@@ -50,7 +50,7 @@ at::Tensor rotary(const at::Tensor& x, const std::optional<at::Tensor>& position
               rd);
   TORCH_CHECK(std::isfinite(base) && base > 0, op, ": base must be positive and finite, got ", base);
   // float32 angles as in the reference implementations, float64 for float64.
-  const auto angle_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto angle_type = detail::compute_type(x.scalar_type());
   const auto topt = at::TensorOptions().dtype(angle_type).device(x.device());
   at::Tensor pos;
   if (given(positions)) {

@@ -17,9 +17,7 @@ LshShapes<Int> check_lsh(const char* op, const at::Tensor& qk, const at::Tensor&
   for (auto [name, t] : {std::pair{"qk", &qk}, {"v", &v}}) {
     TORCH_CHECK(t->defined() && t->dim() == 4, op, ": ", name, " must have shape (B, H, N, D), got ",
                 shape_str(*t));
-    const auto dt = t->scalar_type();
-    TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, op, ": ", name,
-                " must be float32, float64 or bfloat16, got ", dt);
+    check_input_dtype(op, name, *t);
   }
   TORCH_CHECK(v.scalar_type() == qk.scalar_type(), op, ": qk and v must have one dtype, got ",
               qk.scalar_type(), " and ", v.scalar_type());
@@ -33,8 +31,7 @@ LshShapes<Int> check_lsh(const char* op, const at::Tensor& qk, const at::Tensor&
   TORCH_CHECK(bucket_size > 0, op, ": bucket_size must be positive, got ", bucket_size);
   TORCH_CHECK(rotations.defined() && at::isFloatingType(rotations.scalar_type()), op,
               ": rotations must be a floating tensor");
-  TORCH_CHECK(rotations.device() == qk.device(), op, ": rotations is on ", rotations.device(), ", qk on ",
-              qk.device());
+  check_same_device(op, "rotations", rotations, "qk", qk);
   const auto rs = sizes_of<Int>(rotations);
   TORCH_CHECK(
       (rotations.dim() == 3 && rs[0] == s.D) || (rotations.dim() == 4 && rs[0] == s.H && rs[1] == s.D), op,
@@ -49,8 +46,7 @@ LshShapes<Int> check_lsh(const char* op, const at::Tensor& qk, const at::Tensor&
   if (given(key_mask)) {
     TORCH_CHECK(key_mask->scalar_type() == at::kBool, op, ": key_mask must be bool (True = keep), got ",
                 key_mask->scalar_type());
-    TORCH_CHECK(key_mask->device() == qk.device(), op, ": key_mask is on ", key_mask->device(), ", qk on ",
-                qk.device());
+    check_same_device(op, "key_mask", *key_mask, "qk", qk);
     const auto ms = sizes_of<Int>(*key_mask);
     TORCH_CHECK(key_mask->dim() == 2 && ms[0] == s.B && ms[1] == s.N, op,
                 ": key_mask must have shape (B, N) = (", s.B, ", ", s.N, "), got ", shape_str(*key_mask));
@@ -58,10 +54,26 @@ LshShapes<Int> check_lsh(const char* op, const at::Tensor& qk, const at::Tensor&
   return s;
 }
 
+template <class Int>
+void check_lsh_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& out,
+                        const at::Tensor& lse, const LshShapes<Int>& s) {
+  const Int out_sizes[4] = {s.B, s.H, s.N, s.Dv};
+  const c10::ArrayRef<Int> want_out(out_sizes, 4), want_lse(out_sizes, 3);
+  TORCH_CHECK(
+      sizes_of<Int>(grad_out) == want_out && sizes_of<Int>(out) == want_out && sizes_of<Int>(lse) == want_lse,
+      op, ": grad_out and out must have shape (B, H, N, Dv) = ", shape_str(want_out),
+      " and lse (B, H, N) = ", shape_str(want_lse), ", got ", shape_str(grad_out), ", ", shape_str(out),
+      " and ", shape_str(lse));
+}
+
 template LshShapes<int64_t> check_lsh<int64_t>(const char*, const at::Tensor&, const at::Tensor&,
                                                const at::Tensor&, int64_t, const OptTensor&, double);
 template LshShapes<c10::SymInt> check_lsh<c10::SymInt>(const char*, const at::Tensor&, const at::Tensor&,
                                                        const at::Tensor&, int64_t, const OptTensor&, double);
+template void check_lsh_backward<int64_t>(const char*, const at::Tensor&, const at::Tensor&,
+                                          const at::Tensor&, const LshShapes<int64_t>&);
+template void check_lsh_backward<c10::SymInt>(const char*, const at::Tensor&, const at::Tensor&,
+                                              const at::Tensor&, const LshShapes<c10::SymInt>&);
 
 }  // namespace detail
 
@@ -74,9 +86,8 @@ detail::Tensor3 lsh_forward_meta(const at::Tensor& qk, const at::Tensor& v, cons
                                  const OptTensor&) {
   const auto s =
       detail::check_lsh<c10::SymInt>("lsh_attention", qk, v, rotations, bucket_size, key_mask, dropout_p);
-  const auto lse_type = qk.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   return {at::empty_symint({s.B, s.H, s.N, s.Dv}, qk.options()),
-          at::empty_symint({s.B, s.H, s.N}, qk.options().dtype(lse_type)),
+          at::empty_symint({s.B, s.H, s.N}, qk.options().dtype(detail::compute_type(qk.scalar_type()))),
           at::empty_symint({s.B, s.H, s.R, s.N}, qk.options().dtype(at::kLong))};
 }
 
@@ -91,12 +102,9 @@ detail::Tensor2 lsh_backward_meta(const at::Tensor& grad_out, const at::Tensor& 
                                   const at::Tensor& rotations, const at::Tensor& out, const at::Tensor& lse,
                                   int64_t bucket_size, bool, const OptTensor& key_mask, double dropout_p,
                                   const OptTensor&) {
-  const auto s = detail::check_lsh<c10::SymInt>("lsh_attention_backward", qk, v, rotations, bucket_size,
-                                                key_mask, dropout_p);
-  TORCH_CHECK(grad_out.sym_sizes() == out.sym_sizes() &&
-                  out.sym_sizes() == c10::SymIntArrayRef({s.B, s.H, s.N, s.Dv}) &&
-                  lse.sym_sizes() == c10::SymIntArrayRef({s.B, s.H, s.N}),
-              "lsh_attention_backward: grad_out and out must have shape (B, H, N, Dv), lse (B, H, N)");
+  const char* op = "lsh_attention_backward";
+  const auto s = detail::check_lsh<c10::SymInt>(op, qk, v, rotations, bucket_size, key_mask, dropout_p);
+  detail::check_lsh_backward(op, grad_out, out, lse, s);
   return {at::empty_symint(qk.sym_sizes(), qk.options()), at::empty_symint(v.sym_sizes(), v.options())};
 }
 

@@ -27,5 +27,9 @@ template <class Int>
 LshShapes<Int> check_lsh(const char* op, const at::Tensor& qk, const at::Tensor& v,
                          const at::Tensor& rotations, int64_t bucket_size, const OptTensor& key_mask,
                          double dropout_p);
+// The backward's own arguments: grad_out and out (B, H, N, Dv), lse (B, H, N).
+template <class Int>
+void check_lsh_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& out,
+                        const at::Tensor& lse, const LshShapes<Int>& s);
 
 }  // namespace attnzoo::ops::detail

@@ -58,6 +58,31 @@ c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
 // A fresh dropout seed, drawn by an ATen op from the default generator (so
 // torch.manual_seed reproduces it and a traced graph draws a new one per call).
 at::Tensor fresh_seed();
+// The seed a kernel was handed for dropout (one made by fresh_seed()).
+inline uint64_t seed_value(const char* op, const OptTensor& seed) {
+  TORCH_CHECK(given(seed) && seed->numel() == 1, op, ": dropout needs a one-element int64 seed tensor");
+  return static_cast<uint64_t>(seed->item<int64_t>());
+}
+
+// The type the kernels compute in, and the log-sum-exp's: float64 for
+// float64 inputs, float32 for float32 and bfloat16 ones.
+inline at::ScalarType compute_type(at::ScalarType input) {
+  return input == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The argument checks the ops share; each message names the op and the argument.
+// An attention input (q, k, v, qk): float32, float64 or bfloat16.
+inline void check_input_dtype(const char* op, const char* name, const at::Tensor& t) {
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, op, ": ", name,
+              " must be float32, float64 or bfloat16, got ", dt);
+}
+// An optional argument on the device of the main input (q, or qk).
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const char* main_name,
+                              const at::Tensor& main) {
+  TORCH_CHECK(t.device() == main.device(), op, ": ", name, " is on ", t.device(), ", ", main_name, " on ",
+              main.device());
+}
 
 // ---------------------------------------------------------------------------
 // From the option list to the dispatcher. Each option's C++ type maps to the
@@ -72,33 +97,28 @@ struct OptionArg<OptTensor> {
   static const OptTensor& to(const OptTensor& v) { return v; }
   static OptTensor from(const OptTensor& v) { return given(v) ? v : std::nullopt; }
 };
+// Options the dispatcher passes as they are: only the schema type differs.
+template <class T>
+struct PlainOptionArg {
+  using type = T;
+  static T to(T v) { return v; }
+  static T from(T v) { return v; }
+};
 template <>
-struct OptionArg<bool> {
+struct OptionArg<bool> : PlainOptionArg<bool> {
   static constexpr const char* schema = "bool";
-  using type = bool;
-  static bool to(bool v) { return v; }
-  static bool from(bool v) { return v; }
 };
 template <>
-struct OptionArg<int64_t> {
+struct OptionArg<int64_t> : PlainOptionArg<int64_t> {
   static constexpr const char* schema = "int";
-  using type = int64_t;
-  static int64_t to(int64_t v) { return v; }
-  static int64_t from(int64_t v) { return v; }
 };
 template <>
-struct OptionArg<double> {
+struct OptionArg<double> : PlainOptionArg<double> {
   static constexpr const char* schema = "float";
-  using type = double;
-  static double to(double v) { return v; }
-  static double from(double v) { return v; }
 };
 template <>
-struct OptionArg<std::optional<double>> {
+struct OptionArg<std::optional<double>> : PlainOptionArg<std::optional<double>> {
   static constexpr const char* schema = "float?";
-  using type = std::optional<double>;
-  static std::optional<double> to(std::optional<double> v) { return v; }
-  static std::optional<double> from(std::optional<double> v) { return v; }
 };
 template <>
 struct OptionArg<std::optional<AttentionWindow>> {
@@ -171,6 +191,11 @@ struct Shapes {
 template <class Int>
 Shapes<Int> check_attention(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                             const AttentionOptions& options);
+// The backward's own arguments: grad_out and out (B, H, Nq, Dv), lse and
+// grad_lse (B, H, Nq).
+template <class Int>
+void check_attention_backward(const char* op, const at::Tensor& grad_out, const OptTensor& grad_lse,
+                              const at::Tensor& out, const at::Tensor& lse, const Shapes<Int>& s);
 
 // The (H, Nq + Nk - 1) bias of a T5 bucket table (num_buckets, H): entry
 // d + Nk - 1 is table[bucket(d), h] for the relative position d = j - p_i.

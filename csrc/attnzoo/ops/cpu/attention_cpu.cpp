@@ -58,7 +58,7 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
   Prepared p;
   p.s = detail::check_attention<int64_t>(op, q, k, v, o);
   const Shapes& s = p.s;
-  p.compute = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  p.compute = detail::compute_type(q.scalar_type());
   p.q = to_compute(q, p.compute);
   p.k = to_compute(k, p.compute);
   p.v = to_compute(v, p.compute);
@@ -94,10 +94,7 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
   }
   p.scale = o.scale().value_or(1.0 / std::sqrt(static_cast<double>(s.D)));
   p.dropout_p = o.dropout_p();
-  if (p.dropout_p > 0) {
-    TORCH_CHECK(given(seed) && seed->numel() == 1, op, ": dropout needs a one-element int64 seed tensor");
-    p.seed = static_cast<uint64_t>(seed->item<int64_t>());
-  }
+  if (p.dropout_p > 0) p.seed = detail::seed_value(op, seed);
   return p;
 }
 
@@ -185,13 +182,7 @@ detail::Tensor7 backward_cpu(const at::Tensor& grad_out, const OptTensor& grad_l
   const char* op = "attention_backward";
   const Prepared p = prepare(op, q, k, v, o, seed);
   const Shapes& s = p.s;
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({s.B, s.H, s.Nq, s.Dv}) && out.sizes() == grad_out.sizes(),
-              op, ": grad_out and out must have shape ",
-              detail::shape_str(at::IntArrayRef({s.B, s.H, s.Nq, s.Dv})), ", got ",
-              detail::shape_str(grad_out), " and ", detail::shape_str(out));
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef({s.B, s.H, s.Nq}) &&
-                  (!given(grad_lse) || grad_lse->sizes() == lse.sizes()),
-              op, ": lse and grad_lse must have shape (B, H, Nq)");
+  detail::check_attention_backward(op, grad_out, grad_lse, out, lse, s);
   const auto opts = p.q.options();
   const at::Tensor dout = to_compute(grad_out, p.compute);
   const at::Tensor lse_c = to_compute(lse, p.compute);

@@ -30,7 +30,7 @@ Lsh prepare(const char* op, const at::Tensor& qk, const at::Tensor& v, const at:
             int64_t bucket_size, const OptTensor& key_mask, double dropout_p, const OptTensor& seed) {
   Lsh l;
   l.s = detail::check_lsh<int64_t>(op, qk, v, rotations, bucket_size, key_mask, dropout_p);
-  l.compute = qk.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  l.compute = detail::compute_type(qk.scalar_type());
   l.Npad = ((l.s.N + bucket_size - 1) / bucket_size) * bucket_size;
   const int64_t pad = l.Npad - l.s.N;
   auto padded = [&](const at::Tensor& t) {
@@ -45,10 +45,7 @@ Lsh prepare(const char* op, const at::Tensor& qk, const at::Tensor& v, const at:
   // Padding keys are masked.
   l.key_mask = (pad ? at::constant_pad_nd(keep.to(at::kByte), {0, pad}, 0) : keep.to(at::kByte)).contiguous();
   l.dropout_p = dropout_p;
-  if (dropout_p > 0) {
-    TORCH_CHECK(given(seed) && seed->numel() == 1, op, ": dropout needs a one-element int64 seed tensor");
-    l.seed = static_cast<uint64_t>(seed->item<int64_t>());
-  }
+  if (dropout_p > 0) l.seed = detail::seed_value(op, seed);
   return l;
 }
 
@@ -95,9 +92,7 @@ detail::Tensor2 lsh_backward_kernel(const at::Tensor& grad_out, const at::Tensor
                                     double dropout_p, const OptTensor& seed) {
   const Lsh l = prepare("lsh_attention_backward", qk, v, rotations, bucket_size, key_mask, dropout_p, seed);
   const auto& s = l.s;
-  TORCH_CHECK(grad_out.sizes() == out.sizes() && out.sizes() == at::IntArrayRef({s.B, s.H, s.N, s.Dv}) &&
-                  lse.sizes() == at::IntArrayRef({s.B, s.H, s.N}),
-              "lsh_attention_backward: grad_out and out must have shape (B, H, N, Dv), lse (B, H, N)");
+  detail::check_lsh_backward("lsh_attention_backward", grad_out, out, lse, s);
   const int64_t pad = l.Npad - s.N;
   // Pads the sequence dimension: dim 2 of (B, H, N, X) or (B, H, N).
   auto padded = [&](const at::Tensor& t, double value) {
