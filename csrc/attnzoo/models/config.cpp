@@ -44,9 +44,11 @@ std::string read_value<std::string>(const json& value, const std::string& key) {
   if (!value.is_string()) fail(key, "must be a string, got " + value.dump());
   return value.get<std::string>();
 }
-std::string join(const std::vector<std::string>& words) {
+// An enum's config.json words, "bert, gpt, vit, speech", for messages.
+template <typename E>
+std::string choices() {
   std::string out;
-  for (const auto& w : words) out += (out.empty() ? "" : ", ") + w;
+  for (const char* word : EnumWords<E>::words) out += (out.empty() ? "" : ", ") + std::string(word);
   return out;
 }
 
@@ -55,8 +57,7 @@ template <typename E>
 E read_enum(const json& value, const std::string& key) {
   const auto word = read_value<std::string>(value, key);
   if (auto parsed = from_name<E>(word)) return *parsed;
-  fail(key, "must be one of " + join({EnumWords<E>::words.begin(), EnumWords<E>::words.end()}) + ", got \"" +
-                word + "\"");
+  fail(key, "must be one of " + choices<E>() + ", got \"" + word + "\"");
 }
 
 template <>
@@ -353,10 +354,7 @@ ModelConfig config_from_json(const std::string& text) {
     throw std::invalid_argument(std::string("config: malformed JSON: ") + e.what());
   }
   if (!root.is_object()) throw std::invalid_argument("config: the top level must be a JSON object");
-  if (!root.contains("model_type"))
-    fail("model_type", "is missing (one of " +
-                           join({EnumWords<ModelType>::words.begin(), EnumWords<ModelType>::words.end()}) +
-                           ")");
+  if (!root.contains("model_type")) fail("model_type", "is missing (one of " + choices<ModelType>() + ")");
   ModelConfig config = default_config(read_enum<ModelType>(root.at("model_type"), "model_type"));
   json attention = json::object();
   for (const auto& item : root.items()) {
