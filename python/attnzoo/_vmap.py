@@ -77,6 +77,50 @@ def _per_sample(op, args, arg_dims, kwargs, kwarg_dims, V, why):
     return stacked, (0,) * len(stacked)
 
 
+def _per_sample_reason(kwargs, kwarg_dims, backward):
+    """Why the op must run once per sample (a shared table that is vmapped,
+    or whose gradient must come back per sample), or None when it folds."""
+    batched_tables = [n for n in _SHARED_OPTIONS if kwarg_dims.get(n) is not None]
+    if batched_tables:
+        return "a vmapped " + ", ".join(batched_tables)
+    output_mask = kwargs.get("output_mask", [False] * 4) if backward else [False] * 4
+    table_grads = [n for n, want in zip(_OPTION_GRADS[1:], output_mask[1:]) if want and kwargs.get(n) is not None]
+    return ("the gradient of " + ", ".join(table_grads)) if table_grads else None
+
+
+def _folded(op, backward, args, arg_dims, kwargs, kwarg_dims, V):
+    """The op on the vmapped dimension folded into the batch; its outputs and
+    their vmap dims."""
+    # Every positional argument is a (B, ...) tensor (or None: grad_lse).
+    q_index = 2 if backward else 0
+    q, q_dim = args[q_index], arg_dims[q_index]
+    B = q.shape[0] if q_dim is None else q.movedim(q_dim, 0).shape[1]
+    folded_args = [a if a is None else _fold(a, d, V) for a, d in zip(args, arg_dims)]
+    folded_kwargs = dict(kwargs)
+    for n, rank in _PER_BATCH_OPTIONS.items():
+        if kwargs.get(n) is not None:
+            folded_kwargs[n] = _fold_option(kwargs[n], kwarg_dims[n], V, B, rank)
+    result = op(*folded_args, **folded_kwargs)
+    outputs = result if isinstance(result, tuple) else (result,)
+    if not backward:  # every output is (V * B, ...)
+        return tuple(o.reshape(V, B, *o.shape[1:]) for o in outputs), (0,) * len(outputs)
+    # The backward: grad_q, grad_k and grad_v are (V * B, ...); the option
+    # gradients not asked for are empty, the same for every sample.
+    unfolded = [o.reshape(V, B, *o.shape[1:]) for o in outputs[:3]]
+    out_dims = [0, 0, 0]
+    bias, grad_bias = kwargs.get("bias"), outputs[3]
+    if kwargs["output_mask"][0] and bias is not None:
+        # grad_bias comes back for the folded (V * B, ...) bias: summed to
+        # each sample's own bias shape.
+        per_sample = bias.movedim(kwarg_dims["bias"], 0).shape[1:] if kwarg_dims["bias"] is not None else bias.shape
+        padded = (1,) * (4 - len(per_sample)) + tuple(per_sample)
+        grad_bias = grad_bias.reshape(V, B, *grad_bias.shape[1:]).sum_to_size(V, *padded).reshape(V, *per_sample)
+        out_dims.append(0)
+    else:
+        out_dims.append(None)
+    return tuple(unfolded + [grad_bias, *outputs[4:]]), tuple(out_dims + [None] * 3)
+
+
 def _register(name):
     op = getattr(torch.ops.attnzoo, name).default
     backward = name == "_attention_backward"
@@ -102,50 +146,11 @@ def _register(name):
             raise RuntimeError(f"attnzoo.{name}: dropout under vmap needs randomness='different' (each sample "
                                f"draws its own pattern), got randomness='{randomness}'")
         with _below_vmap():
-            batched_tables = [n for n in _SHARED_OPTIONS if kwarg_dims.get(n) is not None]
-            output_mask = kwargs.get("output_mask", [False] * 4) if backward else [False] * 4
-            table_grads = [n for n, want in zip(_OPTION_GRADS[1:], output_mask[1:])
-                           if want and kwargs.get(n) is not None]
-            if batched_tables or table_grads:
-                why = ("a vmapped " + ", ".join(batched_tables)) if batched_tables else \
-                    ("the gradient of " + ", ".join(table_grads))
+            why = _per_sample_reason(kwargs, kwarg_dims, backward)
+            if why:
                 outputs, out_dims = _per_sample(op, args_u, arg_dims, kwargs_u, kwarg_dims, V, why)
             else:
-                # Every positional argument is a (B, ...) tensor (or None: grad_lse).
-                q_index = 2 if backward else 0
-                q, q_dim = args_u[q_index], arg_dims[q_index]
-                B = q.shape[0] if q_dim is None else q.movedim(q_dim, 0).shape[1]
-                folded_args = [a if a is None else _fold(a, d, V) for a, d in zip(args_u, arg_dims)]
-                folded_kwargs = dict(kwargs_u)
-                for n, rank in _PER_BATCH_OPTIONS.items():
-                    if kwargs_u.get(n) is not None:
-                        folded_kwargs[n] = _fold_option(kwargs_u[n], kwarg_dims[n], V, B, rank)
-                result = op(*folded_args, **folded_kwargs)
-                outputs = result if isinstance(result, tuple) else (result,)
-                # Outputs of the folded batch: (V * B, ...) -> (V, B, ...). In the
-                # backward only grad_q, grad_k and grad_v are; the option
-                # gradients not asked for are empty, the same for every sample.
-                leading = 3 if backward else len(outputs)
-                unfold = [o.reshape(V, B, *o.shape[1:]) for o in outputs[:leading]]
-                out_dims = [0] * leading
-                if backward:
-                    # grad_bias comes back for the folded (V * B, ...) bias:
-                    # summed to each sample's own bias shape.
-                    bias, grad_bias = kwargs_u.get("bias"), outputs[3]
-                    if output_mask[0] and bias is not None:
-                        per_sample = bias.movedim(kwarg_dims["bias"], 0).shape[1:] \
-                            if kwarg_dims["bias"] is not None else bias.shape
-                        padded = (1,) * (4 - len(per_sample)) + tuple(per_sample)
-                        grad_bias = grad_bias.reshape(V, B, *grad_bias.shape[1:]) \
-                            .sum_to_size(V, *padded).reshape(V, *per_sample)
-                        unfold.append(grad_bias)
-                        out_dims.append(0)
-                    else:
-                        unfold.append(grad_bias)
-                        out_dims.append(None)
-                    unfold += outputs[4:]
-                    out_dims += [None] * 3
-                outputs = tuple(unfold)
+                outputs, out_dims = _folded(op, backward, args_u, arg_dims, kwargs_u, kwarg_dims, V)
         wrapped = tuple(o if d is None else _add_batch_dim(o, d, level) for o, d in zip(outputs, out_dims))
         return wrapped if len(wrapped) > 1 else wrapped[0]
 
