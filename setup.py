@@ -32,8 +32,12 @@ class CMakeBuild(build_ext):
 
 
 def requirements():
+    """requirements.txt, except that torch is pinned there for CI only: the
+    package builds against, and then needs, whichever torch >= 2.11 it was
+    built with."""
     lines = (ROOT / "requirements.txt").read_text().splitlines()
-    return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    reqs = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    return ["torch>=2.11" if r.startswith("torch==") else r for r in reqs]
 
 
 setup(

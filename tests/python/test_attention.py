@@ -305,7 +305,7 @@ BAD_INPUTS = [
     ("head dims differ", lambda q, k, v: ops.attention(q, k[..., :8], v), "head dim D"),
     ("k/v lengths differ", lambda q, k, v: ops.attention(q, k, v[:, :, :5]), "same sequence length"),
     ("batch differs", lambda q, k, v: ops.attention(q, k[:1], v[:1]), "same batch size"),
-    ("int dtype", lambda q, k, v: ops.attention(q.int(), k.int(), v.int()), "q must be float32, float64 or bfloat16"),
+    ("int dtype", lambda q, k, v: ops.attention(q.int(), k.int(), v.int()), "q must be float32, float64, bfloat16 or float16"),
     ("mixed dtypes", lambda q, k, v: ops.attention(q, k.double(), v), "one dtype"),
     ("mask shape", lambda q, k, v: ops.attention(q, k, v, mask=torch.ones(10, 7, dtype=torch.bool)),
      "mask of shape (10, 7) is not broadcastable to (B, H, Nq, Nk) = (2, 6, 10, 12)"),

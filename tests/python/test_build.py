@@ -86,3 +86,62 @@ def test_a_misspelt_policy_hook_does_not_compile(tmp_path, hook_name, compiles):
         assert r.returncode == 0, r.stderr
     else:
         assert r.returncode != 0 and "policy hook on_rescale" in r.stderr, r.stderr
+
+
+CONSUMER_CMAKE = """cmake_minimum_required(VERSION 3.18)
+project(no_toolkit_consumer CXX)
+set(CMAKE_CXX_STANDARD 20)
+include("{root}/cmake/AttnZooTorch.cmake")
+attnzoo_find_torch("{torch_dir}")
+message(STATUS "toolkit=[${{ATTNZOO_CUDA_TOOLKIT}}] torch_has_cuda=${{TORCH_HAS_CUDA}} torch=${{Torch_VERSION}}")
+add_executable(consumer main.cpp)
+target_link_libraries(consumer torch)
+set_target_properties(consumer PROPERTIES BUILD_RPATH "${{TORCH_INSTALL_PREFIX}}/lib")
+"""
+
+CONSUMER_MAIN = """#include <ATen/ATen.h>
+#include <iostream>
+int main() { std::cout << "sum=" << at::ones({2, 3}).sum().item<float>() << std::endl; }
+"""
+
+
+def without_cuda_toolkit_env():
+    """The environment of a machine whose user has no CUDA toolkit: no
+    directory holding nvcc on PATH, no CUDA_HOME / CUDA_PATH / CUDACXX."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH", "CUDACXX")}
+    env["PATH"] = os.pathsep.join(d for d in env["PATH"].split(os.pathsep)
+                                  if d and not os.path.exists(os.path.join(d, "nvcc")))
+    return env
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
+def test_a_cuda_torch_configures_and_builds_without_a_cuda_toolkit(tmp_path):
+    """PyPI's CUDA torch on a machine without nvcc: TorchConfig.cmake would
+    stop with a fatal error; attnzoo's own torch target (cmake/AttnZooTorch.cmake)
+    configures and builds a program that runs, and attnzoo's configure says
+    its CUDA kernels are off for that reason."""
+    import torch
+    if torch.version.cuda is None:
+        pytest.skip("this torch is a CPU build: nothing to hide from")
+    env = without_cuda_toolkit_env()
+    assert shutil.which("nvcc", path=env["PATH"]) is None
+    torch_dir = os.path.join(torch.utils.cmake_prefix_path, "Torch")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "CMakeLists.txt").write_text(CONSUMER_CMAKE.format(root=ROOT, torch_dir=torch_dir))
+    (src / "main.cpp").write_text(CONSUMER_MAIN)
+    cfg = subprocess.run(["cmake", "-S", str(src), "-B", str(tmp_path / "b"), "-G", "Ninja"],
+                         capture_output=True, text=True, env=env)
+    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
+    assert "toolkit=[] torch_has_cuda=ON" in cfg.stdout, cfg.stdout
+    build = subprocess.run(["cmake", "--build", str(tmp_path / "b")], capture_output=True, text=True, env=env)
+    assert build.returncode == 0, build.stdout + build.stderr
+    run = subprocess.run([str(tmp_path / "b" / "consumer")], capture_output=True, text=True, env=env)
+    assert run.returncode == 0 and "sum=6" in run.stdout, run.stdout + run.stderr
+
+    # attnzoo itself: configures (a CPU build) and says why its CUDA kernels are off.
+    import sys
+    cfg = subprocess.run(["cmake", "-S", ROOT, "-B", str(tmp_path / "attnzoo"), "-G", "Ninja",
+                          f"-DPython3_EXECUTABLE={sys.executable}"], capture_output=True, text=True, env=env)
+    assert cfg.returncode == 0, cfg.stdout + cfg.stderr
+    assert "CUDA kernels: off (no CUDA toolkit)" in cfg.stdout, cfg.stdout

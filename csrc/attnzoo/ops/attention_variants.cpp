@@ -149,14 +149,14 @@ at::Tensor longformer_attention(const at::Tensor& q, const at::Tensor& k, const 
                   global_tokens.scalar_type() != at::kBool,
               op, ": global_tokens must be a 1-D integer tensor of positions, got ", shape_str(global_tokens),
               " ", global_tokens.scalar_type());
-  const at::Tensor g = global_tokens.to(at::kLong);
+  const at::Tensor g = global_tokens.to(q.device(), at::kLong);
   const int64_t G = g.numel();
   if (G > 0) {
     TORCH_CHECK(g.min().item<int64_t>() >= 0 && g.max().item<int64_t>() < N, op,
                 ": global_tokens must lie in [0, N = ", N, ")");
     TORCH_CHECK(std::get<0>(at::_unique(g)).numel() == G, op, ": global_tokens must not repeat a position");
   }
-  const auto bool_opts = at::TensorOptions().dtype(at::kBool);
+  const auto bool_opts = at::TensorOptions().dtype(at::kBool).device(q.device());
   at::Tensor keep = at::ones({B, 1, 1, N}, bool_opts);
   if (given(key_mask)) keep = key_rows(op, *key_mask, B, N).view({B, 1, 1, N});
   const at::Tensor not_global = at::ones({N}, bool_opts).index_fill(0, g, false);

@@ -7,6 +7,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/SymInt.h>
 
+#include <algorithm>
+#include <cmath>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -71,12 +73,32 @@ inline at::ScalarType compute_type(at::ScalarType input) {
 }
 
 // The argument checks the ops share; each message names the op and the argument.
-// An attention input (q, k, v, qk): float32, float64 or bfloat16.
+// An attention input (q, k, v, qk): float32, float64, bfloat16 or float16.
 inline void check_input_dtype(const char* op, const char* name, const at::Tensor& t) {
   const auto dt = t.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, op, ": ", name,
-              " must be float32, float64 or bfloat16, got ", dt);
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op, ": ", name,
+              " must be float32, float64, bfloat16 or float16, got ", dt);
 }
+// The band of visible keys as both engines read it (score_rules.h): causal
+// and window folded into (left, right), with any bound >= Nq + Nk meaning
+// unbounded (which keeps the index arithmetic far from overflow).
+struct Band {
+  int64_t left, right;
+};
+inline Band attention_band(const AttentionOptions& o, int64_t Nq, int64_t Nk) {
+  const int64_t unbounded = Nq + Nk + 1;
+  Band band{unbounded, o.causal() ? 0 : unbounded};
+  if (o.window().has_value()) {
+    band.left = std::min(band.left, (*o.window())[0]);
+    band.right = std::min(band.right, (*o.window())[1]);
+  }
+  return band;
+}
+// The score scale: the option, or 1/sqrt(D).
+inline double attention_scale(const AttentionOptions& o, int64_t D) {
+  return o.scale().value_or(1.0 / std::sqrt(static_cast<double>(D)));
+}
+
 // An optional argument on the device of the main input (q, or qk).
 inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const char* main_name,
                               const at::Tensor& main) {

@@ -83,16 +83,9 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
     if (given(o.shaw_v())) p.shaw_v = table(*o.shaw_v());
     p.shaw_K = o.shaw_max_distance();
   }
-  // Any bound >= Nq + Nk is "unbounded"; it keeps the index arithmetic far
-  // from overflow.
-  const int64_t unbounded = s.Nq + s.Nk + 1;
-  p.left = unbounded;
-  p.right = o.causal() ? 0 : unbounded;
-  if (o.window().has_value()) {
-    p.left = std::min(p.left, (*o.window())[0]);
-    p.right = std::min(p.right, (*o.window())[1]);
-  }
-  p.scale = o.scale().value_or(1.0 / std::sqrt(static_cast<double>(s.D)));
+  const detail::Band band = detail::attention_band(o, s.Nq, s.Nk);
+  p.left = band.left, p.right = band.right;
+  p.scale = detail::attention_scale(o, s.D);
   p.dropout_p = o.dropout_p();
   if (p.dropout_p > 0) p.seed = detail::seed_value(op, seed);
   return p;

@@ -10,6 +10,7 @@
 #include "attnzoo/ops/cpu/engine/policy.h"
 #include "attnzoo/ops/cpu/engine/row_kernels.h"
 #include "attnzoo/ops/cpu/engine_api.h"
+#include "attnzoo/ops/score_rules.h"
 
 namespace attnzoo::cpu {
 inline namespace CPU_CAPABILITY {
@@ -26,15 +27,12 @@ struct DensePolicy : PolicyHooks<T> {
   explicit DensePolicy(const DenseArgs& args) : a(args), offset(args.Nk - args.Nq) {}
 
   std::pair<int64_t, int64_t> key_range(int64_t q0, int64_t mq) const {
-    const int64_t p_first = q0 + offset, p_last = q0 + mq - 1 + offset;
-    const int64_t lo = std::max<int64_t>(0, p_first - a.left);
-    const int64_t hi = std::min<int64_t>(a.Nk, p_last + a.right + 1);
-    return {lo, std::max(lo, hi)};
+    const auto r = rules::band_keys(q0, mq, offset, a.left, a.right, a.Nk);
+    return {r.lo, r.hi};
   }
   std::pair<int64_t, int64_t> query_range(int64_t k0, int64_t nk) const {
-    const int64_t lo = std::max<int64_t>(0, k0 - a.right - offset);
-    const int64_t hi = std::min<int64_t>(a.Nq, k0 + nk - 1 + a.left - offset + 1);
-    return {lo, std::max(lo, hi)};
+    const auto r = rules::band_queries(k0, nk, offset, a.left, a.right, a.Nq);
+    return {r.lo, r.hi};
   }
 
   int64_t block_q() const { return a.block_q; }
@@ -70,15 +68,15 @@ struct DensePolicy : PolicyHooks<T> {
       // d = j - p runs over a contiguous stretch of the relative bias vector.
       if (rel) add_strided(row, rel + (k0 - p + a.Nk - 1), nk, int64_t(1));
       if (a.alibi)
-        for (int64_t c = 0; c < nk; ++c) row[c] -= slope * T(std::abs(p - (k0 + c)));
+        for (int64_t c = 0; c < nk; ++c) row[c] += rules::alibi_term(slope, p, k0 + c);
       if (mask) {
         const uint8_t* m = mask + b * a.mask.sb + h * a.mask.sh + i * a.mask.si + k0 * a.mask.sj;
         for (int64_t c = 0; c < nk; ++c)
           if (!m[c * a.mask.sj]) row[c] = neg_inf<T>();
       }
       // The band: only the columns outside [p - left, p + right] are written.
-      const int64_t first = std::clamp<int64_t>(p - a.left - k0, 0, nk);
-      const int64_t last = std::clamp<int64_t>(p + a.right - k0 + 1, first, nk);
+      const int64_t first = std::clamp<int64_t>(rules::band_begin(p, a.left) - k0, 0, nk);
+      const int64_t last = std::clamp<int64_t>(rules::band_end(p, a.right) - k0, first, nk);
       std::fill(row, row + first, neg_inf<T>());
       std::fill(row + last, row + nk, neg_inf<T>());
     }

@@ -1,0 +1,7 @@
+// The dense CUDA passes for float inputs (one file per input type, so that
+// ninja compiles them in parallel).
+#include "attnzoo/ops/cuda/dense_kernels.cuh"
+
+namespace attnzoo::cuda {
+const DensePasses* dense_passes_f32(int64_t D, int64_t Dv) { return dense_passes_for<float>(D, Dv); }
+}  // namespace attnzoo::cuda

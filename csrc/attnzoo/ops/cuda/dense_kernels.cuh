@@ -1,0 +1,569 @@
+#pragma once
+// The CUDA attention engine: one template per pass (forward, probabilities,
+// query-major backward, key-major backward) over a policy that says which
+// key tiles a query tile visits and what each score becomes. DensePolicy is
+// the full one (mask, bias, T5, ALiBi, band); part 2's block-sparse, Shaw and
+// LSH walks are further policies for the same passes.
+//
+// Layout of a pass (FlashAttention-2): a block of kThreads threads owns kRows
+// query rows (or key rows in grad_kv); kLanes consecutive lanes of one warp
+// share a row, so row reductions are warp shuffles and a row's scratch in
+// shared memory is only read by its own warp. Tiles of q, k, v and grad_out
+// are staged in shared memory in the accumulation type; the products are
+// scalar fused multiply-adds. No Nq x Nk buffer: the forward keeps the
+// running max and sum per row and stores the log-sum-exp; the backward
+// recomputes the probabilities from it.
+//
+// Determinism: each output element has exactly one owning thread, and every
+// sum runs in a fixed order, so two runs give the same bits (no atomics).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "attnzoo/ops/cuda/engine_api.h"
+#include "attnzoo/ops/score_rules.h"
+
+namespace attnzoo::cuda {
+
+// --- Types ----------------------------------------------------------------
+
+// Input type T -> accumulation type and conversions.
+template <typename T>
+struct TypeTraits {
+  using Acc = float;
+};
+template <>
+struct TypeTraits<double> {
+  using Acc = double;
+};
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(float x);
+template <>
+__device__ __forceinline__ float from_acc<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+template <typename T>
+__device__ __forceinline__ T from_acc(double x) {
+  return x;
+}
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
+
+template <typename Acc>
+__device__ __forceinline__ Acc neg_inf() {
+  return Acc(-INFINITY);
+}
+
+// --- Tile shapes ----------------------------------------------------------
+
+// One tier per largest head dimension: rows per tile chosen so that the
+// staged tiles (four of kRows x (D + 1) accumulators) fit the shared memory
+// of sm_80 and sm_90 alike.
+template <int kMaxD_, typename Acc>
+struct Tiles {
+  static constexpr int kMaxD = kMaxD_;
+  static constexpr int kRows = kMaxD * int(sizeof(Acc)) <= 256 ? 64 : 32;
+  static constexpr int kThreads = 128;
+  static constexpr int kLanes = kThreads / kRows;  // threads sharing a row: 2 or 4
+  static constexpr int kCols = kRows / kLanes;     // tile columns per thread
+  static constexpr int kDims = kMaxD / kLanes;     // head-dimension columns per thread
+  static_assert(kLanes == 2 || kLanes == 4, "a row's lanes must divide a warp");
+};
+
+// Shared-memory rows are padded by one element so that the lanes of a warp,
+// which read one column of different rows, hit different banks.
+struct Strides {
+  int64_t qk, v, tile;  // row strides of q/k tiles, v/grad_out tiles, score tiles
+  __host__ __device__ Strides(int64_t D, int64_t Dv, int rows) : qk(D + 1), v(Dv + 1), tile(rows + 1) {}
+};
+
+// Reduce over the kLanes lanes of a row (consecutive lanes of one warp).
+template <int kLanes, typename Acc>
+__device__ __forceinline__ Acc row_max(Acc x) {
+#pragma unroll
+  for (int o = 1; o < kLanes; o *= 2) x = fmax(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+template <int kLanes, typename Acc>
+__device__ __forceinline__ Acc row_sum(Acc x) {
+#pragma unroll
+  for (int o = 1; o < kLanes; o *= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// Stage rows [0, n) of a contiguous (rows x dim) block of global memory into
+// shared memory (row stride ld), converted to Acc; rows [n, kRows) become 0.
+template <int kRows, int kThreads, typename Acc, typename T>
+__device__ __forceinline__ void stage_rows(Acc* dst, int64_t ld, const T* src, int64_t dim, int64_t n) {
+  for (int64_t idx = threadIdx.x; idx < kRows * dim; idx += kThreads) {
+    const int64_t row = idx / dim, col = idx - row * dim;
+    dst[row * ld + col] = row < n ? to_acc(src[row * dim + col]) : Acc(0);
+  }
+}
+
+// s[m] = dot(a, b row (lane + kLanes * m)) over dim, a one shared row.
+template <class Tl, typename Acc>
+__device__ __forceinline__ void dot_rows(Acc (&s)[Tl::kCols], const Acc* a, const Acc* b, int64_t ld,
+                                         int lane, int64_t dim) {
+#pragma unroll
+  for (int m = 0; m < Tl::kCols; ++m) s[m] = Acc(0);
+  for (int64_t x = 0; x < dim; ++x) {
+    const Acc av = a[x];
+#pragma unroll
+    for (int m = 0; m < Tl::kCols; ++m) s[m] += av * b[(lane + Tl::kLanes * m) * ld + x];
+  }
+}
+
+// acc[d] += sum over c < n of w[c] * rows[c][lane + kLanes * d] (d < dim).
+template <class Tl, typename Acc>
+__device__ __forceinline__ void accumulate_rows(Acc (&acc)[Tl::kDims], const Acc* w, const Acc* rows,
+                                                int64_t ld, int lane, int64_t n, int64_t dim) {
+  for (int64_t c = 0; c < n; ++c) {
+    const Acc wc = w[c];
+    if (wc == Acc(0)) continue;
+#pragma unroll
+    for (int d = 0; d < Tl::kDims; ++d) {
+      const int64_t col = lane + Tl::kLanes * d;
+      if (col < dim) acc[d] += wc * rows[c * ld + col];
+    }
+  }
+}
+
+// --- The dense policy -----------------------------------------------------
+
+// Which tiles a pass visits and what a score becomes, for (b, h).
+template <typename Acc>
+struct DensePolicy {
+  const DenseArgs& a;
+  int64_t b, h, offset;
+  Acc slope;
+
+  __device__ DensePolicy(const DenseArgs& args, int64_t b_, int64_t h_)
+      : a(args), b(b_), h(h_), offset(args.Nk - args.Nq), slope(0) {
+    if (a.alibi) slope = static_cast<const Acc*>(a.alibi)[b * a.alibi_sb + h * a.alibi_sh];
+  }
+  __device__ rules::Range keys_of(int64_t q0, int64_t mq) const {
+    return rules::band_keys(q0, mq, offset, a.left, a.right, a.Nk);
+  }
+  __device__ rules::Range queries_of(int64_t k0, int64_t nk) const {
+    return rules::band_queries(k0, nk, offset, a.left, a.right, a.Nq);
+  }
+  // The score of (i, j) from the scaled product, or -inf where j is not visible.
+  __device__ Acc score(int64_t i, int64_t j, Acc scaled) const {
+    const int64_t p = i + offset;
+    if (!rules::in_band(p, j, a.left, a.right)) return neg_inf<Acc>();
+    if (a.mask && !a.mask[b * a.mask_sb + h * a.mask_sh + i * a.mask_si + j * a.mask_sj])
+      return neg_inf<Acc>();
+    Acc s = scaled;
+    if (a.bias)
+      s += static_cast<const Acc*>(a.bias)[b * a.bias_sb + h * a.bias_sh + i * a.bias_si + j * a.bias_sj];
+    if (a.t5_table) s += static_cast<const Acc*>(a.t5_table)[int64_t(t5_bucket(i, j)) * a.H + h];
+    if (a.alibi) s += rules::alibi_term(slope, p, j);
+    return s;
+  }
+  __device__ int32_t t5_bucket(int64_t i, int64_t j) const {
+    return a.t5_buckets[j - (i + offset) + a.Nk - 1];
+  }
+};
+
+// The dropout of element (b, h, i, j): the factor its probability is multiplied by.
+template <typename Acc>
+struct DropoutRule {
+  bool active;
+  uint64_t seed, threshold;
+  Acc keep_scale;
+  __device__ explicit DropoutRule(const DenseArgs& a)
+      : active(a.dropout_p > 0),
+        seed(a.seed),
+        threshold(rules::dropout_threshold(a.dropout_p)),
+        keep_scale(a.dropout_p < 1 ? Acc(1.0 / (1.0 - a.dropout_p)) : Acc(0)) {}
+  __device__ Acc factor(const DenseArgs& a, int64_t b, int64_t h, int64_t i, int64_t j) const {
+    if (!active) return Acc(1);
+    return rules::dropout_keeps(seed, threshold, rules::dropout_index(b, h, i, j, a.H, a.Nq, a.Nk))
+               ? keep_scale
+               : Acc(0);
+  }
+};
+
+// --- Forward --------------------------------------------------------------
+
+// Blocks: (b, h, query tile) flattened on x.
+template <typename T, class Tl, template <typename> class Policy>
+__global__ void __launch_bounds__(Tl::kThreads) forward_kernel(const DenseArgs a) {
+  using Acc = typename TypeTraits<T>::Acc;
+  constexpr int R = Tl::kRows;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const Strides ld(a.D, a.Dv, R);
+  Acc* Qs = reinterpret_cast<Acc*>(smem_raw);
+  Acc* Ks = Qs + R * ld.qk;
+  Acc* Vs = Ks + R * ld.qk;
+  Acc* Ps = Vs + R * ld.v;
+
+  const int64_t tiles = (a.Nq + R - 1) / R;
+  const int64_t bh = blockIdx.x / tiles, b = bh / a.H, h = bh % a.H;
+  const int64_t q0 = (blockIdx.x % tiles) * R, mq = rules::min64(R, a.Nq - q0);
+  const int r = threadIdx.x / Tl::kLanes, lane = threadIdx.x % Tl::kLanes;
+  const int64_t kvh = b * a.Hkv + h / (a.H / a.Hkv);
+  const T* k = static_cast<const T*>(a.k) + kvh * a.Nk * a.D;
+  const T* v = static_cast<const T*>(a.v) + kvh * a.Nk * a.Dv;
+  const Policy<Acc> policy(a, b, h);
+  const DropoutRule<Acc> dropout(a);
+  const Acc scale = Acc(a.scale);
+
+  stage_rows<R, Tl::kThreads>(Qs, ld.qk, static_cast<const T*>(a.q) + (bh * a.Nq + q0) * a.D, a.D, mq);
+  Acc m_run = neg_inf<Acc>(), l_run = 0;
+  Acc o[Tl::kDims];
+#pragma unroll
+  for (int d = 0; d < Tl::kDims; ++d) o[d] = 0;
+
+  const rules::Range keys = policy.keys_of(q0, mq);
+  for (int64_t k0 = (keys.lo / R) * R; k0 < keys.hi; k0 += R) {
+    const int64_t nk = rules::min64(R, a.Nk - k0);
+    __syncthreads();  // the previous tile is no longer read
+    stage_rows<R, Tl::kThreads>(Ks, ld.qk, k + k0 * a.D, a.D, nk);
+    stage_rows<R, Tl::kThreads>(Vs, ld.v, v + k0 * a.Dv, a.Dv, nk);
+    __syncthreads();
+    Acc s[Tl::kCols];
+    dot_rows<Tl>(s, Qs + r * ld.qk, Ks, ld.qk, lane, a.D);
+    Acc mx = neg_inf<Acc>();
+#pragma unroll
+    for (int m = 0; m < Tl::kCols; ++m) {
+      const int64_t c = lane + Tl::kLanes * m;
+      s[m] = (r < mq && c < nk) ? policy.score(q0 + r, k0 + c, s[m] * scale) : neg_inf<Acc>();
+      mx = fmax(mx, s[m]);
+    }
+    // Every lane takes part in the shuffles, whatever its row saw.
+    const Acc m_new = fmax(m_run, row_max<Tl::kLanes>(mx));
+    const bool none = m_new == neg_inf<Acc>();  // nothing visible in this row yet
+    Acc* prow = Ps + r * ld.tile;
+    Acc sum = 0;
+#pragma unroll
+    for (int m = 0; m < Tl::kCols; ++m) {
+      const int64_t c = lane + Tl::kLanes * m;
+      const Acc p = (none || s[m] == neg_inf<Acc>()) ? Acc(0) : exp_acc(s[m] - m_new);
+      sum += p;
+      prow[c] = p == Acc(0) ? Acc(0) : p * dropout.factor(a, b, h, q0 + r, k0 + c);
+    }
+    const Acc row_total = row_sum<Tl::kLanes>(sum);
+    if (!none) {
+      const Acc alpha = m_run == neg_inf<Acc>() ? Acc(0) : exp_acc(m_run - m_new);
+      l_run = l_run * alpha + row_total;
+      m_run = m_new;
+#pragma unroll
+      for (int d = 0; d < Tl::kDims; ++d) o[d] *= alpha;
+    }
+    __syncwarp();  // the row's probabilities, written by its lanes, are read by all of them
+    accumulate_rows<Tl>(o, prow, Vs, ld.v, lane, nk, a.Dv);
+  }
+
+  if (r >= mq) return;
+  const int64_t i = q0 + r;
+  T* out = static_cast<T*>(a.out) + (bh * a.Nq + i) * a.Dv;
+  const bool seen = l_run > Acc(0);
+  const Acc inv = seen ? Acc(1) / l_run : Acc(0);  // no visible key: output 0, lse -inf
+#pragma unroll
+  for (int d = 0; d < Tl::kDims; ++d) {
+    const int64_t col = lane + Tl::kLanes * d;
+    if (col < a.Dv) out[col] = from_acc<T>(o[d] * inv);
+  }
+  if (lane == 0) static_cast<Acc*>(a.lse)[bh * a.Nq + i] = seen ? m_run + log_acc(l_run) : neg_inf<Acc>();
+}
+
+// --- Probabilities (attention_weights) ------------------------------------
+
+// One thread per (b, h, i, j); reads the forward's lse. For inspection only.
+template <typename T, template <typename> class Policy>
+__global__ void probs_kernel(const DenseArgs a) {
+  using Acc = typename TypeTraits<T>::Acc;
+  const int64_t total = a.B * a.H * a.Nq * a.Nk;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t j = e % a.Nk, i = (e / a.Nk) % a.Nq, bh = e / (a.Nk * a.Nq), b = bh / a.H, h = bh % a.H;
+    const Policy<Acc> policy(a, b, h);
+    const Acc lse = static_cast<const Acc*>(a.lse)[bh * a.Nq + i];
+    Acc p = 0;
+    if (lse != neg_inf<Acc>()) {
+      const int64_t kvh = b * a.Hkv + h / (a.H / a.Hkv);
+      const T* q = static_cast<const T*>(a.q) + (bh * a.Nq + i) * a.D;
+      const T* k = static_cast<const T*>(a.k) + (kvh * a.Nk + j) * a.D;
+      Acc dot = 0;
+      for (int64_t x = 0; x < a.D; ++x) dot += to_acc(q[x]) * to_acc(k[x]);
+      const Acc s = policy.score(i, j, dot * Acc(a.scale));
+      if (s != neg_inf<Acc>()) p = exp_acc(s - lse) * DropoutRule<Acc>(a).factor(a, b, h, i, j);
+    }
+    static_cast<T*>(a.probs)[e] = from_acc<T>(p);
+  }
+}
+
+// --- Backward -------------------------------------------------------------
+
+// The probability and the score gradient of one element, recomputed from the
+// forward's lse: p = exp(s - lse); dp is dropped as p was; ds = p (dp - delta).
+template <typename Acc>
+struct ScoreGrad {
+  Acc p_dropped, ds;
+};
+template <typename Acc>
+__device__ __forceinline__ ScoreGrad<Acc> score_grad(Acc s, Acc lse, Acc dp, Acc delta, Acc drop) {
+  if (s == neg_inf<Acc>() || lse == neg_inf<Acc>()) return {Acc(0), Acc(0)};
+  const Acc p = exp_acc(s - lse);
+  return {p * drop, p * (dp * drop - delta)};
+}
+
+// Query-major: dq, and the gradients of what the policy added to the scores
+// (the bias element by element, the T5 table per bucket). Blocks as forward.
+template <typename T, class Tl, template <typename> class Policy>
+__global__ void __launch_bounds__(Tl::kThreads) grad_q_kernel(const DenseArgs a) {
+  using Acc = typename TypeTraits<T>::Acc;
+  constexpr int R = Tl::kRows;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const Strides ld(a.D, a.Dv, R);
+  Acc* Qs = reinterpret_cast<Acc*>(smem_raw);
+  Acc* dOs = Qs + R * ld.qk;
+  Acc* Ks = dOs + R * ld.v;
+  Acc* Vs = Ks + R * ld.qk;
+  Acc* Ds = Vs + R * ld.v;
+  // T5: one running sum per (bucket, thread), so that no two threads add to
+  // one slot; summed over threads in order at the end.
+  Acc* t5_slots = Ds + R * ld.tile;
+
+  const int64_t tiles = (a.Nq + R - 1) / R;
+  const int64_t bh = blockIdx.x / tiles, b = bh / a.H, h = bh % a.H;
+  const int64_t qt = blockIdx.x % tiles, q0 = qt * R, mq = rules::min64(R, a.Nq - q0);
+  const int r = threadIdx.x / Tl::kLanes, lane = threadIdx.x % Tl::kLanes;
+  const int64_t kvh = b * a.Hkv + h / (a.H / a.Hkv);
+  const T* k = static_cast<const T*>(a.k) + kvh * a.Nk * a.D;
+  const T* v = static_cast<const T*>(a.v) + kvh * a.Nk * a.Dv;
+  const Policy<Acc> policy(a, b, h);
+  const DropoutRule<Acc> dropout(a);
+  const Acc scale = Acc(a.scale);
+  const bool t5_grad = a.grad_t5_partial != nullptr;
+
+  stage_rows<R, Tl::kThreads>(Qs, ld.qk, static_cast<const T*>(a.q) + (bh * a.Nq + q0) * a.D, a.D, mq);
+  stage_rows<R, Tl::kThreads>(dOs, ld.v, static_cast<const T*>(a.grad_out) + (bh * a.Nq + q0) * a.Dv, a.Dv,
+                              mq);
+  if (t5_grad)
+    for (int64_t x = threadIdx.x; x < a.t5_num_buckets * Tl::kThreads; x += Tl::kThreads) t5_slots[x] = 0;
+  const int64_t i = q0 + r;
+  const Acc lse = r < mq ? static_cast<const Acc*>(a.lse)[bh * a.Nq + i] : neg_inf<Acc>();
+  const Acc delta = r < mq ? static_cast<const Acc*>(a.delta)[bh * a.Nq + i] : Acc(0);
+  Acc dq[Tl::kDims];
+#pragma unroll
+  for (int d = 0; d < Tl::kDims; ++d) dq[d] = 0;
+
+  const rules::Range keys = policy.keys_of(q0, mq);
+  for (int64_t k0 = (keys.lo / R) * R; k0 < keys.hi; k0 += R) {
+    const int64_t nk = rules::min64(R, a.Nk - k0);
+    __syncthreads();
+    stage_rows<R, Tl::kThreads>(Ks, ld.qk, k + k0 * a.D, a.D, nk);
+    stage_rows<R, Tl::kThreads>(Vs, ld.v, v + k0 * a.Dv, a.Dv, nk);
+    __syncthreads();
+    Acc s[Tl::kCols], dp[Tl::kCols];
+    dot_rows<Tl>(s, Qs + r * ld.qk, Ks, ld.qk, lane, a.D);
+    dot_rows<Tl>(dp, dOs + r * ld.v, Vs, ld.v, lane, a.Dv);
+    Acc* drow = Ds + r * ld.tile;
+#pragma unroll
+    for (int m = 0; m < Tl::kCols; ++m) {
+      const int64_t c = lane + Tl::kLanes * m, j = k0 + c;
+      const bool valid = r < mq && c < nk;
+      const Acc sc = valid ? policy.score(i, j, s[m] * scale) : neg_inf<Acc>();
+      const Acc ds = score_grad(sc, lse, dp[m], delta, valid ? dropout.factor(a, b, h, i, j) : Acc(0)).ds;
+      drow[c] = ds;
+      if (valid && a.grad_bias) static_cast<Acc*>(a.grad_bias)[(bh * a.Nq + i) * a.Nk + j] = ds;
+      if (valid && t5_grad) t5_slots[int64_t(policy.t5_bucket(i, j)) * Tl::kThreads + threadIdx.x] += ds;
+    }
+    __syncwarp();
+    accumulate_rows<Tl>(dq, drow, Ks, ld.qk, lane, nk, a.D);
+  }
+
+  if (r < mq) {
+    Acc* out = static_cast<Acc*>(a.grad_q) + (bh * a.Nq + i) * a.D;
+#pragma unroll
+    for (int d = 0; d < Tl::kDims; ++d) {
+      const int64_t col = lane + Tl::kLanes * d;
+      if (col < a.D) out[col] = dq[d] * scale;
+    }
+  }
+  if (t5_grad) {
+    __syncthreads();
+    Acc* partial = static_cast<Acc*>(a.grad_t5_partial) + (bh * tiles + qt) * a.t5_num_buckets;
+    for (int64_t bucket = threadIdx.x; bucket < a.t5_num_buckets; bucket += Tl::kThreads) {
+      Acc sum = 0;
+      for (int t = 0; t < Tl::kThreads; ++t) sum += t5_slots[bucket * Tl::kThreads + t];
+      partial[bucket] = sum;
+    }
+  }
+}
+
+// Key-major: dk and dv of one key tile of one query head. Blocks: (b, h, key tile).
+template <typename T, class Tl, template <typename> class Policy>
+__global__ void __launch_bounds__(Tl::kThreads) grad_kv_kernel(const DenseArgs a) {
+  using Acc = typename TypeTraits<T>::Acc;
+  constexpr int R = Tl::kRows;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const Strides ld(a.D, a.Dv, R);
+  Acc* Ks = reinterpret_cast<Acc*>(smem_raw);
+  Acc* Vs = Ks + R * ld.qk;
+  Acc* Qs = Vs + R * ld.v;
+  Acc* dOs = Qs + R * ld.qk;
+  Acc* Pt = dOs + R * ld.v;    // dropped probabilities, transposed: row = key
+  Acc* Dt = Pt + R * ld.tile;  // score gradients, transposed
+  Acc* lse_s = Dt + R * ld.tile;
+  Acc* delta_s = lse_s + R;
+
+  const int64_t tiles = (a.Nk + R - 1) / R;
+  const int64_t bh = blockIdx.x / tiles, b = bh / a.H, h = bh % a.H;
+  const int64_t k0 = (blockIdx.x % tiles) * R, nk = rules::min64(R, a.Nk - k0);
+  const int c = threadIdx.x / Tl::kLanes, lane = threadIdx.x % Tl::kLanes;
+  const int64_t kvh = b * a.Hkv + h / (a.H / a.Hkv);
+  const T* q = static_cast<const T*>(a.q) + bh * a.Nq * a.D;
+  const T* dout = static_cast<const T*>(a.grad_out) + bh * a.Nq * a.Dv;
+  const Policy<Acc> policy(a, b, h);
+  const DropoutRule<Acc> dropout(a);
+  const Acc scale = Acc(a.scale);
+  const int64_t j = k0 + c;
+
+  stage_rows<R, Tl::kThreads>(Ks, ld.qk, static_cast<const T*>(a.k) + (kvh * a.Nk + k0) * a.D, a.D, nk);
+  stage_rows<R, Tl::kThreads>(Vs, ld.v, static_cast<const T*>(a.v) + (kvh * a.Nk + k0) * a.Dv, a.Dv, nk);
+  Acc dk[Tl::kDims], dv[Tl::kDims];
+#pragma unroll
+  for (int d = 0; d < Tl::kDims; ++d) dk[d] = dv[d] = 0;
+
+  const rules::Range queries = policy.queries_of(k0, nk);
+  for (int64_t q0 = (queries.lo / R) * R; q0 < queries.hi; q0 += R) {
+    const int64_t mq = rules::min64(R, a.Nq - q0);
+    __syncthreads();
+    stage_rows<R, Tl::kThreads>(Qs, ld.qk, q + q0 * a.D, a.D, mq);
+    stage_rows<R, Tl::kThreads>(dOs, ld.v, dout + q0 * a.Dv, a.Dv, mq);
+    for (int x = threadIdx.x; x < R; x += Tl::kThreads) {
+      lse_s[x] = x < mq ? static_cast<const Acc*>(a.lse)[bh * a.Nq + q0 + x] : neg_inf<Acc>();
+      delta_s[x] = x < mq ? static_cast<const Acc*>(a.delta)[bh * a.Nq + q0 + x] : Acc(0);
+    }
+    __syncthreads();
+    Acc s[Tl::kCols], dp[Tl::kCols];
+    dot_rows<Tl>(s, Ks + c * ld.qk, Qs, ld.qk, lane, a.D);
+    dot_rows<Tl>(dp, Vs + c * ld.v, dOs, ld.v, lane, a.Dv);
+    Acc* prow = Pt + c * ld.tile;
+    Acc* drow = Dt + c * ld.tile;
+#pragma unroll
+    for (int m = 0; m < Tl::kCols; ++m) {
+      const int64_t rr = lane + Tl::kLanes * m, i = q0 + rr;
+      const bool valid = c < nk && rr < mq;
+      const Acc sc = valid ? policy.score(i, j, s[m] * scale) : neg_inf<Acc>();
+      const ScoreGrad<Acc> g =
+          score_grad(sc, lse_s[rr], dp[m], delta_s[rr], valid ? dropout.factor(a, b, h, i, j) : Acc(0));
+      prow[rr] = g.p_dropped;
+      drow[rr] = g.ds;
+    }
+    __syncwarp();
+    accumulate_rows<Tl>(dv, prow, dOs, ld.v, lane, mq, a.Dv);
+    accumulate_rows<Tl>(dk, drow, Qs, ld.qk, lane, mq, a.D);
+  }
+
+  if (c >= nk) return;
+  Acc* gk = static_cast<Acc*>(a.grad_k) + (bh * a.Nk + j) * a.D;
+  Acc* gv = static_cast<Acc*>(a.grad_v) + (bh * a.Nk + j) * a.Dv;
+#pragma unroll
+  for (int d = 0; d < Tl::kDims; ++d) {
+    const int64_t col = lane + Tl::kLanes * d;
+    if (col < a.D) gk[col] = dk[d] * scale;
+    if (col < a.Dv) gv[col] = dv[d];
+  }
+}
+
+// --- Launchers ------------------------------------------------------------
+
+template <class Tl, typename Acc>
+struct SharedBytes {
+  static size_t forward(const DenseArgs& a) {
+    const Strides ld(a.D, a.Dv, Tl::kRows);
+    return sizeof(Acc) * Tl::kRows * (2 * ld.qk + ld.v + ld.tile);
+  }
+  static size_t grad_q(const DenseArgs& a) {
+    const Strides ld(a.D, a.Dv, Tl::kRows);
+    const int64_t t5 = a.grad_t5_partial ? a.t5_num_buckets * Tl::kThreads : 0;
+    return sizeof(Acc) * (Tl::kRows * (2 * ld.qk + 2 * ld.v + ld.tile) + t5);
+  }
+  static size_t grad_kv(const DenseArgs& a) {
+    const Strides ld(a.D, a.Dv, Tl::kRows);
+    return sizeof(Acc) * Tl::kRows * (2 * ld.qk + 2 * ld.v + 2 * ld.tile + 2);
+  }
+};
+
+// Launch with `bytes` of dynamic shared memory (raising the kernel's limit
+// past the default 48 KB when needed); returns the CUDA error code.
+template <class Kernel>
+int launch(Kernel kernel, int64_t blocks, int threads, size_t bytes, const DenseArgs& a, void* stream) {
+  if (blocks == 0) return cudaSuccess;
+  if (bytes > 48 * 1024) {
+    const cudaError_t e =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+    if (e != cudaSuccess) return e;
+  }
+  kernel<<<dim3(unsigned(blocks)), dim3(threads), bytes, static_cast<cudaStream_t>(stream)>>>(a);
+  return cudaGetLastError();
+}
+
+template <typename T, class Tl>
+struct DenseLaunchers {
+  using Acc = typename TypeTraits<T>::Acc;
+  static int64_t tiles(int64_t n) { return (n + Tl::kRows - 1) / Tl::kRows; }
+  static int forward(const DenseArgs& a, void* stream) {
+    return launch(forward_kernel<T, Tl, DensePolicy>, a.B * a.H * tiles(a.Nq), Tl::kThreads,
+                  SharedBytes<Tl, Acc>::forward(a), a, stream);
+  }
+  static int probs(const DenseArgs& a, void* stream) {
+    const int64_t total = a.B * a.H * a.Nq * a.Nk, threads = 256;
+    const int64_t blocks = total == 0 ? 0 : rules::min64((total + threads - 1) / threads, 65536);
+    return launch(probs_kernel<T, DensePolicy>, blocks, int(threads), 0, a, stream);
+  }
+  static int grad_q(const DenseArgs& a, void* stream) {
+    return launch(grad_q_kernel<T, Tl, DensePolicy>, a.B * a.H * tiles(a.Nq), Tl::kThreads,
+                  SharedBytes<Tl, Acc>::grad_q(a), a, stream);
+  }
+  static int grad_kv(const DenseArgs& a, void* stream) {
+    return launch(grad_kv_kernel<T, Tl, DensePolicy>, a.B * a.H * tiles(a.Nk), Tl::kThreads,
+                  SharedBytes<Tl, Acc>::grad_kv(a), a, stream);
+  }
+  static const DensePasses* table(const char* name) {
+    static const DensePasses passes{&forward, &probs, &grad_q, &grad_kv, Tl::kRows, Tl::kMaxD, name};
+    return &passes;
+  }
+};
+
+// The tier for (D, Dv) of input type T; the .cu file of T instantiates it.
+// (double stops at 128: its tiles take twice the shared memory, and it serves
+// gradcheck, not speed.)
+template <typename T>
+const DensePasses* dense_passes_for(int64_t D, int64_t Dv) {
+  using Acc = typename TypeTraits<T>::Acc;
+  const int64_t d = rules::max64(D, Dv);
+  if (d <= 64) return DenseLaunchers<T, Tiles<64, Acc>>::table("d64");
+  if (d <= 128) return DenseLaunchers<T, Tiles<128, Acc>>::table("d128");
+  if constexpr (sizeof(Acc) == 4) {
+    if (d <= 256) return DenseLaunchers<T, Tiles<256, Acc>>::table("d256");
+  }
+  return nullptr;
+}
+
+}  // namespace attnzoo::cuda

@@ -1,0 +1,263 @@
+"""The CUDA kernels against the CPU kernels (the oracle the rest of the suite
+checks against float64), run by tools/device-check on a GPU machine.
+
+Skipped where torch sees no CUDA device, or where attnzoo was built without
+its CUDA kernels (no toolkit): each skip says which. float32 must match the
+CPU kernel to 1e-5 relative; bfloat16 / float16 must stay within twice the
+error of torch's SDPA in the same precision against a float64 reference
+(FlashAttention's rule)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnzoo
+from attnzoo import ops
+
+HAS_DEVICE = torch.cuda.is_available()
+HAS_KERNELS = HAS_DEVICE and "CUDA" in torch._C._dispatch_dump("attnzoo::attention")
+pytestmark = [
+    pytest.mark.skipif(not HAS_DEVICE, reason="no CUDA device here: tools/device-check runs these on a GPU"),
+    pytest.mark.skipif(HAS_DEVICE and not HAS_KERNELS,
+                       reason="attnzoo was built without its CUDA kernels (no CUDA toolkit at configure time)"),
+]
+
+
+def fresh(*shape, dtype=torch.float32, seed=None):
+    g = torch.Generator().manual_seed(torch.randint(1 << 30, ()).item() if seed is None else seed)
+    return torch.randn(*shape, generator=g, dtype=dtype)
+
+
+def qkv(B, H, Hkv, Nq, Nk, D, Dv=None, dtype=torch.float32, seed=0):
+    Dv = D if Dv is None else Dv
+    return (fresh(B, H, Nq, D, dtype=dtype, seed=seed), fresh(B, Hkv, Nk, D, dtype=dtype, seed=seed + 1),
+            fresh(B, Hkv, Nk, Dv, dtype=dtype, seed=seed + 2))
+
+
+def cuda(*ts):
+    return [t.cuda() if isinstance(t, torch.Tensor) else t for t in ts]
+
+
+def on(device, options):
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in options.items()}
+
+
+def assert_rel(got, want, rtol=1e-5, what="output"):
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    scale = want.abs().max().clamp_min(1e-30)
+    err = ((got - want).abs().max() / scale).item()
+    assert err <= rtol, f"{what}: max error {err:.3g} of the largest entry (allowed {rtol:g})"
+
+
+# Option sets that exercise each rule of the dense policy on CUDA.
+def options_for(name, B, H, Nq, Nk, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    if name == "plain":
+        return {}
+    if name == "causal":
+        return {"causal": True}
+    if name == "window":
+        return {"window": (5, 2)}
+    if name == "causal_window":
+        return {"causal": True, "window": (7, 0)}
+    if name == "mask":
+        return {"mask": torch.rand(B, 1, Nq, Nk, generator=g) > 0.3}
+    if name == "bias":
+        return {"bias": torch.randn(B, H, Nq, Nk, generator=g)}
+    if name == "key_bias":
+        return {"bias": torch.randn(B, 1, 1, Nk, generator=g)}
+    if name == "t5":
+        return {"t5_table": torch.randn(32, H, generator=g), "scale": 1.0}
+    if name == "t5_causal":
+        return {"t5_table": torch.randn(32, H, generator=g), "t5_bidirectional": False, "causal": True}
+    if name == "alibi":
+        return {"alibi_slopes": ops.alibi_slopes(H), "causal": True}
+    raise KeyError(name)
+
+
+KINDS = ["plain", "causal", "window", "causal_window", "mask", "bias", "key_bias", "t5", "t5_causal", "alibi"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_and_backward_match_the_cpu_kernel(kind, dtype):
+    B, H, Hkv, Nq, Nk, D = 2, 4, 2, 45, 70, 64
+    q, k, v = qkv(B, H, Hkv, Nq, Nk, D, dtype=dtype, seed=11)
+    opts = options_for(kind, B, H, Nq, Nk)
+    for key in ("bias", "t5_table"):
+        if key in opts:
+            opts[key] = opts[key].to(dtype).requires_grad_()
+    grads_of = [t for t in (q, k, v) if t.requires_grad_()] + [opts[k] for k in ("bias", "t5_table") if k in opts]
+    out, lse = ops.attention(q, k, v, return_lse=True, **opts)
+    gout, glse = fresh(*out.shape, dtype=dtype), fresh(*lse.shape, dtype=lse.dtype)
+    want = torch.autograd.grad((out * gout).sum() + (lse.nan_to_num(0, 0, 0) * glse).sum(), grads_of)
+
+    dq, dk, dv = (t.detach().cuda().requires_grad_() for t in (q, k, v))
+    copts = on("cuda", {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in opts.items()})
+    for key in ("bias", "t5_table"):
+        if key in copts:
+            copts[key].requires_grad_()
+    c_out, c_lse = ops.attention(dq, dk, dv, return_lse=True, **copts)
+    assert c_out.is_cuda and c_out.dtype == dtype and c_lse.dtype == lse.dtype
+    rtol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert_rel(c_out, out, rtol)
+    assert torch.equal(torch.isinf(c_lse.cpu()), torch.isinf(lse))
+    assert_rel(c_lse.nan_to_num(0, 0, 0), lse.nan_to_num(0, 0, 0), rtol, "lse")
+    c_grads_of = [dq, dk, dv] + [copts[k] for k in ("bias", "t5_table") if k in copts]
+    got = torch.autograd.grad((c_out * gout.cuda()).sum() + (c_lse.nan_to_num(0, 0, 0) * glse.cuda()).sum(),
+                              c_grads_of)
+    for name, a, b in zip(["q", "k", "v", "option"], got, want):
+        assert_rel(a, b, 10 * rtol, f"grad of {name}")
+
+
+@pytest.mark.parametrize("N", [1, 17, 1000])
+@pytest.mark.parametrize("D", [32, 64, 80, 128, 256])
+def test_odd_sizes_and_head_dims(N, D):
+    q, k, v = qkv(1, 4, 1, N, N, D, seed=N + D)  # GQA 4:1
+    for causal in (False, True):
+        want = ops.attention(q, k, v, causal=causal)
+        assert_rel(ops.attention(*cuda(q, k, v), causal=causal), want)
+
+
+def test_value_dim_differs_from_key_dim():
+    q, k, v = qkv(2, 2, 2, 33, 50, 48, Dv=96, seed=5)
+    assert_rel(ops.attention(*cuda(q, k, v), causal=True), ops.attention(q, k, v, causal=True))
+
+
+def sdpa_ref(q, k, v, causal):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_low_precision_within_twice_sdpa_error(dtype, causal):
+    B, H, N, D = 2, 8, 512, 64
+    q, k, v = (t.cuda() for t in qkv(B, H, H, N, N, D, seed=21))
+    gout = fresh(B, H, N, D, seed=22).cuda()
+
+    def run(fn, cast):
+        x = [t.to(cast).requires_grad_() for t in (q, k, v)]
+        out = fn(*x, causal)
+        grads = torch.autograd.grad(out, x, gout.to(cast))
+        return [out.double()] + [g.double() for g in grads]
+
+    ref = run(sdpa_ref, torch.float64)
+    ours = run(lambda a, b, c, cz: ops.attention(a, b, c, causal=cz), dtype)
+    theirs = run(sdpa_ref, dtype)
+    for name, o, t, r in zip(["out", "dq", "dk", "dv"], ours, theirs, ref):
+        err_ours, err_sdpa = (o - r).abs().max().item(), (t - r).abs().max().item()
+        assert err_ours <= 2 * err_sdpa + 1e-6, f"{name}: error {err_ours:.3g} vs SDPA's {err_sdpa:.3g}"
+
+
+def test_backward_is_bitwise_deterministic():
+    """20 backward passes of the same forward (same dropout seed): the same
+    bits in every gradient, the bias's and the T5 table's included."""
+    B, H, N, D = 2, 4, 300, 64
+    q, k, v = cuda(*qkv(B, H, 2, N, N, D, seed=31))
+    bias = fresh(B, H, N, N, seed=32).cuda()
+    table = fresh(32, H, seed=33).cuda()
+    gout = fresh(B, H, N, D, seed=34).cuda()
+    results = []
+    for _ in range(20):
+        torch.manual_seed(1234)  # the forward draws its dropout seed from torch's generator
+        x = [t.clone().requires_grad_() for t in (q, k, v, bias, table)]
+        out = ops.attention(x[0], x[1], x[2], bias=x[3], t5_table=x[4], causal=True, dropout_p=0.1)
+        results.append(torch.autograd.grad(out, x, gout))
+    for run in results[1:]:
+        for name, a, b in zip(["q", "k", "v", "bias", "t5_table"], results[0], run):
+            assert torch.equal(a, b), f"grad of {name} differs between runs"
+
+
+def test_dropout_drops_the_same_elements_as_the_cpu():
+    q, k, v = qkv(1, 2, 2, 40, 40, 32, seed=41)
+    seed = torch.tensor([987654321], dtype=torch.long)
+    cpu_out, _ = torch.ops.attnzoo._attention_forward(q, k, v, dropout_p=0.3, seed=seed)
+    gpu_out, _ = torch.ops.attnzoo._attention_forward(*cuda(q, k, v), dropout_p=0.3, seed=seed)
+    assert_rel(gpu_out, cpu_out)
+    # The same seed drops the same elements in the backward too.
+    gout = fresh(1, 2, 40, 32, seed=42)
+    lse = torch.ops.attnzoo._attention_forward(q, k, v, dropout_p=0.3, seed=seed)[1]
+    cpu_grads = torch.ops.attnzoo._attention_backward(gout, None, q, k, v, cpu_out, lse, dropout_p=0.3, seed=seed,
+                                                      output_mask=[False] * 4)
+    gpu_grads = torch.ops.attnzoo._attention_backward(*cuda(gout, None, q, k, v, gpu_out, lse), dropout_p=0.3,
+                                                      seed=seed, output_mask=[False] * 4)
+    for a, b in zip(gpu_grads[:3], cpu_grads[:3]):
+        assert_rel(a, b, 1e-4)
+
+
+def test_fully_masked_rows_give_zero_output_and_gradient():
+    B, H, N, D = 1, 2, 20, 32
+    q, k, v = cuda(*qkv(B, H, H, N, N, D, seed=51))
+    mask = torch.ones(B, 1, N, N, dtype=torch.bool)
+    mask[..., 3, :] = False
+    mask[..., 7, :] = False
+    x = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = ops.attention(*x, mask=mask.cuda(), return_lse=True)
+    assert torch.isinf(lse[..., [3, 7]]).all() and (lse[..., [3, 7]] < 0).all()
+    assert (out[..., [3, 7], :] == 0).all() and torch.isfinite(out).all()
+    out.sum().backward()
+    assert (x[0].grad[..., [3, 7], :] == 0).all() and torch.isfinite(x[1].grad).all()
+
+
+def test_attention_weights_match_the_cpu():
+    q, k, v = qkv(2, 3, 3, 30, 50, 16, seed=61)
+    opts = options_for("t5", 2, 3, 30, 50)
+    assert_rel(ops.attention_weights(*cuda(q, k, v), **on("cuda", opts)), ops.attention_weights(q, k, v, **opts))
+
+
+def test_gradcheck_float64_on_cuda():
+    q, k, v = (t.cuda().requires_grad_() for t in qkv(1, 2, 1, 6, 9, 8, dtype=torch.float64, seed=71))
+    bias = fresh(1, 2, 6, 9, dtype=torch.float64, seed=72).cuda().requires_grad_()
+    table = fresh(8, 2, dtype=torch.float64, seed=73).cuda().requires_grad_()
+    fn = lambda q, k, v, b, t: ops.attention(q, k, v, bias=b, t5_table=t, t5_max_distance=16, causal=True)  # noqa
+    assert torch.autograd.gradcheck(fn, (q, k, v, bias, table))
+
+
+def test_composite_kinds_run_on_cuda():
+    q, k, v = qkv(1, 2, 2, 64, 64, 32, seed=81)
+    rot = lambda x: ops.rotary(x)  # noqa: E731
+    assert_rel(rot(q.cuda()), rot(q))
+    E = fresh(16, 64, seed=82)
+    assert_rel(ops.linformer_attention(*cuda(q, k, v), E.cuda()), ops.linformer_attention(q, k, v, E))
+    assert_rel(ops.linear_attention(*cuda(q, k, v), causal=True), ops.linear_attention(q, k, v, causal=True), 1e-4)
+    g = torch.tensor([0, 33])
+    assert_rel(ops.longformer_attention(*cuda(q, k, v), 4, g.cuda()), ops.longformer_attention(q, k, v, 4, g))
+
+
+def test_kinds_not_yet_on_cuda_say_so():
+    q, k, v = cuda(*qkv(1, 2, 2, 64, 64, 32, seed=91))
+    layout = ops.layout_local(4, 4, 1).cuda()
+    with pytest.raises(NotImplementedError, match="block-sparse layouts .* not yet supported on CUDA"):
+        ops.block_sparse_attention(q, k, v, layout, 16)
+    rel_k = torch.randn(9, 32).cuda()
+    with pytest.raises(NotImplementedError, match="Shaw relative positions .* not yet supported on CUDA"):
+        ops.shaw_attention(q, k, v, rel_k, None, 4)
+    rotations = torch.randn(32, 1, 2).cuda()
+    with pytest.raises(NotImplementedError, match="lsh_attention is not yet supported on CUDA"):
+        ops.lsh_attention(q, v, rotations, 16)
+
+
+def test_mixed_devices_are_refused():
+    q, k, v = qkv(1, 2, 2, 8, 8, 16, seed=95)
+    with pytest.raises(RuntimeError, match="one device"):
+        ops.attention(q.cuda(), k, v.cuda())
+    with pytest.raises(RuntimeError, match="mask is on cpu"):
+        ops.attention(*cuda(q, k, v), mask=torch.ones(8, 8, dtype=torch.bool))
+
+
+def test_a_model_trains_a_step_on_cuda():
+    """Not the zoo's models yet (part 2): a tiny attention layer trained on
+    CUDA through autograd and an optimiser, its loss going down."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, 64, 32, device="cuda")
+    w = torch.nn.Parameter(torch.randn(3, 32, 32, device="cuda") * 0.2)
+    opt = torch.optim.Adam([w], lr=1e-2)
+    losses = []
+    for _ in range(30):
+        q, k, v = (x @ w[i] for i in range(3))
+        loss = (ops.attention(q, k, v, causal=True) - x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+    assert attnzoo is not None
