@@ -131,6 +131,13 @@ def main(argv):
         sys.exit("tools/bench cuda: no CUDA device")
     dtype = torch.bfloat16
     rows = []
+    os.makedirs(args.out, exist_ok=True)
+    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, dtype="bfloat16", B=B, H=H, D=D)
+
+    def save():  # after every case, so that a run cut short keeps what it measured
+        with open(os.path.join(args.out, "bench_cuda.json"), "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bfloat16, B={B} H={H} D={D}")
     print(f"{'section':8} {'N':>6} {'pass':8} {'contender':15} {'ms':>9} {'TFLOP/s':>8} {'peak MiB':>9} "
           f"{'attnzoo speed':>13}")
@@ -149,7 +156,7 @@ def main(argv):
                         rows.append(dict(section=section, N=N, backward=backward, contender=name,
                                          error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"))
                         print(f"{section:8} {N:6} {'fwd+bwd' if backward else 'fwd':8} {name:15} failed: "
-                              f"{rows[-1]['error'][:80]}")
+                              f"{rows[-1]['error'][:80]}", flush=True)
                         continue
                     times[name] = ms
                     tflops = flops(section, N, backward) / (ms * 1e-3) / 1e12
@@ -160,13 +167,10 @@ def main(argv):
                         r["attnzoo_speed"] = r["ms"] / times["attnzoo"] if "attnzoo" in times else math.nan
                         print(f"{section:8} {N:6} {'fwd+bwd' if backward else 'fwd':8} {r['contender']:15} "
                               f"{r['ms']:9.3f} {r['tflops']:8.1f} {r['peak_bytes'] / 2**20:9.0f} "
-                              f"{r['attnzoo_speed']:12.2f}x")
+                              f"{r['attnzoo_speed']:12.2f}x", flush=True)
+                save()
             del q, k, v
             torch.cuda.empty_cache()
-    os.makedirs(args.out, exist_ok=True)
-    meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, dtype="bfloat16", B=B, H=H, D=D)
-    with open(os.path.join(args.out, "bench_cuda.json"), "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
     plot(rows, os.path.join(args.out, "bench_cuda.png"), meta)
 
 

@@ -5,7 +5,13 @@ Skipped where torch sees no CUDA device, or where attnzoo was built without
 its CUDA kernels (no toolkit): each skip says which. float32 must match the
 CPU kernel to 1e-5 relative; bfloat16 / float16 must stay within twice the
 error of torch's SDPA in the same precision against a float64 reference
-(FlashAttention's rule)."""
+(FlashAttention's rule).
+
+ATTNZOO_TEST_CUDA_DEVICE=cpu runs the same test code on the CPU against the
+CPU (a dry run of the tests themselves, which can then catch nothing about
+the kernels: it is how the test code was checked before any GPU ran it)."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,8 +19,11 @@ import torch.nn.functional as F
 import attnzoo
 from attnzoo import ops
 
-HAS_DEVICE = torch.cuda.is_available()
-HAS_KERNELS = HAS_DEVICE and "CUDA" in torch._C._dispatch_dump("attnzoo::attention")
+DEVICE = os.environ.get("ATTNZOO_TEST_CUDA_DEVICE", "cuda")
+DRY_RUN = DEVICE == "cpu"
+HAS_DEVICE = DRY_RUN or torch.cuda.is_available()
+HAS_KERNELS = DRY_RUN or (HAS_DEVICE and "CUDA" in torch._C._dispatch_dump("attnzoo::attention"))
+only_on_gpu = pytest.mark.skipif(DRY_RUN, reason="checks CUDA-only behaviour: not part of the CPU dry run")
 pytestmark = [
     pytest.mark.skipif(not HAS_DEVICE, reason="no CUDA device here: tools/device-check runs these on a GPU"),
     pytest.mark.skipif(HAS_DEVICE and not HAS_KERNELS,
@@ -34,7 +43,7 @@ def qkv(B, H, Hkv, Nq, Nk, D, Dv=None, dtype=torch.float32, seed=0):
 
 
 def cuda(*ts):
-    return [t.cuda() if isinstance(t, torch.Tensor) else t for t in ts]
+    return [t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in ts]
 
 
 def on(device, options):
@@ -86,24 +95,26 @@ def test_forward_and_backward_match_the_cpu_kernel(kind, dtype):
     for key in ("bias", "t5_table"):
         if key in opts:
             opts[key] = opts[key].to(dtype).requires_grad_()
-    grads_of = [t for t in (q, k, v) if t.requires_grad_()] + [opts[k] for k in ("bias", "t5_table") if k in opts]
+    for t in (q, k, v):
+        t.requires_grad_()
+    grads_of = [q, k, v] + [opts[key] for key in ("bias", "t5_table") if key in opts]
     out, lse = ops.attention(q, k, v, return_lse=True, **opts)
     gout, glse = fresh(*out.shape, dtype=dtype), fresh(*lse.shape, dtype=lse.dtype)
     want = torch.autograd.grad((out * gout).sum() + (lse.nan_to_num(0, 0, 0) * glse).sum(), grads_of)
 
-    dq, dk, dv = (t.detach().cuda().requires_grad_() for t in (q, k, v))
-    copts = on("cuda", {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in opts.items()})
+    dq, dk, dv = (t.detach().to(DEVICE).requires_grad_() for t in (q, k, v))
+    copts = on(DEVICE, {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in opts.items()})
     for key in ("bias", "t5_table"):
         if key in copts:
             copts[key].requires_grad_()
     c_out, c_lse = ops.attention(dq, dk, dv, return_lse=True, **copts)
-    assert c_out.is_cuda and c_out.dtype == dtype and c_lse.dtype == lse.dtype
+    assert c_out.device.type == DEVICE and c_out.dtype == dtype and c_lse.dtype == lse.dtype
     rtol = 1e-5 if dtype == torch.float32 else 1e-12
     assert_rel(c_out, out, rtol)
     assert torch.equal(torch.isinf(c_lse.cpu()), torch.isinf(lse))
     assert_rel(c_lse.nan_to_num(0, 0, 0), lse.nan_to_num(0, 0, 0), rtol, "lse")
-    c_grads_of = [dq, dk, dv] + [copts[k] for k in ("bias", "t5_table") if k in copts]
-    got = torch.autograd.grad((c_out * gout.cuda()).sum() + (c_lse.nan_to_num(0, 0, 0) * glse.cuda()).sum(),
+    c_grads_of = [dq, dk, dv] + [copts[key] for key in ("bias", "t5_table") if key in copts]
+    got = torch.autograd.grad((c_out * gout.to(DEVICE)).sum() + (c_lse.nan_to_num(0, 0, 0) * glse.to(DEVICE)).sum(),
                               c_grads_of)
     for name, a, b in zip(["q", "k", "v", "option"], got, want):
         assert_rel(a, b, 10 * rtol, f"grad of {name}")
@@ -131,8 +142,8 @@ def sdpa_ref(q, k, v, causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_low_precision_within_twice_sdpa_error(dtype, causal):
     B, H, N, D = 2, 8, 512, 64
-    q, k, v = (t.cuda() for t in qkv(B, H, H, N, N, D, seed=21))
-    gout = fresh(B, H, N, D, seed=22).cuda()
+    q, k, v = (t.to(DEVICE) for t in qkv(B, H, H, N, N, D, seed=21))
+    gout = fresh(B, H, N, D, seed=22).to(DEVICE)
 
     def run(fn, cast):
         x = [t.to(cast).requires_grad_() for t in (q, k, v)]
@@ -153,9 +164,9 @@ def test_backward_is_bitwise_deterministic():
     bits in every gradient, the bias's and the T5 table's included."""
     B, H, N, D = 2, 4, 300, 64
     q, k, v = cuda(*qkv(B, H, 2, N, N, D, seed=31))
-    bias = fresh(B, H, N, N, seed=32).cuda()
-    table = fresh(32, H, seed=33).cuda()
-    gout = fresh(B, H, N, D, seed=34).cuda()
+    bias = fresh(B, H, N, N, seed=32).to(DEVICE)
+    table = fresh(32, H, seed=33).to(DEVICE)
+    gout = fresh(B, H, N, D, seed=34).to(DEVICE)
     results = []
     for _ in range(20):
         torch.manual_seed(1234)  # the forward draws its dropout seed from torch's generator
@@ -191,7 +202,7 @@ def test_fully_masked_rows_give_zero_output_and_gradient():
     mask[..., 3, :] = False
     mask[..., 7, :] = False
     x = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, lse = ops.attention(*x, mask=mask.cuda(), return_lse=True)
+    out, lse = ops.attention(*x, mask=mask.to(DEVICE), return_lse=True)
     assert torch.isinf(lse[..., [3, 7]]).all() and (lse[..., [3, 7]] < 0).all()
     assert (out[..., [3, 7], :] == 0).all() and torch.isfinite(out).all()
     out.sum().backward()
@@ -201,13 +212,13 @@ def test_fully_masked_rows_give_zero_output_and_gradient():
 def test_attention_weights_match_the_cpu():
     q, k, v = qkv(2, 3, 3, 30, 50, 16, seed=61)
     opts = options_for("t5", 2, 3, 30, 50)
-    assert_rel(ops.attention_weights(*cuda(q, k, v), **on("cuda", opts)), ops.attention_weights(q, k, v, **opts))
+    assert_rel(ops.attention_weights(*cuda(q, k, v), **on(DEVICE, opts)), ops.attention_weights(q, k, v, **opts))
 
 
 def test_gradcheck_float64_on_cuda():
-    q, k, v = (t.cuda().requires_grad_() for t in qkv(1, 2, 1, 6, 9, 8, dtype=torch.float64, seed=71))
-    bias = fresh(1, 2, 6, 9, dtype=torch.float64, seed=72).cuda().requires_grad_()
-    table = fresh(8, 2, dtype=torch.float64, seed=73).cuda().requires_grad_()
+    q, k, v = (t.to(DEVICE).requires_grad_() for t in qkv(1, 2, 1, 6, 9, 8, dtype=torch.float64, seed=71))
+    bias = fresh(1, 2, 6, 9, dtype=torch.float64, seed=72).to(DEVICE).requires_grad_()
+    table = fresh(8, 2, dtype=torch.float64, seed=73).to(DEVICE).requires_grad_()
     fn = lambda q, k, v, b, t: ops.attention(q, k, v, bias=b, t5_table=t, t5_max_distance=16, causal=True)  # noqa
     assert torch.autograd.gradcheck(fn, (q, k, v, bias, table))
 
@@ -215,31 +226,33 @@ def test_gradcheck_float64_on_cuda():
 def test_composite_kinds_run_on_cuda():
     q, k, v = qkv(1, 2, 2, 64, 64, 32, seed=81)
     rot = lambda x: ops.rotary(x)  # noqa: E731
-    assert_rel(rot(q.cuda()), rot(q))
+    assert_rel(rot(q.to(DEVICE)), rot(q))
     E = fresh(16, 64, seed=82)
-    assert_rel(ops.linformer_attention(*cuda(q, k, v), E.cuda()), ops.linformer_attention(q, k, v, E))
+    assert_rel(ops.linformer_attention(*cuda(q, k, v), E.to(DEVICE)), ops.linformer_attention(q, k, v, E))
     assert_rel(ops.linear_attention(*cuda(q, k, v), causal=True), ops.linear_attention(q, k, v, causal=True), 1e-4)
     g = torch.tensor([0, 33])
-    assert_rel(ops.longformer_attention(*cuda(q, k, v), 4, g.cuda()), ops.longformer_attention(q, k, v, 4, g))
+    assert_rel(ops.longformer_attention(*cuda(q, k, v), 4, g.to(DEVICE)), ops.longformer_attention(q, k, v, 4, g))
 
 
+@only_on_gpu
 def test_kinds_not_yet_on_cuda_say_so():
     q, k, v = cuda(*qkv(1, 2, 2, 64, 64, 32, seed=91))
-    layout = ops.layout_local(4, 4, 1).cuda()
+    layout = ops.layout_local(4, 4, 1).to(DEVICE)
     with pytest.raises(NotImplementedError, match="block-sparse layouts .* not yet supported on CUDA"):
         ops.block_sparse_attention(q, k, v, layout, 16)
-    rel_k = torch.randn(9, 32).cuda()
+    rel_k = torch.randn(9, 32).to(DEVICE)
     with pytest.raises(NotImplementedError, match="Shaw relative positions .* not yet supported on CUDA"):
         ops.shaw_attention(q, k, v, rel_k, None, 4)
-    rotations = torch.randn(32, 1, 2).cuda()
+    rotations = torch.randn(32, 1, 2).to(DEVICE)
     with pytest.raises(NotImplementedError, match="lsh_attention is not yet supported on CUDA"):
         ops.lsh_attention(q, v, rotations, 16)
 
 
+@only_on_gpu
 def test_mixed_devices_are_refused():
     q, k, v = qkv(1, 2, 2, 8, 8, 16, seed=95)
     with pytest.raises(RuntimeError, match="one device"):
-        ops.attention(q.cuda(), k, v.cuda())
+        ops.attention(q.to(DEVICE), k, v.to(DEVICE))
     with pytest.raises(RuntimeError, match="mask is on cpu"):
         ops.attention(*cuda(q, k, v), mask=torch.ones(8, 8, dtype=torch.bool))
 
@@ -248,8 +261,8 @@ def test_a_model_trains_a_step_on_cuda():
     """Not the zoo's models yet (part 2): a tiny attention layer trained on
     CUDA through autograd and an optimiser, its loss going down."""
     torch.manual_seed(0)
-    x = torch.randn(4, 2, 64, 32, device="cuda")
-    w = torch.nn.Parameter(torch.randn(3, 32, 32, device="cuda") * 0.2)
+    x = torch.randn(4, 2, 64, 32, device=DEVICE)
+    w = torch.nn.Parameter(torch.randn(3, 32, 32, device=DEVICE) * 0.2)
     opt = torch.optim.Adam([w], lr=1e-2)
     losses = []
     for _ in range(30):

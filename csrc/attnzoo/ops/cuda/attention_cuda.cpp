@@ -6,10 +6,13 @@
 // bfloat16, float16) and are accumulated in float32 (float64 for float64).
 // Block-sparse layouts, Shaw tables and LSH are not on CUDA yet: they raise.
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
+
+#include <string>
 
 #include "attnzoo/ops/cuda/engine_api.h"
 #include "attnzoo/ops/op_support.h"
@@ -123,6 +126,21 @@ cuda::DenseArgs kernel_args(const Prepared& p) {
   return a;
 }
 
+// A pass asks for more shared memory with larger head dimensions and with a
+// T5 table's gradient (num_buckets accumulators per thread): say so rather
+// than let the launch fail with "invalid argument".
+void check_shared_memory(const char* op, cuda::SharedBytes bytes_of, const cuda::DenseArgs& a,
+                         const char* pass) {
+  const size_t bytes = bytes_of(a);
+  const size_t limit = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+  TORCH_CHECK(bytes <= limit, op, ": the CUDA ", pass, " pass needs ", bytes,
+              " bytes of shared memory per block for D = ", a.D, ", Dv = ", a.Dv,
+              a.grad_t5_partial ? " and the T5 table's gradient over " : "",
+              a.grad_t5_partial ? std::to_string(a.t5_num_buckets) + " buckets" : std::string(),
+              ", more than this device allows (", limit,
+              "); use smaller head dimensions or fewer T5 buckets");
+}
+
 void run(const char* op, cuda::Launch launch, const cuda::DenseArgs& a) {
   const int err = launch(a, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(cudaError_t(err)));
@@ -138,6 +156,7 @@ detail::Tensor2 forward_cuda(const char* op, const at::Tensor& q, const at::Tens
   cuda::DenseArgs a = kernel_args(p);
   a.out = out.data_ptr();
   a.lse = lse.data_ptr();
+  check_shared_memory(op, p.passes->forward_bytes, a, "forward");
   run(op, p.passes->forward, a);
   return {out, lse};
 }
@@ -182,6 +201,8 @@ detail::Tensor7 backward_cuda(const at::Tensor& grad_out, const OptTensor& grad_
     dt5 = at::zeros({s.B, s.H, query_tiles, p.t5_table.size(0)}, acc_opts);
     a.grad_t5_partial = dt5.data_ptr();
   }
+  check_shared_memory(op, p.passes->grad_q_bytes, a, "backward (dq)");
+  check_shared_memory(op, p.passes->grad_kv_bytes, a, "backward (dk, dv)");
   run(op, p.passes->grad_q, a);
   run(op, p.passes->grad_kv, a);
 
@@ -195,7 +216,8 @@ detail::Tensor7 backward_cuda(const at::Tensor& grad_out, const OptTensor& grad_
   return {dq.to(dt), dk.to(dt), dv.to(dt),
           want_bias ? dbias.sum_to_size(o.bias()->sizes()).to(o.bias()->scalar_type()) : none,
           // (B, H, tiles, buckets) partial sums -> the table's (buckets, H).
-          want_t5 ? dt5.sum({0, 2}).t().contiguous().to(o.t5_table()->scalar_type()) : none, none, none};
+          want_t5 ? dt5.sum(at::IntArrayRef{0, 2}).t().contiguous().to(o.t5_table()->scalar_type()) : none,
+          none, none};
 }
 
 at::Tensor weights_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -211,6 +233,7 @@ at::Tensor weights_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tens
   a.out = out.data_ptr();
   a.lse = lse.data_ptr();
   a.probs = probs.data_ptr();
+  check_shared_memory(op, p.passes->forward_bytes, a, "forward");
   run(op, p.passes->forward, a);
   run(op, p.passes->probs, a);
   return probs;

@@ -139,8 +139,7 @@ template <class Tl, typename Acc>
 __device__ __forceinline__ void accumulate_rows(Acc (&acc)[Tl::kDims], const Acc* w, const Acc* rows,
                                                 int64_t ld, int lane, int64_t n, int64_t dim) {
   for (int64_t c = 0; c < n; ++c) {
-    const Acc wc = w[c];
-    if (wc == Acc(0)) continue;
+    const Acc wc = w[c];  // (no skip of zeros: 0 * inf must stay NaN, as in the CPU's products)
 #pragma unroll
     for (int d = 0; d < Tl::kDims; ++d) {
       const int64_t col = lane + Tl::kLanes * d;
@@ -209,7 +208,7 @@ struct DropoutRule {
 
 // Blocks: (b, h, query tile) flattened on x.
 template <typename T, class Tl, template <typename> class Policy>
-__global__ void __launch_bounds__(Tl::kThreads) forward_kernel(const DenseArgs a) {
+__global__ void __launch_bounds__(Tl::kThreads) forward_kernel(const __grid_constant__ DenseArgs a) {
   using Acc = typename TypeTraits<T>::Acc;
   constexpr int R = Tl::kRows;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -293,7 +292,7 @@ __global__ void __launch_bounds__(Tl::kThreads) forward_kernel(const DenseArgs a
 
 // One thread per (b, h, i, j); reads the forward's lse. For inspection only.
 template <typename T, template <typename> class Policy>
-__global__ void probs_kernel(const DenseArgs a) {
+__global__ void probs_kernel(const __grid_constant__ DenseArgs a) {
   using Acc = typename TypeTraits<T>::Acc;
   const int64_t total = a.B * a.H * a.Nq * a.Nk;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
@@ -333,7 +332,7 @@ __device__ __forceinline__ ScoreGrad<Acc> score_grad(Acc s, Acc lse, Acc dp, Acc
 // Query-major: dq, and the gradients of what the policy added to the scores
 // (the bias element by element, the T5 table per bucket). Blocks as forward.
 template <typename T, class Tl, template <typename> class Policy>
-__global__ void __launch_bounds__(Tl::kThreads) grad_q_kernel(const DenseArgs a) {
+__global__ void __launch_bounds__(Tl::kThreads) grad_q_kernel(const __grid_constant__ DenseArgs a) {
   using Acc = typename TypeTraits<T>::Acc;
   constexpr int R = Tl::kRows;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -417,7 +416,7 @@ __global__ void __launch_bounds__(Tl::kThreads) grad_q_kernel(const DenseArgs a)
 
 // Key-major: dk and dv of one key tile of one query head. Blocks: (b, h, key tile).
 template <typename T, class Tl, template <typename> class Policy>
-__global__ void __launch_bounds__(Tl::kThreads) grad_kv_kernel(const DenseArgs a) {
+__global__ void __launch_bounds__(Tl::kThreads) grad_kv_kernel(const __grid_constant__ DenseArgs a) {
   using Acc = typename TypeTraits<T>::Acc;
   constexpr int R = Tl::kRows;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -494,7 +493,7 @@ __global__ void __launch_bounds__(Tl::kThreads) grad_kv_kernel(const DenseArgs a
 // --- Launchers ------------------------------------------------------------
 
 template <class Tl, typename Acc>
-struct SharedBytes {
+struct SharedBytesOf {
   static size_t forward(const DenseArgs& a) {
     const Strides ld(a.D, a.Dv, Tl::kRows);
     return sizeof(Acc) * Tl::kRows * (2 * ld.qk + ld.v + ld.tile);
@@ -530,7 +529,7 @@ struct DenseLaunchers {
   static int64_t tiles(int64_t n) { return (n + Tl::kRows - 1) / Tl::kRows; }
   static int forward(const DenseArgs& a, void* stream) {
     return launch(forward_kernel<T, Tl, DensePolicy>, a.B * a.H * tiles(a.Nq), Tl::kThreads,
-                  SharedBytes<Tl, Acc>::forward(a), a, stream);
+                  SharedBytesOf<Tl, Acc>::forward(a), a, stream);
   }
   static int probs(const DenseArgs& a, void* stream) {
     const int64_t total = a.B * a.H * a.Nq * a.Nk, threads = 256;
@@ -539,14 +538,23 @@ struct DenseLaunchers {
   }
   static int grad_q(const DenseArgs& a, void* stream) {
     return launch(grad_q_kernel<T, Tl, DensePolicy>, a.B * a.H * tiles(a.Nq), Tl::kThreads,
-                  SharedBytes<Tl, Acc>::grad_q(a), a, stream);
+                  SharedBytesOf<Tl, Acc>::grad_q(a), a, stream);
   }
   static int grad_kv(const DenseArgs& a, void* stream) {
     return launch(grad_kv_kernel<T, Tl, DensePolicy>, a.B * a.H * tiles(a.Nk), Tl::kThreads,
-                  SharedBytes<Tl, Acc>::grad_kv(a), a, stream);
+                  SharedBytesOf<Tl, Acc>::grad_kv(a), a, stream);
   }
   static const DensePasses* table(const char* name) {
-    static const DensePasses passes{&forward, &probs, &grad_q, &grad_kv, Tl::kRows, Tl::kMaxD, name};
+    static const DensePasses passes{&forward,
+                                    &probs,
+                                    &grad_q,
+                                    &grad_kv,
+                                    &SharedBytesOf<Tl, Acc>::forward,
+                                    &SharedBytesOf<Tl, Acc>::grad_q,
+                                    &SharedBytesOf<Tl, Acc>::grad_kv,
+                                    Tl::kRows,
+                                    Tl::kMaxD,
+                                    name};
     return &passes;
   }
 };

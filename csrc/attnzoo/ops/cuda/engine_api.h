@@ -4,6 +4,7 @@
 // dense_<type>.cu). Only plain data crosses it, as for the CPU engine
 // (cpu/engine_api.h), so the .cu files include no Torch headers and nvcc
 // compiles them in seconds.
+#include <cstddef>
 #include <cstdint>
 
 namespace attnzoo::cuda {
@@ -72,8 +73,15 @@ using Launch = int (*)(const DenseArgs&, void* stream);
 //   grad_kv   dk and dv, key-major
 // The backward is two kernels so that every gradient element has one owner:
 // no atomics, the same bits on every run.
+// Dynamic shared memory (bytes per block) a pass asks for with these arguments.
+using SharedBytes = size_t (*)(const DenseArgs&);
+
 struct DensePasses {
   Launch forward, probs, grad_q, grad_kv;
+  // What forward, grad_q and grad_kv ask for: checked against the device's
+  // limit before launching (the T5 gradient adds num_buckets x threads
+  // accumulators to grad_q).
+  SharedBytes forward_bytes, grad_q_bytes, grad_kv_bytes;
   int64_t block_q;       // query rows per block of forward / grad_q (T5 partials)
   int64_t max_head_dim;  // D and Dv of this tier are at most this
   const char* name;      // the tier: "d64", "d128" or "d256"
