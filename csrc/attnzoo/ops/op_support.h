@@ -200,6 +200,50 @@ using BackwardSig = Tensor7(const at::Tensor&, const OptTensor&, const at::Tenso
                             const at::Tensor&, const at::Tensor&, const at::Tensor& ATTNZOO_OPTION_TYPES,
                             const OptTensor&, OptionGradMask);
 
+// The four attention kernels of a device, with the dispatcher's signatures,
+// from a backend that implements them on AttentionOptions:
+//   Backend::forward(op, q, k, v, options, seed) -> (out, lse)
+//   Backend::weights(q, k, v, options, seed) -> probs
+//   Backend::backward(grad_out, grad_lse, q, k, v, out, lse, options, seed, output_mask)
+// Below autograd (inference, or nothing needs a gradient) attention and
+// attention_weights draw their dropout seed here.
+template <class Backend>
+struct AttentionKernels {
+  static OptTensor seed_for(const AttentionOptions& o) {
+    return o.dropout_p() > 0 ? OptTensor(fresh_seed()) : std::nullopt;
+  }
+  static Tensor2 attention(const at::Tensor& q, const at::Tensor& k,
+                           const at::Tensor& v ATTNZOO_OPTION_PARAMS) {
+    ATTNZOO_OPTIONS_FROM_PARAMS
+    return Backend::forward("attention", q, k, v, options, seed_for(options));
+  }
+  static at::Tensor weights(const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v ATTNZOO_OPTION_PARAMS) {
+    ATTNZOO_OPTIONS_FROM_PARAMS
+    return Backend::weights(q, k, v, options, seed_for(options));
+  }
+  static Tensor2 forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v ATTNZOO_OPTION_PARAMS,
+                         const OptTensor& seed) {
+    ATTNZOO_OPTIONS_FROM_PARAMS
+    return Backend::forward("attention", q, k, v, options, seed);
+  }
+  static Tensor7 backward(const at::Tensor& grad_out, const OptTensor& grad_lse, const at::Tensor& q,
+                          const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                          const at::Tensor& lse ATTNZOO_OPTION_PARAMS, const OptTensor& seed,
+                          OptionGradMask output_mask) {
+    ATTNZOO_OPTIONS_FROM_PARAMS
+    return Backend::backward(grad_out, grad_lse, q, k, v, out, lse, options, seed, output_mask);
+  }
+  // m.impl(...) of the four ops for this backend's dispatch key.
+  template <class Library>
+  static void register_on(Library& m) {
+    m.impl("attention", &attention);
+    m.impl("attention_weights", &weights);
+    m.impl("_attention_forward", &forward);
+    m.impl("_attention_backward", &backward);
+  }
+};
+
 // The shapes every attention kernel works with, plain or symbolic.
 template <class Int>
 struct Shapes {

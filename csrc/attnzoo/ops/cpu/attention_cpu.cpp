@@ -277,47 +277,15 @@ at::Tensor weights_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   return probs.to(q.scalar_type());
 }
 
-OptTensor seed_for(const AttentionOptions& o) {
-  return o.dropout_p() > 0 ? OptTensor(detail::fresh_seed()) : std::nullopt;
-}
-
-// ---------------------------------------------------------------------------
-// The kernels with the dispatcher's signatures.
-
-detail::Tensor2 attention_kernel(const at::Tensor& q, const at::Tensor& k,
-                                 const at::Tensor& v ATTNZOO_OPTION_PARAMS) {
-  ATTNZOO_OPTIONS_FROM_PARAMS
-  // Below autograd (inference, or nothing needs a gradient): draw the seed here.
-  return forward_cpu("attention", q, k, v, options, seed_for(options));
-}
-
-at::Tensor attention_weights_kernel(const at::Tensor& q, const at::Tensor& k,
-                                    const at::Tensor& v ATTNZOO_OPTION_PARAMS) {
-  ATTNZOO_OPTIONS_FROM_PARAMS
-  return weights_cpu(q, k, v, options, seed_for(options));
-}
-
-detail::Tensor2 attention_forward_kernel(const at::Tensor& q, const at::Tensor& k,
-                                         const at::Tensor& v ATTNZOO_OPTION_PARAMS, const OptTensor& seed) {
-  ATTNZOO_OPTIONS_FROM_PARAMS
-  return forward_cpu("attention", q, k, v, options, seed);
-}
-
-detail::Tensor7 attention_backward_kernel(const at::Tensor& grad_out, const OptTensor& grad_lse,
-                                          const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                          const at::Tensor& out, const at::Tensor& lse ATTNZOO_OPTION_PARAMS,
-                                          const OptTensor& seed, detail::OptionGradMask output_mask) {
-  ATTNZOO_OPTIONS_FROM_PARAMS
-  return backward_cpu(grad_out, grad_lse, q, k, v, out, lse, options, seed, output_mask);
-}
+// The kernels with the dispatcher's signatures (op_support.h).
+struct CpuBackend {
+  static constexpr auto forward = &forward_cpu;
+  static constexpr auto weights = &weights_cpu;
+  static constexpr auto backward = &backward_cpu;
+};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(attnzoo, CPU, m) {
-  m.impl("attention", &attention_kernel);
-  m.impl("attention_weights", &attention_weights_kernel);
-  m.impl("_attention_forward", &attention_forward_kernel);
-  m.impl("_attention_backward", &attention_backward_kernel);
-}
+TORCH_LIBRARY_IMPL(attnzoo, CPU, m) { detail::AttentionKernels<CpuBackend>::register_on(m); }
 
 }  // namespace attnzoo::ops

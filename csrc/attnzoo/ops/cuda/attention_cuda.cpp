@@ -239,38 +239,12 @@ at::Tensor weights_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tens
   return probs;
 }
 
-OptTensor seed_for(const AttentionOptions& o) {
-  return o.dropout_p() > 0 ? OptTensor(detail::fresh_seed()) : std::nullopt;
-}
-
-// ---------------------------------------------------------------------------
-// The kernels with the dispatcher's signatures.
-
-detail::Tensor2 attention_kernel(const at::Tensor& q, const at::Tensor& k,
-                                 const at::Tensor& v ATTNZOO_OPTION_PARAMS) {
-  ATTNZOO_OPTIONS_FROM_PARAMS
-  return forward_cuda("attention", q, k, v, options, seed_for(options));
-}
-
-at::Tensor attention_weights_kernel(const at::Tensor& q, const at::Tensor& k,
-                                    const at::Tensor& v ATTNZOO_OPTION_PARAMS) {
-  ATTNZOO_OPTIONS_FROM_PARAMS
-  return weights_cuda(q, k, v, options, seed_for(options));
-}
-
-detail::Tensor2 attention_forward_kernel(const at::Tensor& q, const at::Tensor& k,
-                                         const at::Tensor& v ATTNZOO_OPTION_PARAMS, const OptTensor& seed) {
-  ATTNZOO_OPTIONS_FROM_PARAMS
-  return forward_cuda("attention", q, k, v, options, seed);
-}
-
-detail::Tensor7 attention_backward_kernel(const at::Tensor& grad_out, const OptTensor& grad_lse,
-                                          const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                          const at::Tensor& out, const at::Tensor& lse ATTNZOO_OPTION_PARAMS,
-                                          const OptTensor& seed, detail::OptionGradMask output_mask) {
-  ATTNZOO_OPTIONS_FROM_PARAMS
-  return backward_cuda(grad_out, grad_lse, q, k, v, out, lse, options, seed, output_mask);
-}
+// The kernels with the dispatcher's signatures (op_support.h).
+struct CudaBackend {
+  static constexpr auto forward = &forward_cuda;
+  static constexpr auto weights = &weights_cuda;
+  static constexpr auto backward = &backward_cuda;
+};
 
 // LSH attention has no CUDA kernel yet: a clear error instead of the
 // dispatcher's "could not run ... with arguments from the CUDA backend".
@@ -281,10 +255,7 @@ detail::Tensor7 attention_backward_kernel(const at::Tensor& grad_out, const OptT
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnzoo, CUDA, m) {
-  m.impl("attention", &attention_kernel);
-  m.impl("attention_weights", &attention_weights_kernel);
-  m.impl("_attention_forward", &attention_forward_kernel);
-  m.impl("_attention_backward", &attention_backward_kernel);
+  detail::AttentionKernels<CudaBackend>::register_on(m);
   m.impl("lsh_attention",
          [](const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool, const OptTensor&,
             double) -> std::tuple<at::Tensor, at::Tensor> { lsh_not_on_cuda(); });

@@ -148,6 +148,27 @@ __device__ __forceinline__ void accumulate_rows(Acc (&acc)[Tl::kDims], const Acc
   }
 }
 
+// The (b, h, tile) a block owns, from its flattened index: rows
+// [start, start + n) of an axis of `length` (queries in query-major passes,
+// keys in key-major ones), the head its keys and values come from (GQA), and
+// the calling thread's row and lane within the tile.
+template <int kRows, int kLanes>
+struct BlockTile {
+  int64_t tiles, tile, bh, b, h, kv_head, start, n;
+  int row, lane;
+  __device__ BlockTile(const DenseArgs& a, int64_t length)
+      : tiles((length + kRows - 1) / kRows),
+        tile(blockIdx.x % tiles),
+        bh(blockIdx.x / tiles),
+        b(bh / a.H),
+        h(bh % a.H),
+        kv_head(b * a.Hkv + h / (a.H / a.Hkv)),
+        start(tile * kRows),
+        n(rules::min64(kRows, length - start)),
+        row(threadIdx.x / kLanes),
+        lane(threadIdx.x % kLanes) {}
+};
+
 // --- The dense policy -----------------------------------------------------
 
 // Which tiles a pass visits and what a score becomes, for (b, h).
@@ -218,11 +239,7 @@ __global__ void __launch_bounds__(Tl::kThreads) forward_kernel(const __grid_cons
   Acc* Vs = Ks + R * ld.qk;
   Acc* Ps = Vs + R * ld.v;
 
-  const int64_t tiles = (a.Nq + R - 1) / R;
-  const int64_t bh = blockIdx.x / tiles, b = bh / a.H, h = bh % a.H;
-  const int64_t q0 = (blockIdx.x % tiles) * R, mq = rules::min64(R, a.Nq - q0);
-  const int r = threadIdx.x / Tl::kLanes, lane = threadIdx.x % Tl::kLanes;
-  const int64_t kvh = b * a.Hkv + h / (a.H / a.Hkv);
+  const auto [tiles, qt, bh, b, h, kvh, q0, mq, r, lane] = BlockTile<R, Tl::kLanes>(a, a.Nq);
   const T* k = static_cast<const T*>(a.k) + kvh * a.Nk * a.D;
   const T* v = static_cast<const T*>(a.v) + kvh * a.Nk * a.Dv;
   const Policy<Acc> policy(a, b, h);
@@ -346,11 +363,7 @@ __global__ void __launch_bounds__(Tl::kThreads) grad_q_kernel(const __grid_const
   // one slot; summed over threads in order at the end.
   Acc* t5_slots = Ds + R * ld.tile;
 
-  const int64_t tiles = (a.Nq + R - 1) / R;
-  const int64_t bh = blockIdx.x / tiles, b = bh / a.H, h = bh % a.H;
-  const int64_t qt = blockIdx.x % tiles, q0 = qt * R, mq = rules::min64(R, a.Nq - q0);
-  const int r = threadIdx.x / Tl::kLanes, lane = threadIdx.x % Tl::kLanes;
-  const int64_t kvh = b * a.Hkv + h / (a.H / a.Hkv);
+  const auto [tiles, qt, bh, b, h, kvh, q0, mq, r, lane] = BlockTile<R, Tl::kLanes>(a, a.Nq);
   const T* k = static_cast<const T*>(a.k) + kvh * a.Nk * a.D;
   const T* v = static_cast<const T*>(a.v) + kvh * a.Nk * a.Dv;
   const Policy<Acc> policy(a, b, h);
@@ -430,11 +443,7 @@ __global__ void __launch_bounds__(Tl::kThreads) grad_kv_kernel(const __grid_cons
   Acc* lse_s = Dt + R * ld.tile;
   Acc* delta_s = lse_s + R;
 
-  const int64_t tiles = (a.Nk + R - 1) / R;
-  const int64_t bh = blockIdx.x / tiles, b = bh / a.H, h = bh % a.H;
-  const int64_t k0 = (blockIdx.x % tiles) * R, nk = rules::min64(R, a.Nk - k0);
-  const int c = threadIdx.x / Tl::kLanes, lane = threadIdx.x % Tl::kLanes;
-  const int64_t kvh = b * a.Hkv + h / (a.H / a.Hkv);
+  const auto [tiles, kt, bh, b, h, kvh, k0, nk, c, lane] = BlockTile<R, Tl::kLanes>(a, a.Nk);
   const T* q = static_cast<const T*>(a.q) + bh * a.Nq * a.D;
   const T* dout = static_cast<const T*>(a.grad_out) + bh * a.Nq * a.Dv;
   const Policy<Acc> policy(a, b, h);

@@ -161,11 +161,7 @@ __global__ void __launch_bounds__(Tl::kThreads) mma_forward_kernel(const __grid_
   T* Vs = Ks + R * L.ldq;
   T* Ps = reinterpret_cast<T*>(smem_raw + L.scores + L.result + align128(2 * R * (2 * L.ldq + L.ldv)));
 
-  const int64_t tiles = (a.Nq + R - 1) / R;
-  const int64_t bh = blockIdx.x / tiles, b = bh / a.H, h = bh % a.H;
-  const int64_t q0 = (blockIdx.x % tiles) * R, mq = rules::min64(R, a.Nq - q0);
-  const int r = threadIdx.x / Tl::kLanes, lane = threadIdx.x % Tl::kLanes;
-  const int64_t kvh = b * a.Hkv + h / (a.H / a.Hkv);
+  const auto [tiles, qt, bh, b, h, kvh, q0, mq, r, lane] = BlockTile<R, Tl::kLanes>(a, a.Nq);
   const T* k = static_cast<const T*>(a.k) + kvh * a.Nk * a.D;
   const T* v = static_cast<const T*>(a.v) + kvh * a.Nk * a.Dv;
   const Policy<float> policy(a, b, h);
@@ -264,11 +260,7 @@ __global__ void __launch_bounds__(Tl::kThreads) mma_grad_q_kernel(const __grid_c
   T* Ds = reinterpret_cast<T*>(pair + L.pair_or_result() + L.staged_pair);
   float* t5_slots = reinterpret_cast<float*>(pair + L.pair_or_result() + L.staged_pair + L.rows16);
 
-  const int64_t tiles = (a.Nq + R - 1) / R;
-  const int64_t bh = blockIdx.x / tiles, b = bh / a.H, h = bh % a.H;
-  const int64_t qt = blockIdx.x % tiles, q0 = qt * R, mq = rules::min64(R, a.Nq - q0);
-  const int r = threadIdx.x / Tl::kLanes, lane = threadIdx.x % Tl::kLanes;
-  const int64_t kvh = b * a.Hkv + h / (a.H / a.Hkv);
+  const auto [tiles, qt, bh, b, h, kvh, q0, mq, r, lane] = BlockTile<R, Tl::kLanes>(a, a.Nq);
   const T* k = static_cast<const T*>(a.k) + kvh * a.Nk * a.D;
   const T* v = static_cast<const T*>(a.v) + kvh * a.Nk * a.Dv;
   const Policy<float> policy(a, b, h);
@@ -351,11 +343,7 @@ __global__ void __launch_bounds__(Tl::kThreads) mma_grad_kv_kernel(const __grid_
   float* lse_s = reinterpret_cast<float*>(pair + L.pair_or_result() + L.staged_pair + 2 * L.rows16);
   float* delta_s = lse_s + R;
 
-  const int64_t tiles = (a.Nk + R - 1) / R;
-  const int64_t bh = blockIdx.x / tiles, b = bh / a.H, h = bh % a.H;
-  const int64_t k0 = (blockIdx.x % tiles) * R, nk = rules::min64(R, a.Nk - k0);
-  const int c = threadIdx.x / Tl::kLanes, lane = threadIdx.x % Tl::kLanes;
-  const int64_t kvh = b * a.Hkv + h / (a.H / a.Hkv);
+  const auto [tiles, kt, bh, b, h, kvh, k0, nk, c, lane] = BlockTile<R, Tl::kLanes>(a, a.Nk);
   const T* q = static_cast<const T*>(a.q) + bh * a.Nq * a.D;
   const T* dout = static_cast<const T*>(a.grad_out) + bh * a.Nq * a.Dv;
   const Policy<float> policy(a, b, h);
