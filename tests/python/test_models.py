@@ -479,6 +479,10 @@ def _ddp_worker(rank, world, port):
         gathered = [torch.zeros_like(flat) for _ in range(world)]
         dist.all_gather(gathered, flat)
         assert torch.equal(gathered[0], gathered[1]), "replicas diverged"
+        # No rank tears its connections down while the other may still be
+        # finishing the all_gather (seen once under load with torch 2.15:
+        # a rank aborted with "terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
