@@ -80,6 +80,8 @@ ATTNZOO_HOST_DEVICE uint64_t splitmix64(uint64_t z) {
 ATTNZOO_HOST_DEVICE uint64_t dropout_threshold(double p) {
   return static_cast<uint64_t>(p * double(1u << 24));
 }
+// What a kept element is multiplied by: 1 / (1 - p), and 0 when p = 1.
+ATTNZOO_HOST_DEVICE double dropout_keep_scale(double p) { return p < 1 ? 1.0 / (1.0 - p) : 0.0; }
 ATTNZOO_HOST_DEVICE bool dropout_keeps(uint64_t seed, uint64_t threshold, uint64_t index) {
   return (splitmix64(seed + (index + 1) * 0x9e3779b97f4a7c15ULL) >> 40) >= threshold;
 }

@@ -216,7 +216,7 @@ struct DropoutRule {
       : active(a.dropout_p > 0),
         seed(a.seed),
         threshold(rules::dropout_threshold(a.dropout_p)),
-        keep_scale(a.dropout_p < 1 ? Acc(1.0 / (1.0 - a.dropout_p)) : Acc(0)) {}
+        keep_scale(Acc(rules::dropout_keep_scale(a.dropout_p))) {}
   __device__ Acc factor(const DenseArgs& a, int64_t b, int64_t h, int64_t i, int64_t j) const {
     if (!active) return Acc(1);
     return rules::dropout_keeps(seed, threshold, rules::dropout_index(b, h, i, j, a.H, a.Nq, a.Nk))
@@ -224,6 +224,105 @@ struct DropoutRule {
                : Acc(0);
   }
 };
+
+// --- The per-element steps, written once for the scalar and tensor-core passes
+
+// One key tile of a row's online softmax. s[m] holds the row's products with
+// this lane's columns c = lane + kLanes * m of the tile at k0 (nk columns):
+// they become the policy's scores (scaled; -inf where invisible, outside the
+// tile or past the last row). Each column's (dropped) probability goes to
+// write(c, p). Updates the row's running max and sum and returns the factor
+// its running output must be scaled by (1 while it has seen nothing). Every
+// lane of the warp must call it: the row reductions are shuffles.
+template <int kLanes, int kCols, typename Acc, class Policy, class Write>
+__device__ __forceinline__ Acc online_softmax_tile(const DenseArgs& a, const Policy& policy,
+                                                   const DropoutRule<Acc>& dropout, int64_t b, int64_t h,
+                                                   int64_t i, bool row_exists, int64_t k0, int64_t nk,
+                                                   int lane, Acc scale, Acc (&s)[kCols], Acc& m_run,
+                                                   Acc& l_run, Write&& write) {
+  Acc mx = neg_inf<Acc>();
+#pragma unroll
+  for (int m = 0; m < kCols; ++m) {
+    const int64_t c = lane + kLanes * m;
+    s[m] = (row_exists && c < nk) ? policy.score(i, k0 + c, s[m] * scale) : neg_inf<Acc>();
+    mx = fmax(mx, s[m]);
+  }
+  const Acc m_new = fmax(m_run, row_max<kLanes>(mx));
+  const bool none = m_new == neg_inf<Acc>();  // nothing visible in this row yet
+  Acc sum = 0;
+#pragma unroll
+  for (int m = 0; m < kCols; ++m) {
+    const int64_t c = lane + kLanes * m;
+    const Acc p = (none || s[m] == neg_inf<Acc>()) ? Acc(0) : exp_acc(s[m] - m_new);
+    sum += p;
+    write(c, p == Acc(0) ? Acc(0) : p * dropout.factor(a, b, h, i, k0 + c));
+  }
+  const Acc row_total = row_sum<kLanes>(sum);
+  if (none) return Acc(1);
+  const Acc alpha = m_run == neg_inf<Acc>() ? Acc(0) : exp_acc(m_run - m_new);
+  l_run = l_run * alpha + row_total;
+  m_run = m_new;
+  return alpha;
+}
+
+// The probability and the score gradient of element (i, j), recomputed from
+// its scaled product and the forward's lse: p = exp(s - lse) with s the
+// policy's score; dp is dropped as p was; ds = p (dp - delta). Zero where the
+// element is not a real one of the tile (valid false) or not visible.
+template <typename Acc>
+struct ScoreGrad {
+  Acc p_dropped, ds;
+};
+template <typename Acc, class Policy>
+__device__ __forceinline__ ScoreGrad<Acc> element_grad(const DenseArgs& a, const Policy& policy,
+                                                       const DropoutRule<Acc>& dropout, int64_t b, int64_t h,
+                                                       int64_t i, int64_t j, bool valid, Acc scaled, Acc lse,
+                                                       Acc dp, Acc delta) {
+  if (!valid || lse == neg_inf<Acc>()) return {Acc(0), Acc(0)};
+  const Acc s = policy.score(i, j, scaled);
+  if (s == neg_inf<Acc>()) return {Acc(0), Acc(0)};
+  const Acc p = exp_acc(s - lse);
+  const Acc drop = dropout.factor(a, b, h, i, j);
+  return {p * drop, p * (dp * drop - delta)};
+}
+
+// A query-major pass routes each score gradient to where the policy's terms
+// came from: the bias element by element, the T5 table per bucket into this
+// thread's slot of the bucket (slots (num_buckets, kThreads), so that no two
+// threads add to one slot; write_t5_partial sums them in a fixed order).
+template <int kThreads, typename Acc, class Policy>
+__device__ __forceinline__ void route_score_grad(const DenseArgs& a, const Policy& policy, int64_t bh,
+                                                 int64_t i, int64_t j, Acc ds, Acc* t5_slots) {
+  if (a.grad_bias) static_cast<Acc*>(a.grad_bias)[(bh * a.Nq + i) * a.Nk + j] = ds;
+  if (a.grad_t5_partial) t5_slots[int64_t(policy.t5_bucket(i, j)) * kThreads + threadIdx.x] += ds;
+}
+template <int kThreads, typename Acc>
+__device__ __forceinline__ void zero_t5_slots(const DenseArgs& a, Acc* t5_slots) {
+  if (a.grad_t5_partial)
+    for (int64_t x = threadIdx.x; x < a.t5_num_buckets * kThreads; x += kThreads) t5_slots[x] = Acc(0);
+}
+// After the walk (and a barrier): the block's per-bucket sums into its row of
+// the (B, H, query tiles, num_buckets) partials.
+template <int kThreads, typename Acc>
+__device__ __forceinline__ void write_t5_partial(const DenseArgs& a, const Acc* t5_slots, int64_t block_row) {
+  Acc* partial = static_cast<Acc*>(a.grad_t5_partial) + block_row * a.t5_num_buckets;
+  for (int64_t bucket = threadIdx.x; bucket < a.t5_num_buckets; bucket += kThreads) {
+    Acc sum = 0;
+    for (int t = 0; t < kThreads; ++t) sum += t5_slots[bucket * kThreads + t];
+    partial[bucket] = sum;
+  }
+}
+
+// A key-major pass stages the log-sum-exp (-inf past the last row) and delta
+// of query rows [q0, q0 + mq) for the whole block.
+template <int kRows, int kThreads, typename Acc>
+__device__ __forceinline__ void stage_row_stats(const DenseArgs& a, int64_t bh, int64_t q0, int64_t mq,
+                                                Acc* lse_s, Acc* delta_s) {
+  for (int x = threadIdx.x; x < kRows; x += kThreads) {
+    lse_s[x] = x < mq ? static_cast<const Acc*>(a.lse)[bh * a.Nq + q0 + x] : neg_inf<Acc>();
+    delta_s[x] = x < mq ? static_cast<const Acc*>(a.delta)[bh * a.Nq + q0 + x] : Acc(0);
+  }
+}
 
 // --- Forward --------------------------------------------------------------
 
@@ -261,33 +360,13 @@ __global__ void __launch_bounds__(Tl::kThreads) forward_kernel(const __grid_cons
     __syncthreads();
     Acc s[Tl::kCols];
     dot_rows<Tl>(s, Qs + r * ld.qk, Ks, ld.qk, lane, a.D);
-    Acc mx = neg_inf<Acc>();
-#pragma unroll
-    for (int m = 0; m < Tl::kCols; ++m) {
-      const int64_t c = lane + Tl::kLanes * m;
-      s[m] = (r < mq && c < nk) ? policy.score(q0 + r, k0 + c, s[m] * scale) : neg_inf<Acc>();
-      mx = fmax(mx, s[m]);
-    }
-    // Every lane takes part in the shuffles, whatever its row saw.
-    const Acc m_new = fmax(m_run, row_max<Tl::kLanes>(mx));
-    const bool none = m_new == neg_inf<Acc>();  // nothing visible in this row yet
     Acc* prow = Ps + r * ld.tile;
-    Acc sum = 0;
-#pragma unroll
-    for (int m = 0; m < Tl::kCols; ++m) {
-      const int64_t c = lane + Tl::kLanes * m;
-      const Acc p = (none || s[m] == neg_inf<Acc>()) ? Acc(0) : exp_acc(s[m] - m_new);
-      sum += p;
-      prow[c] = p == Acc(0) ? Acc(0) : p * dropout.factor(a, b, h, q0 + r, k0 + c);
-    }
-    const Acc row_total = row_sum<Tl::kLanes>(sum);
-    if (!none) {
-      const Acc alpha = m_run == neg_inf<Acc>() ? Acc(0) : exp_acc(m_run - m_new);
-      l_run = l_run * alpha + row_total;
-      m_run = m_new;
+    const Acc alpha =
+        online_softmax_tile<Tl::kLanes>(a, policy, dropout, b, h, q0 + r, r < mq, k0, nk, lane, scale, s,
+                                        m_run, l_run, [&](int64_t c, Acc p) { prow[c] = p; });
+    if (alpha != Acc(1))
 #pragma unroll
       for (int d = 0; d < Tl::kDims; ++d) o[d] *= alpha;
-    }
     __syncwarp();  // the row's probabilities, written by its lanes, are read by all of them
     accumulate_rows<Tl>(o, prow, Vs, ld.v, lane, nk, a.Dv);
   }
@@ -333,19 +412,6 @@ __global__ void probs_kernel(const __grid_constant__ DenseArgs a) {
 
 // --- Backward -------------------------------------------------------------
 
-// The probability and the score gradient of one element, recomputed from the
-// forward's lse: p = exp(s - lse); dp is dropped as p was; ds = p (dp - delta).
-template <typename Acc>
-struct ScoreGrad {
-  Acc p_dropped, ds;
-};
-template <typename Acc>
-__device__ __forceinline__ ScoreGrad<Acc> score_grad(Acc s, Acc lse, Acc dp, Acc delta, Acc drop) {
-  if (s == neg_inf<Acc>() || lse == neg_inf<Acc>()) return {Acc(0), Acc(0)};
-  const Acc p = exp_acc(s - lse);
-  return {p * drop, p * (dp * drop - delta)};
-}
-
 // Query-major: dq, and the gradients of what the policy added to the scores
 // (the bias element by element, the T5 table per bucket). Blocks as forward.
 template <typename T, class Tl, template <typename> class Policy>
@@ -359,9 +425,7 @@ __global__ void __launch_bounds__(Tl::kThreads) grad_q_kernel(const __grid_const
   Acc* Ks = dOs + R * ld.v;
   Acc* Vs = Ks + R * ld.qk;
   Acc* Ds = Vs + R * ld.v;
-  // T5: one running sum per (bucket, thread), so that no two threads add to
-  // one slot; summed over threads in order at the end.
-  Acc* t5_slots = Ds + R * ld.tile;
+  Acc* t5_slots = Ds + R * ld.tile;  // (num_buckets, kThreads): route_score_grad
 
   const auto [tiles, qt, bh, b, h, kvh, q0, mq, r, lane] = BlockTile<R, Tl::kLanes>(a, a.Nq);
   const T* k = static_cast<const T*>(a.k) + kvh * a.Nk * a.D;
@@ -369,13 +433,11 @@ __global__ void __launch_bounds__(Tl::kThreads) grad_q_kernel(const __grid_const
   const Policy<Acc> policy(a, b, h);
   const DropoutRule<Acc> dropout(a);
   const Acc scale = Acc(a.scale);
-  const bool t5_grad = a.grad_t5_partial != nullptr;
 
   stage_rows<R, Tl::kThreads>(Qs, ld.qk, static_cast<const T*>(a.q) + (bh * a.Nq + q0) * a.D, a.D, mq);
   stage_rows<R, Tl::kThreads>(dOs, ld.v, static_cast<const T*>(a.grad_out) + (bh * a.Nq + q0) * a.Dv, a.Dv,
                               mq);
-  if (t5_grad)
-    for (int64_t x = threadIdx.x; x < a.t5_num_buckets * Tl::kThreads; x += Tl::kThreads) t5_slots[x] = 0;
+  zero_t5_slots<Tl::kThreads>(a, t5_slots);
   const int64_t i = q0 + r;
   const Acc lse = r < mq ? static_cast<const Acc*>(a.lse)[bh * a.Nq + i] : neg_inf<Acc>();
   const Acc delta = r < mq ? static_cast<const Acc*>(a.delta)[bh * a.Nq + i] : Acc(0);
@@ -398,11 +460,9 @@ __global__ void __launch_bounds__(Tl::kThreads) grad_q_kernel(const __grid_const
     for (int m = 0; m < Tl::kCols; ++m) {
       const int64_t c = lane + Tl::kLanes * m, j = k0 + c;
       const bool valid = r < mq && c < nk;
-      const Acc sc = valid ? policy.score(i, j, s[m] * scale) : neg_inf<Acc>();
-      const Acc ds = score_grad(sc, lse, dp[m], delta, valid ? dropout.factor(a, b, h, i, j) : Acc(0)).ds;
+      const Acc ds = element_grad(a, policy, dropout, b, h, i, j, valid, s[m] * scale, lse, dp[m], delta).ds;
       drow[c] = ds;
-      if (valid && a.grad_bias) static_cast<Acc*>(a.grad_bias)[(bh * a.Nq + i) * a.Nk + j] = ds;
-      if (valid && t5_grad) t5_slots[int64_t(policy.t5_bucket(i, j)) * Tl::kThreads + threadIdx.x] += ds;
+      if (valid) route_score_grad<Tl::kThreads>(a, policy, bh, i, j, ds, t5_slots);
     }
     __syncwarp();
     accumulate_rows<Tl>(dq, drow, Ks, ld.qk, lane, nk, a.D);
@@ -416,14 +476,9 @@ __global__ void __launch_bounds__(Tl::kThreads) grad_q_kernel(const __grid_const
       if (col < a.D) out[col] = dq[d] * scale;
     }
   }
-  if (t5_grad) {
+  if (a.grad_t5_partial) {
     __syncthreads();
-    Acc* partial = static_cast<Acc*>(a.grad_t5_partial) + (bh * tiles + qt) * a.t5_num_buckets;
-    for (int64_t bucket = threadIdx.x; bucket < a.t5_num_buckets; bucket += Tl::kThreads) {
-      Acc sum = 0;
-      for (int t = 0; t < Tl::kThreads; ++t) sum += t5_slots[bucket * Tl::kThreads + t];
-      partial[bucket] = sum;
-    }
+    write_t5_partial<Tl::kThreads>(a, t5_slots, bh * tiles + qt);
   }
 }
 
@@ -463,10 +518,7 @@ __global__ void __launch_bounds__(Tl::kThreads) grad_kv_kernel(const __grid_cons
     __syncthreads();
     stage_rows<R, Tl::kThreads>(Qs, ld.qk, q + q0 * a.D, a.D, mq);
     stage_rows<R, Tl::kThreads>(dOs, ld.v, dout + q0 * a.Dv, a.Dv, mq);
-    for (int x = threadIdx.x; x < R; x += Tl::kThreads) {
-      lse_s[x] = x < mq ? static_cast<const Acc*>(a.lse)[bh * a.Nq + q0 + x] : neg_inf<Acc>();
-      delta_s[x] = x < mq ? static_cast<const Acc*>(a.delta)[bh * a.Nq + q0 + x] : Acc(0);
-    }
+    stage_row_stats<R, Tl::kThreads>(a, bh, q0, mq, lse_s, delta_s);
     __syncthreads();
     Acc s[Tl::kCols], dp[Tl::kCols];
     dot_rows<Tl>(s, Ks + c * ld.qk, Qs, ld.qk, lane, a.D);
@@ -477,9 +529,8 @@ __global__ void __launch_bounds__(Tl::kThreads) grad_kv_kernel(const __grid_cons
     for (int m = 0; m < Tl::kCols; ++m) {
       const int64_t rr = lane + Tl::kLanes * m, i = q0 + rr;
       const bool valid = c < nk && rr < mq;
-      const Acc sc = valid ? policy.score(i, j, s[m] * scale) : neg_inf<Acc>();
       const ScoreGrad<Acc> g =
-          score_grad(sc, lse_s[rr], dp[m], delta_s[rr], valid ? dropout.factor(a, b, h, i, j) : Acc(0));
+          element_grad(a, policy, dropout, b, h, i, j, valid, s[m] * scale, lse_s[rr], dp[m], delta_s[rr]);
       prow[rr] = g.p_dropped;
       drow[rr] = g.ds;
     }

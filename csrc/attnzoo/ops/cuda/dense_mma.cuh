@@ -183,33 +183,16 @@ __global__ void __launch_bounds__(Tl::kThreads) mma_forward_kernel(const __grid_
     product_abt<Tl>(Ss, L.lds, Qs, Ks, L.ldq, L.Dp);
     __syncthreads();
 
-    // The per-element step: policy, online softmax, dropout (as the scalar pass).
+    // The per-element step (dense_kernels.cuh), on the float scores.
     float s[Tl::kCols];
-    float mx = neg_inf<float>();
 #pragma unroll
-    for (int m = 0; m < Tl::kCols; ++m) {
-      const int64_t c = lane + Tl::kLanes * m;
-      s[m] = (r < mq && c < nk) ? policy.score(q0 + r, k0 + c, Ss[r * L.lds + c] * scale) : neg_inf<float>();
-      mx = fmaxf(mx, s[m]);
-    }
-    const float m_new = fmaxf(m_run, row_max<Tl::kLanes>(mx));
-    const bool none = m_new == neg_inf<float>();
-    float sum = 0.0f;
-#pragma unroll
-    for (int m = 0; m < Tl::kCols; ++m) {
-      const int64_t c = lane + Tl::kLanes * m;
-      const float p = (none || s[m] == neg_inf<float>()) ? 0.0f : expf(s[m] - m_new);
-      sum += p;
-      Ps[r * L.ldp + c] = from_acc<T>(p == 0.0f ? 0.0f : p * dropout.factor(a, b, h, q0 + r, k0 + c));
-    }
-    const float row_total = row_sum<Tl::kLanes>(sum);
-    if (!none) {
-      const float alpha = m_run == neg_inf<float>() ? 0.0f : expf(m_run - m_new);
-      l_run = l_run * alpha + row_total;
-      m_run = m_new;
-      if (alpha != 1.0f)
-        for (int64_t col = lane; col < L.Dvp; col += Tl::kLanes) Os[r * L.ldo + col] *= alpha;
-    }
+    for (int m = 0; m < Tl::kCols; ++m) s[m] = Ss[r * L.lds + lane + Tl::kLanes * m];
+    T* prow = Ps + r * L.ldp;
+    const float alpha =
+        online_softmax_tile<Tl::kLanes>(a, policy, dropout, b, h, q0 + r, r < mq, k0, nk, lane, scale, s,
+                                        m_run, l_run, [&](int64_t c, float p) { prow[c] = from_acc<T>(p); });
+    if (alpha != 1.0f)
+      for (int64_t col = lane; col < L.Dvp; col += Tl::kLanes) Os[r * L.ldo + col] *= alpha;
     __syncthreads();
 
     // O += P V, through the float staging of O.
@@ -266,14 +249,12 @@ __global__ void __launch_bounds__(Tl::kThreads) mma_grad_q_kernel(const __grid_c
   const Policy<float> policy(a, b, h);
   const DropoutRule<float> dropout(a);
   const float scale = float(a.scale);
-  const bool t5_grad = a.grad_t5_partial != nullptr;
 
   stage_padded<R, Tl::kThreads>(Qs, L.ldq, static_cast<const T*>(a.q) + (bh * a.Nq + q0) * a.D, a.D, L.Dp,
                                 mq);
   stage_padded<R, Tl::kThreads>(dOs, L.ldv, static_cast<const T*>(a.grad_out) + (bh * a.Nq + q0) * a.Dv, a.Dv,
                                 L.Dvp, mq);
-  if (t5_grad)
-    for (int64_t x = threadIdx.x; x < a.t5_num_buckets * Tl::kThreads; x += Tl::kThreads) t5_slots[x] = 0.0f;
+  zero_t5_slots<Tl::kThreads>(a, t5_slots);
   const int64_t i = q0 + r;
   const float lse = r < mq ? static_cast<const float*>(a.lse)[bh * a.Nq + i] : neg_inf<float>();
   const float delta = r < mq ? static_cast<const float*>(a.delta)[bh * a.Nq + i] : 0.0f;
@@ -294,12 +275,11 @@ __global__ void __launch_bounds__(Tl::kThreads) mma_grad_q_kernel(const __grid_c
     for (int m = 0; m < Tl::kCols; ++m) {
       const int64_t c = lane + Tl::kLanes * m, j = k0 + c;
       const bool valid = r < mq && c < nk;
-      const float sc = valid ? policy.score(i, j, Ss[r * L.lds + c] * scale) : neg_inf<float>();
-      const float ds =
-          score_grad(sc, lse, dPs[r * L.lds + c], delta, valid ? dropout.factor(a, b, h, i, j) : 0.0f).ds;
+      const float ds = element_grad(a, policy, dropout, b, h, i, j, valid, Ss[r * L.lds + c] * scale, lse,
+                                    dPs[r * L.lds + c], delta)
+                           .ds;
       Ds[r * L.ldp + c] = from_acc<T>(ds);
-      if (valid && a.grad_bias) static_cast<float*>(a.grad_bias)[(bh * a.Nq + i) * a.Nk + j] = ds;
-      if (valid && t5_grad) t5_slots[int64_t(policy.t5_bucket(i, j)) * Tl::kThreads + threadIdx.x] += ds;
+      if (valid) route_score_grad<Tl::kThreads>(a, policy, bh, i, j, ds, t5_slots);
     }
     __syncthreads();
     accumulate_pb<Tl>(dq, Ds, L.ldp, Ks, L.ldq, L.Dp);
@@ -312,14 +292,8 @@ __global__ void __launch_bounds__(Tl::kThreads) mma_grad_q_kernel(const __grid_c
     float* out = static_cast<float*>(a.grad_q) + (bh * a.Nq + i) * a.D;
     for (int64_t col = lane; col < a.D; col += Tl::kLanes) out[col] = result[r * L.ldo + col] * scale;
   }
-  if (t5_grad) {
-    float* partial = static_cast<float*>(a.grad_t5_partial) + (bh * tiles + qt) * a.t5_num_buckets;
-    for (int64_t bucket = threadIdx.x; bucket < a.t5_num_buckets; bucket += Tl::kThreads) {
-      float sum = 0.0f;
-      for (int t = 0; t < Tl::kThreads; ++t) sum += t5_slots[bucket * Tl::kThreads + t];
-      partial[bucket] = sum;
-    }
-  }
+  if (a.grad_t5_partial)
+    write_t5_partial<Tl::kThreads>(a, t5_slots, bh * tiles + qt);  // (after the barriers above)
 }
 
 // --- Backward, key-major: dk and dv ---------------------------------------
@@ -365,10 +339,7 @@ __global__ void __launch_bounds__(Tl::kThreads) mma_grad_kv_kernel(const __grid_
     __syncthreads();
     stage_padded<R, Tl::kThreads>(Qs, L.ldq, q + q0 * a.D, a.D, L.Dp, mq);
     stage_padded<R, Tl::kThreads>(dOs, L.ldv, dout + q0 * a.Dv, a.Dv, L.Dvp, mq);
-    for (int x = threadIdx.x; x < R; x += Tl::kThreads) {
-      lse_s[x] = x < mq ? static_cast<const float*>(a.lse)[bh * a.Nq + q0 + x] : neg_inf<float>();
-      delta_s[x] = x < mq ? static_cast<const float*>(a.delta)[bh * a.Nq + q0 + x] : 0.0f;
-    }
+    stage_row_stats<R, Tl::kThreads>(a, bh, q0, mq, lse_s, delta_s);
     __syncthreads();
     product_abt<Tl>(St, L.lds, Ks, Qs, L.ldq, L.Dp);
     product_abt<Tl>(dPt, L.lds, Vs, dOs, L.ldv, L.Dvp);
@@ -377,9 +348,9 @@ __global__ void __launch_bounds__(Tl::kThreads) mma_grad_kv_kernel(const __grid_
     for (int m = 0; m < Tl::kCols; ++m) {
       const int64_t rr = lane + Tl::kLanes * m, i = q0 + rr;
       const bool valid = c < nk && rr < mq;
-      const float sc = valid ? policy.score(i, j, St[c * L.lds + rr] * scale) : neg_inf<float>();
-      const ScoreGrad<float> g = score_grad(sc, lse_s[rr], dPt[c * L.lds + rr], delta_s[rr],
-                                            valid ? dropout.factor(a, b, h, i, j) : 0.0f);
+      const ScoreGrad<float> g =
+          element_grad(a, policy, dropout, b, h, i, j, valid, St[c * L.lds + rr] * scale, lse_s[rr],
+                       dPt[c * L.lds + rr], delta_s[rr]);
       Pt[c * L.ldp + rr] = from_acc<T>(g.p_dropped);
       Dt[c * L.ldp + rr] = from_acc<T>(g.ds);
     }

@@ -23,7 +23,7 @@ struct Dropout {
       : active(p > 0),
         seed(seed_),
         threshold(rules::dropout_threshold(p)),
-        keep_scale(p < 1 ? 1.0 / (1.0 - p) : 0.0) {}
+        keep_scale(rules::dropout_keep_scale(p)) {}
   explicit Dropout(const DenseArgs& a) : Dropout(a.dropout_p, a.seed) { H = a.H, Nq = a.Nq, Nk = a.Nk; }
   // Whether the element with this counter is kept: a 24-bit uniform >= p.
   bool keeps(uint64_t index) const { return rules::dropout_keeps(seed, threshold, index); }
