@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "attnzoo/ops/attention.h"
+#include "attnzoo/ops/score_rules.h"
 
 namespace attnzoo::ops::detail {
 
@@ -97,6 +98,17 @@ inline Band attention_band(const AttentionOptions& o, int64_t Nq, int64_t Nk) {
 // The score scale: the option, or 1/sqrt(D).
 inline double attention_scale(const AttentionOptions& o, int64_t D) {
   return o.scale().value_or(1.0 / std::sqrt(static_cast<double>(D)));
+}
+
+// A mask or bias as the kernels read it: broadcast to (B, H, Nq, Nk), its
+// data pointer and strides (empty for an undefined tensor).
+inline rules::Broadcast4 broadcast4(const at::Tensor& t, int64_t B, int64_t H, int64_t Nq, int64_t Nk) {
+  rules::Broadcast4 view;
+  if (!t.defined()) return view;
+  const auto e = t.expand({B, H, Nq, Nk});
+  view.data = e.data_ptr();
+  view.sb = e.stride(0), view.sh = e.stride(1), view.si = e.stride(2), view.sj = e.stride(3);
+  return view;
 }
 
 // An optional argument on the device of the main input (q, or qk).

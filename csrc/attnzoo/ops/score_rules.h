@@ -60,6 +60,19 @@ ATTNZOO_HOST_DEVICE Range band_queries(int64_t k0, int64_t nk, int64_t offset, i
   return {lo, max64(lo, hi)};
 }
 
+// --- Broadcast operands -------------------------------------------------
+
+// A mask or bias broadcast to (B, H, Nq, Nk): element (b, h, i, j) lives at
+// data[offset(b, h, i, j)]; a broadcast dimension has stride 0.
+struct Broadcast4 {
+  const void* data = nullptr;
+  int64_t sb = 0, sh = 0, si = 0, sj = 0;
+  ATTNZOO_HOST_DEVICE bool present() const { return data != nullptr; }
+  ATTNZOO_HOST_DEVICE int64_t offset(int64_t b, int64_t h, int64_t i, int64_t j) const {
+    return b * sb + h * sh + i * si + j * sj;
+  }
+};
+
 // --- ALiBi ----------------------------------------------------------------
 
 template <typename T>

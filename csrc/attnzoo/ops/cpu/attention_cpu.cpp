@@ -99,14 +99,8 @@ DenseArgs engine_args(const Prepared& p) {
   a.q = p.q.data_ptr(), a.k = p.k.data_ptr(), a.v = p.v.data_ptr();
   a.scale = p.scale;
   a.left = p.left, a.right = p.right;
-  auto view4 = [&](const at::Tensor& t, cpu::Broadcast4& out) {
-    if (!t.defined()) return;
-    const auto e = t.expand({s.B, s.H, s.Nq, s.Nk});
-    out.data = e.data_ptr();
-    out.sb = e.stride(0), out.sh = e.stride(1), out.si = e.stride(2), out.sj = e.stride(3);
-  };
-  view4(p.mask, a.mask);
-  view4(p.bias, a.bias);
+  a.mask = detail::broadcast4(p.mask, s.B, s.H, s.Nq, s.Nk);
+  a.bias = detail::broadcast4(p.bias, s.B, s.H, s.Nq, s.Nk);
   if (p.rel_bias.defined()) {
     a.rel_bias = p.rel_bias.data_ptr();  // (H, Nq + Nk - 1): the same for every batch entry
     a.rel_sb = 0, a.rel_sh = p.rel_bias.stride(0);

@@ -6,6 +6,8 @@
 // translation units need no Tensor headers.
 #include <cstdint>
 
+#include "attnzoo/ops/score_rules.h"
+
 namespace attnzoo::cpu {
 
 // Block sizes of the engine (measured with tools/bench on AVX-512; the tile
@@ -17,13 +19,8 @@ constexpr int64_t kBlockQSmall = 64;
 constexpr int64_t kBlockK = 512;
 inline int64_t forward_block_q(int64_t Nq) { return Nq >= 768 ? kBlockQ : kBlockQSmall; }
 
-// A tensor broadcast to (B, H, Nq, Nk): element (b, h, i, j) lives at
-// data[b*sb + h*sh + i*si + j*sj]; a broadcast dimension has stride 0.
-struct Broadcast4 {
-  const void* data = nullptr;
-  int64_t sb = 0, sh = 0, si = 0, sj = 0;
-  bool present() const { return data != nullptr; }
-};
+// A mask or bias broadcast to (B, H, Nq, Nk) (score_rules.h).
+using Broadcast4 = ::attnzoo::rules::Broadcast4;
 
 // Everything one dense-attention call needs. Tensors are (B, H, N, D) and
 // contiguous; k and v have Hkv heads (H % Hkv == 0).

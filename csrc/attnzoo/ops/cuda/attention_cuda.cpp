@@ -101,16 +101,8 @@ cuda::DenseArgs kernel_args(const Prepared& p) {
   a.q = p.q.data_ptr(), a.k = p.k.data_ptr(), a.v = p.v.data_ptr();
   a.scale = p.scale;
   a.left = p.band.left, a.right = p.band.right;
-  if (p.mask.defined()) {
-    const auto e = p.mask.expand({s.B, s.H, s.Nq, s.Nk});
-    a.mask = static_cast<const uint8_t*>(e.data_ptr());
-    a.mask_sb = e.stride(0), a.mask_sh = e.stride(1), a.mask_si = e.stride(2), a.mask_sj = e.stride(3);
-  }
-  if (p.bias.defined()) {
-    const auto e = p.bias.expand({s.B, s.H, s.Nq, s.Nk});
-    a.bias = e.data_ptr();
-    a.bias_sb = e.stride(0), a.bias_sh = e.stride(1), a.bias_si = e.stride(2), a.bias_sj = e.stride(3);
-  }
+  a.mask = detail::broadcast4(p.mask, s.B, s.H, s.Nq, s.Nk);
+  a.bias = detail::broadcast4(p.bias, s.B, s.H, s.Nq, s.Nk);
   if (p.t5_table.defined()) {
     a.t5_buckets = p.t5_buckets.data_ptr<int32_t>();
     a.t5_table = p.t5_table.data_ptr();

@@ -192,11 +192,10 @@ struct DensePolicy {
   __device__ Acc score(int64_t i, int64_t j, Acc scaled) const {
     const int64_t p = i + offset;
     if (!rules::in_band(p, j, a.left, a.right)) return neg_inf<Acc>();
-    if (a.mask && !a.mask[b * a.mask_sb + h * a.mask_sh + i * a.mask_si + j * a.mask_sj])
+    if (a.mask.present() && !static_cast<const uint8_t*>(a.mask.data)[a.mask.offset(b, h, i, j)])
       return neg_inf<Acc>();
     Acc s = scaled;
-    if (a.bias)
-      s += static_cast<const Acc*>(a.bias)[b * a.bias_sb + h * a.bias_sh + i * a.bias_si + j * a.bias_sj];
+    if (a.bias.present()) s += static_cast<const Acc*>(a.bias.data)[a.bias.offset(b, h, i, j)];
     if (a.t5_table) s += static_cast<const Acc*>(a.t5_table)[int64_t(t5_bucket(i, j)) * a.H + h];
     if (a.alibi) s += rules::alibi_term(slope, p, j);
     return s;

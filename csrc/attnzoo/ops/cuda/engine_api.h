@@ -7,6 +7,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "attnzoo/ops/score_rules.h"
+
 namespace attnzoo::cuda {
 
 // Everything one dense-attention call needs. q (B,H,Nq,D), k (B,Hkv,Nk,D),
@@ -23,11 +25,8 @@ struct DenseArgs {
   int64_t left = 0, right = 0;
 
   // Bool mask (uint8, true = may attend) and additive bias (Acc), broadcast
-  // to (B, H, Nq, Nk) by strides (0 where broadcast).
-  const uint8_t* mask = nullptr;
-  int64_t mask_sb = 0, mask_sh = 0, mask_si = 0, mask_sj = 0;
-  const void* bias = nullptr;
-  int64_t bias_sb = 0, bias_sh = 0, bias_si = 0, bias_sj = 0;
+  // to (B, H, Nq, Nk) by strides (score_rules.h).
+  rules::Broadcast4 mask, bias;
   // T5: the bucket (int32) of each relative position d = j - p, at
   // t5_buckets[d + Nk - 1] (Nq + Nk - 1 entries), and the table (Acc,
   // (num_buckets, H), contiguous).

@@ -62,15 +62,13 @@ struct DensePolicy : PolicyHooks<T> {
     for (int64_t r = 0; r < mq; ++r) {
       T* row = s + r * ld;
       const int64_t i = q0 + r, p = i + offset;
-      if (bias)
-        add_strided(row, bias + b * a.bias.sb + h * a.bias.sh + i * a.bias.si + k0 * a.bias.sj, nk,
-                    a.bias.sj);
+      if (bias) add_strided(row, bias + a.bias.offset(b, h, i, k0), nk, a.bias.sj);
       // d = j - p runs over a contiguous stretch of the relative bias vector.
       if (rel) add_strided(row, rel + (k0 - p + a.Nk - 1), nk, int64_t(1));
       if (a.alibi)
         for (int64_t c = 0; c < nk; ++c) row[c] += rules::alibi_term(slope, p, k0 + c);
       if (mask) {
-        const uint8_t* m = mask + b * a.mask.sb + h * a.mask.sh + i * a.mask.si + k0 * a.mask.sj;
+        const uint8_t* m = mask + a.mask.offset(b, h, i, k0);
         for (int64_t c = 0; c < nk; ++c)
           if (!m[c * a.mask.sj]) row[c] = neg_inf<T>();
       }
