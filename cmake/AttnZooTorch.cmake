@@ -48,6 +48,13 @@ macro(attnzoo_find_torch torch_dir)
       get_filename_component(_attnzoo_cuda_root "${_attnzoo_cuda_root}/.." ABSOLUTE)
       set(CUDA_TOOLKIT_ROOT_DIR "${_attnzoo_cuda_root}")
       set(CUDAToolkit_ROOT "${_attnzoo_cuda_root}")
+      # Caffe2 enables the CUDA language itself, and CMake's own search would
+      # take the first nvcc on PATH: a different one (a wrapper in
+      # /usr/local/bin, say) makes CMake throw the cache away after the first
+      # configure, -DPython3_EXECUTABLE with it. Name ours in the cache first.
+      if(NOT CMAKE_CUDA_COMPILER)
+        set(CMAKE_CUDA_COMPILER "${ATTNZOO_CUDA_TOOLKIT}" CACHE FILEPATH "The CUDA compiler (nvcc)")
+      endif()
     endif()
     find_package(Torch REQUIRED)
   elseif(NOT TARGET torch)
