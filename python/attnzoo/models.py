@@ -2,8 +2,10 @@
 
 The facade's ``_parameters``, ``_buffers`` and ``_modules`` are the C++
 module's own tensors and children, so optimizers, ``.to(dtype)``,
-``state_dict``/``load_state_dict``, hooks and DistributedDataParallel act on
-the tensors the C++ forward pass uses; nothing is copied.
+``state_dict``/``load_state_dict``, DistributedDataParallel and FSDP2 act on
+the tensors the C++ forward pass uses; nothing is copied. Assigning a
+parameter slot writes through to the C++ module, and the C++ model runs each
+transformer block through its facade, so hooks on blocks run.
 
     gpt = attnzoo.models.GPT({"vocab_size": 256, "hidden_size": 128, "num_layers": 2, "num_heads": 4})
     logits = gpt(input_ids)
@@ -60,18 +62,66 @@ def load_config(config: ConfigLike, model_type: Optional[str] = None, **override
     return json.loads(_C.canonical_config(json.dumps(config)))
 
 
+class _ParameterSlots(dict):
+    """A facade's ``_parameters``: assigning a slot writes through to the C++
+    module (``_C.replace_parameter``), so what the C++ forward reads is always
+    what the facade holds. FSDP2 swaps sharded and gathered parameters in
+    here; ``module.weight = nn.Parameter(...)`` lands here too. Removing or
+    adding a slot is refused: the C++ forward would never see a parameter
+    computed or added on the Python side."""
+
+    def __init__(self, cpp_module, owner_name: str):
+        super().__init__(cpp_module._parameters.items())
+        self._cpp = cpp_module
+        self._owner = owner_name
+
+    def __setitem__(self, name, value):
+        if name not in self:
+            raise KeyError(f"{self._owner}: cannot add parameter {name!r}: the C++ forward would never read it")
+        if value is not None and not isinstance(value, torch.Tensor):
+            raise TypeError(f"{self._owner}: parameter {name!r} must be a tensor, got {type(value).__name__}")
+        _C.replace_parameter(self._cpp, name, value)
+        super().__setitem__(name, value)
+
+    def _refuse_removal(self, name, *args):
+        raise RuntimeError(
+            f"{self._owner}: removing parameter {name!r} is not supported. attnzoo's C++ forward reads the "
+            "C++ module's parameters, so a parameter computed on the Python side "
+            "(torch.nn.utils.parametrize, weight_norm, spectral_norm, pruning) would never be used; "
+            "assign another nn.Parameter of the same shape instead")
+
+    __delitem__ = pop = _refuse_removal
+
+    def popitem(self):
+        self._refuse_removal(next(reversed(self), None))
+
+    def clear(self):
+        if self:
+            self._refuse_removal(next(iter(self)))
+
+    def update(self, *args, **kwargs):
+        for name, value in dict(*args, **kwargs).items():
+            self[name] = value
+
+    def setdefault(self, name, value=None):
+        if name not in self:
+            self[name] = value
+        return self[name]
+
+
 class CppModule(nn.Module):
     """A generic nn.Module over a C++ torch::nn::Module, sharing its tensors."""
 
     def __init__(self, cpp_module):
         super().__init__()
         self._cpp = cpp_module
-        for name, tensor in cpp_module._parameters.items():
-            self._parameters[name] = tensor
+        self._parameters = _ParameterSlots(cpp_module, self._get_name())
         for name, tensor in cpp_module._buffers.items():
             self._buffers[name] = tensor
         for name, child in cpp_module._modules.items():
-            self._modules[name] = (CppModuleList if _C.is_module_list(child) else CppModule)(child)
+            kind = CppModuleList if _C.is_module_list(child) else (
+                TransformerBlock if _C.is_transformer_block(child) else CppModule)
+            self._modules[name] = kind(child)
         self.training = cpp_module.training
 
     def train(self, mode: bool = True):
@@ -111,6 +161,28 @@ class CppModuleList(CppModule):
         return iter(self._modules.values())
 
 
+class TransformerBlock(CppModule):
+    """A transformer block. The C++ model calls each block through this
+    facade (``ZooModel`` installs the runner), so that hooks on it run:
+    FSDP2's gathering of the block's parameters, activation checkpointing and
+    a user's forward hooks."""
+
+    def forward(self, hidden_states: torch.Tensor, call: "_C.LayerCall") -> torch.Tensor:
+        """hidden_states (B, N, C) -> (B, N, C); ``call`` carries the layer's
+        attention inputs (padding mask, causality, cache) from the C++ model."""
+        return _C.run_block(self._cpp, hidden_states, call)
+
+
+def _layer_runner(blocks):
+    # Holds the block facades, not the model: the C++ model keeps this
+    # function, and a reference back to its own facade would be a cycle that
+    # Python's collector cannot see through C++.
+    def run(layer, hidden_states, call):
+        return blocks[layer](hidden_states, call)
+
+    return run
+
+
 class ZooModel(CppModule):
     """Shared behaviour of GPT, Bert, ViT and Speech."""
 
@@ -120,11 +192,13 @@ class ZooModel(CppModule):
     def __init__(self, config: ConfigLike = None, **overrides):
         cfg = load_config(config, self.model_type, **overrides)
         super().__init__(self._cpp_class(json.dumps(cfg)))
+        self._cpp.set_layer_runner(_layer_runner(tuple(self.layers)))
 
     @classmethod
     def _wrap(cls, cpp_model) -> "ZooModel":
         model = cls.__new__(cls)
         CppModule.__init__(model, cpp_model)
+        cpp_model.set_layer_runner(_layer_runner(tuple(model.layers)))
         return model
 
     @property
@@ -146,16 +220,34 @@ class ZooModel(CppModule):
 
     def save_pretrained(self, directory: Union[str, os.PathLike]) -> None:
         """Writes directory/config.json and directory/model.safetensors (each
-        to a temporary file renamed into place)."""
+        to a temporary file renamed into place). A model sharded by FSDP2 is
+        gathered first: call this on every rank; rank 0 writes one unsharded
+        checkpoint that any reader (Python or C++) loads."""
         from safetensors.torch import save_file
 
+        state = self._full_state()
+        if state is None:
+            return  # a sharded model's other ranks: rank 0 writes
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         atomic_write(os.path.join(directory, "model.safetensors"),
                       lambda tmp: save_file(state, tmp, metadata={"format": "pt", "producer": "attnzoo"}))
         text = self._cpp.config_json()
         write_text_atomic(os.path.join(directory, "config.json"), text)
+
+    def _full_state(self) -> Optional[dict]:
+        """The unsharded state dict; for a model sharded by FSDP2 (its
+        parameters are DTensors) gathered to rank 0, with None on the others."""
+        from torch.distributed.tensor import DTensor
+
+        if not any(isinstance(p, DTensor) for p in self.parameters()):
+            return self.state_dict()
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return state if dist.get_rank() == 0 else None
 
     @classmethod
     def from_pretrained(cls, directory: Union[str, os.PathLike]) -> "ZooModel":

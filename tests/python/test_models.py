@@ -420,7 +420,8 @@ def test_jit_trace_through_the_facade():
     x = ids()
     traced = torch.jit.trace(model, (x,), check_trace=False)
     assert torch.equal(traced(x), model(x))
-    assert "attnzoo::attention" in str(traced.graph)
+    # the blocks are traced as submodule calls (they run through their facades)
+    assert "attnzoo::attention" in str(traced.inlined_graph)
 
 
 def test_python_forward_matches_the_cpp_checkpoint_reader(tmp_path):

@@ -17,7 +17,7 @@ BertImpl::BertImpl(const ModelConfig& config) : ModelBase(config) {
   if (!c.tie_word_embeddings)
     mlm_decoder = register_module(
         "mlm_decoder", torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.vocab_size).bias(false)));
-  mlm_bias = register_parameter("mlm_bias", at::zeros({c.vocab_size}));
+  bind_parameter(*this, "mlm_bias", at::zeros({c.vocab_size}), mlm_bias);
   if (c.num_labels > 0) {
     pooler = register_module("pooler", torch::nn::Linear(c.hidden_size, c.hidden_size));
     classifier = register_module("classifier", torch::nn::Linear(c.hidden_size, c.num_labels));

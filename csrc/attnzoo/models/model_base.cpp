@@ -128,7 +128,8 @@ at::Tensor ModelBase::run_layers(at::Tensor h, const nn::AttentionInputs& inputs
     nn::AttentionInputs layer_inputs = inputs;
     layer_inputs.cache = cache ? &(*cache)[i] : nullptr;
     layer_inputs.attention_maps = recording_attention_ ? &attention_maps_ : nullptr;
-    h = layers->ptr<nn::TransformerBlockImpl>(i)->forward(h, layer_inputs);
+    h = layer_runner_ ? layer_runner_(i, h, layer_inputs)
+                      : layers->ptr<nn::TransformerBlockImpl>(i)->forward(h, layer_inputs);
   }
   return h;
 }

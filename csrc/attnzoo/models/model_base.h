@@ -2,6 +2,7 @@
 // What the zoo's models share (docs/design.md section 6): the config, the
 // stack of transformer blocks, strict state loading, checkpoint directories
 // and attention recording. The models: gpt.h, bert.h, vit.h, speech.h.
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -16,8 +17,15 @@ namespace attnzoo::models {
 
 // What every zoo model shares: its config, strict state loading, and the
 // HF-style checkpoint directory (config.json + model.safetensors).
-class ModelBase : public torch::nn::Module {
+class ModelBase : public torch::nn::Module, public nn::ParameterOwner {
  public:
+  // Runs layer i on h. The Python facade installs one so that each block runs
+  // through its nn.Module facade's __call__: its hooks fire (FSDP2 gathers the
+  // block's parameters there, activation checkpointing wraps it there, user
+  // hooks see it). C++ callers leave it unset and the layers run directly.
+  using LayerRunner =
+      std::function<at::Tensor(size_t layer, const at::Tensor& h, const nn::AttentionInputs& inputs)>;
+
   explicit ModelBase(const ModelConfig& config);
   const ModelConfig& config() const { return config_; }
 
@@ -37,6 +45,8 @@ class ModelBase : public torch::nn::Module {
   // inspection: it costs one extra score computation per layer.
   void record_attention(bool on) { recording_attention_ = on; }
   std::vector<at::Tensor> take_attention_maps() { return std::exchange(attention_maps_, {}); }
+
+  void set_layer_runner(LayerRunner runner) { layer_runner_ = std::move(runner); }
 
  protected:
   // GPT-2/BERT initialisation: normal(0, 0.02) weights, zero biases, unit norms.
@@ -58,6 +68,7 @@ class ModelBase : public torch::nn::Module {
  private:
   bool recording_attention_ = false;
   std::vector<at::Tensor> attention_maps_;
+  LayerRunner layer_runner_;
 };
 
 }  // namespace attnzoo::models

@@ -11,9 +11,9 @@ ViTImpl::ViTImpl(const ModelConfig& config) : ModelBase(config) {
       "patch_embedding",
       torch::nn::Conv2d(
           torch::nn::Conv2dOptions(c.num_channels, c.hidden_size, c.patch_size).stride(c.patch_size)));
-  cls_token = register_parameter("cls_token", at::randn({1, 1, c.hidden_size}) * 0.02);
-  position_embedding =
-      register_parameter("position_embedding", at::randn({1, patches + 1, c.hidden_size}) * 0.02);
+  bind_parameter(*this, "cls_token", at::randn({1, 1, c.hidden_size}) * 0.02, cls_token);
+  bind_parameter(*this, "position_embedding", at::randn({1, patches + 1, c.hidden_size}) * 0.02,
+                 position_embedding);
   dropout = register_module("dropout", torch::nn::Dropout(c.dropout));
   for (int64_t i = 0; i < c.num_layers; ++i) layers->push_back(nn::TransformerBlock(c, c.attention[i]));
   final_norm = register_module("final_norm", nn::layer_norm(c));

@@ -28,12 +28,61 @@ bool is_dense_family(AttentionKind kind) {
   }
 }
 
-at::Tensor normal_parameter(torch::nn::Module& m, const std::string& name, at::IntArrayRef shape,
-                            double std) {
-  return m.register_parameter(name, at::randn(shape) * std);
+// torch::nn::Module keeps its parameter list protected; a member pointer taken
+// through a derived class is the standard way to reach it from outside.
+struct ParameterList : torch::nn::Module {
+  static torch::OrderedDict<std::string, at::Tensor>& of(torch::nn::Module& m) {
+    return m.*(&ParameterList::parameters_);
+  }
+};
+
+// The member a torch::nn built-in's forward() reads for parameter `name`.
+at::Tensor* builtin_member(torch::nn::Module& m, const std::string& name) {
+  auto pick = [&](auto* impl) -> at::Tensor* {
+    if (!impl) return nullptr;
+    if (name == "weight") return &impl->weight;
+    if (name == "bias") return &impl->bias;
+    return nullptr;
+  };
+  if (auto* p = pick(m.as<torch::nn::LinearImpl>())) return p;
+  if (auto* p = pick(m.as<torch::nn::LayerNormImpl>())) return p;
+  if (auto* p = pick(m.as<torch::nn::Conv1dImpl>())) return p;
+  if (auto* p = pick(m.as<torch::nn::Conv2dImpl>())) return p;
+  if (auto* embedding = m.as<torch::nn::EmbeddingImpl>(); embedding && name == "weight") return &embedding->weight;
+  return nullptr;
 }
 
 }  // namespace
+
+at::Tensor* ParameterOwner::parameter_member(const std::string& name) {
+  auto it = members_.find(name);
+  return it == members_.end() ? nullptr : it->second;
+}
+
+at::Tensor& ParameterOwner::bind_parameter(torch::nn::Module& self, const std::string& name, at::Tensor value,
+                                           at::Tensor& member) {
+  member = self.register_parameter(name, std::move(value));
+  members_[name] = &member;
+  return member;
+}
+
+void replace_parameter(torch::nn::Module& module, const std::string& name, const at::Tensor& value) {
+  at::Tensor* entry = ParameterList::of(module).find(name);
+  TORCH_CHECK_VALUE(entry, "replace_parameter: ", module.name(), " has no parameter '", name, "'");
+  TORCH_CHECK_VALUE(value.defined() == entry->defined(), "replace_parameter: parameter '", name, "' of ",
+                    module.name(), value.defined() ? " is absent (None) and must stay so"
+                                                   : " cannot be removed: its forward() reads it");
+  if (!value.defined()) return;
+  TORCH_CHECK_VALUE(value.sizes() == entry->sizes(), "replace_parameter: parameter '", name, "' of ",
+                    module.name(), " has shape ", entry->sizes(), "; the replacement has shape ", value.sizes());
+  at::Tensor* member = nullptr;
+  if (auto* owner = dynamic_cast<ParameterOwner*>(&module)) member = owner->parameter_member(name);
+  if (!member) member = builtin_member(module, name);
+  TORCH_CHECK(member, "replace_parameter: cannot find the member of ", module.name(), " that holds '", name,
+              "' (a module's own parameters must be registered with bind_parameter)");
+  *member = value;
+  *entry = value;
+}
 
 at::Tensor sinusoidal_positions(int64_t n, int64_t channels, int64_t offset, at::TensorOptions options) {
   auto pos = at::arange(offset, offset + n, options.dtype(at::kDouble)).unsqueeze(1);
@@ -90,15 +139,15 @@ MultiHeadAttentionImpl::MultiHeadAttentionImpl(const ModelConfig& config, const 
   out_proj = register_module("out_proj", torch::nn::Linear(q_out, hidden_));
   const auto& a = attention_;
   if (a.kind == AttentionKind::t5) {
-    t5_bias = normal_parameter(*this, "t5_bias", {a.num_buckets, heads_}, 0.02);
+    bind_parameter(*this, "t5_bias", at::randn({a.num_buckets, heads_}) * 0.02, t5_bias);
   } else if (a.kind == AttentionKind::shaw) {
-    shaw_rel_k = normal_parameter(*this, "shaw_rel_k", {2 * a.max_distance + 1, head_dim_}, 0.02);
-    shaw_rel_v = normal_parameter(*this, "shaw_rel_v", {2 * a.max_distance + 1, head_dim_}, 0.02);
+    bind_parameter(*this, "shaw_rel_k", at::randn({2 * a.max_distance + 1, head_dim_}) * 0.02, shaw_rel_k);
+    bind_parameter(*this, "shaw_rel_v", at::randn({2 * a.max_distance + 1, head_dim_}) * 0.02, shaw_rel_v);
   } else if (a.kind == AttentionKind::linformer) {
     const double std = 1.0 / std::sqrt(double(a.projected_length));
-    linformer_e = normal_parameter(*this, "linformer_e", {a.projected_length, max_positions_}, std);
+    bind_parameter(*this, "linformer_e", at::randn({a.projected_length, max_positions_}) * std, linformer_e);
     if (!a.share_kv_projection)
-      linformer_f = normal_parameter(*this, "linformer_f", {a.projected_length, max_positions_}, std);
+      bind_parameter(*this, "linformer_f", at::randn({a.projected_length, max_positions_}) * std, linformer_f);
   }
 }
 

@@ -12,7 +12,9 @@
 #include <torch/nn/modules/normalization.h>
 #include <torch/nn/pimpl.h>
 
+#include <map>
 #include <mutex>
+#include <string>
 #include <optional>
 #include <vector>
 
@@ -38,6 +40,31 @@ at::Tensor activation(Activation kind, const at::Tensor& x);
 // A LayerNorm over hidden_size with the config's epsilon.
 torch::nn::LayerNorm layer_norm(const ModelConfig& config);
 
+// A module's own parameters (those not inside a torch::nn built-in) are
+// members that forward() reads. bind_parameter registers one and remembers
+// its member, so that replace_parameter can reach it by name.
+class ParameterOwner {
+ public:
+  virtual ~ParameterOwner() = default;
+  // The member holding parameter `name`, or nullptr when it is not bound here.
+  at::Tensor* parameter_member(const std::string& name);
+
+ protected:
+  at::Tensor& bind_parameter(torch::nn::Module& self, const std::string& name, at::Tensor value,
+                             at::Tensor& member);
+
+ private:
+  std::map<std::string, at::Tensor*> members_;
+};
+
+// Makes `value` parameter `name` of `module`: the entry in its parameter list
+// and the member its forward() reads, so that the next forward uses `value`
+// itself and its gradient reaches `value`. For the Python facade, whose
+// parameter slots write through (FSDP2 swaps in sharded and gathered
+// parameters; a user may assign a new nn.Parameter). The shape must stay the
+// same; an unknown name, or a module whose member cannot be found, is an error.
+void replace_parameter(torch::nn::Module& module, const std::string& name, const at::Tensor& value);
+
 // What one attention call needs beyond the input: a key padding mask
 // (B, Nk) bool (true = real token), causality, a cache, a context to attend
 // to (cross-attention) and its own padding mask. When attention_maps is set,
@@ -52,7 +79,7 @@ struct AttentionInputs {
   std::vector<at::Tensor>* attention_maps = nullptr;
 };
 
-class MultiHeadAttentionImpl : public torch::nn::Module {
+class MultiHeadAttentionImpl : public torch::nn::Module, public ParameterOwner {
  public:
   MultiHeadAttentionImpl(const ModelConfig& config, const AttentionConfig& attention, bool cross = false);
 

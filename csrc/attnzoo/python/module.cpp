@@ -26,6 +26,33 @@ auto from_json() {
   return py::init([](const std::string& text) { return std::make_shared<M>(config_from_json(text)); });
 }
 
+// One layer call handed to Python (ModelBase::LayerRunner): the block's
+// attention inputs, owning the cross-attention context so that the call stays
+// valid when activation checkpointing replays it in the backward pass. The
+// cache and attention-map pointers are only used inside the forward call.
+struct LayerCall {
+  explicit LayerCall(const nn::AttentionInputs& in) : inputs(in) {
+    if (in.context) {
+      context = *in.context;
+      inputs.context = &context;
+    }
+  }
+  LayerCall(const LayerCall&) = delete;
+  LayerCall& operator=(const LayerCall&) = delete;
+  nn::AttentionInputs inputs;
+  at::Tensor context;
+};
+
+// A Python callable kept by C++ code that may run without the GIL (generate):
+// calls and the final release take the GIL.
+std::shared_ptr<py::object> hold_python(py::object fn) {
+  return std::shared_ptr<py::object>(new py::object(std::move(fn)), [](py::object* o) {
+    if (!Py_IsInitialized()) return;  // at interpreter exit: nothing left to release into
+    py::gil_scoped_acquire gil;
+    delete o;
+  });
+}
+
 py::list named_tensors_to_list(const io::NamedTensors& tensors) {
   py::list out;
   for (const auto& [name, t] : tensors) out.append(py::make_tuple(name, t));
@@ -86,6 +113,32 @@ PYBIND11_MODULE(_C, m) {
       },
       "Whether a C++ module is a torch::nn::ModuleList");
 
+  m.def(
+      "is_transformer_block",
+      [](const std::shared_ptr<torch::nn::Module>& module) {
+        return std::dynamic_pointer_cast<nn::TransformerBlockImpl>(module) != nullptr;
+      },
+      "Whether a C++ module is an attnzoo transformer block");
+  m.def(
+      "replace_parameter",
+      [](const std::shared_ptr<torch::nn::Module>& module, const std::string& name,
+         const std::optional<at::Tensor>& value) {
+        nn::replace_parameter(*module, name, value.value_or(at::Tensor()));
+      },
+      py::arg("module"), py::arg("name"), py::arg("value"),
+      "Makes value the parameter `name` of a C++ module, in its parameter list and in the member its "
+      "forward reads");
+  py::class_<LayerCall, std::shared_ptr<LayerCall>>(m, "LayerCall",
+                                                    "One transformer block call's attention inputs (opaque)");
+  m.def(
+      "run_block",
+      [](const std::shared_ptr<torch::nn::Module>& module, const at::Tensor& h, const LayerCall& call) {
+        auto block = std::dynamic_pointer_cast<nn::TransformerBlockImpl>(module);
+        TORCH_CHECK_TYPE(block, "run_block: not a transformer block: ", module->name());
+        return block->forward(h, call.inputs);
+      },
+      py::arg("block"), py::arg("hidden_states"), py::arg("call"));
+
   py::class_<PyKVCache>(m, "KVCache").def(py::init<>()).def_property_readonly("length", &PyKVCache::length);
 
   using models::ModelBase;
@@ -98,7 +151,19 @@ PYBIND11_MODULE(_C, m) {
              self.load_state(io::NamedTensors(tensors.begin(), tensors.end()));
            })
       .def("record_attention", &ModelBase::record_attention, py::arg("on"))
-      .def("take_attention_maps", &ModelBase::take_attention_maps);
+      .def("take_attention_maps", &ModelBase::take_attention_maps)
+      .def(
+          "set_layer_runner",
+          [](ModelBase& self, py::object runner) {
+            if (runner.is_none()) return self.set_layer_runner(nullptr);
+            auto fn = hold_python(std::move(runner));
+            self.set_layer_runner([fn](size_t layer, const at::Tensor& h, const nn::AttentionInputs& inputs) {
+              py::gil_scoped_acquire gil;
+              return (*fn)(layer, h, std::make_shared<LayerCall>(inputs)).cast<at::Tensor>();
+            });
+          },
+          py::arg("runner"),
+          "runner(layer, hidden_states, call) -> hidden_states runs each block (None: run them directly)");
 
   py::class_<models::GPTImpl, ModelBase, std::shared_ptr<models::GPTImpl>>(m, "GPT")
       .def(from_json<models::GPTImpl>())
