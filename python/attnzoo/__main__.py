@@ -42,6 +42,9 @@ def main(argv=None):
                    help="start over when --out holds a run of another config or other options (default: refuse; "
                         "the same command resumes an interrupted run)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimizer state with FSDP2 (fully_shard "
+                        "per block and on the model) instead of replicating them with DDP; same results")
     defaults = TrainOptions()
     for field in dataclasses.fields(TrainOptions):
         p.add_argument("--" + field.name.replace("_", "-"), type=type(getattr(defaults, field.name)), default=None,
@@ -94,7 +97,7 @@ def _run(ap, args) -> int:
                      if getattr(args, f.name) is not None}
             options = dataclasses.replace(recommended_options(args.model), **given)
             pretrain(args.model, args.out, options, attention=args.attention, model_overrides=overrides,
-                     quiet=args.quiet, overwrite=args.overwrite)
+                     quiet=args.quiet, overwrite=args.overwrite, fsdp=args.fsdp)
             if not args.quiet and os.environ.get("RANK", "0") == "0":
                 print(f"done: {args.out} (evaluate with: python -m attnzoo evaluate {args.out})")
         elif args.command == "compare":

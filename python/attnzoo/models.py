@@ -223,11 +223,13 @@ class ZooModel(CppModule):
         to a temporary file renamed into place). A model sharded by FSDP2 is
         gathered first: call this on every rank; rank 0 writes one unsharded
         checkpoint that any reader (Python or C++) loads."""
+        state = self._full_state()
+        if state is not None:  # None: a sharded model's other ranks (rank 0 writes)
+            self._write_pretrained(directory, state)
+
+    def _write_pretrained(self, directory, state: dict) -> None:
         from safetensors.torch import save_file
 
-        state = self._full_state()
-        if state is None:
-            return  # a sharded model's other ranks: rank 0 writes
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in state.items()}

@@ -102,10 +102,41 @@ def lr_at(step: int, o: TrainOptions) -> float:
 # ---------------------------------------------------------------------------
 # Trainer state <-> files (no pickle)
 
-def _save_trainer_state(directory, step, optimizer, data_generator, extra):
+def _optimizer_state(model, optimizer, sharded):
+    """The optimizer's state_dict with parameters numbered as
+    optimizer.state_dict() numbers them; under FSDP2 gathered from every rank
+    (a collective: call it on all ranks; the others get None)."""
+    if not sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    full = get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        return None
+    order = [name for group in full["param_groups"] for name in group["params"]]
+    return {"state": {order.index(name): values for name, values in full["state"].items()},
+            "param_groups": [{**group, "params": [order.index(n) for n in group["params"]]}
+                             for group in full["param_groups"]]}
+
+
+def _load_optimizer_state(model, optimizer, state, sharded):
+    if not sharded:
+        return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {p: n for n, p in model.named_parameters()}
+    order = [names[p] for group in optimizer.param_groups for p in group["params"]]
+    full = {"state": {order[i]: values for i, values in state["state"].items()},
+            "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
+                             for group in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=full,
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def _save_trainer_state(directory, step, state, data_generator, extra):
     from safetensors.torch import save_file
 
-    state = optimizer.state_dict()
     tensors = {"rng.torch": torch.get_rng_state(), "rng.data": data_generator.get_state()}
     for index, values in state["state"].items():
         for key, value in values.items():
@@ -115,7 +146,7 @@ def _save_trainer_state(directory, step, optimizer, data_generator, extra):
         json.dump({"step": step, "param_groups": state["param_groups"], **extra}, f, indent=1)
 
 
-def _load_trainer_state(directory, optimizer, data_generator):
+def _load_trainer_state(directory, model, optimizer, data_generator, sharded):
     from safetensors.torch import load_file
 
     tensors = load_file(os.path.join(directory, "trainer_state.safetensors"))
@@ -126,7 +157,7 @@ def _load_trainer_state(directory, optimizer, data_generator):
         if name.startswith("optimizer."):
             _, index, key = name.split(".", 2)
             state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    _load_optimizer_state(model, optimizer, {"state": state, "param_groups": meta["param_groups"]}, sharded)
     torch.set_rng_state(tensors["rng.torch"])
     data_generator.set_state(tensors["rng.data"])
     return meta
@@ -213,12 +244,15 @@ def _distributed():
 
 def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, attention: Optional[str] = None,
              model_overrides: Optional[dict] = None, cache: Optional[str] = None, quiet: bool = False,
-             overwrite: bool = False) -> dict:
+             overwrite: bool = False, fsdp: bool = False) -> dict:
     """Trains the run in `out`, or resumes it when `out` holds an interrupted
     run of the same model config and options (`steps` may differ: a finished
     run can be extended). A run of another config or other options is refused
     with the differences named, unless `overwrite` starts it over. Returns
-    the final metrics."""
+    the final metrics. Under torchrun the processes split the batch, with DDP
+    or, with `fsdp`, FSDP2 (parameters, gradients and optimizer state
+    sharded; checkpoints are gathered, so either kind of run resumes the
+    other's)."""
     o = options or TrainOptions()
     o.validate()
     overrides = dict(model_overrides or {})
@@ -263,6 +297,17 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
     model = models.MODEL_CLASSES[config["model_type"]](config)
     if main:
         _check_output_dir(out, model)
+    if resuming:
+        model.load_state_dict(models.from_pretrained(os.path.realpath(last)).state_dict())
+    sharded = fsdp and world > 1
+    if fsdp and world == 1:
+        warnings.warn("pretrain: fsdp has no effect in a single process; run under torchrun "
+                      "(e.g. torchrun --nproc_per_node=2 -m attnzoo pretrain ... --fsdp)", UserWarning, stacklevel=2)
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
@@ -270,9 +315,7 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
     data_generator = torch.Generator().manual_seed(o.seed + 1)
     start, best, bad_evals, elapsed = 0, None, 0, 0.0
     if resuming:
-        resolved = os.path.realpath(last)
-        model.load_state_dict(models.from_pretrained(resolved).state_dict())
-        meta = _load_trainer_state(resolved, optimizer, data_generator)
+        meta = _load_trainer_state(os.path.realpath(last), model, optimizer, data_generator, sharded)
         start, best, bad_evals, elapsed = meta["step"], meta["best"], meta["bad_evals"], meta["elapsed_s"]
         if main:
             _truncate_metrics(os.path.join(out, "metrics.jsonl"), start)
@@ -280,7 +323,7 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
         write_text_atomic(os.path.join(out, "run.json"),
                           json.dumps({"model": config, "options": dataclasses.asdict(o)}, indent=1))
     trained = model
-    if world > 1:
+    if world > 1 and not sharded:
         from torch.nn.parallel import DistributedDataParallel
         trained = DistributedDataParallel(model)
 
@@ -290,7 +333,8 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
         params = sum(p.numel() for p in model.parameters())
         progress.write(f"pretrain {config['model_type']} ({params / 1e6:.2f} M parameters, attention "
                        f"{_attention_kinds(config)}) -> {out}: steps {start}..{o.steps}, batch {o.batch_size}"
-                       f"{f' x {o.grad_accum}' if o.grad_accum > 1 else ''} over {world} process(es)")
+                       f"{f' x {o.grad_accum}' if o.grad_accum > 1 else ''} over {world} process(es)"
+                       f"{' (FSDP2)' if sharded else ''}")
     micro = o.batch_size // o.grad_accum if o.batch_size % o.grad_accum == 0 else None
     if micro is None:
         raise ValueError(f"batch_size {o.batch_size} must be divisible by grad_accum {o.grad_accum}")
@@ -309,7 +353,9 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
             units += task.units_per_batch(batch)
             local = shard(batch, rank, world)
             sync = m == o.grad_accum - 1
-            with (trained.no_sync() if world > 1 and not sync else contextlib.nullcontext()):
+            if sharded:
+                model.set_requires_gradient_sync(sync)
+            with (trained.no_sync() if world > 1 and not sharded and not sync else contextlib.nullcontext()):
                 loss = task.loss(trained, local) / o.grad_accum
                 loss.backward()
             loss_sum += loss.item()
@@ -337,10 +383,13 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
             value = final[metric]
             improved = best is None or (value > best if larger_is_better else value < best)
             best, bad_evals = (value, 0) if improved else (best, bad_evals + 1)
+            # gathered on every rank under FSDP2 (collectives), written by rank 0
+            model_state = model._full_state()
+            optimizer_state = _optimizer_state(model, optimizer, sharded)
             if main:
                 _append_jsonl(metrics_path, {"step": step, **{f"val_{k}": v for k, v in final.items()}})
                 progress.write(f"step {step}: val " + "  ".join(f"{k} {v:.4g}" for k, v in final.items()))
-                _checkpoint(out, step, model, task, optimizer, data_generator, improved,
+                _checkpoint(out, step, model, model_state, task, optimizer_state, data_generator, improved,
                             {"best": best, "bad_evals": bad_evals, "elapsed_s": elapsed})
                 _plot(metrics_path, os.path.join(out, "loss.png"))
             if world > 1:
@@ -431,7 +480,7 @@ def _fsync(path):
         os.close(fd)
 
 
-def _checkpoint(out, step, model, task, optimizer, data_generator, is_best, extra):
+def _checkpoint(out, step, model, model_state, task, optimizer_state, data_generator, is_best, extra):
     root = os.path.join(out, "checkpoints")
     os.makedirs(root, exist_ok=True)
     name = f"step-{step:06d}"
@@ -439,9 +488,9 @@ def _checkpoint(out, step, model, task, optimizer, data_generator, is_best, extr
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         os.makedirs(tmp)
-        model.save_pretrained(tmp)
+        model._write_pretrained(tmp, model_state)
         task.save_tokenizer(tmp)
-        _save_trainer_state(tmp, step, optimizer, data_generator, extra)
+        _save_trainer_state(tmp, step, optimizer_state, data_generator, extra)
         for entry in os.listdir(tmp):  # on disk before the rename makes the checkpoint visible
             _fsync(os.path.join(tmp, entry))
     except OSError as e:

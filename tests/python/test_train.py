@@ -197,25 +197,37 @@ def test_two_runs_with_one_seed_give_identical_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_ddp_two_processes_match_one_process(tmp_path):
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_match_one_process(tmp_path, sharding):
+    """torchrun with 2 processes (DDP, or FSDP2 with --fsdp) follows the
+    one-process run; with FSDP2 the run is then extended by 2 steps, resuming
+    from its gathered checkpoint, and still follows the one-process run."""
     common = ["--steps", "6", "--batch-size", "8", "--seq-len", "32", "--eval-every", "3", "--eval-batches", "1",
               "--data-fraction", "0.02", "--log-every", "1", "--quiet", "--set", "num_layers=2", "hidden_size=32",
               "num_heads=4", "dropout=0.0", "attention_dropout=0.0"]
     model = os.path.join(ROOT, "models", "gpt-kjv")
-    one = _cli("pretrain", model, "--out", str(tmp_path / "one"), *common)
-    assert one.wait(timeout=300) == 0, one.stderr.read()
+    flags = ["--fsdp"] if sharding == "fsdp" else []
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"), OMP_NUM_THREADS="1")
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "-m", "attnzoo", "pretrain", model, "--out", str(tmp_path / "two"), *common],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-4000:]
     losses = lambda run: [r["train_loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())  # noqa: E731
                           if "train_loss" in r]
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(a) == len(b) == 6
-    assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
-    wa, wb = weights(tmp_path / "one" / "last"), weights(tmp_path / "two" / "last")
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+    def both(steps):
+        one = _cli("pretrain", model, "--out", str(tmp_path / "one"), *common, "--steps", str(steps))
+        assert one.wait(timeout=300) == 0, one.stderr.read()
+        two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "-m", "attnzoo", "pretrain", model, "--out", str(tmp_path / "two"), *common,
+                              "--steps", str(steps), *flags],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert two.returncode == 0, two.stderr[-4000:]
+        a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+        assert len(a) == len(b) == steps
+        assert max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
+        wa, wb = weights(tmp_path / "one" / "last"), weights(tmp_path / "two" / "last")
+        assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+
+    both(6)
+    if sharding == "fsdp":
+        both(8)  # both resume from step 6
 
 
 def test_rerunning_into_a_run_of_another_configuration_is_refused(tmp_path):
