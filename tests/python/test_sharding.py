@@ -118,24 +118,41 @@ def _free_port():
 
 def test_fsdp2_two_processes_equal_one_process(tmp_path):
     torch.multiprocessing.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    # the checkpoint written sharded loads unsharded, from Python and from C++
-    reference = torch.load(tmp_path / "reference.pt")
-    x = reference["input"]
-    for loaded in (attnzoo.from_pretrained(tmp_path / "ckpt"), attnzoo.models.from_pretrained_cpp(tmp_path / "ckpt")):
-        assert (loaded(x) - reference["logits"]).abs().max() <= 1e-4
+    # the checkpoints written sharded load unsharded, from Python and from C++
+    for key in FSDP_MODELS:
+        reference = torch.load(tmp_path / f"{key}.pt")
+        for loaded in (attnzoo.from_pretrained(tmp_path / key), attnzoo.models.from_pretrained_cpp(tmp_path / key)):
+            out = loaded(*reference["inputs"])
+            out = out[0] if isinstance(out, tuple) else out
+            assert (out - reference["output"]).abs().max() <= 1e-4, key
 
 
-def _batch(step):
+FSDP_MODELS = ["gpt-t5", "bert", "vit", "speech"]
+
+
+def _gpt_batch(step):
     # counting sequences from random starts: learnable, so the run can show it trains
     g = torch.Generator().manual_seed(100 + step)
-    return (torch.randint(0, 40, (4, 1), generator=g) + torch.arange(13)) % 40
+    return (torch.randint(0, 40, (4, 13), generator=g)[:, :1] + torch.arange(13)) % 40
 
 
-def _step(model, opt, ids):
-    loss = F.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    return loss
+def _inputs(key, step):
+    """A global batch of 4 for model `key` at `step`, and its loss of the
+    model's output on the rows `rows` of that batch (a mean per example, so
+    that the mean over two halves is the loss of the whole)."""
+    g = torch.Generator().manual_seed(200 + step)
+    if key.startswith("gpt"):
+        ids = _gpt_batch(step)
+        return (ids[:, :-1],), lambda out, rows: F.cross_entropy(out.flatten(0, 1), ids[rows, 1:].flatten())
+    if key == "bert":
+        ids = torch.randint(0, 40, (4, 12), generator=g)
+        return (ids,), lambda out, rows: F.cross_entropy(out.flatten(0, 1), ids[rows].flatten())
+    if key == "vit":
+        labels = torch.arange(4) % 2
+        x = torch.randn(4, 3, 8, 8, generator=g) + labels.view(4, 1, 1, 1)
+        return (x,), lambda out, rows: F.cross_entropy(out, labels[rows])
+    wave = torch.randn(4, 4000, generator=g)
+    return (wave,), lambda out, rows: (out[0] * torch.linspace(-1, 1, out[0].shape[-1])).mean()
 
 
 def _fsdp_worker(rank, world, port, out):
@@ -144,34 +161,54 @@ def _fsdp_worker(rank, world, port, out):
     from torch.distributed.tensor import DTensor
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        model = GPT(GPT_CONFIG)
-        reference = GPT(GPT_CONFIG)
-        reference.load_state_dict(model.state_dict())
-        for block in model.layers:
-            fully_shard(block)
-        fully_shard(model)
-        assert all(isinstance(p, DTensor) for p in model.parameters())
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
-        per_rank = 4 // world
-        losses = []
-        for step in range(STEPS):
-            ids = _batch(step)
-            loss = _step(model, opt, ids[rank * per_rank:(rank + 1) * per_rank])
-            missing = [n for n, p in model.named_parameters() if p.grad is None]
-            assert not missing, f"step {step}: no gradient for {missing}"
-            opt.step()
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-            ref_loss = _step(reference, ref_opt, ids)
-            ref_opt.step()
-            assert abs(loss.item() - ref_loss.item()) <= 1e-4, (step, loss.item(), ref_loss.item())
-            losses.append(loss.item())
-        assert losses[-1] < 0.5 * losses[0], f"the run did not train: {losses}"
-        model.save_pretrained(f"{out}/ckpt")  # every rank gathers; rank 0 writes
-        if rank == 0:
-            x = _batch(STEPS)[:, :-1]
-            torch.save({"input": x, "logits": reference.eval()(x).detach()}, f"{out}/reference.pt")
+        for key in FSDP_MODELS:
+            _fsdp_run(key, rank, world, out, fully_shard, DTensor, dist)
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _fsdp_run(key, rank, world, out, fully_shard, DTensor, dist):
+    cls, config, _ = MODELS[key]
+    config = {**config, "dropout": 0.0, "attention_dropout": 0.0}
+    torch.manual_seed(0)
+    model = cls(config)
+    reference = cls(config)
+    reference.load_state_dict(model.state_dict())
+    full_numel = sum(p.numel() for p in model.parameters())
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    local_numel = sum(p.to_local().numel() for p in model.parameters())
+    # each process holds about half of the parameters (and so of AdamW's moments)
+    assert local_numel <= 0.55 * full_numel, (key, local_numel, full_numel)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    per = 4 // world
+    steps = STEPS if key.startswith("gpt") else 5
+    losses = []
+    for step in range(steps):
+        inputs, loss_of = _inputs(key, step)
+        mine = tuple(t[rank * per:(rank + 1) * per] for t in inputs)
+        loss = loss_of(model(*mine), slice(rank * per, (rank + 1) * per))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        missing = [n for n, p in model.named_parameters() if p.grad is None]
+        assert not missing, f"{key} step {step}: no gradient for {missing}"
+        opt.step()
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        ref_loss = loss_of(reference(*inputs), slice(None))
+        ref_opt.zero_grad(set_to_none=True)
+        ref_loss.backward()
+        ref_opt.step()
+        assert abs(loss.item() - ref_loss.item()) <= 1e-4, (key, step, loss.item(), ref_loss.item())
+        losses.append(loss.item())
+    if key.startswith("gpt"):
+        assert losses[-1] < 0.5 * losses[0], f"the run did not train: {losses}"
+    model.save_pretrained(f"{out}/{key}")  # every rank gathers; rank 0 writes
+    if rank == 0:
+        inputs, _ = _inputs(key, steps)
+        output = reference.eval()(*inputs)
+        output = output[0] if isinstance(output, tuple) else output
+        torch.save({"inputs": inputs, "output": output.detach()}, f"{out}/{key}.pt")
