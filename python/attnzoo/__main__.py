@@ -45,6 +45,9 @@ def main(argv=None):
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard parameters, gradients and optimizer state with FSDP2 (fully_shard "
                         "per block and on the model) instead of replicating them with DDP; same results")
+    p.add_argument("--checkpoint-activations", action="store_true",
+                   help="activation checkpointing per transformer block: less memory for long sequences, about "
+                        "one more forward pass per step; same results")
     defaults = TrainOptions()
     for field in dataclasses.fields(TrainOptions):
         p.add_argument("--" + field.name.replace("_", "-"), type=type(getattr(defaults, field.name)), default=None,
@@ -97,7 +100,8 @@ def _run(ap, args) -> int:
                      if getattr(args, f.name) is not None}
             options = dataclasses.replace(recommended_options(args.model), **given)
             pretrain(args.model, args.out, options, attention=args.attention, model_overrides=overrides,
-                     quiet=args.quiet, overwrite=args.overwrite, fsdp=args.fsdp)
+                     quiet=args.quiet, overwrite=args.overwrite, fsdp=args.fsdp,
+                     checkpoint_activations=args.checkpoint_activations)
             if not args.quiet and os.environ.get("RANK", "0") == "0":
                 print(f"done: {args.out} (evaluate with: python -m attnzoo evaluate {args.out})")
         elif args.command == "compare":

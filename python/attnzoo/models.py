@@ -19,6 +19,7 @@ import os
 from typing import Any, Mapping, Optional, Union
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from . import _C
@@ -167,6 +168,8 @@ class TransformerBlock(CppModule):
     FSDP2's gathering of the block's parameters, activation checkpointing and
     a user's forward hooks."""
 
+    checkpoint_activations = False  # set by ZooModel.gradient_checkpointing_enable()
+
     def forward(self, hidden_states: torch.Tensor, call: "_C.LayerCall") -> torch.Tensor:
         """hidden_states (B, N, C) -> (B, N, C); ``call`` carries the layer's
         attention inputs (padding mask, causality, cache) from the C++ model."""
@@ -178,7 +181,12 @@ def _layer_runner(blocks):
     # function, and a reference back to its own facade would be a cycle that
     # Python's collector cannot see through C++.
     def run(layer, hidden_states, call):
-        return blocks[layer](hidden_states, call)
+        block = blocks[layer]
+        if block.checkpoint_activations and block.training and torch.is_grad_enabled():
+            # Keeps only the block's input; the backward pass runs the block
+            # again (same dropout: the RNG state is restored for the replay).
+            return torch.utils.checkpoint.checkpoint(block, hidden_states, call, use_reentrant=False)
+        return block(hidden_states, call)
 
     return run
 
@@ -204,6 +212,22 @@ class ZooModel(CppModule):
     @property
     def config(self) -> dict:
         return json.loads(self._cpp.config_json())
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Activation checkpointing per transformer block (as HF names it):
+        in training, each block keeps only its input and runs again in the
+        backward pass, trading about one more forward for the activations'
+        memory (docs/training.md has the numbers)."""
+        for block in self.layers:
+            block.checkpoint_activations = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        for block in self.layers:
+            block.checkpoint_activations = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(block.checkpoint_activations for block in self.layers)
 
     @torch.no_grad()
     def attention_maps(self, *inputs, **kwargs) -> list:

@@ -244,7 +244,7 @@ def _distributed():
 
 def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, attention: Optional[str] = None,
              model_overrides: Optional[dict] = None, cache: Optional[str] = None, quiet: bool = False,
-             overwrite: bool = False, fsdp: bool = False) -> dict:
+             overwrite: bool = False, fsdp: bool = False, checkpoint_activations: bool = False) -> dict:
     """Trains the run in `out`, or resumes it when `out` holds an interrupted
     run of the same model config and options (`steps` may differ: a finished
     run can be extended). A run of another config or other options is refused
@@ -252,7 +252,8 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
     the final metrics. Under torchrun the processes split the batch, with DDP
     or, with `fsdp`, FSDP2 (parameters, gradients and optimizer state
     sharded; checkpoints are gathered, so either kind of run resumes the
-    other's)."""
+    other's). `checkpoint_activations` recomputes each block in the backward
+    pass instead of keeping its activations (same results, less memory)."""
     o = options or TrainOptions()
     o.validate()
     overrides = dict(model_overrides or {})
@@ -299,6 +300,8 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
         _check_output_dir(out, model)
     if resuming:
         model.load_state_dict(models.from_pretrained(os.path.realpath(last)).state_dict())
+    if checkpoint_activations:
+        model.gradient_checkpointing_enable()
     sharded = fsdp and world > 1
     if fsdp and world == 1:
         warnings.warn("pretrain: fsdp has no effect in a single process; run under torchrun "

@@ -103,6 +103,31 @@ def test_hooks_on_a_block_run():
     assert seen == [(2, 12, 32), (1, 4, 32), (1, 1, 32)]
 
 
+@pytest.mark.parametrize("key", ["gpt-t5", "speech"])
+def test_activation_checkpointing_gives_the_same_gradients(key):
+    cls, config, make_inputs = MODELS[key]
+    config = {**config, "dropout": 0.1, "attention_dropout": 0.1}  # the replay must redraw the same dropout
+    torch.manual_seed(0)
+    plain, checkpointed = cls(config), cls(config)
+    checkpointed.load_state_dict(plain.state_dict())
+    checkpointed.gradient_checkpointing_enable()
+    assert checkpointed.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    calls = []
+    # a pre-hook: the replay stops as soon as it has what the backward needs,
+    # before a forward hook would run
+    checkpointed.layers[0].register_forward_pre_hook(lambda *args: calls.append(1))
+    inputs = make_inputs()
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)
+        _loss(model, inputs).backward()
+    assert len(calls) == 2  # the block ran again in the backward pass
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-6), name
+    with torch.no_grad():  # no replay without a backward pass
+        checkpointed(*inputs)
+    assert len(calls) == 3
+
+
 # ---------------------------------------------------------------------------
 # FSDP2 with gloo: two processes, each with half of the global batch, equal one
 # process with all of it.
