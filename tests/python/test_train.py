@@ -378,3 +378,93 @@ def test_compare_runs_every_kind_on_the_same_batches(tmp_path):
     runs = [json.loads((tmp_path / k / "run.json").read_text()) for k in ("dense", "lsh")]
     assert runs[0]["options"] == runs[1]["options"]
     assert runs[1]["model"]["attention"]["kind"] == "lsh"
+
+
+# ---------------------------------------------------------------------------
+# Two torchrun "nodes" on this machine (static rendezvous, one process each).
+
+def _multinode_args(out, steps):
+    return ["pretrain", os.path.join(ROOT, "models", "gpt-kjv"), "--out", str(out), "--steps", str(steps),
+            "--batch-size", "4", "--seq-len", "32", "--eval-every", "2", "--eval-batches", "1", "--data-fraction",
+            "0.02", "--warmup-steps", "3", "--quiet", "--set", "num_layers=2", "hidden_size=32", "num_heads=4",
+            "dropout=0.0", "attention_dropout=0.0"]
+
+
+def _node(node_rank, port, out, steps, log):
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                             f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                             "-m", "attnzoo", *_multinode_args(out, steps)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill_tree(pid):
+    """SIGKILL a process and all its descendants (torchrun starts its workers
+    in sessions of their own, so killing its process group is not enough)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_two_nodes_with_a_node_killed_and_resumed_match_one_process(tmp_path):
+    """torchrun --nnodes=2 on 127.0.0.1, one process per node; node 1 is
+    SIGKILLed mid-run, node 0 must then stop with an error (not hang), and
+    the same two commands resume the run, which ends where one process does."""
+    steps = 40
+    one = _cli(*_multinode_args(tmp_path / "one", steps))
+    assert one.wait(timeout=300) == 0, one.stderr.read()
+
+    run, last = tmp_path / "two", tmp_path / "two" / "last"
+    logs = [open(tmp_path / f"node{r}.log", "w") for r in range(2)]
+    port = _free_port()
+    nodes = [_node(r, port, run, steps, logs[r]) for r in range(2)]
+    deadline = time.time() + 180
+    while time.time() < deadline and not (last.exists() and os.path.realpath(last).endswith(("10", "12", "14"))):
+        time.sleep(0.01)
+    _kill_tree(nodes[1].pid)  # node 1 "crashes": its agent and its worker
+    nodes[1].wait()
+    try:
+        survivor = nodes[0].wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        _kill_tree(nodes[0].pid)
+        pytest.fail("node 0 hung after node 1 was killed:\n" + (tmp_path / "node0.log").read_text()[-3000:])
+    assert survivor != 0, "the run ended before node 1 could be killed"
+    interrupted_at = json.loads((last / "trainer_state.json").read_text())["step"]
+    assert 0 < interrupted_at < steps
+
+    port = _free_port()
+    nodes = [_node(r, port, run, steps, logs[r]) for r in range(2)]
+    for r, node in enumerate(nodes):
+        assert node.wait(timeout=300) == 0, (tmp_path / f"node{r}.log").read_text()[-3000:]
+    for log in logs:
+        log.close()
+    a, b = weights(tmp_path / "one" / "last"), weights(run / "last")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    metrics = lambda r: [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    val = lambda r: [(m["step"], m["val_loss"]) for m in metrics(r) if "val_loss" in m]  # noqa: E731
+    va, vb = val(tmp_path / "one"), val(run)
+    assert [s for s, _ in va] == [s for s, _ in vb]
+    assert max(abs(x - y) for (_, x), (_, y) in zip(va, vb)) < 1e-4
