@@ -98,6 +98,44 @@ TEST_CASE("GPT: cached and uncached generation agree in C++", "[models]") {
   }
 }
 
+TEST_CASE("replace_parameter: the forward reads the new tensor and its gradient reaches it", "[models]") {
+  torch::manual_seed(2);
+  attnzoo::models::GPT gpt(attnzoo::config_from_json(gpt_json(R"({"kind": "t5"})")));
+  attnzoo::models::GPT twin(attnzoo::config_from_json(gpt_json(R"({"kind": "t5"})")));
+  gpt->eval();
+  twin->eval();
+  auto ids = at::randint(0, 50, {2, 9});
+  // every parameter (built-ins' weights and biases, the T5 table) replaced
+  std::vector<std::pair<std::string, at::Tensor>> fresh;
+  for (const auto& item : gpt->named_parameters(true)) {
+    auto value = (item.value().detach() + 0.05 * at::randn_like(item.value())).requires_grad_();
+    fresh.emplace_back(item.key(), value);
+    auto dot = item.key().rfind('.');
+    auto* owner = dot == std::string::npos ? gpt.ptr().get()
+                                           : gpt->named_modules("", false)[item.key().substr(0, dot)].get();
+    attnzoo::nn::replace_parameter(*owner, item.key().substr(dot + 1), value);
+  }
+  {
+    torch::NoGradGuard no_grad;
+    for (const auto& [name, value] : fresh) twin->named_parameters(true)[name].copy_(value);
+  }
+  auto out = gpt->forward(ids);
+  CHECK(at::equal(out, twin->forward(ids)));
+  out.logsumexp(-1).mean().backward();
+  for (const auto& [name, value] : fresh) {
+    INFO(name);
+    CHECK(value.grad().defined());
+    CHECK(gpt->named_parameters(true)[name].is_same(value));
+  }
+  auto* fc = gpt->named_modules("", false)["layers.0.mlp.fc_in"].get();
+  CHECK_THROWS_WITH(attnzoo::nn::replace_parameter(*fc, "weight", at::randn({3, 3})),
+                    Catch::Contains("has shape [128, 32]; the replacement has shape [3, 3]"));
+  CHECK_THROWS_WITH(attnzoo::nn::replace_parameter(*fc, "scale", at::randn({3})),
+                    Catch::Contains("has no parameter 'scale'"));
+  CHECK_THROWS_WITH(attnzoo::nn::replace_parameter(*fc, "weight", at::Tensor()),
+                    Catch::Contains("cannot be removed"));
+}
+
 TEST_CASE("transformer block with cross-attention reads the context and honours its padding", "[models]") {
   torch::manual_seed(3);
   auto config = attnzoo::config_from_json(gpt_json());

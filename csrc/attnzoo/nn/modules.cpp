@@ -48,7 +48,8 @@ at::Tensor* builtin_member(torch::nn::Module& m, const std::string& name) {
   if (auto* p = pick(m.as<torch::nn::LayerNormImpl>())) return p;
   if (auto* p = pick(m.as<torch::nn::Conv1dImpl>())) return p;
   if (auto* p = pick(m.as<torch::nn::Conv2dImpl>())) return p;
-  if (auto* embedding = m.as<torch::nn::EmbeddingImpl>(); embedding && name == "weight") return &embedding->weight;
+  if (auto* embedding = m.as<torch::nn::EmbeddingImpl>(); embedding && name == "weight")
+    return &embedding->weight;
   return nullptr;
 }
 
@@ -69,12 +70,13 @@ at::Tensor& ParameterOwner::bind_parameter(torch::nn::Module& self, const std::s
 void replace_parameter(torch::nn::Module& module, const std::string& name, const at::Tensor& value) {
   at::Tensor* entry = ParameterList::of(module).find(name);
   TORCH_CHECK_VALUE(entry, "replace_parameter: ", module.name(), " has no parameter '", name, "'");
-  TORCH_CHECK_VALUE(value.defined() == entry->defined(), "replace_parameter: parameter '", name, "' of ",
-                    module.name(), value.defined() ? " is absent (None) and must stay so"
-                                                   : " cannot be removed: its forward() reads it");
+  TORCH_CHECK_VALUE(
+      value.defined() == entry->defined(), "replace_parameter: parameter '", name, "' of ", module.name(),
+      value.defined() ? " is absent (None) and must stay so" : " cannot be removed: its forward() reads it");
   if (!value.defined()) return;
   TORCH_CHECK_VALUE(value.sizes() == entry->sizes(), "replace_parameter: parameter '", name, "' of ",
-                    module.name(), " has shape ", entry->sizes(), "; the replacement has shape ", value.sizes());
+                    module.name(), " has shape ", entry->sizes(), "; the replacement has shape ",
+                    value.sizes());
   at::Tensor* member = nullptr;
   if (auto* owner = dynamic_cast<ParameterOwner*>(&module)) member = owner->parameter_member(name);
   if (!member) member = builtin_member(module, name);
@@ -147,7 +149,8 @@ MultiHeadAttentionImpl::MultiHeadAttentionImpl(const ModelConfig& config, const 
     const double std = 1.0 / std::sqrt(double(a.projected_length));
     bind_parameter(*this, "linformer_e", at::randn({a.projected_length, max_positions_}) * std, linformer_e);
     if (!a.share_kv_projection)
-      bind_parameter(*this, "linformer_f", at::randn({a.projected_length, max_positions_}) * std, linformer_f);
+      bind_parameter(*this, "linformer_f", at::randn({a.projected_length, max_positions_}) * std,
+                     linformer_f);
   }
 }
 

@@ -14,8 +14,8 @@
 
 #include <map>
 #include <mutex>
-#include <string>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "attnzoo/models/config.h"
