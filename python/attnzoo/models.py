@@ -14,6 +14,7 @@ transformer block through its facade, so hooks on blocks run.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, Mapping, Optional, Union
@@ -213,6 +214,28 @@ class ZooModel(CppModule):
     def config(self) -> dict:
         return json.loads(self._cpp.config_json())
 
+    @contextlib.contextmanager
+    def _outside_forward(self, method: str):
+        """Around a method that reaches the C++ model without going through
+        ``model(...)``. FSDP2 gathers the model's own (non-block) parameters
+        in its forward hooks, so here they are gathered explicitly; for
+        inference only, because the gradients' reduce-scatter is also set up
+        by those hooks, and training through this method would leave the
+        shards without gradients."""
+        from torch.distributed.fsdp import FSDPModule
+
+        if not isinstance(self, FSDPModule):
+            yield
+            return
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            raise RuntimeError(f"{type(self).__name__}.{method}: under FSDP2 only model(...) trains; call "
+                               f"{method} under torch.no_grad() (or train through forward)")
+        self.unshard()
+        try:
+            yield
+        finally:
+            self.reshard()
+
     def gradient_checkpointing_enable(self) -> None:
         """Activation checkpointing per transformer block (as HF names it):
         in training, each block keeps only its input and runs again in the
@@ -237,7 +260,8 @@ class ZooModel(CppModule):
         (lsh, linformer, linear, longformer, shaw, block_sparse)."""
         self._cpp.record_attention(True)
         try:
-            self.forward(*inputs, **kwargs)
+            with self._outside_forward("attention_maps"):
+                self.forward(*inputs, **kwargs)
         finally:
             self._cpp.record_attention(False)
         return list(self._cpp.take_attention_maps())
@@ -301,7 +325,8 @@ class GPT(ZooModel):
     def forward_cached(self, input_ids: torch.Tensor, cache: "_C.KVCache") -> torch.Tensor:
         """Logits of input_ids continuing the sequence held by ``cache`` (a
         ``attnzoo._C.KVCache()``, filled in)."""
-        return self._cpp.forward_cached(input_ids, cache)
+        with self._outside_forward("forward_cached"):
+            return self._cpp.forward_cached(input_ids, cache)
 
     @property
     def supports_kv_cache(self) -> bool:
@@ -315,7 +340,9 @@ class GPT(ZooModel):
         temperature is 0, else sampled (top_k / top_p). Rows that emit eos are
         padded with eos; generation stops when every row has. Attention kinds
         without a KV cache (lsh, linear) recompute the whole prefix per token."""
-        return self._cpp.generate(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, use_cache, seed)
+        with self._outside_forward("generate"):
+            return self._cpp.generate(input_ids, max_new_tokens, temperature, top_k, top_p, eos_token_id, use_cache,
+                                      seed)
 
 
 class Bert(ZooModel):
@@ -330,11 +357,13 @@ class Bert(ZooModel):
         return self._cpp.forward(input_ids, attention_mask, token_type_ids, predict_mask)
 
     def encode(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        return self._cpp.encode(input_ids, attention_mask, token_type_ids)
+        with self._outside_forward("encode"):
+            return self._cpp.encode(input_ids, attention_mask, token_type_ids)
 
     def classify(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
         """Sequence-classification logits (B, num_labels)."""
-        return self._cpp.classify(input_ids, attention_mask, token_type_ids)
+        with self._outside_forward("classify"):
+            return self._cpp.classify(input_ids, attention_mask, token_type_ids)
 
 
 class ViT(ZooModel):
@@ -348,7 +377,8 @@ class ViT(ZooModel):
         return self._cpp.forward(pixel_values)
 
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self._cpp.encode(pixel_values)
+        with self._outside_forward("encode"):
+            return self._cpp.encode(pixel_values)
 
 
 class Speech(ZooModel):

@@ -231,6 +231,18 @@ def _fsdp_run(key, rank, world, out, fully_shard, DTensor, dist):
         losses.append(loss.item())
     if key.startswith("gpt"):
         assert losses[-1] < 0.5 * losses[0], f"the run did not train: {losses}"
+    # methods other than forward gather the model's own parameters, for inference
+    model.eval()
+    reference.eval()
+    if key.startswith("gpt"):
+        prompt = torch.randint(0, 40, (1, 4), generator=torch.Generator().manual_seed(5))
+        assert torch.equal(model.generate(prompt, 6), reference.generate(prompt, 6))
+    if key == "bert":
+        ids = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(6))
+        with pytest.raises(RuntimeError, match=r"Bert.encode: under FSDP2 only model\(...\) trains"):
+            model.encode(ids)
+        with torch.no_grad():
+            assert (model.encode(ids) - reference.encode(ids)).abs().max() <= 1e-4
     model.save_pretrained(f"{out}/{key}")  # every rank gathers; rank 0 writes
     if rank == 0:
         inputs, _ = _inputs(key, steps)
