@@ -5,6 +5,7 @@ Importing the package loads the C++ extension, which registers the
 """
 import torch  # noqa: F401  (the extension links against the loaded torch)
 
+from . import _build_info  # noqa: F401  first: refuses a torch other than the one attnzoo was built against
 from . import _C  # noqa: F401  registers torch.ops.attnzoo.*
 from . import convert, layouts, models, ops
 from .models import from_pretrained
