@@ -162,12 +162,12 @@ def spoken_digits(cache: Optional[str] = None) -> Dict[str, dict]:
     """The spoken-digits set per split: {"train": {"audio": [int16 tensors at
     16 kHz], "text": ["three one four", ...], "voice": [...]}, ...}. Built on
     first use with espeak-ng and sox (about a minute on two cores)."""
-    from safetensors.torch import load_file
+    from ._files import load_safetensors
 
     paths = _split_files(cache, "spoken-digits", ".safetensors", _build_spoken_digits)
     out = {}
     for split, path in paths.items():
-        tensors = load_file(path)
+        tensors = load_safetensors(path)
         with open(path[: -len(".safetensors")] + ".json", encoding="utf-8") as f:
             meta = json.load(f)
         bounds = tensors["offsets"].tolist()

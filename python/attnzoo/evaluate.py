@@ -93,7 +93,9 @@ def export(path: str, destination: str, dtype: str = "float32") -> str:
     its own float32 parameters), without the trainer state."""
     import shutil
 
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
+
+    from ._files import load_safetensors
 
     types = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in types:
@@ -104,7 +106,7 @@ def export(path: str, destination: str, dtype: str = "float32") -> str:
         if os.path.exists(os.path.join(checkpoint, name)):
             shutil.copyfile(os.path.join(checkpoint, name), os.path.join(destination, name))
     tensors = {k: v.to(types[dtype]) if v.is_floating_point() else v
-               for k, v in load_file(os.path.join(checkpoint, "model.safetensors")).items()}
+               for k, v in load_safetensors(os.path.join(checkpoint, "model.safetensors")).items()}
     metadata = {"format": "pt", "producer": "attnzoo", "source": checkpoint}
     atomic_write(os.path.join(destination, "model.safetensors"), lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return destination

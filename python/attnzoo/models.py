@@ -304,11 +304,11 @@ class ZooModel(CppModule):
         """Loads a checkpoint directory strictly (missing or unexpected keys are
         errors). The model comes back in eval mode, as HF's do: call
         ``.train()`` to fine-tune."""
-        from safetensors.torch import load_file
+        from ._files import load_safetensors
 
         directory = os.fspath(directory)
         model = cls(os.path.join(directory, "config.json"))
-        model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")), strict=True)
+        model.load_state_dict(load_safetensors(os.path.join(directory, "model.safetensors")), strict=True)
         return model.eval()
 
 

@@ -147,9 +147,9 @@ def _save_trainer_state(directory, step, state, data_generator, extra):
 
 
 def _load_trainer_state(directory, model, optimizer, data_generator, sharded):
-    from safetensors.torch import load_file
+    from ._files import load_safetensors
 
-    tensors = load_file(os.path.join(directory, "trainer_state.safetensors"))
+    tensors = load_safetensors(os.path.join(directory, "trainer_state.safetensors"))
     with open(os.path.join(directory, "trainer_state.json")) as f:
         meta = json.load(f)
     state = {}
