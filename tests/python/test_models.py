@@ -625,9 +625,8 @@ def test_hostile_checkpoint_files_give_clear_errors_in_both_languages(tmp_path):
         path.write_bytes(data)
         with pytest.raises(ValueError, match=str(path)):
             attnzoo.models.from_pretrained_cpp(tmp_path)
-        with pytest.raises(Exception) as error:  # the safetensors package (Rust) on the Python side
+        with pytest.raises(ValueError, match=str(path)):  # the Python loader names the file too
             attnzoo.from_pretrained(tmp_path)
-        assert error.type.__name__ in ("SafetensorError", "ValueError", "RuntimeError"), (what, error.type)
     path.write_bytes(good)
     (tmp_path / "config.json").write_text('{"model_type": "gpt", "hidden_size": 33}')
     for load in (attnzoo.from_pretrained, attnzoo.models.from_pretrained_cpp):
