@@ -8,8 +8,9 @@ the batch: q, k, v (and, in the backward, grad_out, out, lse) become
 first, so that each of the V samples keeps its own (and, in the backward,
 gets its own bias gradient).
 
-Shared tables have no batch dimension to fold into: when t5_table, shaw_k,
-shaw_v or layout is itself vmapped, or the backward is asked for a table's
+Shared tables have no batch dimension to fold into (a 4-D layout's batch
+dimension is repeated V times): when t5_table, shaw_k, shaw_v or the layout
+(with its block masks) is itself vmapped, or the backward is asked for a table's
 gradient (which must come back per sample), the op runs per sample, with a
 warning, as torch's fallback would.
 
@@ -28,7 +29,10 @@ from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
 # Option tensors broadcast against (B, H, Nq, Nk) or (B, H): expanded and folded.
 _PER_BATCH_OPTIONS = {"mask": 4, "bias": 4, "alibi_slopes": 2}
 # Option tensors without a batch dimension: shared by the whole batch.
-_SHARED_OPTIONS = ("t5_table", "layout", "shaw_k", "shaw_v")
+_SHARED_OPTIONS = ("t5_table", "layout", "block_mask_index", "block_masks", "shaw_k", "shaw_v")
+# Shared options that may still carry a batch dimension of their own (a 4-D
+# layout, one per batch entry): repeated for each of the V samples.
+_PER_BATCH_LAYOUTS = ("layout", "block_mask_index")
 # _attention_backward's results after grad_q, grad_k, grad_v, and the option
 # each is the gradient of (output_mask has the same order).
 _OPTION_GRADS = ("bias", "t5_table", "shaw_k", "shaw_v")
@@ -100,6 +104,10 @@ def _folded(op, backward, args, arg_dims, kwargs, kwarg_dims, V):
     for n, rank in _PER_BATCH_OPTIONS.items():
         if kwargs.get(n) is not None:
             folded_kwargs[n] = _fold_option(kwargs[n], kwarg_dims[n], V, B, rank)
+    for n in _PER_BATCH_LAYOUTS:  # folded index v * B + b reads entry b
+        t = kwargs.get(n)
+        if t is not None and t.dim() == 4 and t.shape[0] > 1:
+            folded_kwargs[n] = t.repeat(V, 1, 1, 1)
     result = op(*folded_args, **folded_kwargs)
     outputs = result if isinstance(result, tuple) else (result,)
     if not backward:  # every output is (V * B, ...)

@@ -136,9 +136,35 @@ Shapes<Int> check_attention(const char* op, const at::Tensor& q, const at::Tenso
     check_same_device(op, "layout", l, "q", q);
     const Int rows = (s.Nq + bs - 1) / bs, cols = (s.Nk + bs - 1) / bs;
     const auto ls = sizes_of<Int>(l);
-    TORCH_CHECK(l.dim() == 3 && (ls[0] == 1 || ls[0] == s.H) && ls[1] == rows && ls[2] == cols, op,
+    const bool three = l.dim() == 3 && (ls[0] == 1 || ls[0] == s.H) && ls[1] == rows && ls[2] == cols;
+    const bool four = l.dim() == 4 && (ls[0] == 1 || ls[0] == s.B) && (ls[1] == 1 || ls[1] == s.H) &&
+                      ls[2] == rows && ls[3] == cols;
+    TORCH_CHECK(three || four, op,
                 ": layout must have shape (H or 1, ceil(Nq/block_size), ceil(Nk/block_size)) = (", s.H,
-                " or 1, ", rows, ", ", cols, ") for block_size ", bs, ", got ", shape_str(l));
+                " or 1, ", rows, ", ", cols, ") or (B or 1, H or 1, ", rows, ", ", cols, ") for block_size ",
+                bs, ", got ", shape_str(l));
+  }
+  if (given(o.block_masks()) || given(o.block_mask_index())) {
+    TORCH_CHECK(
+        given(o.layout()), op,
+        ": block_masks needs a layout (block_masks and block_mask_index refine a block-sparse layout)");
+    TORCH_CHECK(given(o.block_masks()) && given(o.block_mask_index()), op,
+                ": block_masks and block_mask_index must be given together");
+    const auto& index = *o.block_mask_index();
+    const auto& masks = *o.block_masks();
+    const int64_t bs = o.block_size();
+    TORCH_CHECK(index.scalar_type() == at::kInt, op, ": block_mask_index must be an int32 tensor, got ",
+                index.scalar_type());
+    TORCH_CHECK(index.sym_sizes().equals(o.layout()->sym_sizes()), op,
+                ": block_mask_index must have the layout's shape ", shape_str(*o.layout()), ", got ",
+                shape_str(index));
+    TORCH_CHECK(masks.scalar_type() == at::kBool, op, ": block_masks must be a bool tensor, got ",
+                masks.scalar_type());
+    TORCH_CHECK(masks.dim() == 3 && sizes_of<Int>(masks)[1] == bs && sizes_of<Int>(masks)[2] == bs, op,
+                ": block_masks must have shape (P, block_size, block_size) = (P, ", bs, ", ", bs, "), got ",
+                shape_str(masks));
+    check_same_device(op, "block_mask_index", index, "q", q);
+    check_same_device(op, "block_masks", masks, "q", q);
   }
   if (given(o.shaw_k())) {
     TORCH_CHECK(!given(o.layout()), op, ": Shaw relative positions and a block layout cannot be combined");

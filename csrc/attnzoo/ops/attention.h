@@ -33,8 +33,13 @@ using AttentionWindow = std::array<int64_t, 2>;
 //                     differentiable. (T5 itself uses scale 1.0.)
 //   t5_bidirectional, t5_max_distance   T5's bucketing.
 //   layout            block-sparse layout, bool (H or 1, ceil(Nq/block_size),
-//                     ceil(Nk/block_size)): only marked blocks are computed.
+//                     ceil(Nk/block_size)) or (B or 1, H or 1, ...): only
+//                     marked blocks are computed.
 //   block_size        the layout's block size.
+//   block_mask_index  int32, the layout's shape: -1 where a marked block is
+//                     computed whole, p >= 0 where block_masks[p] masks it
+//                     (FlexAttention's partial blocks; attnzoo.flex_attention).
+//   block_masks       bool (P, block_size, block_size), true = may attend.
 //   shaw_k, shaw_v    Shaw relative keys (2K+1, D) or (H, 2K+1, D) and values
 //                     (2K+1, Dv) or (H, 2K+1, Dv), K = shaw_max_distance;
 //                     differentiable. Not combinable with a layout.
@@ -53,6 +58,8 @@ using AttentionWindow = std::array<int64_t, 2>;
   X(t5_max_distance, int64_t, 128)                                        \
   X(layout, std::optional<at::Tensor>, std::nullopt)                      \
   X(block_size, int64_t, 0)                                               \
+  X(block_mask_index, std::optional<at::Tensor>, std::nullopt)            \
+  X(block_masks, std::optional<at::Tensor>, std::nullopt)                 \
   X(shaw_k, std::optional<at::Tensor>, std::nullopt)                      \
   X(shaw_v, std::optional<at::Tensor>, std::nullopt)                      \
   X(shaw_max_distance, int64_t, 0)

@@ -44,7 +44,7 @@ using Shapes = detail::Shapes<int64_t>;
 struct Prepared {
   Shapes s;
   at::ScalarType compute;
-  at::Tensor q, k, v, mask, bias, rel_bias, alibi, layout, shaw_k, shaw_v;
+  at::Tensor q, k, v, mask, bias, rel_bias, alibi, layout, block_mask_index, block_masks, shaw_k, shaw_v;
   int64_t block_size = 0, shaw_K = 0;
   int64_t left, right;
   double scale, dropout_p;
@@ -72,8 +72,21 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
         detail::t5_relative_bias(*o.t5_table(), s.Nq, s.Nk, o.t5_bidirectional(), o.t5_max_distance()),
         p.compute);
   if (given(o.layout())) {
-    p.layout = o.layout()->contiguous();
+    // (Bl, Hl, rows, cols): a 3-D layout is shared by the batch.
+    auto as_4d = [](const at::Tensor& t) { return (t.dim() == 3 ? t.unsqueeze(0) : t).contiguous(); };
+    p.layout = as_4d(*o.layout());
     p.block_size = o.block_size();
+    if (given(o.block_mask_index())) {
+      p.block_mask_index = as_4d(*o.block_mask_index());
+      p.block_masks = o.block_masks()->contiguous();
+      const int64_t P = p.block_masks.size(0);
+      if (p.block_mask_index.numel() > 0) {
+        const auto [lo, hi] = at::aminmax(p.block_mask_index);
+        const int64_t min = lo.item<int32_t>(), max = hi.item<int32_t>();
+        TORCH_CHECK(min >= -1 && max < P, op, ": block_mask_index entries must lie in [-1, ", P,
+                    ") (-1 = no mask, else a row of block_masks), got entries from ", min, " to ", max);
+      }
+    }
   }
   if (given(o.shaw_k())) {
     auto table = [&](const at::Tensor& t) {
@@ -114,8 +127,13 @@ DenseArgs engine_args(const Prepared& p) {
   a.seed = p.seed;
   if (p.layout.defined()) {
     a.layout = static_cast<const uint8_t*>(p.layout.data_ptr());
-    a.layout_sh = p.layout.size(0) == 1 ? 0 : p.layout.stride(0);
-    a.layout_cols = p.layout.size(2);
+    a.layout_sb = p.layout.size(0) == 1 ? 0 : p.layout.stride(0);
+    a.layout_sh = p.layout.size(1) == 1 ? 0 : p.layout.stride(1);
+    a.layout_cols = p.layout.size(3);
+    if (p.block_mask_index.defined()) {  // same shape and strides as the layout
+      a.block_mask_index = p.block_mask_index.data_ptr<int32_t>();
+      a.block_masks = static_cast<const uint8_t*>(p.block_masks.data_ptr());
+    }
     a.layout_block = p.block_size;
     a.block_q = p.block_size;
   }

@@ -57,10 +57,16 @@ struct DenseArgs {
   const void* shaw_v = nullptr;
   int64_t shaw_k_sh = 0, shaw_v_sh = 0, shaw_K = 0;
 
-  // Block-sparse layout, bool (Hl, ceil(Nq/bs), ceil(Nk/bs)) with Hl = 1
-  // (layout_sh = 0) or H: only blocks whose entry is true are computed.
+  // Block-sparse layout, bool (Bl, Hl, ceil(Nq/bs), ceil(Nk/bs)) with Bl = 1
+  // (layout_sb = 0) or B and Hl = 1 (layout_sh = 0) or H: only blocks whose
+  // entry is true are computed.
   const uint8_t* layout = nullptr;
-  int64_t layout_sh = 0, layout_cols = 0, layout_block = 0;
+  int64_t layout_sb = 0, layout_sh = 0, layout_cols = 0, layout_block = 0;
+  // Per-block token masks (FlexAttention's partial blocks): block_mask_index
+  // has the layout's shape and strides; -1 computes the block whole, p >= 0
+  // masks it with block_masks[p], a (bs, bs) bool tile (true = may attend).
+  const int32_t* block_mask_index = nullptr;
+  const uint8_t* block_masks = nullptr;
 
   // Forward outputs: out (B,H,Nq,Dv) may be null (log-sum-exp only); lse (B,H,Nq).
   void* out = nullptr;
