@@ -118,7 +118,8 @@ def plot(rows, path):
     for ax, mask in zip(axes[0], masks):
         rs = [r for r in rows if r["mask"] == mask]
         ns = [r["N"] for r in rs]
-        for key, label in (("attnzoo-flex_fwd_s", "attnzoo forward"), ("torch-flex_fwd_s", "torch flex (compiled) forward"),
+        for key, label in (("attnzoo-flex_fwd_s", "attnzoo forward"),
+                           ("torch-flex_fwd_s", "torch flex (compiled) forward"),
                            ("attnzoo-flex_fwd_bwd_s", "attnzoo forward+backward"),
                            ("attnzoo-native_fwd_s", "attnzoo native option, forward")):
             if all(key in r for r in rs):
