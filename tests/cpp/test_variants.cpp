@@ -35,6 +35,44 @@ TEST_CASE("block_sparse_attention equals attention under the expanded mask", "[v
   REQUIRE(max_err(out, masked_reference(q, k, v, allowed)) < 1e-12);
 }
 
+TEST_CASE("per-batch layouts with per-block token masks (FlexAttention's partial blocks)", "[variants]") {
+  at::manual_seed(4);
+  const int64_t B = 2, N = 100, bs = 16, nb = (N + bs - 1) / bs;
+  auto q = at::randn({B, 2, N, 8}, at::kDouble).requires_grad_();
+  auto k = at::randn({B, 2, N, 8}, at::kDouble), v = at::randn({B, 2, N, 8}, at::kDouble);
+  // Batch 0: block-causal with the diagonal blocks masked causally; batch 1:
+  // every block, the first key block masked by a random pattern.
+  auto layout = at::stack({at::ones({nb, nb}, at::kBool).tril(), at::ones({nb, nb}, at::kBool)}).unsqueeze(1);
+  auto index = at::full({B, 1, nb, nb}, -1, at::kInt);
+  auto masks = at::cat({at::ones({1, bs, bs}, at::kBool).tril(), at::rand({nb, bs, bs}) < 0.6});
+  for (int64_t i = 0; i < nb; ++i) {
+    index[0][0][i][i] = 0;
+    index[1][0][i][0] = int32_t(1 + i);
+  }
+  auto out = attnzoo::ops::attention(
+      q, k, v,
+      attnzoo::ops::AttentionOptions().layout(layout).block_size(bs).block_mask_index(index).block_masks(
+          masks));
+  // The same pattern per token: each block's tile, the mask where one is named.
+  auto allowed = at::zeros({B, 1, nb * bs, nb * bs}, at::kBool);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < nb; ++i)
+      for (int64_t j = 0; j < nb; ++j) {
+        if (!layout[b][0][i][j].item<bool>()) continue;
+        const int64_t p = index[b][0][i][j].item<int32_t>();
+        allowed[b][0]
+            .narrow(0, i * bs, bs)
+            .narrow(1, j * bs, bs)
+            .copy_(p < 0 ? at::ones({bs, bs}, at::kBool) : masks[p]);
+      }
+  allowed = allowed.narrow(2, 0, N).narrow(3, 0, N);
+  auto ref = masked_reference(q, k, v, allowed);
+  REQUIRE(max_err(out, ref) < 1e-12);
+  auto grad = at::randn_like(out);
+  REQUIRE(max_err(torch::autograd::grad({out}, {q}, {grad})[0],
+                  torch::autograd::grad({ref}, {q}, {grad})[0]) < 1e-10);
+}
+
 TEST_CASE("shaw_attention adds relative keys and values", "[variants]") {
   at::manual_seed(2);
   const int64_t N = 50, K = 4, D = 8;
