@@ -167,3 +167,26 @@ def _register(name):
 
 for _name in ("attention", "attention_weights", "_attention_forward", "_attention_backward"):
     _register(_name)
+
+
+def _register_batch_fold(name):
+    """Ops whose every tensor argument and result is (B, ...) per sample (the
+    causal linear attention core): the vmapped dimension folds into B."""
+    op = getattr(torch.ops.attnzoo, name).default
+
+    def rule(keyset, *args):
+        interpreter = retrieve_current_functorch_interpreter()
+        level, V = interpreter.level(), interpreter.batch_size()
+        unwrapped = [_unwrap(a, level) for a in args]
+        with _below_vmap():
+            B = next(u.shape[0] if d is None else u.movedim(d, 0).shape[1] for u, d in unwrapped)
+            result = op(*[_fold(u, d, V) for u, d in unwrapped])
+        outputs = result if isinstance(result, tuple) else (result,)
+        wrapped = tuple(_add_batch_dim(o.reshape(V, B, *o.shape[1:]), 0, level) for o in outputs)
+        return wrapped if len(wrapped) > 1 else wrapped[0]
+
+    _lib.impl(name, rule, "FuncTorchBatched", with_keyset=True)
+
+
+for _name in ("_causal_linear", "_causal_linear_backward"):
+    _register_batch_fold(_name)

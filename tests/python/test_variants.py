@@ -1,5 +1,7 @@
 """rotary, linformer_attention and linear_attention against references written
 here (and HF LLaMA's rotary code as a cross-check)."""
+import warnings
+
 import pytest
 import torch
 
@@ -194,3 +196,39 @@ def test_linformer_opcheck():
     q, k, v = make_qkv(1, 2, 2, 20, 20, 8, 8, requires_grad=True)
     E = torch.randn(6, 32, requires_grad=True)
     torch.library.opcheck(torch.ops.attnzoo.linformer_attention.default, (q, k, v, E), {})
+
+
+def test_causal_linear_core_gradcheck_over_several_chunks_with_gqa_and_key_mask():
+    """The fused CPU core (chunks of 64, the state carried across them):
+    gradcheck over three chunks, the last one partial, through the feature map,
+    the key mask and the GQA repeat around it."""
+    q, k, v = make_qkv(1, 2, 1, 150, 150, 3, 2, dtype=torch.float64, requires_grad=True, seed=5)
+    key_mask = torch.rand(1, 150) > 0.2
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: ops.linear_attention(q, k, v, causal=True, key_mask=key_mask), (q, k, v), eps=1e-6,
+        atol=1e-6)
+    fq, fk, v2 = (torch.rand(2, 2, 130, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(torch.ops.attnzoo._causal_linear, (fq, fk, v2), eps=1e-6, atol=1e-6)
+    torch.library.opcheck(torch.ops.attnzoo._causal_linear.default, (fq, fk, v2))
+
+
+def test_causal_linear_long_sequence_float32_and_vmap():
+    q, k, v = make_qkv(1, 2, 2, 1000, 1000, 16, 8, seed=7)
+    got = ops.linear_attention(q, k, v, causal=True)
+    torch.testing.assert_close(got.double(), linear_reference(q, k, v, causal=True), atol=1e-5, rtol=1e-4)
+    # The core has a batching rule (the vmapped dimension folds into B): no
+    # per-sample fallback, forward and backward.
+    qs, ks, vs = (torch.rand(3, 1, 2, 100, 8) for _ in range(3))
+    core = torch.ops.attnzoo._causal_linear
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*batching rule.*")
+        batched = torch.vmap(core, in_dims=(0, None, 0))(qs, ks[0], vs)
+        grads = torch.vmap(torch.func.grad(lambda q, k, v: core(q, k, v).sum()))(qs, ks, vs)
+    one_by_one = torch.stack([core(qs[i], ks[0], vs[i]) for i in range(3)])
+    torch.testing.assert_close(batched, one_by_one)
+    torch.testing.assert_close(grads, torch.stack([torch.func.grad(lambda q: core(q, ks[i], vs[i]).sum())(qs[i])
+                                                   for i in range(3)]))
+    grads = torch.func.grad(lambda q: ops.linear_attention(q, ks[0], vs[0], causal=True).sum())(qs[0])
+    q0 = qs[0].clone().requires_grad_()
+    ops.linear_attention(q0, ks[0], vs[0], causal=True).sum().backward()
+    torch.testing.assert_close(grads, q0.grad)

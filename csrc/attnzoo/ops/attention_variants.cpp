@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "attnzoo/ops/attention.h"
+#include "attnzoo/ops/linear_support.h"
 #include "attnzoo/ops/op_support.h"
 
 namespace attnzoo::ops {
@@ -185,13 +186,52 @@ at::Tensor longformer_attention(const at::Tensor& q, const at::Tensor& k, const 
 // ---------------------------------------------------------------------------
 // Kernelised linear attention (Katharopoulos et al. 2020):
 //   out_i = phi(q_i) sum_j phi(k_j) v_j^T / (phi(q_i) . sum_j phi(k_j)).
-// Causal mode sums over j <= i with prefix sums over chunks: within a chunk
-// an explicit C x C product, across chunks a running (D x Dv) state per
-// chunk — memory O(N/C * D * Dv) per head, never a D x Dv state per position.
+// Causal mode sums over j <= i over chunks: within a chunk an explicit C x C
+// product, across chunks a running (D x Dv) state. On the CPU the chunks run
+// in the fused core attnzoo::_causal_linear (cpu/linear_cpu.cpp: one head per
+// thread, the state carried along); elsewhere as ATen ops with prefix sums
+// over chunks (memory O(N/C * D * Dv) per head, never a state per position).
+
+namespace detail {
+
+template <class Int>
+void check_causal_linear(const char* op, const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& v) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"fq", fq}, {"fk", fk}, {"v", v}}) {
+    TORCH_CHECK(t.defined() && t.dim() == 4, op, ": ", name, " must have shape (B, H, N, D), got ",
+                shape_str(t));
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating tensor, got ",
+                t.scalar_type());
+  }
+  const auto qs = sizes_of<Int>(fq), ks = sizes_of<Int>(fk), vs = sizes_of<Int>(v);
+  TORCH_CHECK(ks[0] == qs[0] && ks[1] == qs[1] && ks[2] == qs[2] && ks[3] == qs[3], op,
+              ": fq and fk must have the same shape, got ", shape_str(fq), " and ", shape_str(fk));
+  TORCH_CHECK(vs[0] == qs[0] && vs[1] == qs[1] && vs[2] == qs[2], op, ": v must have fq's (B, H, N), got ",
+              shape_str(fq), " and ", shape_str(v));
+  TORCH_CHECK(fq.device() == fk.device() && fq.device() == v.device(), op,
+              ": fq, fk and v must be on one device");
+}
+template void check_causal_linear<int64_t>(const char*, const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&);
+template void check_causal_linear<c10::SymInt>(const char*, const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&);
+
+}  // namespace detail
 
 namespace {
-constexpr int64_t kLinearChunk = 64;
-constexpr double kLinearEps = 1e-6;
+using detail::kLinearChunk;
+using detail::kLinearEps;
+
+at::Tensor causal_linear_meta(const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& v) {
+  detail::check_causal_linear<c10::SymInt>("linear_attention", fq, fk, v);
+  return at::empty_symint({fq.sym_size(0), fq.sym_size(1), fq.sym_size(2), v.sym_size(3)}, fq.options());
+}
+
+detail::Tensor3 causal_linear_backward_meta(const at::Tensor& grad_out, const at::Tensor& fq,
+                                            const at::Tensor& fk, const at::Tensor& v) {
+  detail::check_causal_linear<c10::SymInt>("linear_attention_backward", fq, fk, v);
+  return {at::empty_symint(fq.sym_sizes(), fq.options()), at::empty_symint(fk.sym_sizes(), fk.options()),
+          at::empty_symint(v.sym_sizes(), v.options())};
+}
 
 at::Tensor feature_map_of(const char* op, const at::Tensor& x, c10::string_view name) {
   if (name == "elu+1") return at::elu(x) + 1.0;
@@ -233,6 +273,10 @@ at::Tensor linear_attention(const at::Tensor& q, const at::Tensor& k, const at::
     const at::Tensor den = (fq * z).sum(-1, /*keepdim=*/true);   // (B, H, Nq, 1)
     return num / (den + kLinearEps);
   }
+  if (q.device().is_cpu()) {
+    static const auto core = detail::op_handle<detail::CausalLinearSig>("attnzoo::_causal_linear");
+    return core.call(fq, fk, vv);
+  }
   const int64_t C = kLinearChunk, N = Nq, chunks = (N + C - 1) / C, pad = chunks * C - N;
   auto chunked = [&](const at::Tensor& t) {  // (B,H,N,X) -> (B,H,chunks,C,X), zero padded
     const at::Tensor p = pad ? at::constant_pad_nd(t, {0, 0, 0, pad}, 0.0) : t;
@@ -249,6 +293,11 @@ at::Tensor linear_attention(const at::Tensor& q, const at::Tensor& k, const at::
   const at::Tensor den = scores.sum(-1, true) + at::matmul(cq, z_before.unsqueeze(-1));
   const at::Tensor out = (num / (den + kLinearEps)).view({B, H, chunks * C, Dv});
   return pad ? out.narrow(2, 0, N) : out;
+}
+
+TORCH_LIBRARY_IMPL(attnzoo, Meta, m) {
+  m.impl("_causal_linear", &causal_linear_meta);
+  m.impl("_causal_linear_backward", &causal_linear_backward_meta);
 }
 
 TORCH_LIBRARY_IMPL(attnzoo, CompositeImplicitAutograd, m) {

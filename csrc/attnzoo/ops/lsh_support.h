@@ -4,7 +4,6 @@
 
 namespace attnzoo::ops::detail {
 
-using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 // lsh_attention(qk, v, rotations, bucket_size, *, causal, key_mask, dropout_p) -> (out, buckets)
 using LshSig = Tensor2(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool,
                        const OptTensor&, double);

@@ -200,6 +200,7 @@ std::string attention_options_schema();
 //                       output_mask) -> (grad_q, grad_k, grad_v, grad_bias,
 //                       grad_t5_table, grad_shaw_k, grad_shaw_v)
 using Tensor2 = std::tuple<at::Tensor, at::Tensor>;
+using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tensor7 =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 // Which option gradients the backward computes: bias, t5_table, shaw_k, shaw_v.

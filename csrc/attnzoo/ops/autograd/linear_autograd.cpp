@@ -1,0 +1,66 @@
+// Autograd of attnzoo::_causal_linear, the fused core of causal
+// linear_attention: the forward saves its inputs (fq, fk, v) and the backward
+// (attnzoo::_causal_linear_backward) recomputes each chunk from them. A plain
+// Node, as in attention_autograd.cpp, so torch.func transforms accept it.
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
+#include <torch/library.h>
+
+#include "attnzoo/ops/autograd/autograd_support.h"
+#include "attnzoo/ops/linear_support.h"
+
+namespace attnzoo::ops {
+namespace {
+
+using torch::autograd::SavedVariable;
+using torch::autograd::variable_list;
+
+struct CausalLinearBackward : torch::autograd::Node {
+  SavedVariable fq, fk, v;
+
+  std::string name() const override { return "CausalLinearBackward"; }
+
+  variable_list apply(variable_list&& grads) override {
+    static const auto op =
+        detail::op_handle<detail::CausalLinearBackwardSig>("attnzoo::_causal_linear_backward");
+    const auto self = detail::self_of(this);
+    const at::Tensor q_ = fq.unpack(self), k_ = fk.unpack(self), v_ = v.unpack(self);
+    if (!grads[0].defined()) return {at::zeros_like(q_), at::zeros_like(k_), at::zeros_like(v_)};
+    auto [dq, dk, dv] = op.call(grads[0], q_, k_, v_);
+    return {dq, dk, dv};  // the edges are fq, fk and v
+  }
+
+  void release_variables() override { fq.reset_data(), fk.reset_data(), v.reset_data(); }
+};
+
+// The Autograd kernel of attnzoo::_causal_linear.
+at::Tensor causal_linear_autograd(const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& v) {
+  static const auto op = detail::op_handle<detail::CausalLinearSig>("attnzoo::_causal_linear");
+  for (const auto& t : {fq, fk, v})
+    TORCH_CHECK_NOT_IMPLEMENTED(!t._fw_grad(/*level=*/0).defined(),
+                                "linear_attention: forward-mode AD (torch.func.jvp, jacfwd, forward_ad) is "
+                                "not implemented for causal=True; use reverse mode (backward, "
+                                "torch.func.grad, vjp, jacrev)");
+  at::Tensor out;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    out = op.call(fq, fk, v);
+  }
+  if (torch::autograd::compute_requires_grad(fq, fk, v)) {
+    auto node = detail::make_node<CausalLinearBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(fq, fk, v));
+    node->fq = SavedVariable(fq, false);
+    node->fk = SavedVariable(fk, false);
+    node->v = SavedVariable(v, false);
+    torch::autograd::set_history(out, node);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnzoo, Autograd, m) { m.impl("_causal_linear", &causal_linear_autograd); }
+
+}  // namespace attnzoo::ops

@@ -1,0 +1,210 @@
+// The CPU kernels of _causal_linear and _causal_linear_backward: causal
+// kernelised linear attention over chunks of C = kLinearChunk positions, one
+// (batch, head) per work item, with the running D x Dv state and the D-vector
+// normaliser kept by the thread that owns the head, so nothing per chunk is
+// materialised for the whole batch (the ATen composition it replaces built
+// the C x C scores and a D x Dv state for every chunk of every head at once,
+// and fell out of cache past N = 8192).
+//
+// For chunk c with rows Q, K, V (feature-mapped q and k):
+//   A   = tril(Q K^T)                       (C x C, j <= i)
+//   num = A V + Q S,   den = rowsum(A) + Q z + eps,   out = num / den
+//   S  += K^T V,       z  += colsum(K)       (S, z: sums over earlier chunks)
+// The backward sweeps forward once to record S and z before each chunk, then
+// backwards, carrying dS = sum over later chunks of Q^T (g / den) and dz the
+// same for the denominator.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "attnzoo/ops/cpu/cpu_support.h"
+#include "attnzoo/ops/linear_support.h"
+
+namespace attnzoo::ops {
+namespace {
+
+using detail::kLinearChunk;
+
+// Row-major C (m x n) = alpha op(A) op(B) + beta C through the column-major BLAS.
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+          const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  cpu::blas_gemm(trans_b, trans_a, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+}
+
+struct Dims {
+  int64_t BH, N, D, Dv;
+};
+
+// One chunk's forward from the state before it: fills A (m x m, lower
+// triangle, zero above), num (m x Dv) and den (m); returns nothing else.
+template <typename T>
+void chunk_forward(const T* Q, const T* K, const T* V, const T* S, const T* z, int64_t m, const Dims& d, T* A,
+                   T* num, T* den) {
+  const int64_t C = kLinearChunk;
+  gemm<T>(false, true, m, m, d.D, 1, Q, d.D, K, d.D, 0, A, C);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = i + 1; j < m; ++j) A[i * C + j] = 0;
+  gemm<T>(false, false, m, d.Dv, m, 1, A, C, V, d.Dv, 0, num, d.Dv);
+  gemm<T>(false, false, m, d.Dv, d.D, 1, Q, d.D, S, d.Dv, 1, num, d.Dv);
+  for (int64_t i = 0; i < m; ++i) {
+    T acc = T(detail::kLinearEps);
+    for (int64_t j = 0; j <= i; ++j) acc += A[i * C + j];
+    for (int64_t e = 0; e < d.D; ++e) acc += Q[i * d.D + e] * z[e];
+    den[i] = acc;
+  }
+}
+
+// S += K^T V, z += colsum(K) for a chunk of m rows.
+template <typename T>
+void add_chunk_state(const T* K, const T* V, int64_t m, const Dims& d, T* S, T* z) {
+  gemm<T>(true, false, d.D, d.Dv, m, 1, K, d.D, V, d.Dv, 1, S, d.Dv);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t e = 0; e < d.D; ++e) z[e] += K[i * d.D + e];
+}
+
+template <typename T>
+void forward_heads(const T* fq, const T* fk, const T* v, T* out, const Dims& d, int64_t begin, int64_t end) {
+  const int64_t C = kLinearChunk;
+  std::vector<T> S(d.D * d.Dv), z(d.D), A(C * C), den(C);
+  for (int64_t bh = begin; bh < end; ++bh) {
+    std::fill(S.begin(), S.end(), T(0));
+    std::fill(z.begin(), z.end(), T(0));
+    for (int64_t c0 = 0; c0 < d.N; c0 += C) {
+      const int64_t m = std::min(C, d.N - c0);
+      const T* Q = fq + (bh * d.N + c0) * d.D;
+      const T* K = fk + (bh * d.N + c0) * d.D;
+      const T* V = v + (bh * d.N + c0) * d.Dv;
+      T* O = out + (bh * d.N + c0) * d.Dv;
+      chunk_forward(Q, K, V, S.data(), z.data(), m, d, A.data(), O, den.data());
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t e = 0; e < d.Dv; ++e) O[i * d.Dv + e] /= den[i];
+      add_chunk_state(K, V, m, d, S.data(), z.data());
+    }
+  }
+}
+
+template <typename T>
+void backward_heads(const T* g, const T* fq, const T* fk, const T* v, T* gq, T* gk, T* gv, const Dims& d,
+                    int64_t begin, int64_t end) {
+  const int64_t C = kLinearChunk, chunks = (d.N + C - 1) / C, SD = d.D * d.Dv;
+  if (chunks == 0) return;
+  // The state before each chunk (one head at a time: chunks x D x Dv per thread).
+  std::vector<T> S_before(chunks * SD), z_before(chunks * d.D);
+  std::vector<T> A(C * C), gA(C * C), num(C * d.Dv), den(C), gnum(C * d.Dv), gden(C), dS(SD), dz(d.D);
+  for (int64_t bh = begin; bh < end; ++bh) {
+    const T* Qh = fq + bh * d.N * d.D;
+    const T* Kh = fk + bh * d.N * d.D;
+    const T* Vh = v + bh * d.N * d.Dv;
+    std::fill(S_before.begin(), S_before.begin() + SD, T(0));
+    std::fill(z_before.begin(), z_before.begin() + d.D, T(0));
+    for (int64_t c = 1; c < chunks; ++c) {
+      std::copy_n(&S_before[(c - 1) * SD], SD, &S_before[c * SD]);
+      std::copy_n(&z_before[(c - 1) * d.D], d.D, &z_before[c * d.D]);
+      const int64_t p0 = (c - 1) * C;
+      add_chunk_state(Kh + p0 * d.D, Vh + p0 * d.Dv, C, d, &S_before[c * SD], &z_before[c * d.D]);
+    }
+    std::fill(dS.begin(), dS.end(), T(0));
+    std::fill(dz.begin(), dz.end(), T(0));
+    for (int64_t c = chunks - 1; c >= 0; --c) {
+      const int64_t c0 = c * C, m = std::min(C, d.N - c0);
+      const T *Q = Qh + c0 * d.D, *K = Kh + c0 * d.D, *V = Vh + c0 * d.Dv, *G = g + (bh * d.N + c0) * d.Dv;
+      const T *S = &S_before[c * SD], *z = &z_before[c * d.D];
+      T* GQ = gq + (bh * d.N + c0) * d.D;
+      T* GK = gk + (bh * d.N + c0) * d.D;
+      T* GV = gv + (bh * d.N + c0) * d.Dv;
+      chunk_forward(Q, K, V, S, z, m, d, A.data(), num.data(), den.data());
+      // out = num / den: g_num = g / den, g_den = -sum(g * num) / den^2.
+      for (int64_t i = 0; i < m; ++i) {
+        T dot = 0;
+        for (int64_t e = 0; e < d.Dv; ++e) {
+          gnum[i * d.Dv + e] = G[i * d.Dv + e] / den[i];
+          dot += G[i * d.Dv + e] * num[i * d.Dv + e];
+        }
+        gden[i] = -dot / (den[i] * den[i]);
+      }
+      // gA = tril(g_num V^T + g_den 1^T).
+      gemm<T>(false, true, m, m, d.Dv, 1, gnum.data(), d.Dv, V, d.Dv, 0, gA.data(), C);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < m; ++j) gA[i * C + j] = j <= i ? gA[i * C + j] + gden[i] : T(0);
+      // dQ = gA K + g_num S^T + g_den z^T.
+      gemm<T>(false, false, m, d.D, m, 1, gA.data(), C, K, d.D, 0, GQ, d.D);
+      gemm<T>(false, true, m, d.D, d.Dv, 1, gnum.data(), d.Dv, S, d.Dv, 1, GQ, d.D);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t e = 0; e < d.D; ++e) GQ[i * d.D + e] += gden[i] * z[e];
+      // dK = gA^T Q + V dS^T + 1 dz^T, dV = A^T g_num + K dS (dS, dz: from later chunks).
+      gemm<T>(true, false, m, d.D, m, 1, gA.data(), C, Q, d.D, 0, GK, d.D);
+      gemm<T>(false, true, m, d.D, d.Dv, 1, V, d.Dv, dS.data(), d.Dv, 1, GK, d.D);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t e = 0; e < d.D; ++e) GK[i * d.D + e] += dz[e];
+      gemm<T>(true, false, m, d.Dv, m, 1, A.data(), C, gnum.data(), d.Dv, 0, GV, d.Dv);
+      gemm<T>(false, false, m, d.Dv, d.D, 1, K, d.D, dS.data(), d.Dv, 1, GV, d.Dv);
+      // This chunk's queries read S and z: their gradient reaches every earlier chunk.
+      gemm<T>(true, false, d.D, d.Dv, m, 1, Q, d.D, gnum.data(), d.Dv, 1, dS.data(), d.Dv);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t e = 0; e < d.D; ++e) dz[e] += Q[i * d.D + e] * gden[i];
+    }
+  }
+}
+
+at::Tensor to_compute(const at::Tensor& t) {
+  return t.to(detail::compute_type(t.scalar_type())).contiguous();
+}
+
+Dims dims_of(const at::Tensor& fq, const at::Tensor& v) {
+  return {fq.size(0) * fq.size(1), fq.size(2), fq.size(3), v.size(3)};
+}
+
+// Work items are (b, h); BLAS stays on the calling thread inside each.
+template <class Fn>
+void for_each_head(int64_t heads, const Fn& fn) {
+  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    cpu::SingleThreadedBlas single_threaded;
+    fn(begin, end);
+  });
+}
+
+at::Tensor causal_linear_cpu(const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& v) {
+  detail::check_causal_linear<int64_t>("linear_attention", fq, fk, v);
+  const at::Tensor q_ = to_compute(fq), k_ = to_compute(fk), v_ = to_compute(v);
+  const Dims d = dims_of(q_, v_);
+  at::Tensor out = at::empty({fq.size(0), fq.size(1), d.N, d.Dv}, q_.options());
+  AT_DISPATCH_FLOATING_TYPES(q_.scalar_type(), "causal_linear", [&] {
+    for_each_head(d.BH, [&](int64_t begin, int64_t end) {
+      forward_heads<scalar_t>(q_.data_ptr<scalar_t>(), k_.data_ptr<scalar_t>(), v_.data_ptr<scalar_t>(),
+                              out.data_ptr<scalar_t>(), d, begin, end);
+    });
+  });
+  return out.to(fq.scalar_type());
+}
+
+detail::Tensor3 causal_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& fq,
+                                           const at::Tensor& fk, const at::Tensor& v) {
+  const char* op = "linear_attention_backward";
+  detail::check_causal_linear<int64_t>(op, fq, fk, v);
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({fq.size(0), fq.size(1), fq.size(2), v.size(3)}), op,
+              ": grad_out must have the output's shape (B, H, N, Dv), got ", detail::shape_str(grad_out));
+  const at::Tensor q_ = to_compute(fq), k_ = to_compute(fk), v_ = to_compute(v);
+  const at::Tensor g_ = grad_out.to(q_.scalar_type()).contiguous();
+  const Dims d = dims_of(q_, v_);
+  at::Tensor gq = at::empty_like(q_), gk = at::empty_like(k_), gv = at::empty_like(v_);
+  AT_DISPATCH_FLOATING_TYPES(q_.scalar_type(), "causal_linear_backward", [&] {
+    for_each_head(d.BH, [&](int64_t begin, int64_t end) {
+      backward_heads<scalar_t>(g_.data_ptr<scalar_t>(), q_.data_ptr<scalar_t>(), k_.data_ptr<scalar_t>(),
+                               v_.data_ptr<scalar_t>(), gq.data_ptr<scalar_t>(), gk.data_ptr<scalar_t>(),
+                               gv.data_ptr<scalar_t>(), d, begin, end);
+    });
+  });
+  return {gq.to(fq.scalar_type()), gk.to(fk.scalar_type()), gv.to(v.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(attnzoo, CPU, m) {
+  m.impl("_causal_linear", &causal_linear_cpu);
+  m.impl("_causal_linear_backward", &causal_linear_backward_cpu);
+}
+
+}  // namespace attnzoo::ops
