@@ -313,8 +313,14 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
         fully_shard(model)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embedding" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embedding" not in n)]
+    # Fused AdamW updates every parameter in one kernel rather than a loop of
+    # small ops per tensor: 0.5 ms instead of 2.7 ms per step for vit-digits'
+    # 72 tensors (1.7 vs 5.9 ms for gpt-kjv), 1.03x vit-digits' steps/s on
+    # an idle 2-core machine. FSDP2's DTensor shards keep the loop (fused
+    # AdamW over DTensors is not tested here).
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=(0.9, 0.95))
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=o.lr, betas=(0.9, 0.95),
+                                  fused=not sharded)
     data_generator = torch.Generator().manual_seed(o.seed + 1)
     start, best, bad_evals, elapsed = 0, None, 0, 0.0
     if resuming:
