@@ -196,12 +196,9 @@ namespace detail {
 
 template <class Int>
 void check_causal_linear(const char* op, const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& v) {
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"fq", fq}, {"fk", fk}, {"v", v}}) {
-    TORCH_CHECK(t.defined() && t.dim() == 4, op, ": ", name, " must have shape (B, H, N, D), got ",
-                shape_str(t));
-    TORCH_CHECK(at::isFloatingType(t.scalar_type()), op, ": ", name, " must be a floating tensor, got ",
-                t.scalar_type());
-  }
+  check_bhnd(op, "fq", fq);
+  check_bhnd(op, "fk", fk);
+  check_bhnd(op, "v", v);
   const auto qs = sizes_of<Int>(fq), ks = sizes_of<Int>(fk), vs = sizes_of<Int>(v);
   TORCH_CHECK(ks[0] == qs[0] && ks[1] == qs[1] && ks[2] == qs[2] && ks[3] == qs[3], op,
               ": fq and fk must have the same shape, got ", shape_str(fq), " and ", shape_str(fk));

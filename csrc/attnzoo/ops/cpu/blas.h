@@ -49,4 +49,12 @@ inline void blas_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t 
   }
 }
 
+// Row-major tiles through the column-major BLAS interface:
+// C(m x n, row-major, ldc) = A(m x k) * B(k x n) is C^T = B^T A^T.
+template <typename T>
+inline void gemm_rowmajor(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+                          int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  blas_gemm(trans_b, trans_a, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+}
+
 }  // namespace attnzoo::cpu

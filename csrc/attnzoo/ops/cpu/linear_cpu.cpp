@@ -27,12 +27,7 @@ namespace {
 
 using detail::kLinearChunk;
 
-// Row-major C (m x n) = alpha op(A) op(B) + beta C through the column-major BLAS.
-template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
-          const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
-  cpu::blas_gemm(trans_b, trans_a, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
-}
+using cpu::gemm_rowmajor;
 
 struct Dims {
   int64_t BH, N, D, Dv;
@@ -44,11 +39,11 @@ template <typename T>
 void chunk_forward(const T* Q, const T* K, const T* V, const T* S, const T* z, int64_t m, const Dims& d, T* A,
                    T* num, T* den) {
   const int64_t C = kLinearChunk;
-  gemm<T>(false, true, m, m, d.D, 1, Q, d.D, K, d.D, 0, A, C);
+  gemm_rowmajor<T>(false, true, m, m, d.D, 1, Q, d.D, K, d.D, 0, A, C);
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = i + 1; j < m; ++j) A[i * C + j] = 0;
-  gemm<T>(false, false, m, d.Dv, m, 1, A, C, V, d.Dv, 0, num, d.Dv);
-  gemm<T>(false, false, m, d.Dv, d.D, 1, Q, d.D, S, d.Dv, 1, num, d.Dv);
+  gemm_rowmajor<T>(false, false, m, d.Dv, m, 1, A, C, V, d.Dv, 0, num, d.Dv);
+  gemm_rowmajor<T>(false, false, m, d.Dv, d.D, 1, Q, d.D, S, d.Dv, 1, num, d.Dv);
   for (int64_t i = 0; i < m; ++i) {
     T acc = T(detail::kLinearEps);
     for (int64_t j = 0; j <= i; ++j) acc += A[i * C + j];
@@ -60,7 +55,7 @@ void chunk_forward(const T* Q, const T* K, const T* V, const T* S, const T* z, i
 // S += K^T V, z += colsum(K) for a chunk of m rows.
 template <typename T>
 void add_chunk_state(const T* K, const T* V, int64_t m, const Dims& d, T* S, T* z) {
-  gemm<T>(true, false, d.D, d.Dv, m, 1, K, d.D, V, d.Dv, 1, S, d.Dv);
+  gemm_rowmajor<T>(true, false, d.D, d.Dv, m, 1, K, d.D, V, d.Dv, 1, S, d.Dv);
   for (int64_t i = 0; i < m; ++i)
     for (int64_t e = 0; e < d.D; ++e) z[e] += K[i * d.D + e];
 }
@@ -126,23 +121,23 @@ void backward_heads(const T* g, const T* fq, const T* fk, const T* v, T* gq, T* 
         gden[i] = -dot / (den[i] * den[i]);
       }
       // gA = tril(g_num V^T + g_den 1^T).
-      gemm<T>(false, true, m, m, d.Dv, 1, gnum.data(), d.Dv, V, d.Dv, 0, gA.data(), C);
+      gemm_rowmajor<T>(false, true, m, m, d.Dv, 1, gnum.data(), d.Dv, V, d.Dv, 0, gA.data(), C);
       for (int64_t i = 0; i < m; ++i)
         for (int64_t j = 0; j < m; ++j) gA[i * C + j] = j <= i ? gA[i * C + j] + gden[i] : T(0);
       // dQ = gA K + g_num S^T + g_den z^T.
-      gemm<T>(false, false, m, d.D, m, 1, gA.data(), C, K, d.D, 0, GQ, d.D);
-      gemm<T>(false, true, m, d.D, d.Dv, 1, gnum.data(), d.Dv, S, d.Dv, 1, GQ, d.D);
+      gemm_rowmajor<T>(false, false, m, d.D, m, 1, gA.data(), C, K, d.D, 0, GQ, d.D);
+      gemm_rowmajor<T>(false, true, m, d.D, d.Dv, 1, gnum.data(), d.Dv, S, d.Dv, 1, GQ, d.D);
       for (int64_t i = 0; i < m; ++i)
         for (int64_t e = 0; e < d.D; ++e) GQ[i * d.D + e] += gden[i] * z[e];
       // dK = gA^T Q + V dS^T + 1 dz^T, dV = A^T g_num + K dS (dS, dz: from later chunks).
-      gemm<T>(true, false, m, d.D, m, 1, gA.data(), C, Q, d.D, 0, GK, d.D);
-      gemm<T>(false, true, m, d.D, d.Dv, 1, V, d.Dv, dS.data(), d.Dv, 1, GK, d.D);
+      gemm_rowmajor<T>(true, false, m, d.D, m, 1, gA.data(), C, Q, d.D, 0, GK, d.D);
+      gemm_rowmajor<T>(false, true, m, d.D, d.Dv, 1, V, d.Dv, dS.data(), d.Dv, 1, GK, d.D);
       for (int64_t i = 0; i < m; ++i)
         for (int64_t e = 0; e < d.D; ++e) GK[i * d.D + e] += dz[e];
-      gemm<T>(true, false, m, d.Dv, m, 1, A.data(), C, gnum.data(), d.Dv, 0, GV, d.Dv);
-      gemm<T>(false, false, m, d.Dv, d.D, 1, K, d.D, dS.data(), d.Dv, 1, GV, d.Dv);
+      gemm_rowmajor<T>(true, false, m, d.Dv, m, 1, A.data(), C, gnum.data(), d.Dv, 0, GV, d.Dv);
+      gemm_rowmajor<T>(false, false, m, d.Dv, d.D, 1, K, d.D, dS.data(), d.Dv, 1, GV, d.Dv);
       // This chunk's queries read S and z: their gradient reaches every earlier chunk.
-      gemm<T>(true, false, d.D, d.Dv, m, 1, Q, d.D, gnum.data(), d.Dv, 1, dS.data(), d.Dv);
+      gemm_rowmajor<T>(true, false, d.D, d.Dv, m, 1, Q, d.D, gnum.data(), d.Dv, 1, dS.data(), d.Dv);
       for (int64_t i = 0; i < m; ++i)
         for (int64_t e = 0; e < d.D; ++e) dz[e] += Q[i * d.D + e] * gden[i];
     }
