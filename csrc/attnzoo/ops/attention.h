@@ -102,4 +102,9 @@ at::Tensor alibi_slopes(int64_t num_heads);
 // Name of the engine build chosen for this CPU ("DEFAULT", "AVX2", "AVX512").
 const char* engine_isa();
 
+// Whether bfloat16 inputs run on the engine's bfloat16 passes on this CPU
+// (products in bfloat16 with float accumulation) rather than in float:
+// needs AVX512-BF16 or AMX, and ATTNZOO_CPU_BF16 unset or not "0".
+bool cpu_bf16_engine();
+
 }  // namespace attnzoo::ops

@@ -80,6 +80,8 @@ PYBIND11_MODULE(_C, m) {
   });
   m.attr("__torch_ops_loaded__") = link_anchor();
   m.def("engine_isa", &ops::engine_isa, "Instruction set of the attention engine build chosen for this CPU");
+  m.def("cpu_bf16_engine", &ops::cpu_bf16_engine,
+        "Whether bfloat16 inputs are computed in bfloat16 (with float accumulation) on this CPU");
 
   // Configs travel as JSON text; this parses, validates and returns the
   // complete canonical form (every field of the model kind).

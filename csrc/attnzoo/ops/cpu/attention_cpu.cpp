@@ -6,6 +6,8 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 #include "attnzoo/ops/cpu/cpu_support.h"
 #include "attnzoo/ops/op_support.h"
@@ -33,6 +35,27 @@ namespace attnzoo::ops {
 const char* engine_isa() { return cpu::selected_engine().isa; }
 
 namespace {
+// bfloat16 inputs are computed as bfloat16 (tiles.h) where the CPU multiplies
+// bfloat16 in hardware and the engine build has the passes; elsewhere, and
+// with ATTNZOO_CPU_BF16=0, they are converted to float up front.
+bool bf16_engine_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("ATTNZOO_CPU_BF16");
+    if (env && std::string(env) == "0") return false;
+#if defined(__x86_64__)
+    const bool hardware = __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+#else
+    const bool hardware = false;
+#endif
+    return hardware && cpu::selected_engine().dense_bf16.forward != nullptr;
+  }();
+  return enabled;
+}
+}  // namespace
+
+bool cpu_bf16_engine() { return bf16_engine_enabled(); }
+
+namespace {
 
 using cpu::DenseArgs;
 using detail::given;
@@ -40,10 +63,12 @@ using detail::OptTensor;
 using Shapes = detail::Shapes<int64_t>;
 
 // The checked options in the compute type (float or double), contiguous:
-// what the engine reads through raw pointers.
+// what the engine reads through raw pointers. With bf16 set, q, k and v stay
+// bfloat16 for the engine's bfloat16 passes.
 struct Prepared {
   Shapes s;
   at::ScalarType compute;
+  bool bf16 = false;
   at::Tensor q, k, v, mask, bias, rel_bias, alibi, layout, block_mask_index, block_masks, shaw_k, shaw_v;
   int64_t block_size = 0, shaw_K = 0;
   int64_t left, right;
@@ -53,15 +78,25 @@ struct Prepared {
 
 at::Tensor to_compute(const at::Tensor& t, at::ScalarType compute) { return t.to(compute).contiguous(); }
 
+// Whether a call runs on the bfloat16 passes: Shaw reads q in its hooks and
+// has none; the VNNI layouts pair rows, so head dims and layout blocks are even.
+bool use_bf16_passes(const at::Tensor& q, const Shapes& s, const AttentionOptions& o) {
+  if (q.scalar_type() != at::kBFloat16 || !bf16_engine_enabled()) return false;
+  if (given(o.shaw_k()) || s.D % 2 != 0 || s.Dv % 2 != 0) return false;
+  return !given(o.layout()) || o.block_size() % 2 == 0;
+}
+
 Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const AttentionOptions& o, const OptTensor& seed) {
+                 const AttentionOptions& o, const OptTensor& seed, bool allow_bf16 = true) {
   Prepared p;
   p.s = detail::check_attention<int64_t>(op, q, k, v, o);
   const Shapes& s = p.s;
   p.compute = detail::compute_type(q.scalar_type());
-  p.q = to_compute(q, p.compute);
-  p.k = to_compute(k, p.compute);
-  p.v = to_compute(v, p.compute);
+  p.bf16 = allow_bf16 && use_bf16_passes(q, s, o);
+  const at::ScalarType input = p.bf16 ? at::kBFloat16 : p.compute;
+  p.q = to_compute(q, input);
+  p.k = to_compute(k, input);
+  p.v = to_compute(v, input);
   if (given(o.mask())) p.mask = o.mask()->contiguous();
   if (given(o.bias())) p.bias = to_compute(*o.bias(), p.compute);
   if (given(o.alibi_slopes())) p.alibi = to_compute(*o.alibi_slopes(), p.compute);
@@ -151,6 +186,7 @@ DenseArgs engine_args(const Prepared& p) {
 
 const cpu::PassTable& passes(const Prepared& p) {
   const auto& e = cpu::selected_engine();
+  if (p.bf16) return p.layout.defined() ? e.block_sparse_bf16 : e.dense_bf16;
   const int dt = p.compute == at::kDouble ? 1 : 0;
   if (p.layout.defined()) return e.block_sparse[dt];
   if (p.shaw_k.defined()) return e.shaw[dt];
@@ -164,14 +200,31 @@ detail::Tensor2 forward_cpu(const char* op, const at::Tensor& q, const at::Tenso
                             const AttentionOptions& options, const OptTensor& seed) {
   const Prepared p = prepare(op, q, k, v, options, seed);
   const Shapes& s = p.s;
-  const auto opts = p.q.options();
-  at::Tensor out = at::empty({s.B, s.H, s.Nq, s.Dv}, opts);
-  at::Tensor lse = at::empty({s.B, s.H, s.Nq}, opts);
+  at::Tensor out = at::empty({s.B, s.H, s.Nq, s.Dv}, p.q.options());  // bfloat16 on the bfloat16 passes
+  at::Tensor lse = at::empty({s.B, s.H, s.Nq}, p.q.options().dtype(p.compute));
   DenseArgs a = engine_args(p);
   a.out = out.data_ptr();
   a.lse = lse.data_ptr();
   cpu::run_parallel(query_blocks(a), a, passes(p).forward);
   return {out.to(q.scalar_type()), lse};
+}
+
+// sum(a * b, -1) in float for bfloat16 a and b of the same shape, without
+// float copies of them.
+at::Tensor rowwise_dot(const at::Tensor& a, const at::Tensor& b) {
+  const int64_t n = a.size(-1), rows = a.numel() / std::max<int64_t>(n, 1);
+  at::Tensor out = at::empty(a.sizes().slice(0, a.dim() - 1), a.options().dtype(at::kFloat));
+  const auto* x = a.const_data_ptr<at::BFloat16>();
+  const auto* y = b.const_data_ptr<at::BFloat16>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float acc = 0;
+      for (int64_t c = 0; c < n; ++c) acc += float(x[r * n + c]) * float(y[r * n + c]);
+      o[r] = acc;
+    }
+  });
+  return out;
 }
 
 // The gradient of an option tensor from the engine's per-(b, h) accumulator,
@@ -188,12 +241,13 @@ detail::Tensor7 backward_cpu(const at::Tensor& grad_out, const OptTensor& grad_l
   const Prepared p = prepare(op, q, k, v, o, seed);
   const Shapes& s = p.s;
   detail::check_attention_backward(op, grad_out, grad_lse, out, lse, s);
-  const auto opts = p.q.options();
-  const at::Tensor dout = to_compute(grad_out, p.compute);
+  const auto opts = p.q.options().dtype(p.compute);
+  const at::Tensor dout = to_compute(grad_out, p.q.scalar_type());
   const at::Tensor lse_c = to_compute(lse, p.compute);
   // The log-sum-exp is an output too: its gradient g adds g_i * p_ij to the
   // score gradient, which is the same as lowering delta_i by g_i.
-  at::Tensor delta = (dout * to_compute(out, p.compute)).sum(-1);
+  at::Tensor delta = p.bf16 ? rowwise_dot(dout, out.to(at::kBFloat16).contiguous())
+                            : (dout * to_compute(out, p.compute)).sum(-1);
   if (given(grad_lse)) delta = delta - grad_lse->to(p.compute);
   delta = delta.contiguous();
 
@@ -276,7 +330,7 @@ detail::Tensor7 backward_cpu(const at::Tensor& grad_out, const OptTensor& grad_l
 
 at::Tensor weights_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const AttentionOptions& o, const OptTensor& seed) {
-  const Prepared p = prepare("attention_weights", q, k, v, o, seed);
+  const Prepared p = prepare("attention_weights", q, k, v, o, seed, /*allow_bf16=*/false);
   const Shapes& s = p.s;
   const auto opts = p.q.options();
   at::Tensor lse = at::empty({s.B, s.H, s.Nq}, opts);

@@ -9,24 +9,36 @@ inline namespace CPU_CAPABILITY {
 namespace {
 
 // A policy object per call of a range: policies may keep per-thread scratch.
-template <typename T, template <typename> class Policy>
+template <typename T, template <typename> class Policy, class Tiles = ComputeTiles<T>>
 void forward(const DenseArgs& a, int64_t begin, int64_t end) {
   Policy<T> policy(a);
-  forward_range<T>(a, policy, begin, end);
+  forward_range<T, Policy<T>, Tiles>(a, policy, begin, end);
 }
 template <typename T, template <typename> class Policy>
 void probs(const DenseArgs& a, int64_t begin, int64_t end) {
   Policy<T> policy(a);
   probs_range<T>(a, policy, begin, end);
 }
-template <typename T, template <typename> class Policy>
+template <typename T, template <typename> class Policy, class Tiles = ComputeTiles<T>>
 void backward(const DenseArgs& a, int64_t begin, int64_t end) {
   Policy<T> policy(a);
-  backward_range<T>(a, policy, begin, end);
+  backward_range<T, Policy<T>, Tiles>(a, policy, begin, end);
 }
 template <typename T, template <typename> class Policy>
 constexpr PassTable passes() {
   return {&forward<T, Policy>, &probs<T, Policy>, &backward<T, Policy>};
+}
+
+// bfloat16 inputs, float compute (tiles.h). Only the AVX-512 build has them:
+// the CPUs with bfloat16 products (AVX512-BF16, AMX) all run it. There is no
+// probabilities pass: attention_weights computes in float.
+template <template <typename> class Policy>
+constexpr PassTable bf16_passes() {
+#if defined(CPU_CAPABILITY_AVX512)
+  return {&forward<float, Policy, Bf16Tiles>, nullptr, &backward<float, Policy, Bf16Tiles>};
+#else
+  return {nullptr, nullptr, nullptr};
+#endif
 }
 
 #define ATTNZOO_STR2(x) #x
@@ -37,6 +49,8 @@ const EngineTable kTable = {
     {passes<float, DensePolicy>(), passes<double, DensePolicy>()},
     {passes<float, BlockSparsePolicy>(), passes<double, BlockSparsePolicy>()},
     {passes<float, ShawPolicy>(), passes<double, ShawPolicy>()},
+    bf16_passes<DensePolicy>(),
+    bf16_passes<BlockSparsePolicy>(),
     {{&lsh_forward_range<float>, &lsh_backward_range<float>},
      {&lsh_forward_range<double>, &lsh_backward_range<double>}},
 };

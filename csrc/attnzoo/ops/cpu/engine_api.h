@@ -2,7 +2,8 @@
 // The boundary between the Torch-facing wrappers (attention.cpp) and the
 // engine, which is compiled once per instruction set (attention_kernel.cpp).
 // Only plain data crosses it: raw pointers into contiguous buffers of the
-// compute type (float or double) and broadcast strides, so that the per-ISA
+// compute type (float or double; q, k, v, out and grad_out may be bfloat16
+// for the bfloat16 passes) and broadcast strides, so that the per-ISA
 // translation units need no Tensor headers.
 #include <cstdint>
 
@@ -137,12 +138,17 @@ struct PassTable {
   RangeFn forward, probs, backward;
 };
 
-// One engine build (one instruction set); index [0] float, [1] double.
+// One engine build (one instruction set); index [0] float, [1] double. The
+// bfloat16 passes (bfloat16 q, k, v, out and grad_out; float lse, delta and
+// gradient accumulators) are null where the build has none, and have no
+// probabilities pass.
 struct EngineTable {
   const char* isa;
   PassTable dense[2];
   PassTable block_sparse[2];
   PassTable shaw[2];
+  PassTable dense_bf16;
+  PassTable block_sparse_bf16;
   LshTable lsh[2];
 };
 

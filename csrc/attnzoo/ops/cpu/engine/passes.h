@@ -12,6 +12,7 @@
 #include "attnzoo/ops/cpu/engine/dropout.h"
 #include "attnzoo/ops/cpu/engine/policy.h"
 #include "attnzoo/ops/cpu/engine/row_kernels.h"
+#include "attnzoo/ops/cpu/engine/tiles.h"
 #include "attnzoo/ops/cpu/engine_api.h"
 
 namespace attnzoo::cpu {
@@ -24,6 +25,24 @@ struct Geometry {
       : B(a.B), H(a.H), Hkv(a.Hkv), Nq(a.Nq), Nk(a.Nk), D(a.D), Dv(a.Dv), group(a.H / a.Hkv) {}
   int64_t kv_head(int64_t b, int64_t h) const { return b * Hkv + h / group; }
 };
+
+// The policy hooks that read q or dout take them in the compute type; with
+// reduced-precision inputs they get null, and a policy that reads them
+// (Shaw) has no reduced-precision passes.
+template <typename T, typename In>
+const T* compute_view(const In* p) {
+  if constexpr (std::is_same_v<T, In>) {
+    return p;
+  } else {
+    return nullptr;
+  }
+}
+template <typename T, typename In, class Policy>
+constexpr bool policy_reads_inputs() {
+  return !std::is_same_v<T, In> &&
+         (Policy::kOverrides & hooks(Hook::begin_query_tile, Hook::begin_pair, Hook::on_probs,
+                                     Hook::end_query_tile, Hook::accumulate_value_grad)) != 0;
+}
 
 // A forward / probabilities work item: query rows [q0, q0 + mq) of head h
 // of batch entry b (bh = b * H + h), their q rows and the head's keys.
@@ -43,33 +62,37 @@ struct QueryBlock {
 };
 
 // Forward: items are (b, h, query block). With a.out == nullptr only the
-// log-sum-exp is computed (used by the probabilities pass).
-template <typename T, class Policy>
+// log-sum-exp is computed (used by the probabilities pass). q, k, v and out
+// are of Tiles::In (tiles.h); the running output is in T.
+template <typename T, class Policy, class Tiles = ComputeTiles<T>>
 void forward_range(const DenseArgs& a, Policy& policy, int64_t begin, int64_t end) {
+  using In = typename Tiles::In;
   static_assert(check_policy_hooks<Policy>());
+  static_assert(!policy_reads_inputs<T, In, Policy>(), "this policy reads q: no reduced-precision passes");
   const Geometry g(a);
   const int64_t BQ = policy.block_q(), BK = policy.max_key_tile();
   const Dropout dropout(a);
   const T scale = T(a.scale);
   std::vector<T> s_tile(BQ * BK), m_run(BQ), l_run(BQ);
+  Tiles tiles(a, BQ, BK);
 
   for (int64_t item = begin; item < end; ++item) {
-    const QueryBlock<T> blk(a, g, item, BQ);
+    const QueryBlock<In> blk(a, g, item, BQ);
     const int64_t bh = blk.bh, b = blk.b, h = blk.h, q0 = blk.q0, mq = blk.mq;
-    const T *q = blk.q, *k = blk.k;
-    const T* v = static_cast<const T*>(a.v) + g.kv_head(b, h) * g.Nk * g.Dv;
-    T* out = a.out ? static_cast<T*>(a.out) + (bh * g.Nq + q0) * g.Dv : nullptr;
+    const In *q = blk.q, *k = blk.k;
+    const In* v = static_cast<const In*>(a.v) + g.kv_head(b, h) * g.Nk * g.Dv;
+    In* out_rows = a.out ? static_cast<In*>(a.out) + (bh * g.Nq + q0) * g.Dv : nullptr;
+    T* out = out_rows ? tiles.accumulator(out_rows, mq) : nullptr;
     T* lse = static_cast<T*>(a.lse) + bh * g.Nq + q0;
 
     std::fill(m_run.begin(), m_run.end(), neg_inf<T>());
     std::fill(l_run.begin(), l_run.end(), T(0));
     if (out) std::fill(out, out + mq * g.Dv, T(0));
-    policy.begin_query_tile(b, h, q0, mq, q);
+    policy.begin_query_tile(b, h, q0, mq, compute_view<T>(q));
 
     policy.for_each_key_tile(b, h, q0, mq, [&](int64_t k0, int64_t nk) {
       T* s = s_tile.data();
-      // s = scale * q k^T
-      gemm_rowmajor<T>(false, true, mq, nk, g.D, scale, q, g.D, k + k0 * g.D, g.D, T(0), s, BK);
+      tiles.scores(q, mq, k, k0, nk, scale, s, BK);  // s = scale * q k^T
       policy.modify_scores(b, h, q0, mq, k0, nk, s, BK);
       bool any_row = false;
       for (int64_t r = 0; r < mq; ++r) {
@@ -92,8 +115,7 @@ void forward_range(const DenseArgs& a, Policy& policy, int64_t begin, int64_t en
         if (out) policy.on_probs(r, row, q0 + r, k0, nk);
       }
       // out += p v
-      if (out && any_row)
-        gemm_rowmajor<T>(false, false, mq, g.Dv, nk, T(1), s, BK, v + k0 * g.Dv, g.Dv, T(1), out, g.Dv);
+      if (out && any_row) tiles.add_pv(s, BK, mq, v, k0, nk, out);
     });
     if (out) policy.end_query_tile(out, g.Dv, mq);
     for (int64_t r = 0; r < mq; ++r) {
@@ -105,7 +127,9 @@ void forward_range(const DenseArgs& a, Policy& policy, int64_t begin, int64_t en
         lse[r] = neg_inf<T>();
       }
     }
+    if (out) tiles.store(out, out_rows, mq);
   }
+  tiles.end_range();
 }
 
 // Probabilities for inspection: items are (b, h, query block); a.lse must
@@ -143,9 +167,11 @@ void probs_range(const DenseArgs& a, Policy& policy, int64_t begin, int64_t end)
 // a split are visited in turn and each recomputes p = exp(s - lse) for the
 // query blocks that can see it. dk and dv of a key block are owned by one
 // item; dq is summed across splits by the caller.
-template <typename T, class Policy>
+template <typename T, class Policy, class Tiles = ComputeTiles<T>>
 void backward_range(const DenseArgs& a, Policy& policy, int64_t begin, int64_t end) {
+  using In = typename Tiles::In;
   static_assert(check_policy_hooks<Policy>());
+  static_assert(!policy_reads_inputs<T, In, Policy>(), "this policy reads q: no reduced-precision passes");
   const Geometry g(a);
   const int64_t BQ = policy.max_query_tile(), BK = policy.block_k();
   const int64_t nkb = (g.Nk + BK - 1) / BK;
@@ -155,14 +181,15 @@ void backward_range(const DenseArgs& a, Policy& policy, int64_t begin, int64_t e
   const T scale = T(a.scale);
   const bool score_grad = policy.wants_score_grad();
   std::vector<T> p_tile(BQ * BK), dp_tile(BQ * BK), pd_tile(dropout.active ? BQ * BK : 0);
+  Tiles tiles(a, BQ, BK);
 
   for (int64_t item = begin; item < end; ++item) {
     const int64_t bh = item / splits, split = item % splits;
     const int64_t b = bh / g.H, h = bh % g.H;
-    const T* q = static_cast<const T*>(a.q) + bh * g.Nq * g.D;
-    const T* k = static_cast<const T*>(a.k) + g.kv_head(b, h) * g.Nk * g.D;
-    const T* v = static_cast<const T*>(a.v) + g.kv_head(b, h) * g.Nk * g.Dv;
-    const T* dout = static_cast<const T*>(a.grad_out) + bh * g.Nq * g.Dv;
+    const In* q = static_cast<const In*>(a.q) + bh * g.Nq * g.D;
+    const In* k = static_cast<const In*>(a.k) + g.kv_head(b, h) * g.Nk * g.D;
+    const In* v = static_cast<const In*>(a.v) + g.kv_head(b, h) * g.Nk * g.Dv;
+    const In* dout = static_cast<const In*>(a.grad_out) + bh * g.Nq * g.Dv;
     const T* lse = static_cast<const T*>(a.lse) + bh * g.Nq;
     const T* delta = static_cast<const T*>(a.delta) + bh * g.Nq;
     T* dq = static_cast<T*>(a.grad_q) + (split * g.B * g.H + bh) * g.Nq * g.D;
@@ -172,11 +199,13 @@ void backward_range(const DenseArgs& a, Policy& policy, int64_t begin, int64_t e
     const int64_t kb_end = std::min(nkb, (split + 1) * blocks_per_split);
     for (int64_t kb = split * blocks_per_split; kb < kb_end; ++kb) {
       const int64_t k0 = kb * BK, nk = std::min(BK, g.Nk - k0);
+      tiles.begin_key_block(q, dout, k, v, k0, nk);
       policy.for_each_query_tile(b, h, k0, nk, [&](int64_t q0, int64_t mq) {
         T* p = p_tile.data();
         T* dp = dp_tile.data();
-        policy.begin_pair(b, h, q0, mq, k0, nk, q + q0 * g.D, dout + q0 * g.Dv);
-        gemm_rowmajor<T>(false, true, mq, nk, g.D, scale, q + q0 * g.D, g.D, k + k0 * g.D, g.D, T(0), p, BK);
+        policy.begin_pair(b, h, q0, mq, k0, nk, compute_view<T>(q + q0 * g.D),
+                          compute_view<T>(dout + q0 * g.Dv));
+        tiles.scores(q + q0 * g.D, mq, k, k0, nk, scale, p, BK);
         policy.modify_scores(b, h, q0, mq, k0, nk, p, BK);
         for (int64_t r = 0; r < mq; ++r) {
           T* row = p + r * BK;
@@ -196,27 +225,25 @@ void backward_range(const DenseArgs& a, Policy& policy, int64_t begin, int64_t e
           p_used = pd_tile.data();
         }
         // dv += p_used^T dout
-        gemm_rowmajor<T>(true, false, nk, g.Dv, mq, T(1), p_used, BK, dout + q0 * g.Dv, g.Dv, T(1),
-                         dv + k0 * g.Dv, g.Dv);
-        policy.accumulate_value_grad(b, h, q0, mq, k0, nk, p_used, BK, dout + q0 * g.Dv);
-        // dp = dout v^T
-        gemm_rowmajor<T>(false, true, mq, nk, g.Dv, T(1), dout + q0 * g.Dv, g.Dv, v + k0 * g.Dv, g.Dv, T(0),
-                         dp, BK);
+        tiles.add_dv(p_used, BK, dout + q0 * g.Dv, q0, mq, nk, dv + k0 * g.Dv);
+        policy.accumulate_value_grad(b, h, q0, mq, k0, nk, p_used, BK, compute_view<T>(dout + q0 * g.Dv));
+        tiles.dp(dout + q0 * g.Dv, mq, nk, dp, BK);  // dp = dout v^T
         policy.modify_dp(q0, mq, k0, nk, dp, BK);
         for (int64_t r = 0; r < mq; ++r) {
           if (dropout.active) dropout.apply(dp + r * BK, nk, b, h, q0 + r, k0);
           softmax_grad_row(p + r * BK, dp + r * BK, nk, delta[q0 + r]);
         }
         if (score_grad)
-          policy.accumulate_score_grad(b, h, q0, mq, k0, nk, dp, BK, q + q0 * g.D, dq + q0 * g.D);
+          policy.accumulate_score_grad(b, h, q0, mq, k0, nk, dp, BK, compute_view<T>(q + q0 * g.D),
+                                       dq + q0 * g.D);
         // dq += scale * ds k ;  dk += scale * ds^T q
-        gemm_rowmajor<T>(false, false, mq, g.D, nk, scale, dp, BK, k + k0 * g.D, g.D, T(1), dq + q0 * g.D,
-                         g.D);
-        gemm_rowmajor<T>(true, false, nk, g.D, mq, scale, dp, BK, q + q0 * g.D, g.D, T(1), dk + k0 * g.D,
-                         g.D);
+        tiles.add_dq(dp, BK, mq, nk, scale, dq + q0 * g.D);
+        tiles.add_dk(dp, BK, q + q0 * g.D, q0, mq, nk, scale, dk + k0 * g.D);
       });
+      tiles.end_key_block(nk, dk + k0 * g.D, dv + k0 * g.Dv);
     }
   }
+  tiles.end_range();
 }
 
 }  // namespace CPU_CAPABILITY
