@@ -41,6 +41,22 @@ from .tasks import HEADLINE, shard, task_for
 __all__ = ["TrainOptions", "pretrain", "recommended_options"]
 
 
+# Training in bfloat16 is autocast: the matrix products and attention run in
+# bfloat16 (attention on the engine's bfloat16 passes where the CPU has
+# bfloat16 products), norms, softmax-cross-entropy and the optimizer in
+# float32, on float32 weights. So the optimizer, the checkpoints and resume
+# are those of a float32 run, and no second (master) copy of the weights is
+# kept by hand.
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_context(dtype: str, device: str = "cpu"):
+    """The context a training forward pass runs in for TrainOptions.dtype."""
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 @dataclasses.dataclass
 class TrainOptions:
     steps: int = 2000
@@ -59,6 +75,7 @@ class TrainOptions:
     data_fraction: float = 1.0    # use only the first part of every split (quick trials, tests)
     log_every: int = 10
     mask_prob: float = 0.15       # bert: fraction of tokens masked in training (evaluation always masks 15%)
+    dtype: str = "float32"        # training compute: float32, or bfloat16 (autocast; weights stay float32)
 
     def validate(self):
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "log_every"):
@@ -73,6 +90,8 @@ class TrainOptions:
             raise ValueError(f"data_fraction must be in (0, 1], got {self.data_fraction}")
         if not 0 < self.mask_prob < 1:
             raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
+        if self.dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
 
 
 def recommended_options(model_source) -> TrainOptions:
@@ -343,7 +362,7 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
         progress.write(f"pretrain {config['model_type']} ({params / 1e6:.2f} M parameters, attention "
                        f"{_attention_kinds(config)}) -> {out}: steps {start}..{o.steps}, batch {o.batch_size}"
                        f"{f' x {o.grad_accum}' if o.grad_accum > 1 else ''} over {world} process(es)"
-                       f"{' (FSDP2)' if sharded else ''}")
+                       f"{' (FSDP2)' if sharded else ''}{', bfloat16 autocast' if o.dtype == 'bfloat16' else ''}")
     micro = o.batch_size // o.grad_accum if o.batch_size % o.grad_accum == 0 else None
     if micro is None:
         raise ValueError(f"batch_size {o.batch_size} must be divisible by grad_accum {o.grad_accum}")
@@ -365,7 +384,8 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
             if sharded:
                 model.set_requires_gradient_sync(sync)
             with (trained.no_sync() if world > 1 and not sharded and not sync else contextlib.nullcontext()):
-                loss = task.loss(trained, local) / o.grad_accum
+                with compute_context(o.dtype):
+                    loss = task.loss(trained, local) / o.grad_accum
                 loss.backward()
             loss_sum += loss.item()
         if not math.isfinite(loss_sum):
@@ -423,9 +443,10 @@ def _run_differences(run: dict, config: dict, o: TrainOptions) -> list:
             differences.append(f"model {key} is {_shown(started.get(key))} there, "
                                f"{_shown(config.get(key))} here")
     asked = dataclasses.asdict(o)
+    defaults = dataclasses.asdict(TrainOptions())  # runs from before an option existed used its default
     for key in sorted(asked):
-        if key != "steps" and run["options"].get(key) != asked[key]:
-            differences.append(f"option {key} is {_shown(run['options'].get(key))} there, "
+        if key != "steps" and run["options"].get(key, defaults[key]) != asked[key]:
+            differences.append(f"option {key} is {_shown(run['options'].get(key, defaults[key]))} there, "
                                f"{_shown(asked[key])} here")
     return differences
 

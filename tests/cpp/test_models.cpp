@@ -396,3 +396,35 @@ TEST_CASE("one model is safe to call from four threads at once", "[models][threa
     }
   }
 }
+
+TEST_CASE("nn::Dropout: drops a fraction p, scales by 1/(1-p), the backward uses the same pattern",
+          "[models]") {
+  torch::manual_seed(3);
+  attnzoo::nn::Dropout dropout(0.3);
+  const at::Tensor x = at::randn({64, 1000}).abs() + 0.5;  // no zeros of its own
+  for (auto dtype : {at::kFloat, at::kBFloat16, at::kDouble}) {
+    const at::Tensor xd = x.to(dtype).clone().requires_grad_();
+    const at::Tensor y = dropout(xd);
+    const at::Tensor kept = y.ne(0);
+    // 64000 draws: the dropped fraction within 5 standard deviations of p.
+    const double dropped = 1.0 - kept.to(at::kDouble).mean().item<double>();
+    const double sd = std::sqrt(0.3 * 0.7 / 64000);
+    CHECK(std::abs(dropped - 0.3) < 5 * sd);
+    CHECK(at::allclose(y.masked_select(kept).to(at::kDouble),
+                       (xd.detach().masked_select(kept) / 0.7).to(dtype).to(at::kDouble), 1e-6, 0));
+    const at::Tensor g = at::randn_like(xd);
+    y.backward(g);
+    CHECK(at::equal(xd.grad().ne(0), kept));
+    CHECK(at::allclose(xd.grad().masked_select(kept).to(at::kDouble),
+                       (g.masked_select(kept) / 0.7).to(dtype).to(at::kDouble), 1e-6, 0));
+  }
+  // A new pattern per call; the same one again after manual_seed; identity in eval mode.
+  torch::manual_seed(4);
+  const at::Tensor a = dropout(x);
+  const at::Tensor b = dropout(x);
+  torch::manual_seed(4);
+  CHECK(at::equal(dropout(x), a));
+  CHECK_FALSE(at::equal(a, b));
+  dropout->eval();
+  CHECK(dropout(x).is_same(x));
+}

@@ -3,6 +3,7 @@ of every model kind, exact resume after SIGKILL, DDP against one process,
 the evaluate output, and clear errors before training starts."""
 import errno
 import json
+import math
 import os
 import random
 import re
@@ -200,6 +201,29 @@ def test_two_runs_with_one_seed_give_identical_weights(tmp_path):
     assert max((a[k] - c[k]).abs().max().item() for k in a) <= 1e-6
 
 
+def test_bfloat16_training_is_autocast_on_float32_weights(tmp_path):
+    """dtype=bfloat16 trains as well as float32 on the same batches, with a
+    different trajectory (the products really are bfloat16), float32 weights
+    in the checkpoints, and resume."""
+    model = os.path.join(ROOT, "models", "gpt-kjv")
+    finals = {}
+    for dtype in ("float32", "bfloat16"):
+        finals[dtype] = pretrain(model, str(tmp_path / dtype), tiny(steps=30, eval_every=30, dtype=dtype),
+                                 model_overrides=TINY_TEXT, quiet=True)
+    a, b = weights(tmp_path / "float32" / "last"), weights(tmp_path / "bfloat16" / "last")
+    assert all(t.dtype == torch.float32 for t in b.values())
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert abs(finals["bfloat16"]["loss"] - finals["float32"]["loss"]) < 0.05 * finals["float32"]["loss"]
+    assert finals["bfloat16"]["loss"] < math.log(256) - 0.5  # learned something (uniform: ln 256)
+    # A run.json from before the option existed reads as float32 and resumes.
+    run_json = tmp_path / "float32" / "run.json"
+    run = json.loads(run_json.read_text())
+    del run["options"]["dtype"]
+    run_json.write_text(json.dumps(run))
+    pretrain(model, str(tmp_path / "float32"), tiny(steps=33, eval_every=30), model_overrides=TINY_TEXT, quiet=True)
+    assert json.loads((tmp_path / "float32" / "last" / "trainer_state.json").read_text())["step"] == 33
+
+
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
 def test_two_processes_match_one_process(tmp_path, sharding):
     """torchrun with 2 processes (DDP, or FSDP2 with --fsdp) follows the
@@ -312,6 +336,7 @@ def test_unwritable_output_fails_before_training(tmp_path):
     (dict(mask_prob=0.0), "mask_prob must be in"),
     (dict(mask_prob=1.0), "mask_prob must be in"),
     (dict(mask_prob=0.4), "mask_prob is a bert training option"),
+    (dict(dtype="float16"), "dtype must be one of float32, bfloat16"),
 ])
 def test_bad_training_options(tmp_path, options, match):
     with pytest.raises(ValueError, match=match):

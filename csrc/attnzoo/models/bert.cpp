@@ -10,7 +10,7 @@ BertImpl::BertImpl(const ModelConfig& config) : ModelBase(config) {
   token_type_embedding =
       register_module("token_type_embedding", torch::nn::Embedding(c.type_vocab_size, c.hidden_size));
   embedding_norm = register_module("embedding_norm", nn::layer_norm(c));
-  dropout = register_module("dropout", torch::nn::Dropout(c.dropout));
+  dropout = register_module("dropout", nn::Dropout(c.dropout));
   for (int64_t i = 0; i < c.num_layers; ++i) layers->push_back(nn::TransformerBlock(c, c.attention[i]));
   mlm_transform = register_module("mlm_transform", torch::nn::Linear(c.hidden_size, c.hidden_size));
   mlm_norm = register_module("mlm_norm", nn::layer_norm(c));

@@ -35,7 +35,7 @@ class BertImpl : public ModelBase {
   at::Tensor mlm_bias;
 
  private:
-  torch::nn::Dropout dropout{nullptr};
+  nn::Dropout dropout{nullptr};
 };
 TORCH_MODULE(Bert);
 

@@ -12,7 +12,7 @@ GPTImpl::GPTImpl(const ModelConfig& config) : ModelBase(config) {
   TORCH_CHECK(config.model_type == ModelType::gpt, "GPT: config.model_type is \"", config.model_type, "\"");
   const auto& c = config_;
   std::tie(token_embedding, position_embedding) = register_text_embeddings();
-  dropout = register_module("dropout", torch::nn::Dropout(c.dropout));
+  dropout = register_module("dropout", nn::Dropout(c.dropout));
   for (int64_t i = 0; i < c.num_layers; ++i) layers->push_back(nn::TransformerBlock(c, c.attention[i]));
   final_norm = register_module("final_norm", nn::layer_norm(c));
   if (!c.tie_word_embeddings)

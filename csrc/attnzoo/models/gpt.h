@@ -46,7 +46,7 @@ class GPTImpl : public ModelBase {
   // sampled with temperature, top-k and top-p.
   static at::Tensor next_token(const at::Tensor& last_logits, const GenerationOptions& options,
                                const std::optional<at::Generator>& generator);
-  torch::nn::Dropout dropout{nullptr};
+  nn::Dropout dropout{nullptr};
 };
 TORCH_MODULE(GPT);
 

@@ -16,7 +16,7 @@ SpeechImpl::SpeechImpl(const ModelConfig& config) : ModelBase(config) {
   subsample_conv2 =
       register_module("subsample_conv2", torch::nn::Conv2d(torch::nn::Conv2dOptions(ch, ch, 3).stride(2)));
   subsample_proj = register_module("subsample_proj", torch::nn::Linear(ch * f2, c.hidden_size));
-  dropout = register_module("dropout", torch::nn::Dropout(c.dropout));
+  dropout = register_module("dropout", nn::Dropout(c.dropout));
   for (int64_t i = 0; i < c.num_layers; ++i)
     layers->push_back(nn::TransformerBlock(c, c.attention[i], /*cross_attention=*/false, c.conformer_conv));
   final_norm = register_module("final_norm", nn::layer_norm(c));

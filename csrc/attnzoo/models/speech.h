@@ -29,7 +29,7 @@ class SpeechImpl : public ModelBase {
 
  private:
   at::Tensor mel_filterbank(at::ScalarType dtype) const;
-  torch::nn::Dropout dropout{nullptr};
+  nn::Dropout dropout{nullptr};
 };
 TORCH_MODULE(Speech);
 

@@ -14,7 +14,7 @@ ViTImpl::ViTImpl(const ModelConfig& config) : ModelBase(config) {
   bind_parameter(*this, "cls_token", at::randn({1, 1, c.hidden_size}) * 0.02, cls_token);
   bind_parameter(*this, "position_embedding", at::randn({1, patches + 1, c.hidden_size}) * 0.02,
                  position_embedding);
-  dropout = register_module("dropout", torch::nn::Dropout(c.dropout));
+  dropout = register_module("dropout", nn::Dropout(c.dropout));
   for (int64_t i = 0; i < c.num_layers; ++i) layers->push_back(nn::TransformerBlock(c, c.attention[i]));
   final_norm = register_module("final_norm", nn::layer_norm(c));
   classifier = register_module("classifier", torch::nn::Linear(c.hidden_size, c.num_labels));

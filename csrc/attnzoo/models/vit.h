@@ -23,7 +23,7 @@ class ViTImpl : public ModelBase {
   torch::nn::Linear classifier{nullptr};
 
  private:
-  torch::nn::Dropout dropout{nullptr};
+  nn::Dropout dropout{nullptr};
 };
 TORCH_MODULE(ViT);
 

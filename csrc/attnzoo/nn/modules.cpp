@@ -2,16 +2,57 @@
 // per-layer choice (AttentionConfig); each kind maps onto one attnzoo op.
 #include "attnzoo/nn/modules.h"
 
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/nn/functional/activation.h>
+#include <torch/nn/functional/dropout.h>
 #include <torch/nn/init.h>
 
 #include <cmath>
 
 #include "attnzoo/ops/attention_variants.h"
 #include "attnzoo/ops/layouts.h"
+#include "attnzoo/ops/score_rules.h"
 
 namespace attnzoo::nn {
 namespace {
+
+// x * keep(i) / (1 - p), element i of the contiguous x kept iff
+// rules::dropout_keeps(seed, threshold, i).
+at::Tensor apply_dropout_pattern(const at::Tensor& x, double p, uint64_t seed) {
+  const at::Tensor in = x.contiguous();
+  at::Tensor out = at::empty_like(in);
+  const uint64_t threshold = rules::dropout_threshold(p);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "dropout", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t scale = opmath_t(rules::dropout_keep_scale(p));
+    const scalar_t* src = in.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, in.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        dst[i] = rules::dropout_keeps(seed, threshold, uint64_t(i)) ? scalar_t(opmath_t(src[i]) * scale)
+                                                                    : scalar_t(0);
+    });
+  });
+  return out;
+}
+
+struct DropoutFunction : public torch::autograd::Function<DropoutFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, double p,
+                            int64_t seed) {
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["seed"] = seed;
+    return apply_dropout_pattern(x, p, uint64_t(seed));
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    const double p = ctx->saved_data["p"].toDouble();
+    const auto seed = uint64_t(ctx->saved_data["seed"].toInt());
+    return {apply_dropout_pattern(grads[0], p, seed), at::Tensor(), at::Tensor()};
+  }
+};
 
 // Kinds that read every key (optionally masked or banded) and therefore give
 // the same answer whether the keys come from a cache or not.
@@ -384,7 +425,7 @@ ConvModuleImpl::ConvModuleImpl(const ModelConfig& config) {
                               torch::nn::Conv1d(torch::nn::Conv1dOptions(C, C, k).padding(k / 2).groups(C)));
   depthwise_norm = register_module("depthwise_norm", layer_norm(config));
   pointwise_out = register_module("pointwise_out", torch::nn::Conv1d(torch::nn::Conv1dOptions(C, C, 1)));
-  dropout = register_module("dropout", torch::nn::Dropout(config.dropout));
+  dropout = register_module("dropout", Dropout(config.dropout));
 }
 
 at::Tensor ConvModuleImpl::forward(const at::Tensor& x, const std::optional<at::Tensor>& key_padding_mask) {
@@ -393,6 +434,14 @@ at::Tensor ConvModuleImpl::forward(const at::Tensor& x, const std::optional<at::
   h = depthwise_norm(depthwise(h).transpose(1, 2));  // (B, N, C)
   h = pointwise_out(at::silu(h).transpose(1, 2)).transpose(1, 2);
   return dropout(h);
+}
+
+at::Tensor DropoutImpl::forward(const at::Tensor& x) {
+  if (!is_training() || p_ <= 0) return x;
+  if (!x.device().is_cpu()) return torch::dropout(x, p_, true);
+  const int64_t seed =
+      at::randint(int64_t(1) << 62, {1}, at::TensorOptions().dtype(at::kLong)).item<int64_t>();
+  return DropoutFunction::apply(x, p_, seed);
 }
 
 // ---------------------------------------------------------------------------
@@ -411,7 +460,7 @@ TransformerBlockImpl::TransformerBlockImpl(const ModelConfig& config, const Atte
   }
   mlp = register_module("mlp", FeedForward(config));
   mlp_norm = register_module("mlp_norm", layer_norm(config));
-  dropout = register_module("dropout", torch::nn::Dropout(config.dropout));
+  dropout = register_module("dropout", Dropout(config.dropout));
 }
 
 template <typename F>

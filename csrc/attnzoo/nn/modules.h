@@ -40,6 +40,24 @@ at::Tensor activation(Activation kind, const at::Tensor& x);
 // A LayerNorm over hidden_size with the config's epsilon.
 torch::nn::LayerNorm layer_norm(const ModelConfig& config);
 
+// Dropout by the attention engine's counter-based rule (score_rules.h): the
+// keep decision of element i is a hash of (seed, i), the seed drawn from
+// torch's default generator per call (so manual_seed and checkpoint replay
+// reproduce it), and the backward regenerates the pattern instead of keeping
+// a mask. ATen's CPU dropout draws a Bernoulli tensor element by element,
+// about a quarter of a gpt-kjv training forward. CPU tensors only; others
+// take torch::dropout.
+class DropoutImpl : public torch::nn::Module {
+ public:
+  explicit DropoutImpl(double p) : p_(p) {}
+  at::Tensor forward(const at::Tensor& x);
+  double p() const { return p_; }
+
+ private:
+  double p_;
+};
+TORCH_MODULE(Dropout);
+
 // A module's own parameters (those not inside a torch::nn built-in) are
 // members that forward() reads. bind_parameter registers one and remembers
 // its member, so that replace_parameter can reach it by name.
@@ -139,7 +157,7 @@ class ConvModuleImpl : public torch::nn::Module {
  private:
   torch::nn::Conv1d pointwise_in{nullptr}, depthwise{nullptr}, pointwise_out{nullptr};
   torch::nn::LayerNorm depthwise_norm{nullptr};
-  torch::nn::Dropout dropout{nullptr};
+  Dropout dropout{nullptr};
 };
 TORCH_MODULE(ConvModule);
 
@@ -162,7 +180,7 @@ class TransformerBlockImpl : public torch::nn::Module {
   MultiHeadAttention cross_attn{nullptr};
   ConvModule conv_module{nullptr};
   FeedForward mlp{nullptr};
-  torch::nn::Dropout dropout{nullptr};
+  Dropout dropout{nullptr};
 };
 TORCH_MODULE(TransformerBlock);
 
