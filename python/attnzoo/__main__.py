@@ -48,6 +48,9 @@ def main(argv=None):
     p.add_argument("--checkpoint-activations", action="store_true",
                    help="activation checkpointing per transformer block: less memory for long sequences, about "
                         "one more forward pass per step; same results")
+    p.add_argument("--device", default="cpu",
+                   help="where to train: cpu (default) or cuda[:N]; under torchrun, cuda is each process's "
+                        "LOCAL_RANK GPU and DDP uses NCCL")
     defaults = TrainOptions()
     for field in dataclasses.fields(TrainOptions):
         p.add_argument("--" + field.name.replace("_", "-"), type=type(getattr(defaults, field.name)), default=None,
@@ -101,7 +104,7 @@ def _run(ap, args) -> int:
             options = dataclasses.replace(recommended_options(args.model), **given)
             pretrain(args.model, args.out, options, attention=args.attention, model_overrides=overrides,
                      quiet=args.quiet, overwrite=args.overwrite, fsdp=args.fsdp,
-                     checkpoint_activations=args.checkpoint_activations)
+                     checkpoint_activations=args.checkpoint_activations, device=args.device)
             if not args.quiet and os.environ.get("RANK", "0") == "0":
                 print(f"done: {args.out} (evaluate with: python -m attnzoo evaluate {args.out})")
         elif args.command == "compare":

@@ -30,6 +30,10 @@ class Task:
     def __init__(self, config: dict, data_fraction: float = 1.0):
         self.config = config
         self.data_fraction = data_fraction
+        self.device = torch.device("cpu")  # where batches go (the model's device); the data stay on the CPU
+
+    def _on_device(self, *tensors):
+        return tuple(t.to(self.device) for t in tensors)
 
     def _slice(self, n: int) -> int:
         return max(1, int(n * self.data_fraction))
@@ -105,7 +109,7 @@ class GPTTask(TextTask):
     def batch(self, generator, batch_size):
         stream = self.streams["train"]
         starts = torch.randint(0, len(stream) - self.seq_len - 1, (batch_size,), generator=generator)
-        return (self.windows("train", starts, self.seq_len + 1),)
+        return self._on_device(self.windows("train", starts, self.seq_len + 1))
 
     def loss(self, model, batch):
         x = batch[0]
@@ -120,7 +124,7 @@ class GPTTask(TextTask):
         starts = self.eval_starts(split, self.seq_len + 1, max_batches, batch_size)
         total, count = 0.0, 0
         for chunk in starts.split(batch_size):
-            x = self.windows(split, chunk, self.seq_len + 1)
+            (x,) = self._on_device(self.windows(split, chunk, self.seq_len + 1))
             logits = model(x[:, :-1])
             total += F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
             count += x[:, 1:].numel()
@@ -159,7 +163,8 @@ class BertTask(TextTask):
     def batch(self, generator, batch_size):
         stream = self.streams["train"]
         starts = torch.randint(0, len(stream) - self.seq_len, (batch_size,), generator=generator)
-        return self.mask(self.windows("train", starts, self.seq_len - 1), generator, self.train_mask_prob)
+        return self._on_device(*self.mask(self.windows("train", starts, self.seq_len - 1), generator,
+                                          self.train_mask_prob))
 
     def loss(self, model, batch):
         inputs, labels = batch
@@ -172,7 +177,7 @@ class BertTask(TextTask):
         generator = torch.Generator().manual_seed(1234)  # the same masks every evaluation
         total, correct, count = 0.0, 0, 0
         for chunk in starts.split(batch_size):
-            inputs, labels = self.mask(self.windows(split, chunk, self.seq_len - 1), generator)
+            inputs, labels = self._on_device(*self.mask(self.windows(split, chunk, self.seq_len - 1), generator))
             keep = labels != -100
             logits = model(inputs, predict_mask=keep)
             total += F.cross_entropy(logits, labels[keep], reduction="sum").item()
@@ -197,7 +202,7 @@ class ViTTask(Task):
         images = F.pad(x[idx], (1, 1, 1, 1))
         dx, dy = torch.randint(0, 3, (2, batch_size), generator=generator)
         shifted = torch.stack([img[:, a:a + 8, b:b + 8] for img, a, b in zip(images, dy.tolist(), dx.tolist())])
-        return shifted, y[idx]
+        return self._on_device(shifted, y[idx])
 
     def loss(self, model, batch):
         images, labels = batch
@@ -206,7 +211,7 @@ class ViTTask(Task):
     @torch.no_grad()
     def evaluate(self, model, split, max_batches=0, batch_size=32):
         x, y = self.splits[split]
-        logits = torch.cat([model(chunk) for chunk in x.split(256)])
+        logits = torch.cat([model(*self._on_device(chunk)).cpu() for chunk in x.split(256)])
         return {"loss": F.cross_entropy(logits, y).item(), "accuracy": (logits.argmax(-1) == y).float().mean().item(),
                 "images": len(y)}
 
@@ -258,7 +263,7 @@ class SpeechTask(Task):
         targets = torch.zeros(len(encoded), int(target_lengths.max()), dtype=torch.long)
         for row, t in zip(targets, encoded):
             row[: len(t)] = torch.tensor(t)
-        return waves, lengths, targets, target_lengths
+        return self._on_device(waves, lengths, targets, target_lengths)
 
     def batch(self, generator, batch_size):
         n = len(self.splits["train"][0])

@@ -159,7 +159,7 @@ def _save_trainer_state(directory, step, state, data_generator, extra):
     tensors = {"rng.torch": torch.get_rng_state(), "rng.data": data_generator.get_state()}
     for index, values in state["state"].items():
         for key, value in values.items():
-            tensors[f"optimizer.{index}.{key}"] = value.detach().clone().contiguous()
+            tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().clone().contiguous()
     save_file(tensors, os.path.join(directory, "trainer_state.safetensors"))
     with open(os.path.join(directory, "trainer_state.json"), "w") as f:
         json.dump({"step": step, "param_groups": state["param_groups"], **extra}, f, indent=1)
@@ -254,16 +254,33 @@ class _Progress:
             self.bar.close()
 
 
-def _distributed():
+def _training_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device must be cpu or cuda[:N], got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu or cuda[:N], got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device cuda: torch sees no CUDA device here")
+        if device.index is None and "LOCAL_RANK" in os.environ:
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return device
+
+
+def _distributed(device: torch.device):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
 
 
 def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, attention: Optional[str] = None,
              model_overrides: Optional[dict] = None, cache: Optional[str] = None, quiet: bool = False,
-             overwrite: bool = False, fsdp: bool = False, checkpoint_activations: bool = False) -> dict:
+             overwrite: bool = False, fsdp: bool = False, checkpoint_activations: bool = False,
+             device: str = "cpu") -> dict:
     """Trains the run in `out`, or resumes it when `out` holds an interrupted
     run of the same model config and options (`steps` may differ: a finished
     run can be extended). A run of another config or other options is refused
@@ -272,7 +289,10 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
     or, with `fsdp`, FSDP2 (parameters, gradients and optimizer state
     sharded; checkpoints are gathered, so either kind of run resumes the
     other's). `checkpoint_activations` recomputes each block in the backward
-    pass instead of keeping its activations (same results, less memory)."""
+    pass instead of keeping its activations (same results, less memory).
+    `device` ("cpu", "cuda", "cuda:1"; under torchrun "cuda" means each
+    process's LOCAL_RANK GPU, with NCCL) is where the model trains; the
+    data stay on the CPU and batches move there."""
     o = options or TrainOptions()
     o.validate()
     overrides = dict(model_overrides or {})
@@ -280,7 +300,8 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
         overrides["attention"] = {"kind": attention}
     config = models.load_config(model_source, **overrides)
     started_group = not dist.is_initialized()
-    rank, world = _distributed()
+    device = _training_device(device)
+    rank, world = _distributed(device)
     started_group = started_group and dist.is_initialized()
     main = rank == 0
     if o.batch_size % world:
@@ -312,6 +333,7 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
             raise ValueError(f"mask_prob is a bert training option; this model is {config['model_type']!r}")
         task_options["train_mask_prob"] = o.mask_prob
     task = task_for(config, seq_len=o.seq_len, data_fraction=o.data_fraction, cache=cache, **task_options)
+    task.device = device
 
     torch.manual_seed(o.seed)
     model = models.MODEL_CLASSES[config["model_type"]](config)
@@ -319,6 +341,7 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
         _check_output_dir(out, model)
     if resuming:
         model.load_state_dict(models.from_pretrained(os.path.realpath(last)).state_dict())
+    model.to(device)
     if checkpoint_activations:
         model.gradient_checkpointing_enable()
     sharded = fsdp and world > 1
@@ -384,7 +407,7 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
             if sharded:
                 model.set_requires_gradient_sync(sync)
             with (trained.no_sync() if world > 1 and not sharded and not sync else contextlib.nullcontext()):
-                with compute_context(o.dtype):
+                with compute_context(o.dtype, device.type):
                     loss = task.loss(trained, local) / o.grad_accum
                 loss.backward()
             loss_sum += loss.item()
@@ -395,7 +418,7 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        loss_sum = _mean_over_ranks(loss_sum, world)
+        loss_sum = _mean_over_ranks(loss_sum, world, device)
         now = time.perf_counter()
         elapsed = now - wall_start
         if step % o.log_every == 0 or step == o.steps:
@@ -466,10 +489,10 @@ def _remove_run(out: str) -> None:
             os.remove(os.path.join(out, name))
 
 
-def _mean_over_ranks(value, world):
+def _mean_over_ranks(value, world, device):
     if world == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=device)  # NCCL reduces device tensors only
     dist.all_reduce(t)
     return t.item() / world
 

@@ -47,7 +47,7 @@ bool bf16_engine_enabled() {
 #else
     const bool hardware = false;
 #endif
-    return hardware && cpu::selected_engine().dense_bf16.forward != nullptr;
+    return hardware && cpu::selected_engine().dense_bf16[0].forward != nullptr;
   }();
   return enabled;
 }
@@ -186,7 +186,10 @@ DenseArgs engine_args(const Prepared& p) {
 
 const cpu::PassTable& passes(const Prepared& p) {
   const auto& e = cpu::selected_engine();
-  if (p.bf16) return p.layout.defined() ? e.block_sparse_bf16 : e.dense_bf16;
+  if (p.bf16) {
+    const int grads = p.s.H == p.s.Hkv ? 0 : 1;  // GQA groups are summed in float
+    return p.layout.defined() ? e.block_sparse_bf16[grads] : e.dense_bf16[grads];
+  }
   const int dt = p.compute == at::kDouble ? 1 : 0;
   if (p.layout.defined()) return e.block_sparse[dt];
   if (p.shaw_k.defined()) return e.shaw[dt];
@@ -265,8 +268,11 @@ detail::Tensor7 backward_cpu(const at::Tensor& grad_out, const OptTensor& grad_l
     splits = std::min(nkb, (threads + heads - 1) / heads);
 
   at::Tensor dq = at::zeros({splits, s.B, s.H, s.Nq, s.D}, opts);
-  at::Tensor dk = at::zeros({s.B, s.H, s.Nk, s.D}, opts);
-  at::Tensor dv = at::zeros({s.B, s.H, s.Nk, s.Dv}, opts);
+  // The bfloat16 passes write each key block's dk and dv once, in bfloat16
+  // unless GQA groups are summed afterwards.
+  const auto kv_opts = p.bf16 && s.H == s.Hkv ? opts.dtype(at::kBFloat16) : opts;
+  at::Tensor dk = at::zeros({s.B, s.H, s.Nk, s.D}, kv_opts);
+  at::Tensor dv = at::zeros({s.B, s.H, s.Nk, s.Dv}, kv_opts);
   at::Tensor dbias, drel, dshaw_k, dshaw_v;
 
   DenseArgs a = engine_args(p);
@@ -304,8 +310,8 @@ detail::Tensor7 backward_cpu(const at::Tensor& grad_out, const OptTensor& grad_l
   at::Tensor grad_q = splits == 1 ? dq[0] : dq.sum(0);
   if (s.H != s.Hkv) {
     const int64_t group = s.H / s.Hkv;
-    dk = dk.view({s.B, s.Hkv, group, s.Nk, s.D}).sum(2);
-    dv = dv.view({s.B, s.Hkv, group, s.Nk, s.Dv}).sum(2);
+    dk = dk.view({s.B, s.Hkv, group, s.Nk, s.D}).sum(2, false, p.compute);  // summed in float
+    dv = dv.view({s.B, s.Hkv, group, s.Nk, s.Dv}).sum(2, false, p.compute);
   }
   const at::Tensor none = at::empty({0}, q.options());
   at::Tensor dtable = none;

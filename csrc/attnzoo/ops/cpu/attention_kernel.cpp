@@ -32,10 +32,11 @@ constexpr PassTable passes() {
 // bfloat16 inputs, float compute (tiles.h). Only the AVX-512 build has them:
 // the CPUs with bfloat16 products (AVX512-BF16, AMX) all run it. There is no
 // probabilities pass: attention_weights computes in float.
-template <template <typename> class Policy>
+// [0]: dk and dv written in bfloat16; [1]: in float (GQA: the caller sums groups).
+template <template <typename> class Policy, typename GradKV>
 constexpr PassTable bf16_passes() {
 #if defined(CPU_CAPABILITY_AVX512)
-  return {&forward<float, Policy, Bf16Tiles>, nullptr, &backward<float, Policy, Bf16Tiles>};
+  return {&forward<float, Policy, Bf16Tiles<GradKV>>, nullptr, &backward<float, Policy, Bf16Tiles<GradKV>>};
 #else
   return {nullptr, nullptr, nullptr};
 #endif
@@ -49,8 +50,8 @@ const EngineTable kTable = {
     {passes<float, DensePolicy>(), passes<double, DensePolicy>()},
     {passes<float, BlockSparsePolicy>(), passes<double, BlockSparsePolicy>()},
     {passes<float, ShawPolicy>(), passes<double, ShawPolicy>()},
-    bf16_passes<DensePolicy>(),
-    bf16_passes<BlockSparsePolicy>(),
+    {bf16_passes<DensePolicy, c10::BFloat16>(), bf16_passes<DensePolicy, float>()},
+    {bf16_passes<BlockSparsePolicy, c10::BFloat16>(), bf16_passes<BlockSparsePolicy, float>()},
     {{&lsh_forward_range<float>, &lsh_backward_range<float>},
      {&lsh_forward_range<double>, &lsh_backward_range<double>}},
 };

@@ -79,7 +79,9 @@ struct DenseArgs {
   // Backward inputs and outputs. grad_q is (splits, B, H, Nq, D) partial sums
   // when key blocks of a head are split across work items; grad_k/grad_v are
   // per query head (B, H, Nk, D/Dv) and summed over GQA groups by the caller.
-  // All are zero-initialised by the caller.
+  // All are zero-initialised by the caller. The bfloat16 passes write
+  // grad_k/grad_v once per key block, in bfloat16 ([0]) or float ([1], for
+  // GQA groups the caller sums); grad_q is float.
   const void* grad_out = nullptr;
   const void* delta = nullptr;  // (B,H,Nq): rowsum(grad_out * out)
   void* grad_q = nullptr;
@@ -147,8 +149,8 @@ struct EngineTable {
   PassTable dense[2];
   PassTable block_sparse[2];
   PassTable shaw[2];
-  PassTable dense_bf16;
-  PassTable block_sparse_bf16;
+  PassTable dense_bf16[2];  // [0] grad_k/grad_v bfloat16, [1] float (GQA)
+  PassTable block_sparse_bf16[2];
   LshTable lsh[2];
 };
 

@@ -193,8 +193,9 @@ void backward_range(const DenseArgs& a, Policy& policy, int64_t begin, int64_t e
     const T* lse = static_cast<const T*>(a.lse) + bh * g.Nq;
     const T* delta = static_cast<const T*>(a.delta) + bh * g.Nq;
     T* dq = static_cast<T*>(a.grad_q) + (split * g.B * g.H + bh) * g.Nq * g.D;
-    T* dk = static_cast<T*>(a.grad_k) + bh * g.Nk * g.D;
-    T* dv = static_cast<T*>(a.grad_v) + bh * g.Nk * g.Dv;
+    using GradKV = typename Tiles::GradKV;
+    GradKV* dk = static_cast<GradKV*>(a.grad_k) + bh * g.Nk * g.D;
+    GradKV* dv = static_cast<GradKV*>(a.grad_v) + bh * g.Nk * g.Dv;
 
     const int64_t kb_end = std::min(nkb, (split + 1) * blocks_per_split);
     for (int64_t kb = split * blocks_per_split; kb < kb_end; ++kb) {

@@ -5,7 +5,7 @@
 // compute type T:
 //   ComputeTiles<T>  In = T (float, double): row-major BLAS on the inputs as
 //                    they are.
-//   Bf16Tiles        In = bfloat16, T = float: the products multiply
+//   Bf16Tiles<G>     In = bfloat16, T = float: the products multiply
 //                    bfloat16 with float32 accumulation through oneDNN's
 //                    batch-reduce GEMM (ATen's cpublas::brgemm: AVX512-BF16
 //                    dot products or AMX tiles), about twice the float32 rate.
@@ -25,7 +25,11 @@
 //             add_dq(ds, ld, mq, nk, scale, dq_tile)            dq += scale ds k
 //             add_dk(ds, ld, q_tile, q0, mq, nk, scale, dk)     dk += scale ds^T q
 //             end_key_block(nk, dk, dv)
-// dv and dk point at the key block's rows of the head's float accumulators.
+// dv and dk point at the key block's rows of the head's key and value
+// gradients, of type GradKV: T accumulators (ComputeTiles); Bf16Tiles writes
+// each key block once at end_key_block (a key block belongs to one work
+// item, so its gradient is complete there), in bfloat16, or in float where
+// the caller sums GQA groups (rounding each head first would add error).
 // Compiled once per instruction set (attention_kernel.cpp), so everything
 // lives in the ISA-specific inline namespace CPU_CAPABILITY.
 #include <ATen/native/CPUBlas.h>
@@ -46,6 +50,7 @@ inline namespace CPU_CAPABILITY {
 template <typename T>
 struct ComputeTiles {
   using In = T;
+  using GradKV = T;
   int64_t D, Dv;
   ComputeTiles(const DenseArgs& a, int64_t /*max_rows*/, int64_t /*max_cols*/) : D(a.D), Dv(a.Dv) {}
 
@@ -123,40 +128,44 @@ inline void convert_rows(const float* src, int64_t ld_src, int64_t rows, int64_t
   }
 }
 
+// Calls pack(x0, x1, out) for each pair of rows of src (x1 null for an odd
+// last row), out the pair's words in the VNNI layout [rows/2][ld_dst][2].
+template <typename S, class Pack>
+inline void for_each_row_pair(const S* src, int64_t ld_src, int64_t rows, bfloat16* dst, int64_t ld_dst,
+                              Pack&& pack) {
+  uint32_t* w = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t r = 0; r < rows; r += 2) {
+    const S* x0 = src + r * ld_src;
+    pack(x0, r + 1 < rows ? x0 + ld_src : nullptr, w + (r / 2) * ld_dst);
+  }
+}
+
 // dst [even(rows)/2][cols][2] (pair stride 2 * ld_dst) = bfloat16(scale * src):
 // the VNNI layout of a float tile, rows paired.
 inline void convert_vnni(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float scale,
                          bfloat16* dst, int64_t ld_dst) {
-  uint32_t* w = reinterpret_cast<uint32_t*>(dst);
-  for (int64_t r = 0; r < rows; r += 2) {
-    const float* x0 = src + r * ld_src;
-    const float* x1 = x0 + ld_src;
-    const bool pair = r + 1 < rows;
-    uint32_t* out = w + (r / 2) * ld_dst;
+  for_each_row_pair(src, ld_src, rows, dst, ld_dst, [&](const float* x0, const float* x1, uint32_t* out) {
     int64_t c = 0;
     for (; c + 16 <= cols; c += 16) {
       const U32x16 lo = round_high(x0 + c, scale) >> 16;
-      const U32x16 hi = pair ? (round_high(x1 + c, scale) & 0xffff0000u) : U32x16{};
+      const U32x16 hi = x1 ? (round_high(x1 + c, scale) & 0xffff0000u) : U32x16{};
       const U32x16 word = lo | hi;
       std::memcpy(out + c, &word, 64);
     }
     for (; c < cols; ++c)
-      out[c] = uint32_t(round_bits(x0[c] * scale)) | (pair ? uint32_t(round_bits(x1[c] * scale)) << 16 : 0u);
-  }
+      out[c] = uint32_t(round_bits(x0[c] * scale)) | (x1 ? uint32_t(round_bits(x1[c] * scale)) << 16 : 0u);
+  });
 }
 
 // dst [even(rows)/2][cols][2] = src (rows x cols, ld_src): bfloat16 rows paired.
 inline void pack_vnni(const bfloat16* src, int64_t ld_src, int64_t rows, int64_t cols, bfloat16* dst,
                       int64_t ld_dst) {
-  const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
-  uint32_t* w = reinterpret_cast<uint32_t*>(dst);
-  for (int64_t r = 0; r < rows; r += 2) {
-    const uint16_t* x0 = s + r * ld_src;
-    const uint16_t* x1 = x0 + ld_src;
-    const bool pair = r + 1 < rows;
-    uint32_t* out = w + (r / 2) * ld_dst;
-    for (int64_t c = 0; c < cols; ++c) out[c] = uint32_t(x0[c]) | (pair ? uint32_t(x1[c]) << 16 : 0u);
-  }
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+  for_each_row_pair(bits, ld_src, rows, dst, ld_dst,
+                    [&](const uint16_t* x0, const uint16_t* x1, uint32_t* out) {
+                      for (int64_t c = 0; c < cols; ++c)
+                        out[c] = uint32_t(x0[c]) | (x1 ? uint32_t(x1[c]) << 16 : 0u);
+                    });
 }
 
 // dst [cols/2][rows][2] (pair stride 2 * ld_dst) = the VNNI layout of src^T,
@@ -192,8 +201,10 @@ inline void brgemm(int64_t M, int64_t N, int64_t K, const bfloat16* A, int64_t l
 
 }  // namespace bf16
 
+template <typename GradKVType>
 struct Bf16Tiles {
   using In = c10::BFloat16;
+  using GradKV = GradKVType;
   using bfloat16 = bf16::bfloat16;
   int64_t D, Dv, Nq, Nk;
   // The head's k^T and v in the VNNI layout, packed when the head changes.
@@ -251,7 +262,7 @@ struct Bf16Tiles {
   }
   // dv^T (Dv x nk) += dout^T p, with p rounded into the VNNI layout.
   void add_dv(const float* p, int64_t ld, const bfloat16* /*dout*/, int64_t q0, int64_t mq, int64_t nk,
-              float* /*dv*/) {
+              GradKV* /*dv*/) {
     bf16::convert_vnni(p, ld, mq, nk, 1.0f, tile_vnni_.data(), nk);
     bf16::brgemm(Dv, nk, bf16::even(mq), doutt_.data() + q0, bf16::even(Nq), tile_vnni_.data(), nk,
                  dvt_.data(), nk, true);
@@ -266,15 +277,15 @@ struct Bf16Tiles {
   }
   // dk^T (D x nk) += q^T (scale ds).
   void add_dk(const float* ds, int64_t ld, const bfloat16* /*q*/, int64_t q0, int64_t mq, int64_t nk,
-              float scale, float* /*dk*/) {
+              float scale, GradKV* /*dk*/) {
     bf16::convert_vnni(ds, ld, mq, nk, scale, tile_vnni_.data(), nk);
     bf16::brgemm(D, nk, bf16::even(mq), qt_.data() + q0, bf16::even(Nq), tile_vnni_.data(), nk, dkt_.data(),
                  nk, true);
   }
-  void end_key_block(int64_t nk, float* dk, float* dv) {
+  void end_key_block(int64_t nk, GradKV* dk, GradKV* dv) {
     for (int64_t j = 0; j < nk; ++j) {
-      for (int64_t d = 0; d < D; ++d) dk[j * D + d] += dkt_[d * nk + j];
-      for (int64_t d = 0; d < Dv; ++d) dv[j * Dv + d] += dvt_[d * nk + j];
+      for (int64_t d = 0; d < D; ++d) dk[j * D + d] = GradKV(dkt_[d * nk + j]);
+      for (int64_t d = 0; d < Dv; ++d) dv[j * Dv + d] = GradKV(dvt_[d * nk + j]);
     }
   }
   // AMX keeps a tile configuration per thread until it is released.
