@@ -310,6 +310,17 @@ def test_zoo_models_on_cuda_match_the_cpu(kind):
             assert_rel(dict(model.named_parameters())[n].grad, g, 1e-3, f"{name} {kind} grad of {n}")
 
 
+def test_gpt_generates_the_same_tokens_on_cuda():
+    """Greedy generation with the KV cache on the device gives the CPU's tokens."""
+    from attnzoo.models import GPT
+    torch.manual_seed(0)
+    model = GPT({**MODEL_SMALL, "vocab_size": 61, "max_position_embeddings": 64}).eval()
+    prompt = torch.randint(0, 61, (2, 5), generator=torch.Generator().manual_seed(9))
+    want = model.generate(prompt, 20)
+    got = model.to(DEVICE).generate(prompt.to(DEVICE), 20)
+    assert torch.equal(got.cpu(), want)
+
+
 @only_on_gpu
 @pytest.mark.parametrize("kind", ["block_sparse", "shaw", "lsh"])
 def test_zoo_models_with_kinds_not_yet_on_cuda_say_so(kind):

@@ -206,7 +206,7 @@ def test_cli_generate_matches_python_generate():
     model = attnzoo.models.from_pretrained(GPT_KJV).eval()
     prompt = list(b"And God said")
     expected = model.generate(torch.tensor([prompt]), 24)[0].tolist()
-    p = _cli("generate", GPT_KJV, "--ids", ",".join(map(str, prompt)), "--max-new-tokens", 24)
+    p = _cli("generate", GPT_KJV, "--ids", ",".join(map(str, prompt)), "--max-new-tokens", 24, "--device", "cpu")
     assert p.returncode == 0, p.stderr
     assert [int(t) for t in p.stdout.strip().split(",")] == expected
     assert "tokens/s" in p.stderr
@@ -230,7 +230,11 @@ def test_cli_generate_matches_python_generate():
     (["evaluate", VIT_DIGITS, "--text", __file__], 1, "different model_type"),
     (["evaluate", "/nonexistent", "--text", __file__], 1, "/nonexistent"),
     (["train", GPT_KJV], 2, "unknown command 'train'"),
-])
+    (["generate", GPT_KJV, "--ids", "1", "--device", "tpu"], 2, "--device: expected cpu or cuda[:N], got 'tpu'"),
+    (["evaluate", GPT_KJV, "--text", __file__, "--device", "meta"], 2, "--device: expected cpu or cuda[:N]"),
+] + ([] if torch.cuda.is_available() else [
+    (["generate", GPT_KJV, "--ids", "1", "--device", "cuda"], 1, "--device cuda: no CUDA device is available"),
+]))
 def test_cli_errors_are_clear(args, code, message):
     p = _cli(*args)
     assert p.returncode == code and message in p.stderr, (p.returncode, p.stderr)

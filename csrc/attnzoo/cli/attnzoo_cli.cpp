@@ -1,8 +1,9 @@
 // attnzoo-cli: the zoo's checkpoints from C++, without Python.
 //
 //   attnzoo-cli generate MODEL_DIR (--prompt TEXT | --ids 1,2,3) [--max-new-tokens N]
-//                        [--temperature T] [--top-k K] [--top-p P] [--seed S] [--no-cache]
+//                        [--temperature T] [--top-k K] [--top-p P] [--seed S] [--no-cache] [--device D]
 //   attnzoo-cli evaluate MODEL_DIR --text FILE [--seq-len N] [--batch-size B] [--max-batches M] [--json OUT]
+//                        [--device D]
 //
 // Both take a GPT checkpoint directory (config.json + model.safetensors, as
 // written by `python -m attnzoo pretrain` or save_pretrained in either
@@ -12,6 +13,7 @@
 // --max-batches, evenly spaced ones), so on the KJV split files in the data
 // cache it reproduces the Python numbers. Timings are printed with results.
 #include <attnzoo/attnzoo.h>
+#include <torch/cuda.h>
 
 #include <chrono>
 #include <cmath>
@@ -20,6 +22,7 @@
 #include <iostream>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -32,9 +35,10 @@ using Clock = std::chrono::steady_clock;
 const char* kUsage =
     "usage:\n"
     "  attnzoo-cli generate MODEL_DIR (--prompt TEXT | --ids 1,2,3) [--max-new-tokens N] [--temperature T]\n"
-    "                       [--top-k K] [--top-p P] [--seed S] [--no-cache]\n"
+    "                       [--top-k K] [--top-p P] [--seed S] [--no-cache] [--device cpu|cuda[:N]]\n"
     "  attnzoo-cli evaluate MODEL_DIR --text FILE [--seq-len N] [--batch-size B] [--max-batches M] [--json "
     "OUT]\n"
+    "                       [--device cpu|cuda[:N]]\n"
     "\n"
     "MODEL_DIR is a GPT checkpoint directory (config.json + model.safetensors). generate continues the\n"
     "prompt, greedy unless --temperature > 0 (then --top-k, --top-p, --seed); --max-new-tokens defaults\n"
@@ -135,6 +139,23 @@ std::vector<int64_t> parse_ids(const std::string& text) {
   return ids;
 }
 
+// --device: where the model runs (default cpu).
+torch::Device device_of(const std::map<std::string, std::string>& flags) {
+  const auto it = flags.find("--device");
+  if (it == flags.end()) return torch::kCPU;
+  std::optional<torch::Device> device;
+  try {
+    device = torch::Device(it->second);
+  } catch (const c10::Error&) {
+    throw UsageError("--device: expected cpu or cuda[:N], got '" + it->second + "'");
+  }
+  if (!device->is_cpu() && !device->is_cuda())
+    throw UsageError("--device: expected cpu or cuda[:N], got '" + it->second + "'");
+  if (device->is_cuda() && !torch::cuda::is_available())
+    throw std::invalid_argument("--device " + it->second + ": no CUDA device is available here");
+  return *device;
+}
+
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
@@ -142,7 +163,9 @@ double seconds_since(Clock::time_point start) {
 int generate(const std::string& dir, const std::map<std::string, std::string>& flags) {
   const bool has_prompt = flags.count("--prompt"), has_ids = flags.count("--ids");
   if (has_prompt == has_ids) throw UsageError("generate takes exactly one of --prompt and --ids");
+  const torch::Device device = device_of(flags);
   auto gpt = attnzoo::from_pretrained_as<attnzoo::models::GPTImpl>(dir);  // in eval mode
+  gpt->to(device);
   if (has_prompt) require_byte_tokenizer(dir);
   at::Tensor prompt =
       has_prompt ? bytes_to_ids(flags.at("--prompt")) : torch::tensor(parse_ids(flags.at("--ids")));
@@ -179,7 +202,7 @@ int generate(const std::string& dir, const std::map<std::string, std::string>& f
   if (flags.count("--seed")) options.seed = number<uint64_t>(flags, "--seed", 0);
   torch::NoGradGuard no_grad;
   const auto start = Clock::now();
-  auto out = gpt->generate(prompt.unsqueeze(0), options)[0];
+  auto out = gpt->generate(prompt.unsqueeze(0).to(device), options)[0].cpu();
   const double elapsed = seconds_since(start);
   const int64_t produced = out.numel() - prompt.numel();
   if (has_prompt) {
@@ -196,7 +219,9 @@ int generate(const std::string& dir, const std::map<std::string, std::string>& f
 
 int evaluate(const std::string& dir, const std::map<std::string, std::string>& flags) {
   if (!flags.count("--text")) throw UsageError("evaluate needs --text FILE");
+  const torch::Device device = device_of(flags);
   auto gpt = attnzoo::from_pretrained_as<attnzoo::models::GPTImpl>(dir);  // in eval mode
+  gpt->to(device);
   require_byte_tokenizer(dir);
   const auto& config = gpt->config();
   const int64_t seq_len =
@@ -225,7 +250,7 @@ int evaluate(const std::string& dir, const std::map<std::string, std::string>& f
     std::vector<at::Tensor> rows;
     for (int64_t i = 0; i < chunk.numel(); ++i)
       rows.push_back(stream.narrow(0, chunk[i].item<int64_t>(), window));
-    const auto x = at::stack(rows);
+    const auto x = at::stack(rows).to(device);
     const auto logits = gpt->forward(x.slice(1, 0, seq_len));
     const auto targets = x.slice(1, 1);
     total += at::cross_entropy_loss(logits.flatten(0, 1), targets.flatten(), {}, at::Reduction::Sum)
@@ -277,12 +302,13 @@ int main(int argc, char** argv) {
     if (command == "generate")
       return generate(dir, parse_flags(argc, argv,
                                        {"--prompt", "--ids", "--max-new-tokens", "--temperature", "--top-k",
-                                        "--top-p", "--seed"},
+                                        "--top-p", "--seed", "--device"},
                                        {"--no-cache"}));
     if (command == "evaluate")
       return evaluate(
           dir,
-          parse_flags(argc, argv, {"--text", "--seq-len", "--batch-size", "--max-batches", "--json"}, {}));
+          parse_flags(argc, argv, {"--text", "--seq-len", "--batch-size", "--max-batches", "--json", "--device"},
+                      {}));
     throw UsageError("unknown command '" + command + "'");
   } catch (const UsageError& e) {
     std::cerr << "attnzoo-cli: " << e.what() << '\n' << kUsage;
