@@ -125,7 +125,10 @@ def test_layout_bad_input(call, fragment):
 
 
 # ---------------------------------------------------------------------------
-# Token-exact Longformer (window + global tokens), built on the lse merge.
+# Token-exact Longformer (window + global tokens): on the CPU one block-sparse
+# call with token masks (global keys gathered after the sequence) and the
+# global rows; the window larger than N, global tokens inside the window and
+# at block edges, N not a multiple of the 64-token block, GQA, a key mask.
 
 def longformer_mask(N, window, global_tokens):
     i = torch.arange(N)
@@ -136,7 +139,8 @@ def longformer_mask(N, window, global_tokens):
 
 
 @pytest.mark.parametrize("N,window,global_tokens", [(300, 16, [0, 5, 299]), (97, 0, [50]), (64, 3, []),
-                                                    (513, 40, list(range(0, 513, 100)))])
+                                                    (513, 40, list(range(0, 513, 100))),
+                                                    (200, 500, [3, 63, 64, 127, 128]), (130, 64, list(range(70)))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_longformer_is_exact(N, window, global_tokens, dtype):
     q, k, v = make_qkv(2, 4, 2, N, N, 16, 8, dtype=dtype, requires_grad=True, seed=N)
@@ -145,6 +149,16 @@ def test_longformer_is_exact(N, window, global_tokens, dtype):
     mask = longformer_mask(N, window, global_tokens)[None, None] & key_mask[:, None, None, :]
     ref = reference(q, k, v, mask=mask)[0]
     assert_matches_reference(out, ref, (q, k, v), dtype)
+
+
+def test_longformer_dropout_is_dropout_on_the_union():
+    """The kept fraction of the union's probabilities, and the expectation:
+    the mean over many seeds of the dropped output approaches the plain one."""
+    q, k, v = make_qkv(1, 2, 2, 130, 130, 8, 8, seed=11)
+    plain = ops.longformer_attention(q, k, v, 10, [0, 77])
+    runs = torch.stack([ops.longformer_attention(q, k, v, 10, [0, 77], dropout_p=0.3) for _ in range(400)])
+    assert not torch.equal(runs[0], runs[1])
+    assert (runs.mean(0) - plain).abs().max() < 0.15 * plain.abs().max()
 
 
 def test_longformer_gradcheck_and_errors():

@@ -7,6 +7,10 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <vector>
+
 #include "attnzoo/ops/attention.h"
 #include "attnzoo/ops/linear_support.h"
 #include "attnzoo/ops/op_support.h"
@@ -129,11 +133,67 @@ at::Tensor linformer_attention(const at::Tensor& q, const at::Tensor& k, const a
 
 // ---------------------------------------------------------------------------
 // Longformer, exact at token level: a query sees the keys within `window` of
-// it and every global token; a global token's query sees every key. Two
-// fused calls over disjoint key sets (the window without the global keys,
-// and the global keys alone) merged by their log-sum-exps, then the global
-// rows recomputed densely. Dropout on the union equals dropout on each part,
-// since the merge only rescales each part's probabilities.
+// it and every global token; a global token's query sees every key.
+//
+// On the CPU the non-global rows are one fused block-sparse call: the global
+// keys are gathered after the sequence (keys N .. N + G - 1), the layout marks
+// the blocks the window reaches plus those of the gathered keys, and the
+// blocks a window edge or a global key's original position (which the
+// gathered copy replaces) cuts carry token masks: FlexAttention's BlockMask,
+// run by the engine's block-sparse policy. The global rows are one dense call
+// over every key. Elsewhere (CUDA has no block-sparse kernels yet) two fused
+// calls over disjoint key sets, the window without the global keys and the
+// global keys alone, are merged by their log-sum-exps. Dropout on the union
+// equals dropout on each part, since the merge only rescales each part's
+// probabilities.
+
+constexpr int64_t kLongformerBlock = 64;
+
+struct LongformerPlan {
+  at::Tensor layout, index, masks;  // (1, nb, kb) bool, the same int32, (P, bs, bs) bool
+};
+
+// The plan over N queries and N + G keys (the sequence, then the global keys).
+LongformerPlan longformer_plan(int64_t N, int64_t window, const std::vector<int64_t>& global, int64_t bs) {
+  const int64_t G = int64_t(global.size()), Nk = N + G;
+  const int64_t rows = (N + bs - 1) / bs, cols = (Nk + bs - 1) / bs;
+  std::vector<uint8_t> is_global(N, 0);
+  for (int64_t j : global) is_global[j] = 1;
+  // Whether key j (of the N + G) is visible from query i.
+  auto visible = [&](int64_t i, int64_t j) {
+    return j < N ? std::abs(i - j) <= window && !is_global[j] : j < Nk;
+  };
+  at::Tensor layout = at::zeros({1, rows, cols}, at::kBool);
+  at::Tensor index = at::full({1, rows, cols}, -1, at::kInt);
+  bool* L = layout.data_ptr<bool>();
+  int32_t* I = index.data_ptr<int32_t>();
+  std::vector<uint8_t> masks;
+  int32_t partial = 0;
+  const int64_t reach = window / bs + 1;  // key blocks the window can reach on either side
+  for (int64_t qb = 0; qb < rows; ++qb) {
+    const int64_t i0 = qb * bs, i1 = std::min(N, i0 + bs) - 1;
+    const int64_t first_global = N / bs;  // the block holding key N
+    for (int64_t kb = std::max<int64_t>(0, qb - reach); kb < cols; ++kb) {
+      if (kb > qb + reach && kb < first_global) kb = first_global;
+      const int64_t j0 = kb * bs, j1 = std::min(Nk, j0 + bs) - 1;
+      const bool sequence_only = j1 < N, global_only = j0 >= N;
+      if (sequence_only && (j0 - i1 > window || i0 - j1 > window)) continue;  // no pair within the window
+      L[qb * cols + kb] = true;
+      bool full = global_only;
+      if (sequence_only && j1 - i0 <= window && i1 - j0 <= window) {
+        full = true;
+        for (int64_t j = j0; j <= j1; ++j) full &= !is_global[j];
+      }
+      if (full) continue;
+      for (int64_t r = 0; r < bs; ++r)
+        for (int64_t c = 0; c < bs; ++c) masks.push_back(i0 + r < N && visible(i0 + r, j0 + c));
+      I[qb * cols + kb] = partial++;
+    }
+  }
+  at::Tensor block_masks = at::empty({partial, bs, bs}, at::kBool);
+  std::copy(masks.begin(), masks.end(), block_masks.data_ptr<bool>());
+  return {layout, index, block_masks};
+}
 
 at::Tensor longformer_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window,
                                 const at::Tensor& global_tokens, const std::optional<at::Tensor>& key_mask,
@@ -160,8 +220,27 @@ at::Tensor longformer_attention(const at::Tensor& q, const at::Tensor& k, const 
   const auto bool_opts = at::TensorOptions().dtype(at::kBool).device(q.device());
   at::Tensor keep = at::ones({B, 1, 1, N}, bool_opts);
   if (given(key_mask)) keep = key_rows(op, *key_mask, B, N).view({B, 1, 1, N});
-  const at::Tensor not_global = at::ones({N}, bool_opts).index_fill(0, g, false);
   const auto opts = AttentionOptions().dropout_p(dropout_p).scale(scale);
+  if (q.device().is_cpu()) {
+    const at::Tensor g_cpu = g.cpu();
+    const std::vector<int64_t> positions(g_cpu.data_ptr<int64_t>(), g_cpu.data_ptr<int64_t>() + G);
+    const LongformerPlan plan = longformer_plan(N, window, positions, kLongformerBlock);
+    auto extend = [&](const at::Tensor& t, int64_t dim) {  // the sequence, then the global tokens
+      return G == 0 ? t : at::cat({t, t.index_select(dim, g)}, dim);
+    };
+    at::Tensor out = attention(q, extend(k, 2), extend(v, 2),
+                               AttentionOptions(opts)
+                                   .layout(plan.layout)
+                                   .block_size(kLongformerBlock)
+                                   .block_mask_index(plan.index)
+                                   .block_masks(plan.masks)
+                                   .mask(extend(keep, 3)));
+    if (G == 0) return out;
+    // Global queries attend to every key.
+    const at::Tensor rows = attention(q.index_select(2, g), k, v, AttentionOptions(opts).mask(keep));
+    return out.index_copy(2, g, rows);
+  }
+  const at::Tensor not_global = at::ones({N}, bool_opts).index_fill(0, g, false);
   auto [out_w, lse_w] = attention_with_lse(
       q, k, v,
       AttentionOptions(opts).window(AttentionOptions::Window{window, window}).mask(keep & not_global));
