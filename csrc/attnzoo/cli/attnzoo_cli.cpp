@@ -307,8 +307,8 @@ int main(int argc, char** argv) {
     if (command == "evaluate")
       return evaluate(
           dir,
-          parse_flags(argc, argv, {"--text", "--seq-len", "--batch-size", "--max-batches", "--json", "--device"},
-                      {}));
+          parse_flags(argc, argv,
+                      {"--text", "--seq-len", "--batch-size", "--max-batches", "--json", "--device"}, {}));
     throw UsageError("unknown command '" + command + "'");
   } catch (const UsageError& e) {
     std::cerr << "attnzoo-cli: " << e.what() << '\n' << kUsage;
