@@ -171,7 +171,8 @@ for _name in ("attention", "attention_weights", "_attention_forward", "_attentio
 
 def _register_batch_fold(name):
     """Ops whose every tensor argument and result is (B, ...) per sample (the
-    causal linear attention core): the vmapped dimension folds into B."""
+    causal linear attention core; its int feature map passes through): the
+    vmapped dimension folds into B."""
     op = getattr(torch.ops.attnzoo, name).default
 
     def rule(keyset, *args):
@@ -179,8 +180,9 @@ def _register_batch_fold(name):
         level, V = interpreter.level(), interpreter.batch_size()
         unwrapped = [_unwrap(a, level) for a in args]
         with _below_vmap():
-            B = next(u.shape[0] if d is None else u.movedim(d, 0).shape[1] for u, d in unwrapped)
-            result = op(*[_fold(u, d, V) for u, d in unwrapped])
+            B = next(u.shape[0] if d is None else u.movedim(d, 0).shape[1] for u, d in unwrapped
+                     if isinstance(u, torch.Tensor))
+            result = op(*[_fold(u, d, V) if isinstance(u, torch.Tensor) else u for u, d in unwrapped])
         outputs = result if isinstance(result, tuple) else (result,)
         wrapped = tuple(_add_batch_dim(o.reshape(V, B, *o.shape[1:]), 0, level) for o in outputs)
         return wrapped if len(wrapped) > 1 else wrapped[0]

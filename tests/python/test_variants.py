@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from attnzoo import ops
 from reference import make_qkv, reference
@@ -210,6 +211,25 @@ def test_causal_linear_core_gradcheck_over_several_chunks_with_gqa_and_key_mask(
     fq, fk, v2 = (torch.rand(2, 2, 130, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
     assert torch.autograd.gradcheck(torch.ops.attnzoo._causal_linear, (fq, fk, v2), eps=1e-6, atol=1e-6)
     torch.library.opcheck(torch.ops.attnzoo._causal_linear.default, (fq, fk, v2))
+
+
+@pytest.mark.parametrize("feature_map,code", [("elu+1", 1), ("relu", 2)])
+def test_causal_linear_core_applies_the_feature_map_itself(feature_map, code):
+    """Without a key mask or GQA the core maps q and k per chunk: gradcheck
+    through it over three chunks, and the same values as mapping first."""
+    q, k, v = make_qkv(1, 2, 2, 150, 150, 3, 2, dtype=torch.float64, requires_grad=True, seed=8)
+    assert torch.autograd.gradcheck(lambda q, k, v: ops.linear_attention(q, k, v, causal=True,
+                                                                         feature_map=feature_map),
+                                    (q, k, v), eps=1e-6, atol=1e-6)
+    core = torch.ops.attnzoo._causal_linear
+    phi = (lambda x: F.elu(x) + 1) if code == 1 else F.relu
+    torch.testing.assert_close(core(q, k, v, code), core(phi(q), phi(k), v, 0), atol=1e-12, rtol=1e-12)
+    torch.library.opcheck(core.default, (q, k, v, code))
+    qs, ks, vs = (torch.randn(3, 1, 2, 70, 4) for _ in range(3))
+    batched = torch.vmap(lambda q, k, v: core(q, k, v, code))(qs, ks, vs)
+    torch.testing.assert_close(batched, torch.stack([core(qs[i], ks[i], vs[i], code) for i in range(3)]))
+    with pytest.raises(RuntimeError, match="feature_map must be 0 \\(none\\), 1 \\(elu\\+1\\) or 2"):
+        core(q, k, v, 3)
 
 
 def test_causal_linear_long_sequence_float32_and_vmap():

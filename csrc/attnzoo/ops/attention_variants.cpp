@@ -274,7 +274,11 @@ at::Tensor longformer_attention(const at::Tensor& q, const at::Tensor& k, const 
 namespace detail {
 
 template <class Int>
-void check_causal_linear(const char* op, const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& v) {
+void check_causal_linear(const char* op, const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& v,
+                         int64_t feature_map) {
+  TORCH_CHECK(
+      feature_map == kFeatureMapNone || feature_map == kFeatureMapElu1 || feature_map == kFeatureMapRelu, op,
+      ": feature_map must be 0 (none), 1 (elu+1) or 2 (relu), got ", feature_map);
   check_bhnd(op, "fq", fq);
   check_bhnd(op, "fk", fk);
   check_bhnd(op, "v", v);
@@ -287,9 +291,9 @@ void check_causal_linear(const char* op, const at::Tensor& fq, const at::Tensor&
               ": fq, fk and v must be on one device");
 }
 template void check_causal_linear<int64_t>(const char*, const at::Tensor&, const at::Tensor&,
-                                           const at::Tensor&);
+                                           const at::Tensor&, int64_t);
 template void check_causal_linear<c10::SymInt>(const char*, const at::Tensor&, const at::Tensor&,
-                                               const at::Tensor&);
+                                               const at::Tensor&, int64_t);
 
 }  // namespace detail
 
@@ -297,14 +301,15 @@ namespace {
 using detail::kLinearChunk;
 using detail::kLinearEps;
 
-at::Tensor causal_linear_meta(const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& v) {
-  detail::check_causal_linear<c10::SymInt>("linear_attention", fq, fk, v);
+at::Tensor causal_linear_meta(const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& v,
+                              int64_t feature_map) {
+  detail::check_causal_linear<c10::SymInt>("linear_attention", fq, fk, v, feature_map);
   return at::empty_symint({fq.sym_size(0), fq.sym_size(1), fq.sym_size(2), v.sym_size(3)}, fq.options());
 }
 
 detail::Tensor3 causal_linear_backward_meta(const at::Tensor& grad_out, const at::Tensor& fq,
-                                            const at::Tensor& fk, const at::Tensor& v) {
-  detail::check_causal_linear<c10::SymInt>("linear_attention_backward", fq, fk, v);
+                                            const at::Tensor& fk, const at::Tensor& v, int64_t feature_map) {
+  detail::check_causal_linear<c10::SymInt>("linear_attention_backward", fq, fk, v, feature_map);
   return {at::empty_symint(fq.sym_sizes(), fq.options()), at::empty_symint(fk.sym_sizes(), fk.options()),
           at::empty_symint(v.sym_sizes(), v.options())};
 }
@@ -334,6 +339,13 @@ at::Tensor linear_attention(const at::Tensor& q, const at::Tensor& k, const at::
               shape_str(k));
   TORCH_CHECK(!causal || Nq == Nk, op, ": causal linear attention needs Nq == Nk, got ", Nq, " and ", Nk);
 
+  static const auto core = detail::op_handle<detail::CausalLinearSig>("attnzoo::_causal_linear");
+  if (causal && q.device().is_cpu() && !given(key_mask) && H == Hkv) {
+    // The core maps q and k per chunk: no feature-mapped copies of them.
+    (void)feature_map_of(op, q.narrow(2, 0, 0), feature_map);  // checks the name
+    const int64_t code = feature_map == "relu" ? detail::kFeatureMapRelu : detail::kFeatureMapElu1;
+    return core.call(q, k, v, code);
+  }
   at::Tensor fq = feature_map_of(op, q, feature_map);
   at::Tensor fk = feature_map_of(op, k, feature_map);
   at::Tensor vv = v;
@@ -349,10 +361,7 @@ at::Tensor linear_attention(const at::Tensor& q, const at::Tensor& k, const at::
     const at::Tensor den = (fq * z).sum(-1, /*keepdim=*/true);   // (B, H, Nq, 1)
     return num / (den + kLinearEps);
   }
-  if (q.device().is_cpu()) {
-    static const auto core = detail::op_handle<detail::CausalLinearSig>("attnzoo::_causal_linear");
-    return core.call(fq, fk, vv);
-  }
+  if (q.device().is_cpu()) return core.call(fq, fk, vv, detail::kFeatureMapNone);
   const int64_t C = kLinearChunk, N = Nq, chunks = (N + C - 1) / C, pad = chunks * C - N;
   auto chunked = [&](const at::Tensor& t) {  // (B,H,N,X) -> (B,H,chunks,C,X), zero padded
     const at::Tensor p = pad ? at::constant_pad_nd(t, {0, 0, 0, pad}, 0.0) : t;

@@ -65,8 +65,8 @@ TORCH_LIBRARY(attnzoo, m) {
   m.def(
       "linear_attention(Tensor q, Tensor k, Tensor v, *, str feature_map=\"elu+1\", "
       "bool causal=False, Tensor? key_mask=None) -> Tensor");
-  m.def("_causal_linear(Tensor fq, Tensor fk, Tensor v) -> Tensor");
+  m.def("_causal_linear(Tensor q, Tensor k, Tensor v, int feature_map=0) -> Tensor");
   m.def(
-      "_causal_linear_backward(Tensor grad_out, Tensor fq, Tensor fk, Tensor v) "
-      "-> (Tensor grad_fq, Tensor grad_fk, Tensor grad_v)");
+      "_causal_linear_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, int feature_map=0) "
+      "-> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }

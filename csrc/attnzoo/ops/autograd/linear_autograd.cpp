@@ -1,6 +1,7 @@
 // Autograd of attnzoo::_causal_linear, the fused core of causal
-// linear_attention: the forward saves its inputs (fq, fk, v) and the backward
-// (attnzoo::_causal_linear_backward) recomputes each chunk from them. A plain
+// linear_attention: the forward saves its inputs (q, k, v; feature-mapped in
+// the core or before it) and the backward (attnzoo::_causal_linear_backward)
+// recomputes each chunk from them. A plain
 // Node, as in attention_autograd.cpp, so torch.func transforms accept it.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/function.h>
@@ -19,6 +20,7 @@ using torch::autograd::variable_list;
 
 struct CausalLinearBackward : torch::autograd::Node {
   SavedVariable fq, fk, v;
+  int64_t feature_map = 0;
 
   std::string name() const override { return "CausalLinearBackward"; }
 
@@ -28,15 +30,16 @@ struct CausalLinearBackward : torch::autograd::Node {
     const auto self = detail::self_of(this);
     const at::Tensor q_ = fq.unpack(self), k_ = fk.unpack(self), v_ = v.unpack(self);
     if (!grads[0].defined()) return {at::zeros_like(q_), at::zeros_like(k_), at::zeros_like(v_)};
-    auto [dq, dk, dv] = op.call(grads[0], q_, k_, v_);
-    return {dq, dk, dv};  // the edges are fq, fk and v
+    auto [dq, dk, dv] = op.call(grads[0], q_, k_, v_, feature_map);
+    return {dq, dk, dv};  // the edges are q, k and v
   }
 
   void release_variables() override { fq.reset_data(), fk.reset_data(), v.reset_data(); }
 };
 
 // The Autograd kernel of attnzoo::_causal_linear.
-at::Tensor causal_linear_autograd(const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& v) {
+at::Tensor causal_linear_autograd(const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& v,
+                                  int64_t feature_map) {
   static const auto op = detail::op_handle<detail::CausalLinearSig>("attnzoo::_causal_linear");
   for (const auto& t : {fq, fk, v})
     TORCH_CHECK_NOT_IMPLEMENTED(!t._fw_grad(/*level=*/0).defined(),
@@ -46,7 +49,7 @@ at::Tensor causal_linear_autograd(const at::Tensor& fq, const at::Tensor& fk, co
   at::Tensor out;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    out = op.call(fq, fk, v);
+    out = op.call(fq, fk, v, feature_map);
   }
   if (torch::autograd::compute_requires_grad(fq, fk, v)) {
     auto node = detail::make_node<CausalLinearBackward>();
@@ -54,6 +57,7 @@ at::Tensor causal_linear_autograd(const at::Tensor& fq, const at::Tensor& fk, co
     node->fq = SavedVariable(fq, false);
     node->fk = SavedVariable(fk, false);
     node->v = SavedVariable(v, false);
+    node->feature_map = feature_map;
     torch::autograd::set_history(out, node);
   }
   return out;

@@ -42,6 +42,24 @@ constexpr PassTable bf16_passes() {
 #endif
 }
 
+// Causal linear attention's feature maps (engine_api.h): elu(x) + 1 is
+// x + 1 above 0 and e^x below, its slope 1 and e^x; relu and its step.
+template <typename T>
+void feature_rows(int64_t map, bool slope, const void* x_, void* y_, int64_t n) {
+  using V = Vec<T>;
+  const T* x = static_cast<const T*>(x_);
+  T* y = static_cast<T*>(y_);
+  const V zero(T(0)), one(T(1));
+  auto apply = [&](const V& v) {
+    const V positive = v > zero;  // all-ones lanes where v > 0
+    if (map == 1) return V::blendv(v.exp(), slope ? one : v + one, positive);
+    return V::blendv(zero, slope ? one : v, positive);
+  };
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) apply(V::loadu(x + i)).store(y + i);
+  if (i < n) apply(V::loadu(x + i, n - i)).store(y + i, n - i);
+}
+
 #define ATTNZOO_STR2(x) #x
 #define ATTNZOO_STR(x) ATTNZOO_STR2(x)
 
@@ -52,6 +70,7 @@ const EngineTable kTable = {
     {passes<float, ShawPolicy>(), passes<double, ShawPolicy>()},
     {bf16_passes<DensePolicy, c10::BFloat16>(), bf16_passes<DensePolicy, float>()},
     {bf16_passes<BlockSparsePolicy, c10::BFloat16>(), bf16_passes<BlockSparsePolicy, float>()},
+    {&feature_rows<float>, &feature_rows<double>},
     {{&lsh_forward_range<float>, &lsh_backward_range<float>},
      {&lsh_forward_range<double>, &lsh_backward_range<double>}},
 };

@@ -140,6 +140,11 @@ struct PassTable {
   RangeFn forward, probs, backward;
 };
 
+// y[i] = phi(x[i]) (slope false) or phi'(x[i]) (slope true) for causal
+// linear attention's feature map (1: elu+1, 2: relu; linear_support.h),
+// vectorised per instruction set.
+using FeatureRowsFn = void (*)(int64_t map, bool slope, const void* x, void* y, int64_t n);
+
 // One engine build (one instruction set); index [0] float, [1] double. The
 // bfloat16 passes (bfloat16 q, k, v, out and grad_out; float lse, delta and
 // gradient accumulators) are null where the build has none, and have no
@@ -151,6 +156,7 @@ struct EngineTable {
   PassTable shaw[2];
   PassTable dense_bf16[2];  // [0] grad_k/grad_v bfloat16, [1] float (GQA)
   PassTable block_sparse_bf16[2];
+  FeatureRowsFn feature_rows[2];
   LshTable lsh[2];
 };
 

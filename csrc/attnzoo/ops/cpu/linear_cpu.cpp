@@ -6,7 +6,8 @@
 // the C x C scores and a D x Dv state for every chunk of every head at once,
 // and fell out of cache past N = 8192).
 //
-// For chunk c with rows Q, K, V (feature-mapped q and k):
+// For chunk c with rows Q, K, V (q and k feature-mapped, by the caller or
+// here per chunk into scratch rows):
 //   A   = tril(Q K^T)                       (C x C, j <= i)
 //   num = A V + Q S,   den = rowsum(A) + Q z + eps,   out = num / den
 //   S  += K^T V,       z  += colsum(K)       (S, z: sums over earlier chunks)
@@ -17,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "attnzoo/ops/cpu/cpu_support.h"
@@ -31,7 +33,33 @@ using cpu::gemm_rowmajor;
 
 struct Dims {
   int64_t BH, N, D, Dv;
+  int64_t feature_map = detail::kFeatureMapNone;  // applied to q and k chunk by chunk
 };
+
+// The feature map phi (or its derivative) of n values, vectorised by the
+// engine build for this CPU (attention_kernel.cpp): elu(x) + 1 = x + 1
+// (x > 0) or e^x, and relu; the same values as ATen's up to rounding.
+template <typename T>
+void feature(int64_t map, bool slope, const T* x, T* y, int64_t n) {
+  cpu::selected_engine().feature_rows[std::is_same_v<T, double> ? 1 : 0](map, slope, x, y, n);
+}
+
+// The m x D rows of a chunk as the core reads them: mapped into `scratch`,
+// or the rows themselves when the caller mapped them already.
+template <typename T>
+const T* mapped_rows(const T* rows, int64_t m, const Dims& d, std::vector<T>& scratch) {
+  if (d.feature_map == detail::kFeatureMapNone) return rows;
+  feature(d.feature_map, false, rows, scratch.data(), m * d.D);
+  return scratch.data();
+}
+
+// Gradient rows with respect to the mapped rows -> with respect to the raw ones.
+template <typename T>
+void chain_feature_map(T* grad, const T* raw, int64_t m, const Dims& d, std::vector<T>& scratch) {
+  if (d.feature_map == detail::kFeatureMapNone) return;
+  feature(d.feature_map, true, raw, scratch.data(), m * d.D);
+  for (int64_t i = 0; i < m * d.D; ++i) grad[i] *= scratch[i];
+}
 
 // One chunk's forward from the state before it: fills A (m x m, lower
 // triangle, zero above), num (m x Dv) and den (m); returns nothing else.
@@ -63,14 +91,14 @@ void add_chunk_state(const T* K, const T* V, int64_t m, const Dims& d, T* S, T* 
 template <typename T>
 void forward_heads(const T* fq, const T* fk, const T* v, T* out, const Dims& d, int64_t begin, int64_t end) {
   const int64_t C = kLinearChunk;
-  std::vector<T> S(d.D * d.Dv), z(d.D), A(C * C), den(C);
+  std::vector<T> S(d.D * d.Dv), z(d.D), A(C * C), den(C), q_map(C * d.D), k_map(C * d.D);
   for (int64_t bh = begin; bh < end; ++bh) {
     std::fill(S.begin(), S.end(), T(0));
     std::fill(z.begin(), z.end(), T(0));
     for (int64_t c0 = 0; c0 < d.N; c0 += C) {
       const int64_t m = std::min(C, d.N - c0);
-      const T* Q = fq + (bh * d.N + c0) * d.D;
-      const T* K = fk + (bh * d.N + c0) * d.D;
+      const T* Q = mapped_rows(fq + (bh * d.N + c0) * d.D, m, d, q_map);
+      const T* K = mapped_rows(fk + (bh * d.N + c0) * d.D, m, d, k_map);
       const T* V = v + (bh * d.N + c0) * d.Dv;
       T* O = out + (bh * d.N + c0) * d.Dv;
       chunk_forward(Q, K, V, S.data(), z.data(), m, d, A.data(), O, den.data());
@@ -89,6 +117,7 @@ void backward_heads(const T* g, const T* fq, const T* fk, const T* v, T* gq, T* 
   // The state before each chunk (one head at a time: chunks x D x Dv per thread).
   std::vector<T> S_before(chunks * SD), z_before(chunks * d.D);
   std::vector<T> A(C * C), gA(C * C), num(C * d.Dv), den(C), gnum(C * d.Dv), gden(C), dS(SD), dz(d.D);
+  std::vector<T> q_map(C * d.D), k_map(C * d.D);
   for (int64_t bh = begin; bh < end; ++bh) {
     const T* Qh = fq + bh * d.N * d.D;
     const T* Kh = fk + bh * d.N * d.D;
@@ -99,13 +128,16 @@ void backward_heads(const T* g, const T* fq, const T* fk, const T* v, T* gq, T* 
       std::copy_n(&S_before[(c - 1) * SD], SD, &S_before[c * SD]);
       std::copy_n(&z_before[(c - 1) * d.D], d.D, &z_before[c * d.D]);
       const int64_t p0 = (c - 1) * C;
-      add_chunk_state(Kh + p0 * d.D, Vh + p0 * d.Dv, C, d, &S_before[c * SD], &z_before[c * d.D]);
+      add_chunk_state(mapped_rows(Kh + p0 * d.D, C, d, k_map), Vh + p0 * d.Dv, C, d, &S_before[c * SD],
+                      &z_before[c * d.D]);
     }
     std::fill(dS.begin(), dS.end(), T(0));
     std::fill(dz.begin(), dz.end(), T(0));
     for (int64_t c = chunks - 1; c >= 0; --c) {
       const int64_t c0 = c * C, m = std::min(C, d.N - c0);
-      const T *Q = Qh + c0 * d.D, *K = Kh + c0 * d.D, *V = Vh + c0 * d.Dv, *G = g + (bh * d.N + c0) * d.Dv;
+      const T* Q = mapped_rows(Qh + c0 * d.D, m, d, q_map);
+      const T* K = mapped_rows(Kh + c0 * d.D, m, d, k_map);
+      const T *V = Vh + c0 * d.Dv, *G = g + (bh * d.N + c0) * d.Dv;
       const T *S = &S_before[c * SD], *z = &z_before[c * d.D];
       T* GQ = gq + (bh * d.N + c0) * d.D;
       T* GK = gk + (bh * d.N + c0) * d.D;
@@ -140,6 +172,8 @@ void backward_heads(const T* g, const T* fq, const T* fk, const T* v, T* gq, T* 
       gemm_rowmajor<T>(true, false, d.D, d.Dv, m, 1, Q, d.D, gnum.data(), d.Dv, 1, dS.data(), d.Dv);
       for (int64_t i = 0; i < m; ++i)
         for (int64_t e = 0; e < d.D; ++e) dz[e] += Q[i * d.D + e] * gden[i];
+      chain_feature_map(GQ, Qh + c0 * d.D, m, d, q_map);  // Q and K are read no more
+      chain_feature_map(GK, Kh + c0 * d.D, m, d, k_map);
     }
   }
 }
@@ -148,8 +182,8 @@ at::Tensor to_compute(const at::Tensor& t) {
   return t.to(detail::compute_type(t.scalar_type())).contiguous();
 }
 
-Dims dims_of(const at::Tensor& fq, const at::Tensor& v) {
-  return {fq.size(0) * fq.size(1), fq.size(2), fq.size(3), v.size(3)};
+Dims dims_of(const at::Tensor& fq, const at::Tensor& v, int64_t feature_map) {
+  return {fq.size(0) * fq.size(1), fq.size(2), fq.size(3), v.size(3), feature_map};
 }
 
 // Work items are (b, h); BLAS stays on the calling thread inside each.
@@ -161,10 +195,11 @@ void for_each_head(int64_t heads, const Fn& fn) {
   });
 }
 
-at::Tensor causal_linear_cpu(const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& v) {
-  detail::check_causal_linear<int64_t>("linear_attention", fq, fk, v);
+at::Tensor causal_linear_cpu(const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& v,
+                             int64_t feature_map) {
+  detail::check_causal_linear<int64_t>("linear_attention", fq, fk, v, feature_map);
   const at::Tensor q_ = to_compute(fq), k_ = to_compute(fk), v_ = to_compute(v);
-  const Dims d = dims_of(q_, v_);
+  const Dims d = dims_of(q_, v_, feature_map);
   at::Tensor out = at::empty({fq.size(0), fq.size(1), d.N, d.Dv}, q_.options());
   AT_DISPATCH_FLOATING_TYPES(q_.scalar_type(), "causal_linear", [&] {
     for_each_head(d.BH, [&](int64_t begin, int64_t end) {
@@ -176,14 +211,14 @@ at::Tensor causal_linear_cpu(const at::Tensor& fq, const at::Tensor& fk, const a
 }
 
 detail::Tensor3 causal_linear_backward_cpu(const at::Tensor& grad_out, const at::Tensor& fq,
-                                           const at::Tensor& fk, const at::Tensor& v) {
+                                           const at::Tensor& fk, const at::Tensor& v, int64_t feature_map) {
   const char* op = "linear_attention_backward";
-  detail::check_causal_linear<int64_t>(op, fq, fk, v);
+  detail::check_causal_linear<int64_t>(op, fq, fk, v, feature_map);
   TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({fq.size(0), fq.size(1), fq.size(2), v.size(3)}), op,
               ": grad_out must have the output's shape (B, H, N, Dv), got ", detail::shape_str(grad_out));
   const at::Tensor q_ = to_compute(fq), k_ = to_compute(fk), v_ = to_compute(v);
   const at::Tensor g_ = grad_out.to(q_.scalar_type()).contiguous();
-  const Dims d = dims_of(q_, v_);
+  const Dims d = dims_of(q_, v_, feature_map);
   at::Tensor gq = at::empty_like(q_), gk = at::empty_like(k_), gv = at::empty_like(v_);
   AT_DISPATCH_FLOATING_TYPES(q_.scalar_type(), "causal_linear_backward", [&] {
     for_each_head(d.BH, [&](int64_t begin, int64_t end) {
