@@ -232,6 +232,19 @@ def test_causal_linear_core_applies_the_feature_map_itself(feature_map, code):
         core(q, k, v, 3)
 
 
+@pytest.mark.parametrize("N", [1025, 1093, 2048])
+def test_causal_linear_backward_over_several_segments(N):
+    """The backward keeps the state of every 16th chunk and recomputes the
+    others: gradients against the float64 reference over 17, 18 and 32
+    chunks (a last segment of one chunk, of two, and full segments)."""
+    q, k, v = make_qkv(1, 2, 2, N, N, 4, 3, dtype=torch.float64, requires_grad=True, seed=N)
+    grad = torch.randn(1, 2, N, 3, dtype=torch.float64)
+    got = torch.autograd.grad(ops.linear_attention(q, k, v, causal=True), (q, k, v), grad)
+    want = torch.autograd.grad(linear_reference(q, k, v, causal=True), (q, k, v), grad)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
 def test_causal_linear_long_sequence_float32_and_vmap():
     q, k, v = make_qkv(1, 2, 2, 1000, 1000, 16, 8, seed=7)
     got = ops.linear_attention(q, k, v, causal=True)

@@ -114,66 +114,90 @@ void backward_heads(const T* g, const T* fq, const T* fk, const T* v, T* gq, T* 
                     int64_t begin, int64_t end) {
   const int64_t C = kLinearChunk, chunks = (d.N + C - 1) / C, SD = d.D * d.Dv;
   if (chunks == 0) return;
-  // The state before each chunk (one head at a time: chunks x D x Dv per thread).
-  std::vector<T> S_before(chunks * SD), z_before(chunks * d.D);
+  // The state before each chunk, kept for the first chunk of every segment
+  // of R chunks and recomputed for the others when the backward sweep enters
+  // the segment: (chunks / R + R) x D x Dv per thread instead of chunks x D x
+  // Dv, so that it stays in cache at long N, for one more K^T V per chunk.
+  constexpr int64_t R = 16;
+  const int64_t segments = (chunks + R - 1) / R;
+  std::vector<T> S_kept(segments * SD), z_kept(segments * d.D), S_seg(R * SD), z_seg(R * d.D);
+  std::vector<T> S_run(SD), z_run(d.D);
   std::vector<T> A(C * C), gA(C * C), num(C * d.Dv), den(C), gnum(C * d.Dv), gden(C), dS(SD), dz(d.D);
   std::vector<T> q_map(C * d.D), k_map(C * d.D);
   for (int64_t bh = begin; bh < end; ++bh) {
     const T* Qh = fq + bh * d.N * d.D;
     const T* Kh = fk + bh * d.N * d.D;
     const T* Vh = v + bh * d.N * d.Dv;
-    std::fill(S_before.begin(), S_before.begin() + SD, T(0));
-    std::fill(z_before.begin(), z_before.begin() + d.D, T(0));
-    for (int64_t c = 1; c < chunks; ++c) {
-      std::copy_n(&S_before[(c - 1) * SD], SD, &S_before[c * SD]);
-      std::copy_n(&z_before[(c - 1) * d.D], d.D, &z_before[c * d.D]);
-      const int64_t p0 = (c - 1) * C;
-      add_chunk_state(mapped_rows(Kh + p0 * d.D, C, d, k_map), Vh + p0 * d.Dv, C, d, &S_before[c * SD],
-                      &z_before[c * d.D]);
+    // The state after chunk c is the state before it plus the chunk's K^T V.
+    auto add_chunk = [&](int64_t c, T* S, T* z) {
+      add_chunk_state(mapped_rows(Kh + c * C * d.D, C, d, k_map), Vh + c * C * d.Dv, C, d, S, z);
+    };
+    std::fill(S_run.begin(), S_run.end(), T(0));
+    std::fill(z_run.begin(), z_run.end(), T(0));
+    for (int64_t c = 0; c + 1 < chunks; ++c) {  // the last chunk's state is never read
+      if (c % R == 0) {
+        std::copy_n(S_run.data(), SD, &S_kept[c / R * SD]);
+        std::copy_n(z_run.data(), d.D, &z_kept[c / R * d.D]);
+      }
+      add_chunk(c, S_run.data(), z_run.data());
+    }
+    if ((chunks - 1) % R == 0) {  // a last segment of one chunk
+      std::copy_n(S_run.data(), SD, &S_kept[(chunks - 1) / R * SD]);
+      std::copy_n(z_run.data(), d.D, &z_kept[(chunks - 1) / R * d.D]);
     }
     std::fill(dS.begin(), dS.end(), T(0));
     std::fill(dz.begin(), dz.end(), T(0));
-    for (int64_t c = chunks - 1; c >= 0; --c) {
-      const int64_t c0 = c * C, m = std::min(C, d.N - c0);
-      const T* Q = mapped_rows(Qh + c0 * d.D, m, d, q_map);
-      const T* K = mapped_rows(Kh + c0 * d.D, m, d, k_map);
-      const T *V = Vh + c0 * d.Dv, *G = g + (bh * d.N + c0) * d.Dv;
-      const T *S = &S_before[c * SD], *z = &z_before[c * d.D];
-      T* GQ = gq + (bh * d.N + c0) * d.D;
-      T* GK = gk + (bh * d.N + c0) * d.D;
-      T* GV = gv + (bh * d.N + c0) * d.Dv;
-      chunk_forward(Q, K, V, S, z, m, d, A.data(), num.data(), den.data());
-      // out = num / den: g_num = g / den, g_den = -sum(g * num) / den^2.
-      for (int64_t i = 0; i < m; ++i) {
-        T dot = 0;
-        for (int64_t e = 0; e < d.Dv; ++e) {
-          gnum[i * d.Dv + e] = G[i * d.Dv + e] / den[i];
-          dot += G[i * d.Dv + e] * num[i * d.Dv + e];
-        }
-        gden[i] = -dot / (den[i] * den[i]);
+    for (int64_t seg = segments - 1; seg >= 0; --seg) {
+      const int64_t first = seg * R, last = std::min(chunks, first + R);
+      std::copy_n(&S_kept[seg * SD], SD, S_seg.data());
+      std::copy_n(&z_kept[seg * d.D], d.D, z_seg.data());
+      for (int64_t c = first + 1; c < last; ++c) {
+        std::copy_n(&S_seg[(c - 1 - first) * SD], SD, &S_seg[(c - first) * SD]);
+        std::copy_n(&z_seg[(c - 1 - first) * d.D], d.D, &z_seg[(c - first) * d.D]);
+        add_chunk(c - 1, &S_seg[(c - first) * SD], &z_seg[(c - first) * d.D]);
       }
-      // gA = tril(g_num V^T + g_den 1^T).
-      gemm_rowmajor<T>(false, true, m, m, d.Dv, 1, gnum.data(), d.Dv, V, d.Dv, 0, gA.data(), C);
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t j = 0; j < m; ++j) gA[i * C + j] = j <= i ? gA[i * C + j] + gden[i] : T(0);
-      // dQ = gA K + g_num S^T + g_den z^T.
-      gemm_rowmajor<T>(false, false, m, d.D, m, 1, gA.data(), C, K, d.D, 0, GQ, d.D);
-      gemm_rowmajor<T>(false, true, m, d.D, d.Dv, 1, gnum.data(), d.Dv, S, d.Dv, 1, GQ, d.D);
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t e = 0; e < d.D; ++e) GQ[i * d.D + e] += gden[i] * z[e];
-      // dK = gA^T Q + V dS^T + 1 dz^T, dV = A^T g_num + K dS (dS, dz: from later chunks).
-      gemm_rowmajor<T>(true, false, m, d.D, m, 1, gA.data(), C, Q, d.D, 0, GK, d.D);
-      gemm_rowmajor<T>(false, true, m, d.D, d.Dv, 1, V, d.Dv, dS.data(), d.Dv, 1, GK, d.D);
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t e = 0; e < d.D; ++e) GK[i * d.D + e] += dz[e];
-      gemm_rowmajor<T>(true, false, m, d.Dv, m, 1, A.data(), C, gnum.data(), d.Dv, 0, GV, d.Dv);
-      gemm_rowmajor<T>(false, false, m, d.Dv, d.D, 1, K, d.D, dS.data(), d.Dv, 1, GV, d.Dv);
-      // This chunk's queries read S and z: their gradient reaches every earlier chunk.
-      gemm_rowmajor<T>(true, false, d.D, d.Dv, m, 1, Q, d.D, gnum.data(), d.Dv, 1, dS.data(), d.Dv);
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t e = 0; e < d.D; ++e) dz[e] += Q[i * d.D + e] * gden[i];
-      chain_feature_map(GQ, Qh + c0 * d.D, m, d, q_map);  // Q and K are read no more
-      chain_feature_map(GK, Kh + c0 * d.D, m, d, k_map);
+      for (int64_t c = last - 1; c >= first; --c) {
+        const int64_t c0 = c * C, m = std::min(C, d.N - c0);
+        const T* Q = mapped_rows(Qh + c0 * d.D, m, d, q_map);
+        const T* K = mapped_rows(Kh + c0 * d.D, m, d, k_map);
+        const T *V = Vh + c0 * d.Dv, *G = g + (bh * d.N + c0) * d.Dv;
+        const T *S = &S_seg[(c - first) * SD], *z = &z_seg[(c - first) * d.D];
+        T* GQ = gq + (bh * d.N + c0) * d.D;
+        T* GK = gk + (bh * d.N + c0) * d.D;
+        T* GV = gv + (bh * d.N + c0) * d.Dv;
+        chunk_forward(Q, K, V, S, z, m, d, A.data(), num.data(), den.data());
+        // out = num / den: g_num = g / den, g_den = -sum(g * num) / den^2.
+        for (int64_t i = 0; i < m; ++i) {
+          T dot = 0;
+          for (int64_t e = 0; e < d.Dv; ++e) {
+            gnum[i * d.Dv + e] = G[i * d.Dv + e] / den[i];
+            dot += G[i * d.Dv + e] * num[i * d.Dv + e];
+          }
+          gden[i] = -dot / (den[i] * den[i]);
+        }
+        // gA = tril(g_num V^T + g_den 1^T).
+        gemm_rowmajor<T>(false, true, m, m, d.Dv, 1, gnum.data(), d.Dv, V, d.Dv, 0, gA.data(), C);
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t j = 0; j < m; ++j) gA[i * C + j] = j <= i ? gA[i * C + j] + gden[i] : T(0);
+        // dQ = gA K + g_num S^T + g_den z^T.
+        gemm_rowmajor<T>(false, false, m, d.D, m, 1, gA.data(), C, K, d.D, 0, GQ, d.D);
+        gemm_rowmajor<T>(false, true, m, d.D, d.Dv, 1, gnum.data(), d.Dv, S, d.Dv, 1, GQ, d.D);
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t e = 0; e < d.D; ++e) GQ[i * d.D + e] += gden[i] * z[e];
+        // dK = gA^T Q + V dS^T + 1 dz^T, dV = A^T g_num + K dS (dS, dz: from later chunks).
+        gemm_rowmajor<T>(true, false, m, d.D, m, 1, gA.data(), C, Q, d.D, 0, GK, d.D);
+        gemm_rowmajor<T>(false, true, m, d.D, d.Dv, 1, V, d.Dv, dS.data(), d.Dv, 1, GK, d.D);
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t e = 0; e < d.D; ++e) GK[i * d.D + e] += dz[e];
+        gemm_rowmajor<T>(true, false, m, d.Dv, m, 1, A.data(), C, gnum.data(), d.Dv, 0, GV, d.Dv);
+        gemm_rowmajor<T>(false, false, m, d.Dv, d.D, 1, K, d.D, dS.data(), d.Dv, 1, GV, d.Dv);
+        // This chunk's queries read S and z: their gradient reaches every earlier chunk.
+        gemm_rowmajor<T>(true, false, d.D, d.Dv, m, 1, Q, d.D, gnum.data(), d.Dv, 1, dS.data(), d.Dv);
+        for (int64_t i = 0; i < m; ++i)
+          for (int64_t e = 0; e < d.D; ++e) dz[e] += Q[i * d.D + e] * gden[i];
+        chain_feature_map(GQ, Qh + c0 * d.D, m, d, q_map);  // Q and K are read no more
+        chain_feature_map(GK, Kh + c0 * d.D, m, d, k_map);
+      }
     }
   }
 }
