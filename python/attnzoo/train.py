@@ -159,7 +159,7 @@ def _save_trainer_state(directory, step, state, data_generator, extra):
     tensors = {"rng.torch": torch.get_rng_state(), "rng.data": data_generator.get_state()}
     for index, values in state["state"].items():
         for key, value in values.items():
-            tensors[f"optimizer.{index}.{key}"] = value.detach().cpu().clone().contiguous()
+            tensors[f"optimizer.{index}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
     save_file(tensors, os.path.join(directory, "trainer_state.safetensors"))
     with open(os.path.join(directory, "trainer_state.json"), "w") as f:
         json.dump({"step": step, "param_groups": state["param_groups"], **extra}, f, indent=1)

@@ -14,6 +14,7 @@
 
 #include "attnzoo/ops/attention_variants.h"
 #include "attnzoo/ops/layouts.h"
+#include "attnzoo/ops/op_support.h"
 #include "attnzoo/ops/score_rules.h"
 
 namespace attnzoo::nn {
@@ -439,9 +440,7 @@ at::Tensor ConvModuleImpl::forward(const at::Tensor& x, const std::optional<at::
 at::Tensor DropoutImpl::forward(const at::Tensor& x) {
   if (!is_training() || p_ <= 0) return x;
   if (!x.device().is_cpu()) return torch::dropout(x, p_, true);
-  const int64_t seed =
-      at::randint(int64_t(1) << 62, {1}, at::TensorOptions().dtype(at::kLong)).item<int64_t>();
-  return DropoutFunction::apply(x, p_, seed);
+  return DropoutFunction::apply(x, p_, ops::detail::fresh_seed().item<int64_t>());
 }
 
 // ---------------------------------------------------------------------------

@@ -170,9 +170,9 @@ LongformerPlan longformer_plan(int64_t N, int64_t window, const std::vector<int6
   std::vector<uint8_t> masks;
   int32_t partial = 0;
   const int64_t reach = window / bs + 1;  // key blocks the window can reach on either side
+  const int64_t first_global = N / bs;    // the block holding key N
   for (int64_t qb = 0; qb < rows; ++qb) {
     const int64_t i0 = qb * bs, i1 = std::min(N, i0 + bs) - 1;
-    const int64_t first_global = N / bs;  // the block holding key N
     for (int64_t kb = std::max<int64_t>(0, qb - reach); kb < cols; ++kb) {
       if (kb > qb + reach && kb < first_global) kb = first_global;
       const int64_t j0 = kb * bs, j1 = std::min(Nk, j0 + bs) - 1;
@@ -314,10 +314,14 @@ detail::Tensor3 causal_linear_backward_meta(const at::Tensor& grad_out, const at
           at::empty_symint(v.sym_sizes(), v.options())};
 }
 
-at::Tensor feature_map_of(const char* op, const at::Tensor& x, c10::string_view name) {
-  if (name == "elu+1") return at::elu(x) + 1.0;
-  if (name == "relu") return at::relu(x);
+int64_t feature_map_code(const char* op, c10::string_view name) {
+  if (name == "elu+1") return detail::kFeatureMapElu1;
+  if (name == "relu") return detail::kFeatureMapRelu;
   TORCH_CHECK(false, op, ": feature_map must be \"elu+1\" or \"relu\", got \"", std::string(name), "\"");
+}
+
+at::Tensor feature_map_of(const char* op, const at::Tensor& x, c10::string_view name) {
+  return feature_map_code(op, name) == detail::kFeatureMapElu1 ? at::elu(x) + 1.0 : at::relu(x);
 }
 }  // namespace
 
@@ -342,9 +346,7 @@ at::Tensor linear_attention(const at::Tensor& q, const at::Tensor& k, const at::
   static const auto core = detail::op_handle<detail::CausalLinearSig>("attnzoo::_causal_linear");
   if (causal && q.device().is_cpu() && !given(key_mask) && H == Hkv) {
     // The core maps q and k per chunk: no feature-mapped copies of them.
-    (void)feature_map_of(op, q.narrow(2, 0, 0), feature_map);  // checks the name
-    const int64_t code = feature_map == "relu" ? detail::kFeatureMapRelu : detail::kFeatureMapElu1;
-    return core.call(q, k, v, code);
+    return core.call(q, k, v, feature_map_code(op, feature_map));
   }
   at::Tensor fq = feature_map_of(op, q, feature_map);
   at::Tensor fk = feature_map_of(op, k, feature_map);

@@ -134,16 +134,12 @@ void backward_heads(const T* g, const T* fq, const T* fk, const T* v, T* gq, T* 
     };
     std::fill(S_run.begin(), S_run.end(), T(0));
     std::fill(z_run.begin(), z_run.end(), T(0));
-    for (int64_t c = 0; c + 1 < chunks; ++c) {  // the last chunk's state is never read
+    for (int64_t c = 0; c < chunks; ++c) {
       if (c % R == 0) {
         std::copy_n(S_run.data(), SD, &S_kept[c / R * SD]);
         std::copy_n(z_run.data(), d.D, &z_kept[c / R * d.D]);
       }
-      add_chunk(c, S_run.data(), z_run.data());
-    }
-    if ((chunks - 1) % R == 0) {  // a last segment of one chunk
-      std::copy_n(S_run.data(), SD, &S_kept[(chunks - 1) / R * SD]);
-      std::copy_n(z_run.data(), d.D, &z_kept[(chunks - 1) / R * d.D]);
+      if (c + 1 < chunks) add_chunk(c, S_run.data(), z_run.data());  // the state after the last is never read
     }
     std::fill(dS.begin(), dS.end(), T(0));
     std::fill(dz.begin(), dz.end(), T(0));

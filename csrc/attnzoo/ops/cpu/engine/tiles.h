@@ -95,14 +95,10 @@ namespace bf16 {
 using bfloat16 = c10::BFloat16;
 inline int64_t even(int64_t n) { return (n + 1) & ~int64_t(1); }
 
-// Rounds float to bfloat16 bits, to nearest even (the values here are finite).
+// Rounds 16 floats to bfloat16 bits, to nearest even as c10's
+// round_to_nearest_even does for the tails (the values here are finite).
 using U32x16 = uint32_t __attribute__((vector_size(64)));
 using U16x16 = uint16_t __attribute__((vector_size(32)));
-inline uint16_t round_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 inline U32x16 round_high(const float* x, float scale) {  // bfloat16 in the high half of each lane
   float f[16];
   for (int i = 0; i < 16; ++i) f[i] = x[i] * scale;
@@ -123,7 +119,7 @@ inline void convert_rows(const float* src, int64_t ld_src, int64_t rows, int64_t
       const U16x16 h = __builtin_convertvector(round_high(x + c, scale) >> 16, U16x16);
       std::memcpy(y + c, &h, 32);
     }
-    for (; c < cols; ++c) y[c] = round_bits(x[c] * scale);
+    for (; c < cols; ++c) y[c] = c10::detail::round_to_nearest_even(x[c] * scale);
     if (cols & 1) y[cols] = 0;
   }
 }
@@ -153,7 +149,8 @@ inline void convert_vnni(const float* src, int64_t ld_src, int64_t rows, int64_t
       std::memcpy(out + c, &word, 64);
     }
     for (; c < cols; ++c)
-      out[c] = uint32_t(round_bits(x0[c] * scale)) | (x1 ? uint32_t(round_bits(x1[c] * scale)) << 16 : 0u);
+      out[c] = uint32_t(c10::detail::round_to_nearest_even(x0[c] * scale)) |
+               (x1 ? uint32_t(c10::detail::round_to_nearest_even(x1[c] * scale)) << 16 : 0u);
   });
 }
 
