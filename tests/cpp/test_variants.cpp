@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <array>
 #include <catch2/catch.hpp>
 
 #include "attnzoo/attnzoo.h"
@@ -132,4 +133,41 @@ TEST_CASE("lsh_attention returns buckets and trains from C++", "[variants]") {
   auto grads = torch::autograd::grad({out.sum()}, {qk, v});
   REQUIRE(at::isfinite(grads[0]).all().item<bool>());
   REQUIRE(grads[1].abs().sum().item<double>() > 0);
+}
+
+TEST_CASE("a layout's tile walks list exactly the tiles that meet a marked block", "[variants][layouts]") {
+  // The CUDA kernels walk these lists; a tile missing from them would drop
+  // keys, a tile too many only costs time (the per-element rule masks it).
+  // Checked against the definition, token by token, for block sizes that
+  // divide the tile, are multiples of it and are neither.
+  at::manual_seed(7);
+  for (const auto [block, tile, Nq, Nk] : {std::array<int64_t, 4>{16, 64, 200, 200},
+                                           {64, 64, 130, 190},
+                                           {128, 64, 300, 257},
+                                           {24, 64, 100, 170},
+                                           {48, 32, 97, 97},
+                                           {1, 8, 20, 13}}) {
+    const int64_t rows = (Nq + block - 1) / block, cols = (Nk + block - 1) / block;
+    const at::Tensor layout = at::rand({3, rows, cols}) < 0.3;
+    const auto walks = attnzoo::layouts::tile_walks(layout, block, Nq, Nk, tile);
+    const int64_t tq = (Nq + tile - 1) / tile, tk = (Nk + tile - 1) / tile;
+    // marked[s][t][u]: some query of tile t and key of tile u fall in a marked block.
+    const at::Tensor tokens =
+        layout.repeat_interleave(block, 1).repeat_interleave(block, 2).narrow(1, 0, Nq).narrow(2, 0, Nk);
+    const at::Tensor padded = at::constant_pad_nd(tokens, {0, tk * tile - Nk, 0, tq * tile - Nq}, 0);
+    const at::Tensor marked = padded.view({3, tq, tile, tk, tile}).any(4).any(2);
+    auto check = [&](const at::Tensor& ptr, const at::Tensor& list, const at::Tensor& want) {
+      const int64_t lines = want.size(0) * want.size(1);
+      REQUIRE(ptr.scalar_type() == at::kInt);
+      REQUIRE(ptr.numel() == lines + 1);
+      const at::Tensor flat = want.reshape({lines, want.size(2)});
+      for (int64_t x = 0; x < lines; ++x) {
+        const int64_t first = ptr[x].item<int32_t>(), last = ptr[x + 1].item<int32_t>();
+        const at::Tensor expected = flat[x].nonzero().flatten().to(at::kInt);
+        REQUIRE(at::equal(list.narrow(0, first, last - first), expected));
+      }
+    };
+    check(walks.key_ptr, walks.key_tiles, marked);
+    check(walks.query_ptr, walks.query_tiles, marked.transpose(1, 2));
+  }
 }

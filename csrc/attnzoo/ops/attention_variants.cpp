@@ -135,17 +135,13 @@ at::Tensor linformer_attention(const at::Tensor& q, const at::Tensor& k, const a
 // Longformer, exact at token level: a query sees the keys within `window` of
 // it and every global token; a global token's query sees every key.
 //
-// On the CPU the non-global rows are one fused block-sparse call: the global
-// keys are gathered after the sequence (keys N .. N + G - 1), the layout marks
-// the blocks the window reaches plus those of the gathered keys, and the
-// blocks a window edge or a global key's original position (which the
-// gathered copy replaces) cuts carry token masks: FlexAttention's BlockMask,
-// run by the engine's block-sparse policy. The global rows are one dense call
-// over every key. Elsewhere (CUDA has no block-sparse kernels yet) two fused
-// calls over disjoint key sets, the window without the global keys and the
-// global keys alone, are merged by their log-sum-exps. Dropout on the union
-// equals dropout on each part, since the merge only rescales each part's
-// probabilities.
+// The non-global rows are one fused block-sparse call (on the CPU and on
+// CUDA): the global keys are gathered after the sequence (keys N .. N + G -
+// 1), the layout marks the blocks the window reaches plus those of the
+// gathered keys, and the blocks a window edge or a global key's original
+// position (which the gathered copy replaces) cuts carry token masks:
+// FlexAttention's BlockMask, run by the engine's block-sparse policy. The
+// global rows are one dense call over every key.
 
 constexpr int64_t kLongformerBlock = 64;
 
@@ -221,42 +217,21 @@ at::Tensor longformer_attention(const at::Tensor& q, const at::Tensor& k, const 
   at::Tensor keep = at::ones({B, 1, 1, N}, bool_opts);
   if (given(key_mask)) keep = key_rows(op, *key_mask, B, N).view({B, 1, 1, N});
   const auto opts = AttentionOptions().dropout_p(dropout_p).scale(scale);
-  if (q.device().is_cpu()) {
-    const at::Tensor g_cpu = g.cpu();
-    const std::vector<int64_t> positions(g_cpu.data_ptr<int64_t>(), g_cpu.data_ptr<int64_t>() + G);
-    const LongformerPlan plan = longformer_plan(N, window, positions, kLongformerBlock);
-    auto extend = [&](const at::Tensor& t, int64_t dim) {  // the sequence, then the global tokens
-      return G == 0 ? t : at::cat({t, t.index_select(dim, g)}, dim);
-    };
-    at::Tensor out = attention(q, extend(k, 2), extend(v, 2),
-                               AttentionOptions(opts)
-                                   .layout(plan.layout)
-                                   .block_size(kLongformerBlock)
-                                   .block_mask_index(plan.index)
-                                   .block_masks(plan.masks)
-                                   .mask(extend(keep, 3)));
-    if (G == 0) return out;
-    // Global queries attend to every key.
-    const at::Tensor rows = attention(q.index_select(2, g), k, v, AttentionOptions(opts).mask(keep));
-    return out.index_copy(2, g, rows);
-  }
-  const at::Tensor not_global = at::ones({N}, bool_opts).index_fill(0, g, false);
-  auto [out_w, lse_w] = attention_with_lse(
-      q, k, v,
-      AttentionOptions(opts).window(AttentionOptions::Window{window, window}).mask(keep & not_global));
-  if (G == 0) return out_w;
-  auto [out_g, lse_g] = attention_with_lse(q, k.index_select(2, g), v.index_select(2, g),
-                                           AttentionOptions(opts).mask(keep.index_select(3, g)));
-  // out = (out_w e^lse_w + out_g e^lse_g) / (e^lse_w + e^lse_g), stably; rows
-  // that see nothing at all stay 0.
-  const at::Tensor m = at::maximum(lse_w, lse_g);
-  const at::Tensor m_safe = at::where(at::isinf(m), at::zeros_like(m), m);
-  const at::Tensor a = at::exp(lse_w - m_safe), b = at::exp(lse_g - m_safe);
-  const at::Tensor den = a + b;
-  const at::Tensor den_safe = at::where(den > 0, den, at::ones_like(den));
-  at::Tensor out = ((out_w.to(a.scalar_type()) * (a / den_safe).unsqueeze(-1)) +
-                    (out_g.to(a.scalar_type()) * (b / den_safe).unsqueeze(-1)))
-                       .to(q.scalar_type());
+  const at::Tensor g_cpu = g.cpu();
+  const std::vector<int64_t> positions(g_cpu.data_ptr<int64_t>(), g_cpu.data_ptr<int64_t>() + G);
+  const LongformerPlan plan = longformer_plan(N, window, positions, kLongformerBlock);
+  auto extend = [&](const at::Tensor& t, int64_t dim) {  // the sequence, then the global tokens
+    return G == 0 ? t : at::cat({t, t.index_select(dim, g)}, dim);
+  };
+  const auto device = q.device();
+  at::Tensor out = attention(q, extend(k, 2), extend(v, 2),
+                             AttentionOptions(opts)
+                                 .layout(plan.layout.to(device))
+                                 .block_size(kLongformerBlock)
+                                 .block_mask_index(plan.index.to(device))
+                                 .block_masks(plan.masks.to(device))
+                                 .mask(extend(keep, 3)));
+  if (G == 0) return out;
   // Global queries attend to every key.
   const at::Tensor rows = attention(q.index_select(2, g), k, v, AttentionOptions(opts).mask(keep));
   return out.index_copy(2, g, rows);

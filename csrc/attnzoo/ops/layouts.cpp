@@ -6,6 +6,8 @@
 #include <ATen/CPUGeneratorImpl.h>
 #include <torch/library.h>
 
+#include <utility>
+
 namespace attnzoo::layouts {
 namespace {
 
@@ -101,6 +103,49 @@ at::Tensor longformer(int64_t num_blocks, int64_t window, const std::vector<int6
     if (causal && j > i) return false;
     return std::abs(i - j) <= window || global[i] || global[j];
   });
+}
+
+namespace {
+
+// Whether any block meets each tile along `dim` of x (which has `blocks`
+// entries there): tile t covers items [t * tile, min(n, t * tile + tile)),
+// blocks lo(t) .. hi(t), at most (tile - 1) / block + 2 of them, so an OR of
+// that many shifted gathers.
+at::Tensor any_per_tile(const at::Tensor& x, int64_t dim, int64_t n, int64_t blocks, int64_t block,
+                        int64_t tile) {
+  const auto longs = at::TensorOptions().dtype(at::kLong).device(x.device());
+  const at::Tensor first = at::arange((n + tile - 1) / tile, longs) * tile;
+  const at::Tensor lo = at::div(first, block, "floor");
+  const at::Tensor hi = at::div((first + (tile - 1)).clamp_max(n - 1), block, "floor").clamp_max(blocks - 1);
+  at::Tensor out = x.index_select(dim, lo);
+  for (int64_t o = 1; o < (tile - 1) / block + 2; ++o)
+    out = out.logical_or(x.index_select(dim, at::minimum(lo + o, hi)));
+  return out;
+}
+
+// The true entries of (S, rows, cols) per row, compressed: int32 row
+// pointers over S * rows rows and the column of each entry.
+std::pair<at::Tensor, at::Tensor> compressed_rows(const at::Tensor& marked) {
+  TORCH_CHECK(marked.numel() < (int64_t(1) << 31), "tile_walks: too many tiles for int32 walks (",
+              marked.numel(), ")");
+  const at::Tensor counts = marked.sum(-1).flatten();
+  const at::Tensor ptr = at::cat({at::zeros({1}, counts.options()), counts.cumsum(0)}).to(at::kInt);
+  const at::Tensor cols = marked.nonzero().select(1, 2).to(at::kInt).contiguous();
+  return {ptr.contiguous(), cols};
+}
+
+}  // namespace
+
+TileWalks tile_walks(const at::Tensor& layout, int64_t block, int64_t Nq, int64_t Nk, int64_t tile) {
+  TORCH_CHECK(
+      layout.dim() == 3 && layout.scalar_type() == at::kBool && block > 0 && tile > 0 && Nq > 0 && Nk > 0,
+      "tile_walks: needs a (S, rows, cols) bool layout and positive sizes");
+  const int64_t rows = layout.size(1), cols = layout.size(2);
+  const at::Tensor by_query_tile = any_per_tile(layout, 1, Nq, rows, block, tile);
+  const at::Tensor marked = any_per_tile(by_query_tile, 2, Nk, cols, block, tile);
+  auto [key_ptr, key_tiles] = compressed_rows(marked);
+  auto [query_ptr, query_tiles] = compressed_rows(marked.transpose(1, 2));
+  return {key_ptr, key_tiles, query_ptr, query_tiles};
 }
 
 }  // namespace attnzoo::layouts

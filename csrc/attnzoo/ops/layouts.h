@@ -35,4 +35,15 @@ at::Tensor strided(int64_t num_blocks, int64_t stride, bool causal = true);
 at::Tensor longformer(int64_t num_blocks, int64_t window, const std::vector<int64_t>& global_blocks,
                       bool causal = false);
 
+// A layout's walks at another granularity: which tiles of `tile` queries and
+// keys meet a marked block. For layout (S, rows, cols) of blocks `block`
+// over Nq queries and Nk keys, and T = ceil(Nq / tile) query tiles, the key
+// tiles of query tile t of slice s are key_tiles[key_ptr[s * T + t] ..
+// key_ptr[s * T + t + 1]), ascending; query_ptr / query_tiles are the same
+// for key tiles. int32, on the layout's device (the CUDA kernels' walks).
+struct TileWalks {
+  at::Tensor key_ptr, key_tiles, query_ptr, query_tiles;
+};
+TileWalks tile_walks(const at::Tensor& layout, int64_t block, int64_t Nq, int64_t Nk, int64_t tile);
+
 }  // namespace attnzoo::layouts

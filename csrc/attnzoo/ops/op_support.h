@@ -111,6 +111,33 @@ inline rules::Broadcast4 broadcast4(const at::Tensor& t, int64_t B, int64_t H, i
   return view;
 }
 
+// A layout and its block masks as both engines read them: (Bl, Hl, rows,
+// cols) contiguous (a 3-D layout is shared by the batch), and
+// block_mask_index checked against the number of masks (a data check, so
+// here and not in check_attention, which also runs on meta tensors).
+struct BlockLayout {
+  at::Tensor layout, mask_index, masks;
+  int64_t block = 0;
+};
+inline BlockLayout block_layout(const char* op, const AttentionOptions& o) {
+  BlockLayout l;
+  if (!given(o.layout())) return l;
+  auto as_4d = [](const at::Tensor& t) { return (t.dim() == 3 ? t.unsqueeze(0) : t).contiguous(); };
+  l.layout = as_4d(*o.layout());
+  l.block = o.block_size();
+  if (given(o.block_mask_index())) {
+    l.mask_index = as_4d(*o.block_mask_index());
+    l.masks = o.block_masks()->contiguous();
+    const int64_t P = l.masks.size(0);
+    if (l.mask_index.numel() > 0) {
+      const int64_t min = l.mask_index.min().item<int32_t>(), max = l.mask_index.max().item<int32_t>();
+      TORCH_CHECK(min >= -1 && max < P, op, ": block_mask_index entries must lie in [-1, ", P,
+                  ") (-1 = no mask, else a row of block_masks), got entries from ", min, " to ", max);
+    }
+  }
+  return l;
+}
+
 // An optional argument on the device of the main input (q, or qk).
 inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const char* main_name,
                               const at::Tensor& main) {

@@ -106,23 +106,9 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
     p.rel_bias = to_compute(
         detail::t5_relative_bias(*o.t5_table(), s.Nq, s.Nk, o.t5_bidirectional(), o.t5_max_distance()),
         p.compute);
-  if (given(o.layout())) {
-    // (Bl, Hl, rows, cols): a 3-D layout is shared by the batch.
-    auto as_4d = [](const at::Tensor& t) { return (t.dim() == 3 ? t.unsqueeze(0) : t).contiguous(); };
-    p.layout = as_4d(*o.layout());
-    p.block_size = o.block_size();
-    if (given(o.block_mask_index())) {
-      p.block_mask_index = as_4d(*o.block_mask_index());
-      p.block_masks = o.block_masks()->contiguous();
-      const int64_t P = p.block_masks.size(0);
-      if (p.block_mask_index.numel() > 0) {
-        const auto [lo, hi] = at::aminmax(p.block_mask_index);
-        const int64_t min = lo.item<int32_t>(), max = hi.item<int32_t>();
-        TORCH_CHECK(min >= -1 && max < P, op, ": block_mask_index entries must lie in [-1, ", P,
-                    ") (-1 = no mask, else a row of block_masks), got entries from ", min, " to ", max);
-      }
-    }
-  }
+  const detail::BlockLayout layout = detail::block_layout(op, o);
+  p.layout = layout.layout, p.block_mask_index = layout.mask_index, p.block_masks = layout.masks;
+  p.block_size = layout.block;
   if (given(o.shaw_k())) {
     auto table = [&](const at::Tensor& t) {
       return to_compute(t.dim() == 2 ? t.unsqueeze(0) : t, p.compute);

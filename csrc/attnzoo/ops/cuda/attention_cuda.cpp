@@ -1,10 +1,16 @@
-// The CUDA kernels of attention, attention_weights, _attention_forward and
-// _attention_backward: the checked options turned into the kernels' plain
-// arguments (cuda::DenseArgs) and the passes of dense_kernels.cuh launched on
-// the current stream. The same schemas and semantics as the CPU kernels
-// (cpu/attention_cpu.cpp); inputs stay in their own type (float32, float64,
-// bfloat16, float16) and are accumulated in float32 (float64 for float64).
-// Block-sparse layouts, Shaw tables and LSH are not on CUDA yet: they raise.
+// The CUDA kernels of attention, attention_weights, _attention_forward,
+// _attention_backward and the LSH ops: the checked options turned into the
+// kernels' plain arguments (cuda::DenseArgs) and the passes of
+// dense_kernels.cuh launched on the current stream. The same schemas and
+// semantics as the CPU kernels (cpu/attention_cpu.cpp, cpu/lsh_cpu.cpp);
+// inputs stay in their own type (float32, float64, bfloat16, float16) and
+// are accumulated in float32 (float64 for float64).
+//
+// What is not per element runs here in ATen: a layout's tile walks
+// (layouts::tile_walks), Shaw's products with its tables (q rel_k^T,
+// grad_out rel_v^T, and the per-bucket sums back through them), and LSH's
+// hashing, sorting and merging of rounds around one engine call over the
+// sorted rows of all rounds.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -12,9 +18,13 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
+#include <cmath>
+#include <limits>
 #include <string>
 
 #include "attnzoo/ops/cuda/engine_api.h"
+#include "attnzoo/ops/layouts.h"
+#include "attnzoo/ops/lsh_support.h"
 #include "attnzoo/ops/op_support.h"
 
 namespace attnzoo::ops {
@@ -24,21 +34,16 @@ using detail::given;
 using detail::OptTensor;
 using Shapes = detail::Shapes<int64_t>;
 
-// The kinds whose walk is not written for CUDA yet (part 2 of the GPU work).
-void check_supported_on_cuda(const char* op, const AttentionOptions& o) {
-  TORCH_CHECK_NOT_IMPLEMENTED(!given(o.layout()), op,
-                              ": block-sparse layouts (layout=...) are not yet supported on CUDA "
-                              "tensors; run them on the CPU");
-  TORCH_CHECK_NOT_IMPLEMENTED(!given(o.shaw_k()), op,
-                              ": Shaw relative positions (shaw_k/shaw_v) are not yet supported on CUDA "
-                              "tensors; run them on the CPU");
-}
-
 // The checked options on the device, in the types the kernels read.
 struct Prepared {
   Shapes s;
   at::ScalarType acc;  // float32, or float64 for float64 inputs
   at::Tensor q, k, v, mask, bias, t5_buckets, t5_table, alibi;
+  detail::BlockLayout layout;
+  layouts::TileWalks walks;
+  // Shaw: the tables as (H or 1, 2K+1, D / Dv) in acc, and scale * q rel_k^T.
+  at::Tensor shaw_k, shaw_v, shaw_qr;
+  int64_t shaw_K = -1;
   detail::Band band;
   double scale, dropout_p;
   uint64_t seed = 0;
@@ -60,19 +65,31 @@ const cuda::DensePasses* passes_for(at::ScalarType dt, int64_t D, int64_t Dv) {
   }
 }
 
+const cuda::DensePasses* checked_passes(const char* op, at::ScalarType dt, int64_t D, int64_t Dv) {
+  const cuda::DensePasses* passes = passes_for(dt, D, Dv);
+  TORCH_CHECK(passes != nullptr, op, ": on CUDA the head dimensions D and Dv must be at most ",
+              dt == at::kDouble ? 128 : 256, " for ", dt, " inputs, got D = ", D, " and Dv = ", Dv);
+  return passes;
+}
+
+// A layout's blocks and walks at the passes' tile size.
+void prepare_layout(const char* op, Prepared& p, const AttentionOptions& o) {
+  p.layout = detail::block_layout(op, o);
+  if (!p.layout.layout.defined()) return;
+  const at::Tensor& l = p.layout.layout;
+  p.walks = layouts::tile_walks(l.view({-1, l.size(2), l.size(3)}), p.layout.block, p.s.Nq, p.s.Nk,
+                                p.passes->block_q);
+}
+
 Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const AttentionOptions& o, const OptTensor& seed) {
   Prepared p;
   p.s = detail::check_attention<int64_t>(op, q, k, v, o);
-  check_supported_on_cuda(op, o);
   const Shapes& s = p.s;
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
               ": on CUDA, q, k and v must have one dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
               " and ", v.scalar_type());
-  p.passes = passes_for(q.scalar_type(), s.D, s.Dv);
-  TORCH_CHECK(p.passes != nullptr, op, ": on CUDA the head dimensions D and Dv must be at most ",
-              q.scalar_type() == at::kDouble ? 128 : 256, " for ", q.scalar_type(), " inputs, got D = ", s.D,
-              " and Dv = ", s.Dv);
+  p.passes = checked_passes(op, q.scalar_type(), s.D, s.Dv);
   p.acc = detail::compute_type(q.scalar_type());
   p.q = q.contiguous(), p.k = k.contiguous(), p.v = v.contiguous();
   if (given(o.mask())) p.mask = o.mask()->contiguous();
@@ -87,8 +104,19 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
             .to(q.device(), at::kInt);
     p.t5_table = table.to(p.acc).contiguous();
   }
+  prepare_layout(op, p, o);
   p.band = detail::attention_band(o, s.Nq, s.Nk);
   p.scale = detail::attention_scale(o, s.D);
+  if (given(o.shaw_k())) {
+    auto table = [&](const at::Tensor& t) {
+      return (t.dim() == 2 ? t.unsqueeze(0) : t).to(p.acc).contiguous();
+    };
+    p.shaw_K = o.shaw_max_distance();
+    p.shaw_k = table(*o.shaw_k());
+    if (given(o.shaw_v())) p.shaw_v = table(*o.shaw_v());
+    // (B, H, Nq, D) x (Hs, D, 2K+1): the score term of every bucket.
+    p.shaw_qr = (at::matmul(p.q.to(p.acc), p.shaw_k.transpose(-1, -2)) * p.scale).contiguous();
+  }
   p.dropout_p = o.dropout_p();
   if (p.dropout_p > 0) p.seed = detail::seed_value(op, seed);
   return p;
@@ -112,6 +140,26 @@ cuda::DenseArgs kernel_args(const Prepared& p) {
     const auto e = p.alibi.expand({s.B, s.H});
     a.alibi = e.data_ptr();
     a.alibi_sb = e.stride(0), a.alibi_sh = e.stride(1);
+  }
+  if (p.layout.layout.defined()) {
+    const at::Tensor& l = p.layout.layout;  // (Bl, Hl, rows, cols)
+    cuda::BlockLayoutArgs& L = a.layout;
+    L.blocks = static_cast<const uint8_t*>(l.data_ptr());
+    L.block = p.layout.block, L.rows = l.size(2), L.cols = l.size(3);
+    L.slice_b = l.size(0) == 1 ? 0 : l.size(1);
+    L.slice_h = l.size(1) == 1 ? 0 : 1;
+    if (p.layout.mask_index.defined()) {
+      L.mask_index = p.layout.mask_index.data_ptr<int32_t>();
+      L.masks = static_cast<const uint8_t*>(p.layout.masks.data_ptr());
+    }
+    L.tile = p.passes->block_q;
+    L.tiles_q = (s.Nq + L.tile - 1) / L.tile, L.tiles_k = (s.Nk + L.tile - 1) / L.tile;
+    L.q_ptr = p.walks.key_ptr.data_ptr<int32_t>(), L.q_tiles = p.walks.key_tiles.data_ptr<int32_t>();
+    L.k_ptr = p.walks.query_ptr.data_ptr<int32_t>(), L.k_tiles = p.walks.query_tiles.data_ptr<int32_t>();
+  }
+  if (p.shaw_qr.defined()) {
+    a.shaw.K = p.shaw_K;
+    a.shaw.qr = p.shaw_qr.data_ptr();
   }
   a.dropout_p = p.dropout_p;
   a.seed = p.seed;
@@ -138,32 +186,47 @@ void run(const char* op, cuda::Launch launch, const cuda::DenseArgs& a) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(cudaError_t(err)));
 }
 
+// The forward on prepared arguments: out (T) and lse (acc). Shaw's relative
+// values are added to the output from the per-bucket probabilities the
+// kernel leaves (in acc, rounded to T once).
+detail::Tensor2 run_forward(const char* op, const Prepared& p, cuda::DenseArgs a,
+                            const at::TensorOptions& in) {
+  const Shapes& s = p.s;
+  const bool shaw_values = p.shaw_v.defined();
+  at::Tensor out = at::empty({s.B, s.H, s.Nq, s.Dv}, shaw_values ? in.dtype(p.acc) : in);
+  at::Tensor lse = at::empty({s.B, s.H, s.Nq}, in.dtype(p.acc));
+  at::Tensor bucket_probs;
+  a.out = out.data_ptr();
+  a.lse = lse.data_ptr();
+  if (shaw_values) {
+    bucket_probs = at::full({s.B, s.H, s.Nq, 2 * p.shaw_K + 1}, -std::numeric_limits<double>::infinity(),
+                            in.dtype(p.acc));
+    a.shaw.probs = bucket_probs.data_ptr();
+    a.out_in_acc = true;
+  }
+  check_shared_memory(op, p.passes->forward_bytes, a, "forward");
+  run(op, p.passes->forward, a);
+  if (shaw_values) out = (out + at::matmul(bucket_probs, p.shaw_v)).to(in.dtype());
+  return {out, lse};
+}
+
 detail::Tensor2 forward_cuda(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const AttentionOptions& options, const OptTensor& seed) {
   const c10::cuda::CUDAGuard guard(q.device());
   const Prepared p = prepare(op, q, k, v, options, seed);
-  const Shapes& s = p.s;
-  at::Tensor out = at::empty({s.B, s.H, s.Nq, s.Dv}, q.options());
-  at::Tensor lse = at::empty({s.B, s.H, s.Nq}, q.options().dtype(p.acc));
-  cuda::DenseArgs a = kernel_args(p);
-  a.out = out.data_ptr();
-  a.lse = lse.data_ptr();
-  check_shared_memory(op, p.passes->forward_bytes, a, "forward");
-  run(op, p.passes->forward, a);
-  return {out, lse};
+  return run_forward(op, p, kernel_args(p), q.options());
 }
 
-detail::Tensor7 backward_cuda(const at::Tensor& grad_out, const OptTensor& grad_lse, const at::Tensor& q,
-                              const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                              const at::Tensor& lse, const AttentionOptions& o, const OptTensor& seed,
-                              detail::OptionGradMask wanted) {
-  const char* op = "attention_backward";
-  const c10::cuda::CUDAGuard guard(q.device());
-  const Prepared p = prepare(op, q, k, v, o, seed);
+// The backward on prepared arguments (the forward's out and lse; grad_lse
+// optional): dq, dk, dv in acc (dk, dv summed over GQA groups), then the
+// option gradients `wanted` asks for, in their own types (empty otherwise).
+detail::Tensor7 run_backward(const char* op, const Prepared& p, cuda::DenseArgs a, const AttentionOptions& o,
+                             const at::Tensor& grad_out, const OptTensor& grad_lse, const at::Tensor& out,
+                             const at::Tensor& lse, detail::OptionGradMask wanted) {
   const Shapes& s = p.s;
   detail::check_attention_backward(op, grad_out, grad_lse, out, lse, s);
-  const auto acc_opts = q.options().dtype(p.acc);
-  const at::Tensor dout = grad_out.to(q.scalar_type()).contiguous();
+  const auto acc_opts = p.q.options().dtype(p.acc);
+  const at::Tensor dout = grad_out.to(p.q.scalar_type()).contiguous();
   const at::Tensor lse_acc = lse.to(p.acc).contiguous();
   // The gradient g of the log-sum-exp adds g_i * p_ij to the score gradient:
   // the same as lowering delta_i by g_i.
@@ -173,12 +236,14 @@ detail::Tensor7 backward_cuda(const at::Tensor& grad_out, const OptTensor& grad_
 
   const bool want_bias = wanted[0] && p.bias.defined();
   const bool want_t5 = wanted[1] && p.t5_table.defined();
+  const bool shaw = p.shaw_qr.defined();
+  const bool want_shaw_k = wanted[2] && shaw;
+  const bool want_shaw_v = wanted[3] && p.shaw_v.defined();
   const int64_t query_tiles = (s.Nq + p.passes->block_q - 1) / p.passes->block_q;
   at::Tensor dq = at::empty({s.B, s.H, s.Nq, s.D}, acc_opts);
   at::Tensor dk = at::empty({s.B, s.H, s.Nk, s.D}, acc_opts);
   at::Tensor dv = at::empty({s.B, s.H, s.Nk, s.Dv}, acc_opts);
-  at::Tensor dbias, dt5;
-  cuda::DenseArgs a = kernel_args(p);
+  at::Tensor dbias, dt5, shaw_dor, shaw_ds, shaw_p;
   a.lse = lse_acc.data_ptr();
   a.grad_out = dout.data_ptr();
   a.delta = delta.data_ptr();
@@ -193,23 +258,62 @@ detail::Tensor7 backward_cuda(const at::Tensor& grad_out, const OptTensor& grad_
     dt5 = at::zeros({s.B, s.H, query_tiles, p.t5_table.size(0)}, acc_opts);
     a.grad_t5_partial = dt5.data_ptr();
   }
+  if (shaw) {
+    const int64_t buckets = 2 * p.shaw_K + 1;
+    if (p.shaw_v.defined()) {  // dp's rel_v term: grad_out rel_v^T
+      shaw_dor = at::matmul(dout.to(p.acc), p.shaw_v.transpose(-1, -2)).contiguous();
+      a.shaw.dor = shaw_dor.data_ptr();
+    }
+    shaw_ds = at::zeros({s.B, s.H, s.Nq, buckets}, acc_opts);
+    a.shaw.grad_scores = shaw_ds.data_ptr();
+    if (want_shaw_v) {
+      shaw_p = at::zeros({s.B, s.H, s.Nq, buckets}, acc_opts);
+      a.shaw.grad_probs = shaw_p.data_ptr();
+    }
+  }
   check_shared_memory(op, p.passes->grad_q_bytes, a, "backward (dq)");
   check_shared_memory(op, p.passes->grad_kv_bytes, a, "backward (dk, dv)");
   run(op, p.passes->grad_q, a);
   run(op, p.passes->grad_kv, a);
 
+  const at::Tensor none = at::empty({0}, p.q.options());
+  at::Tensor grad_shaw_k = none, grad_shaw_v = none;
+  if (shaw) {
+    // A bucket's score gradient reaches q through scale * rel_k; the tables
+    // get the rows that used them, summed over the batch (and over heads for
+    // a table the heads share).
+    dq = dq + at::matmul(shaw_ds, p.shaw_k) * p.scale;
+    auto table_grad = [&](const at::Tensor& per_bucket, const at::Tensor& rows, const at::Tensor& table) {
+      const at::Tensor g = at::matmul(per_bucket.transpose(-1, -2), rows).sum(0);  // (H, 2K+1, X)
+      return (table.dim() == 2 ? g.sum(0) : g).to(table.scalar_type());
+    };
+    if (want_shaw_k) grad_shaw_k = table_grad(shaw_ds * p.scale, p.q.to(p.acc), *o.shaw_k());
+    if (want_shaw_v) grad_shaw_v = table_grad(shaw_p, dout.to(p.acc), *o.shaw_v());
+  }
   if (s.H != s.Hkv) {
     const int64_t group = s.H / s.Hkv;
     dk = dk.view({s.B, s.Hkv, group, s.Nk, s.D}).sum(2);
     dv = dv.view({s.B, s.Hkv, group, s.Nk, s.Dv}).sum(2);
   }
-  const at::Tensor none = at::empty({0}, q.options());
-  const auto dt = q.scalar_type();
-  return {dq.to(dt), dk.to(dt), dv.to(dt),
-          want_bias ? dbias.sum_to_size(o.bias()->sizes()).to(o.bias()->scalar_type()) : none,
+  return {dq, dk, dv, want_bias ? dbias.sum_to_size(o.bias()->sizes()).to(o.bias()->scalar_type()) : none,
           // (B, H, tiles, buckets) partial sums -> the table's (buckets, H).
           want_t5 ? dt5.sum(at::IntArrayRef{0, 2}).t().contiguous().to(o.t5_table()->scalar_type()) : none,
-          none, none};
+          grad_shaw_k, grad_shaw_v};
+}
+
+detail::Tensor7 backward_cuda(const at::Tensor& grad_out, const OptTensor& grad_lse, const at::Tensor& q,
+                              const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+                              const at::Tensor& lse, const AttentionOptions& o, const OptTensor& seed,
+                              detail::OptionGradMask wanted) {
+  const char* op = "attention_backward";
+  const c10::cuda::CUDAGuard guard(q.device());
+  const Prepared p = prepare(op, q, k, v, o, seed);
+  auto grads = run_backward(op, p, kernel_args(p), o, grad_out, grad_lse, out, lse, wanted);
+  const auto dt = q.scalar_type();
+  std::get<0>(grads) = std::get<0>(grads).to(dt);
+  std::get<1>(grads) = std::get<1>(grads).to(dt);
+  std::get<2>(grads) = std::get<2>(grads).to(dt);
+  return grads;
 }
 
 at::Tensor weights_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -238,26 +342,175 @@ struct CudaBackend {
   static constexpr auto backward = &backward_cuda;
 };
 
-// LSH attention has no CUDA kernel yet: a clear error instead of the
-// dispatcher's "could not run ... with arguments from the CUDA backend".
-[[noreturn]] void lsh_not_on_cuda() {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "lsh_attention is not yet supported on CUDA tensors; run it on the CPU");
+// ---------------------------------------------------------------------------
+// Reformer LSH attention (cpu/lsh_kernel.h is the reference): the rows of
+// every round are hashed and sorted by (round, bucket, position) here, and
+// one engine call attends over the sorted rows of all rounds with a layout
+// of each chunk and the chunk before it (circularly) and the LSH rules
+// (cuda::LshRuleArgs: the self logit, causality by original position,
+// dropout keyed as the CPU keys it). The rounds are merged by their
+// log-sum-exps. Nothing of size rounds x N x 2 * bucket_size is kept; the
+// backward sorts again and recomputes each round's output.
+
+constexpr double kLshSelfLogit = -5e4;  // reformer-pytorch's, as the CPU kernel's
+
+struct LshSorted {
+  detail::LshShapes<int64_t> s;
+  int64_t Np = 0, L = 0;  // padded length, sorted rows of all rounds (R * Np)
+  at::ScalarType acc;
+  // (B, H, R, Np): buckets, the sorted order of each round and its inverse.
+  at::Tensor buckets, perm, inverse;
+  at::Tensor positions;   // (B, H, L): original position of each sorted row
+  at::Tensor khat, norm;  // normalised keys (B, H, Np, D) and max(|x|, eps) (B, H, Np, 1), in acc
+  Prepared p;             // the engine's arguments over the sorted rows
+  bool causal = false;
+
+  cuda::DenseArgs args() const {
+    cuda::DenseArgs a = kernel_args(p);
+    a.lsh.positions = positions.data_ptr<int64_t>();
+    a.lsh.positions_len = Np;
+    a.lsh.causal = causal;
+    a.lsh.self_logit = kLshSelfLogit;
+    return a;
+  }
+  // (B, H, L, X) in sorted order -> (B, H, R, Np, X) in original order.
+  at::Tensor per_round(const at::Tensor& t) const {
+    const int64_t X = t.size(-1);
+    return t.view({s.B, s.H, s.R, Np, X}).gather(3, inverse.unsqueeze(-1).expand({s.B, s.H, s.R, Np, X}));
+  }
+  // (B, H, R, Np, X) in original order -> (B, H, L, X) in sorted order.
+  at::Tensor sorted(const at::Tensor& t) const {
+    const int64_t X = t.size(-1);
+    return t.gather(3, perm.unsqueeze(-1).expand({s.B, s.H, s.R, Np, X})).view({s.B, s.H, L, X});
+  }
+};
+
+LshSorted lsh_sorted(const char* op, const at::Tensor& qk, const at::Tensor& v, const at::Tensor& rotations,
+                     int64_t bucket_size, bool causal, const OptTensor& key_mask, double dropout_p,
+                     const OptTensor& seed) {
+  LshSorted l;
+  l.s = detail::check_lsh<int64_t>(op, qk, v, rotations, bucket_size, key_mask, dropout_p);
+  const auto& s = l.s;
+  l.causal = causal;
+  l.acc = detail::compute_type(qk.scalar_type());
+  l.Np = (s.N + bucket_size - 1) / bucket_size * bucket_size;
+  l.L = s.R * l.Np;
+  const int64_t pad = l.Np - s.N;
+  auto padded = [&](const at::Tensor& t) { return pad ? at::constant_pad_nd(t, {0, 0, 0, pad}, 0.0) : t; };
+  const at::Tensor x = padded(qk).to(l.acc);  // (B, H, Np, D)
+
+  // Hash: bucket = argmax over [x R_r, -x R_r] (first index on ties, as the CPU).
+  const at::Tensor rot = (rotations.dim() == 3 ? rotations.unsqueeze(0) : rotations).to(l.acc);
+  const at::Tensor rotated = at::matmul(x.unsqueeze(2), rot.permute({0, 2, 1, 3}));  // (B, H, R, Np, half)
+  l.buckets = at::cat({rotated, rotated.neg()}, -1).argmax(-1);                      // (B, H, R, Np)
+  // Sort each round by (bucket, position): the keys are distinct.
+  const at::Tensor position = at::arange(l.Np, qk.options().dtype(at::kLong));
+  l.perm = (l.buckets * l.Np + position).argsort(/*stable=*/true, /*dim=*/-1, /*descending=*/false);
+  l.inverse = l.perm.argsort(/*stable=*/true, /*dim=*/-1, /*descending=*/false);
+  l.positions = l.perm.flatten(2).contiguous();
+  l.norm = x.norm(2, -1, true).clamp_min(1e-12);  // F.normalize's eps
+  l.khat = x / l.norm;
+
+  auto rows = [&](const at::Tensor& t) {  // (B, H, Np, X) -> (B, H, L, X), sorted rows of every round
+    return t.gather(2, l.positions.unsqueeze(-1).expand({s.B, s.H, l.L, t.size(-1)})).contiguous();
+  };
+  const auto dt = qk.scalar_type();
+  // Padding keys are masked; the mask is of keys only, per head in its sorted order.
+  at::Tensor keep = given(key_mask) ? *key_mask : at::ones({s.B, s.N}, qk.options().dtype(at::kBool));
+  if (pad) keep = at::constant_pad_nd(keep, {0, pad}, 0);
+  keep = keep.unsqueeze(1).expand({s.B, s.H, l.Np}).gather(2, l.positions).unsqueeze(2);  // (B, H, 1, L)
+  const int64_t chunks = l.L / bucket_size;
+  const at::Tensor self = at::eye(chunks, qk.options().dtype(at::kBool));
+  const at::Tensor layout = self.logical_or(at::roll(self, {-1}, {1})).unsqueeze(0);  // chunk g: g and g - 1
+  const auto options =
+      AttentionOptions().mask(keep).layout(layout).block_size(bucket_size).dropout_p(dropout_p);
+  l.p = prepare(op, rows(padded(qk)).to(dt), rows(l.khat.to(dt)), rows(padded(v).to(dt)), options, seed);
+  return l;
+}
+
+detail::Tensor3 lsh_forward_cuda(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& rotations,
+                                 int64_t bucket_size, bool causal, const OptTensor& key_mask,
+                                 double dropout_p, const OptTensor& seed) {
+  const char* op = "lsh_attention";
+  const c10::cuda::CUDAGuard guard(qk.device());
+  const auto s = detail::check_lsh<int64_t>(op, qk, v, rotations, bucket_size, key_mask, dropout_p);
+  const auto acc = detail::compute_type(qk.scalar_type());
+  if (s.N == 0)
+    return {at::empty({s.B, s.H, 0, s.Dv}, qk.options()), at::empty({s.B, s.H, 0}, qk.options().dtype(acc)),
+            at::empty({s.B, s.H, s.R, 0}, qk.options().dtype(at::kLong))};
+  const LshSorted l = lsh_sorted(op, qk, v, rotations, bucket_size, causal, key_mask, dropout_p, seed);
+  auto [rows_out, rows_lse] = run_forward(op, l.p, l.args(), qk.options());
+  // out = sum_r exp(lse_r - lse) out_r, lse = logsumexp_r lse_r (finite: the self logit is always there).
+  const at::Tensor out_r = l.per_round(rows_out.to(acc));
+  const at::Tensor lse_r = l.per_round(rows_lse.unsqueeze(-1)).squeeze(-1);
+  const at::Tensor lse = at::logsumexp(lse_r, 2);
+  const at::Tensor out = (out_r * (lse_r - lse.unsqueeze(2)).exp().unsqueeze(-1)).sum(2);
+  return {out.narrow(2, 0, s.N).to(qk.scalar_type()), lse.narrow(2, 0, s.N).contiguous(),
+          l.buckets.narrow(3, 0, s.N).contiguous()};
+}
+
+detail::Tensor2 lsh_backward_cuda(const at::Tensor& grad_out, const at::Tensor& qk, const at::Tensor& v,
+                                  const at::Tensor& rotations, const at::Tensor& out, const at::Tensor& lse,
+                                  int64_t bucket_size, bool causal, const OptTensor& key_mask,
+                                  double dropout_p, const OptTensor& seed) {
+  const char* op = "lsh_attention_backward";
+  const c10::cuda::CUDAGuard guard(qk.device());
+  const auto s = detail::check_lsh<int64_t>(op, qk, v, rotations, bucket_size, key_mask, dropout_p);
+  detail::check_lsh_backward(op, grad_out, out, lse, s);
+  if (s.N == 0) return {at::zeros_like(qk), at::zeros_like(v)};
+  const LshSorted l = lsh_sorted(op, qk, v, rotations, bucket_size, causal, key_mask, dropout_p, seed);
+  const auto acc = l.acc;
+  const int64_t pad = l.Np - s.N;
+  auto padded = [&](const at::Tensor& t, double value) {  // the sequence dimension (2) of a 4-D or 3-D tensor
+    const at::Tensor c = t.to(acc);
+    if (!pad) return c;
+    return at::constant_pad_nd(
+        c, t.dim() == 4 ? std::vector<int64_t>{0, 0, 0, pad} : std::vector<int64_t>{0, pad}, value);
+  };
+  // Padded queries: zero gradient and an lse of +inf, so their round weights are 0.
+  const at::Tensor dout = padded(grad_out, 0.0), out_p = padded(out, 0.0);
+  const at::Tensor lse_p = padded(lse, std::numeric_limits<double>::infinity());
+
+  // Each round's output and lse again, then their shares of the gradient:
+  // d out_r = w_r dout, d lse_r = w_r (dout . out_r - dout . out), w_r = exp(lse_r - lse).
+  const cuda::DenseArgs a = l.args();
+  auto [rows_out, rows_lse] = run_forward(op, l.p, a, qk.options());
+  const at::Tensor out_r = l.per_round(rows_out.to(acc));
+  const at::Tensor lse_r = l.per_round(rows_lse.unsqueeze(-1)).squeeze(-1);
+  const at::Tensor w = (lse_r - lse_p.unsqueeze(2)).exp();
+  const at::Tensor dout_r = dout.unsqueeze(2);
+  const at::Tensor d_out_r = w.unsqueeze(-1) * dout_r;
+  const at::Tensor d_lse_r = w * ((dout_r * out_r).sum(-1) - (dout * out_p).sum(-1).unsqueeze(2));
+  const at::Tensor d_rows_lse = l.sorted(d_lse_r.unsqueeze(-1)).squeeze(-1);
+  auto grads = run_backward(op, l.p, a, AttentionOptions(), l.sorted(d_out_r), d_rows_lse, rows_out, rows_lse,
+                            {false, false, false, false});
+  // Back to original positions, summed over rounds (a fixed order: deterministic).
+  auto gathered = [&](const at::Tensor& t) { return l.per_round(t).sum(2); };
+  const at::Tensor dq = gathered(std::get<0>(grads)), dkhat = gathered(std::get<1>(grads));
+  const at::Tensor dv = gathered(std::get<2>(grads));
+  // Through the key normalisation: d x = (d khat - khat (khat . d khat)) / |x|.
+  const at::Tensor dot = (l.khat * dkhat).sum(-1, true);
+  const at::Tensor dx = at::where(l.norm <= 1e-12, dkhat / l.norm, (dkhat - l.khat * dot) / l.norm);
+  return {(dq + dx).narrow(2, 0, s.N).to(qk.scalar_type()), dv.narrow(2, 0, s.N).to(v.scalar_type())};
+}
+
+// Below autograd (inference, or nothing needs a gradient): draw the seed here.
+detail::Tensor2 lsh_attention_cuda(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& rotations,
+                                   int64_t bucket_size, bool causal, const OptTensor& key_mask,
+                                   double dropout_p) {
+  const OptTensor seed = dropout_p > 0 ? OptTensor(detail::fresh_seed()) : std::nullopt;
+  auto [out, lse, buckets] =
+      lsh_forward_cuda(qk, v, rotations, bucket_size, causal, key_mask, dropout_p, seed);
+  return {out, buckets};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnzoo, CUDA, m) {
   detail::AttentionKernels<CudaBackend>::register_on(m);
-  m.impl("lsh_attention",
-         [](const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool, const OptTensor&,
-            double) -> std::tuple<at::Tensor, at::Tensor> { lsh_not_on_cuda(); });
-  m.impl("_lsh_forward",
-         [](const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool, const OptTensor&, double,
-            const OptTensor&) -> std::tuple<at::Tensor, at::Tensor, at::Tensor> { lsh_not_on_cuda(); });
-  m.impl("_lsh_backward",
-         [](const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-            const at::Tensor&, int64_t, bool, const OptTensor&, double,
-            const OptTensor&) -> std::tuple<at::Tensor, at::Tensor> { lsh_not_on_cuda(); });
+  m.impl("lsh_attention", &lsh_attention_cuda);
+  m.impl("_lsh_forward", &lsh_forward_cuda);
+  m.impl("_lsh_backward", &lsh_backward_cuda);
 }
 
 }  // namespace attnzoo::ops

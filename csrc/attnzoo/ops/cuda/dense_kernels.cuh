@@ -2,8 +2,9 @@
 // The CUDA attention engine: one template per pass (forward, probabilities,
 // query-major backward, key-major backward) over a policy that says which
 // key tiles a query tile visits and what each score becomes. DensePolicy is
-// the full one (mask, bias, T5, ALiBi, band); part 2's block-sparse, Shaw and
-// LSH walks are further policies for the same passes.
+// the one policy: the band, mask, bias, T5 and ALiBi, plus a block-sparse
+// layout (its tiles walked from compressed lists), Shaw's relative tables
+// and Reformer's LSH rules, each switched on by its arguments.
 //
 // Layout of a pass (FlashAttention-2): a block of kThreads threads owns kRows
 // query rows (or key rows in grad_kv); kLanes consecutive lanes of one warp
@@ -171,15 +172,38 @@ struct BlockTile {
 
 // --- The dense policy -----------------------------------------------------
 
+// The tiles one block visits along the other axis: tile starts
+// start(0 .. count-1), from a contiguous range or a layout's list. A listed
+// tile can lie outside the band [lo, hi): the walk skips it (a decision all
+// threads of the block take alike, so barriers stay matched).
+struct TileWalk {
+  const int32_t* list;
+  int64_t first, count, size, lo, hi;
+  __device__ int64_t start(int64_t t) const { return (list ? int64_t(list[first + t]) : first + t) * size; }
+  __device__ bool outside(int64_t s) const { return s >= hi || s + size <= lo; }
+};
+
+// Shaw's bucket of query position p and key j: clamp(j - p, -K, K) + K.
+__device__ __forceinline__ int64_t shaw_bucket(int64_t p, int64_t j, int64_t K) {
+  const int64_t d = j - p;
+  return (d < -K ? -K : (d > K ? K : d)) + K;
+}
+
 // Which tiles a pass visits and what a score becomes, for (b, h).
 template <typename Acc>
 struct DensePolicy {
   const DenseArgs& a;
-  int64_t b, h, offset;
+  int64_t b, h, bh, offset, slice;
   Acc slope;
 
   __device__ DensePolicy(const DenseArgs& args, int64_t b_, int64_t h_)
-      : a(args), b(b_), h(h_), offset(args.Nk - args.Nq), slope(0) {
+      : a(args),
+        b(b_),
+        h(h_),
+        bh(b_ * args.H + h_),
+        offset(args.Nk - args.Nq),
+        slice(b_ * args.layout.slice_b + h_ * args.layout.slice_h),
+        slope(0) {
     if (a.alibi) slope = static_cast<const Acc*>(a.alibi)[b * a.alibi_sb + h * a.alibi_sh];
   }
   __device__ rules::Range keys_of(int64_t q0, int64_t mq) const {
@@ -188,24 +212,78 @@ struct DensePolicy {
   __device__ rules::Range queries_of(int64_t k0, int64_t nk) const {
     return rules::band_queries(k0, nk, offset, a.left, a.right, a.Nq);
   }
+  // The key tiles of query tile qt (rows [q0, q0 + mq)), tiles of R keys.
+  __device__ TileWalk key_walk(int64_t qt, int64_t q0, int64_t mq, int R) const {
+    return walk(keys_of(q0, mq), a.layout.q_ptr, a.layout.q_tiles, slice * a.layout.tiles_q + qt, R);
+  }
+  // The query tiles of key tile kt (keys [k0, k0 + nk)).
+  __device__ TileWalk query_walk(int64_t kt, int64_t k0, int64_t nk, int R) const {
+    return walk(queries_of(k0, nk), a.layout.k_ptr, a.layout.k_tiles, slice * a.layout.tiles_k + kt, R);
+  }
+  __device__ TileWalk walk(rules::Range band, const int32_t* ptr, const int32_t* list, int64_t x,
+                           int R) const {
+    if (a.layout.blocks) return {list, int64_t(ptr[x]), int64_t(ptr[x + 1] - ptr[x]), R, band.lo, band.hi};
+    const int64_t first = band.lo / R;
+    const int64_t count = band.hi > first * R ? (band.hi - first * R + R - 1) / R : 0;
+    return {nullptr, first, count, R, band.lo, band.hi};
+  }
+
+  // Whether the layout (and its block masks) lets query i see key j.
+  __device__ bool layout_allows(int64_t i, int64_t j) const {
+    const BlockLayoutArgs& L = a.layout;
+    const int64_t qb = i / L.block, kb = j / L.block;
+    const int64_t e = (slice * L.rows + qb) * L.cols + kb;
+    if (!L.blocks[e]) return false;
+    if (!L.mask_index) return true;
+    const int32_t p = L.mask_index[e];
+    return p < 0 || L.masks[(int64_t(p) * L.block + (i - qb * L.block)) * L.block + (j - kb * L.block)];
+  }
+  __device__ int64_t lsh_position(int64_t row) const { return a.lsh.positions[bh * a.Nq + row]; }
+  // LSH: a query's own position scores a constant, which has no gradient.
+  __device__ bool constant_score(int64_t i, int64_t j) const {
+    return a.lsh.positions && lsh_position(i) == lsh_position(j);
+  }
+
   // The score of (i, j) from the scaled product, or -inf where j is not visible.
   __device__ Acc score(int64_t i, int64_t j, Acc scaled) const {
     const int64_t p = i + offset;
     if (!rules::in_band(p, j, a.left, a.right)) return neg_inf<Acc>();
+    if (a.layout.blocks && !layout_allows(i, j)) return neg_inf<Acc>();
+    if (a.lsh.positions) {
+      const int64_t pi = lsh_position(i), pj = lsh_position(j);
+      if (pi == pj) return Acc(a.lsh.self_logit);  // even where masked, as the CPU kernel
+      if (a.lsh.causal && pj > pi) return neg_inf<Acc>();
+    }
     if (a.mask.present() && !static_cast<const uint8_t*>(a.mask.data)[a.mask.offset(b, h, i, j)])
       return neg_inf<Acc>();
     Acc s = scaled;
     if (a.bias.present()) s += static_cast<const Acc*>(a.bias.data)[a.bias.offset(b, h, i, j)];
     if (a.t5_table) s += static_cast<const Acc*>(a.t5_table)[int64_t(t5_bucket(i, j)) * a.H + h];
     if (a.alibi) s += rules::alibi_term(slope, p, j);
+    if (a.shaw.qr) s += shaw_entry(a.shaw.qr, i, j);
     return s;
+  }
+  // dp of (i, j) from grad_out . v_j: Shaw adds grad_out . rel_v[bucket].
+  __device__ Acc dp_of(int64_t i, int64_t j, Acc dp) const {
+    return a.shaw.dor ? dp + shaw_entry(a.shaw.dor, i, j) : dp;
+  }
+  __device__ Acc shaw_entry(const void* table, int64_t i, int64_t j) const {
+    const int64_t K = a.shaw.K;
+    return static_cast<const Acc*>(table)[(bh * a.Nq + i) * (2 * K + 1) + shaw_bucket(i + offset, j, K)];
   }
   __device__ int32_t t5_bucket(int64_t i, int64_t j) const {
     return a.t5_buckets[j - (i + offset) + a.Nk - 1];
   }
+  // The dropout counter of (i, j); LSH keys it by round and original positions.
+  __device__ uint64_t dropout_index(int64_t i, int64_t j) const {
+    if (!a.lsh.positions) return rules::dropout_index(b, h, i, j, a.H, a.Nq, a.Nk);
+    const uint64_t n = uint64_t(a.lsh.positions_len), rounds = uint64_t(a.Nq) / n;
+    const uint64_t round = uint64_t(i) / n;
+    return ((uint64_t(bh) * rounds + round) * n + uint64_t(lsh_position(i))) * n + uint64_t(lsh_position(j));
+  }
 };
 
-// The dropout of element (b, h, i, j): the factor its probability is multiplied by.
+// The dropout of element (i, j) of a policy's (b, h): the factor its probability is multiplied by.
 template <typename Acc>
 struct DropoutRule {
   bool active;
@@ -216,11 +294,10 @@ struct DropoutRule {
         seed(a.seed),
         threshold(rules::dropout_threshold(a.dropout_p)),
         keep_scale(Acc(rules::dropout_keep_scale(a.dropout_p))) {}
-  __device__ Acc factor(const DenseArgs& a, int64_t b, int64_t h, int64_t i, int64_t j) const {
+  template <class Policy>
+  __device__ Acc factor(const Policy& policy, int64_t i, int64_t j) const {
     if (!active) return Acc(1);
-    return rules::dropout_keeps(seed, threshold, rules::dropout_index(b, h, i, j, a.H, a.Nq, a.Nk))
-               ? keep_scale
-               : Acc(0);
+    return rules::dropout_keeps(seed, threshold, policy.dropout_index(i, j)) ? keep_scale : Acc(0);
   }
 };
 
@@ -254,7 +331,7 @@ __device__ __forceinline__ Acc online_softmax_tile(const DenseArgs& a, const Pol
     const int64_t c = lane + kLanes * m;
     const Acc p = (none || s[m] == neg_inf<Acc>()) ? Acc(0) : exp_acc(s[m] - m_new);
     sum += p;
-    write(c, p == Acc(0) ? Acc(0) : p * dropout.factor(a, b, h, i, k0 + c));
+    write(c, p == Acc(0) ? Acc(0) : p * dropout.factor(policy, i, k0 + c));
   }
   const Acc row_total = row_sum<kLanes>(sum);
   if (none) return Acc(1);
@@ -266,8 +343,9 @@ __device__ __forceinline__ Acc online_softmax_tile(const DenseArgs& a, const Pol
 
 // The probability and the score gradient of element (i, j), recomputed from
 // its scaled product and the forward's lse: p = exp(s - lse) with s the
-// policy's score; dp is dropped as p was; ds = p (dp - delta). Zero where the
-// element is not a real one of the tile (valid false) or not visible.
+// policy's score; dp (with the policy's terms) is dropped as p was;
+// ds = p (dp - delta), 0 for a constant score. Zero where the element is not
+// a real one of the tile (valid false) or not visible.
 template <typename Acc>
 struct ScoreGrad {
   Acc p_dropped, ds;
@@ -281,8 +359,9 @@ __device__ __forceinline__ ScoreGrad<Acc> element_grad(const DenseArgs& a, const
   const Acc s = policy.score(i, j, scaled);
   if (s == neg_inf<Acc>()) return {Acc(0), Acc(0)};
   const Acc p = exp_acc(s - lse);
-  const Acc drop = dropout.factor(a, b, h, i, j);
-  return {p * drop, p * (dp * drop - delta)};
+  const Acc drop = dropout.factor(policy, i, j);
+  const Acc ds = policy.constant_score(i, j) ? Acc(0) : p * (policy.dp_of(i, j, dp) * drop - delta);
+  return {p * drop, ds};
 }
 
 // A query-major pass routes each score gradient to where the policy's terms
@@ -312,6 +391,113 @@ __device__ __forceinline__ void write_t5_partial(const DenseArgs& a, const Acc* 
   }
 }
 
+// Shaw's per-row bucket sums (ShawArgs), for the calling thread's share of
+// query row i. Column j of the row is always handled by lane j mod kLanes
+// (tiles start at multiples of kRows), so an inner bucket (|j - p| < K: one
+// key per row) has one owner, which writes it directly; the two end buckets
+// (every key beyond K) are summed per lane and reduced over the row's lanes
+// at the end. Every lane of the warp must call finish_*: its sums are shuffles.
+template <int kLanes, typename Acc>
+struct ShawRow {
+  Acc lo = 0, hi = 0, lo2 = 0, hi2 = 0, tile_lo = 0, tile_hi = 0;
+  int64_t K = -1, p = 0, row = 0;  // row: (bh, i)'s offset in the (.., 2K+1) tables
+  bool on = false;
+
+  __device__ ShawRow(const DenseArgs& a, int64_t bh, int64_t i, bool row_exists, bool wanted) {
+    on = wanted && row_exists;
+    if (!wanted) return;
+    K = a.shaw.K;
+    p = i + a.Nk - a.Nq;
+    row = (bh * a.Nq + i) * (2 * K + 1);
+  }
+  // Where key j goes: -1 the low end, +1 the high end, 0 an inner bucket.
+  __device__ int side(int64_t j) const {
+    const int64_t d = j - p;
+    return d <= -K ? -1 : (d >= K ? 1 : 0);
+  }
+
+  // --- forward: the dropped probabilities of a row, per bucket -------------
+  // A probability of this tile (relative to the tile's running max).
+  __device__ void forward_prob(int64_t j, Acc prob) {
+    if (!on) return;
+    const int s = side(j);
+    if (s < 0) tile_lo += prob;
+    if (s > 0) tile_hi += prob;
+  }
+  // The tile's scores (after online_softmax_tile: -inf where invisible): an
+  // inner bucket keeps its score until the row's lse is known.
+  template <int kCols>
+  __device__ void forward_scores(const DenseArgs& a, const Acc (&s)[kCols], int64_t k0, int64_t nk,
+                                 int lane) {
+    if (!on) return;
+#pragma unroll
+    for (int m = 0; m < kCols; ++m) {
+      const int64_t c = lane + kLanes * m, j = k0 + c;
+      if (c < nk && side(j) == 0) static_cast<Acc*>(a.shaw.probs)[row + (j - p + K)] = s[m];
+    }
+  }
+  // After the tile: the end sums follow the running max (alpha), like the output.
+  __device__ void end_tile(Acc alpha) {
+    lo = lo * alpha + tile_lo;
+    hi = hi * alpha + tile_hi;
+    tile_lo = tile_hi = 0;
+  }
+  // The row's bucket probabilities from its final max and sum.
+  template <class Policy>
+  __device__ void finish_forward(const DenseArgs& a, const Policy& policy, const DropoutRule<Acc>& dropout,
+                                 int64_t i, int lane, Acc m_run, Acc l_run) {
+    const Acc lo_all = row_sum<kLanes>(lo), hi_all = row_sum<kLanes>(hi);
+    if (!on) return;
+    Acc* out = static_cast<Acc*>(a.shaw.probs) + row;
+    const bool seen = l_run > Acc(0);
+    const Acc lse = seen ? m_run + log_acc(l_run) : Acc(0), inv = seen ? Acc(1) / l_run : Acc(0);
+    for (int64_t r = 1; r < 2 * K; ++r) {
+      const int64_t j = p + r - K;
+      if (((j % kLanes) + kLanes) % kLanes != lane) continue;  // the lane that wrote it
+      const Acc s = out[r];
+      const bool visible = seen && j >= 0 && j < a.Nk && s != neg_inf<Acc>();
+      out[r] = visible ? exp_acc(s - lse) * dropout.factor(policy, i, j) : Acc(0);
+    }
+    if (lane != 0) return;
+    if (K == 0) {
+      out[0] = (lo_all + hi_all) * inv;
+    } else {
+      out[0] = lo_all * inv;
+      out[2 * K] = hi_all * inv;
+    }
+  }
+
+  // --- grad_q: the score gradients and dropped probabilities per bucket ----
+  __device__ void backward_element(const DenseArgs& a, int64_t j, const ScoreGrad<Acc>& g) {
+    if (!on) return;
+    const int s = side(j);
+    if (s == 0) {
+      static_cast<Acc*>(a.shaw.grad_scores)[row + (j - p + K)] = g.ds;
+      if (a.shaw.grad_probs) static_cast<Acc*>(a.shaw.grad_probs)[row + (j - p + K)] = g.p_dropped;
+    } else if (s < 0) {
+      lo += g.ds;
+      lo2 += g.p_dropped;
+    } else {
+      hi += g.ds;
+      hi2 += g.p_dropped;
+    }
+  }
+  __device__ void finish_backward(const DenseArgs& a, int lane) {
+    const Acc lo_all = row_sum<kLanes>(lo), hi_all = row_sum<kLanes>(hi);
+    const Acc lo2_all = row_sum<kLanes>(lo2), hi2_all = row_sum<kLanes>(hi2);
+    if (!on || lane != 0) return;
+    Acc* ds = static_cast<Acc*>(a.shaw.grad_scores) + row;
+    Acc* pr = a.shaw.grad_probs ? static_cast<Acc*>(a.shaw.grad_probs) + row : nullptr;
+    if (K == 0) {
+      ds[0] = lo_all + hi_all;
+      if (pr) pr[0] = lo2_all + hi2_all;
+    } else {
+      ds[0] = lo_all, ds[2 * K] = hi_all;
+      if (pr) pr[0] = lo2_all, pr[2 * K] = hi2_all;
+    }
+  }
+};
+
 // A key-major pass stages the log-sum-exp (-inf past the last row) and delta
 // of query rows [q0, q0 + mq) for the whole block.
 template <int kRows, int kThreads, typename Acc>
@@ -321,6 +507,16 @@ __device__ __forceinline__ void stage_row_stats(const DenseArgs& a, int64_t bh, 
     lse_s[x] = x < mq ? static_cast<const Acc*>(a.lse)[bh * a.Nq + q0 + x] : neg_inf<Acc>();
     delta_s[x] = x < mq ? static_cast<const Acc*>(a.delta)[bh * a.Nq + q0 + x] : Acc(0);
   }
+}
+
+// Element e of the forward's output: in T, or in Acc where the caller adds
+// more to it (Shaw's relative values) before rounding.
+template <typename T, typename Acc>
+__device__ __forceinline__ void store_output(const DenseArgs& a, int64_t e, Acc x) {
+  if (a.out_in_acc)
+    static_cast<Acc*>(a.out)[e] = x;
+  else
+    static_cast<T*>(a.out)[e] = from_acc<T>(x);
 }
 
 // --- Forward --------------------------------------------------------------
@@ -349,9 +545,12 @@ __global__ void __launch_bounds__(Tl::kThreads) forward_kernel(const __grid_cons
   Acc o[Tl::kDims];
 #pragma unroll
   for (int d = 0; d < Tl::kDims; ++d) o[d] = 0;
+  ShawRow<Tl::kLanes, Acc> shaw(a, bh, q0 + r, r < mq, a.shaw.probs != nullptr);
 
-  const rules::Range keys = policy.keys_of(q0, mq);
-  for (int64_t k0 = (keys.lo / R) * R; k0 < keys.hi; k0 += R) {
+  const TileWalk walk = policy.key_walk(qt, q0, mq, R);
+  for (int64_t t = 0; t < walk.count; ++t) {
+    const int64_t k0 = walk.start(t);
+    if (walk.outside(k0)) continue;
     const int64_t nk = rules::min64(R, a.Nk - k0);
     __syncthreads();  // the previous tile is no longer read
     stage_rows<R, Tl::kThreads>(Ks, ld.qk, k + k0 * a.D, a.D, nk);
@@ -360,25 +559,29 @@ __global__ void __launch_bounds__(Tl::kThreads) forward_kernel(const __grid_cons
     Acc s[Tl::kCols];
     dot_rows<Tl>(s, Qs + r * ld.qk, Ks, ld.qk, lane, a.D);
     Acc* prow = Ps + r * ld.tile;
-    const Acc alpha =
-        online_softmax_tile<Tl::kLanes>(a, policy, dropout, b, h, q0 + r, r < mq, k0, nk, lane, scale, s,
-                                        m_run, l_run, [&](int64_t c, Acc p) { prow[c] = p; });
+    const Acc alpha = online_softmax_tile<Tl::kLanes>(a, policy, dropout, b, h, q0 + r, r < mq, k0, nk, lane,
+                                                      scale, s, m_run, l_run, [&](int64_t c, Acc p) {
+                                                        prow[c] = p;
+                                                        shaw.forward_prob(k0 + c, p);
+                                                      });
+    shaw.forward_scores(a, s, k0, nk, lane);
+    shaw.end_tile(alpha);
     if (alpha != Acc(1))
 #pragma unroll
       for (int d = 0; d < Tl::kDims; ++d) o[d] *= alpha;
     __syncwarp();  // the row's probabilities, written by its lanes, are read by all of them
     accumulate_rows<Tl>(o, prow, Vs, ld.v, lane, nk, a.Dv);
   }
+  shaw.finish_forward(a, policy, dropout, q0 + r, lane, m_run, l_run);
 
   if (r >= mq) return;
   const int64_t i = q0 + r;
-  T* out = static_cast<T*>(a.out) + (bh * a.Nq + i) * a.Dv;
   const bool seen = l_run > Acc(0);
   const Acc inv = seen ? Acc(1) / l_run : Acc(0);  // no visible key: output 0, lse -inf
 #pragma unroll
   for (int d = 0; d < Tl::kDims; ++d) {
     const int64_t col = lane + Tl::kLanes * d;
-    if (col < a.Dv) out[col] = from_acc<T>(o[d] * inv);
+    if (col < a.Dv) store_output<T>(a, (bh * a.Nq + i) * a.Dv + col, o[d] * inv);
   }
   if (lane == 0) static_cast<Acc*>(a.lse)[bh * a.Nq + i] = seen ? m_run + log_acc(l_run) : neg_inf<Acc>();
 }
@@ -403,7 +606,7 @@ __global__ void probs_kernel(const __grid_constant__ DenseArgs a) {
       Acc dot = 0;
       for (int64_t x = 0; x < a.D; ++x) dot += to_acc(q[x]) * to_acc(k[x]);
       const Acc s = policy.score(i, j, dot * Acc(a.scale));
-      if (s != neg_inf<Acc>()) p = exp_acc(s - lse) * DropoutRule<Acc>(a).factor(a, b, h, i, j);
+      if (s != neg_inf<Acc>()) p = exp_acc(s - lse) * DropoutRule<Acc>(a).factor(policy, i, j);
     }
     static_cast<T*>(a.probs)[e] = from_acc<T>(p);
   }
@@ -443,9 +646,12 @@ __global__ void __launch_bounds__(Tl::kThreads) grad_q_kernel(const __grid_const
   Acc dq[Tl::kDims];
 #pragma unroll
   for (int d = 0; d < Tl::kDims; ++d) dq[d] = 0;
+  ShawRow<Tl::kLanes, Acc> shaw(a, bh, i, r < mq, a.shaw.grad_scores != nullptr);
 
-  const rules::Range keys = policy.keys_of(q0, mq);
-  for (int64_t k0 = (keys.lo / R) * R; k0 < keys.hi; k0 += R) {
+  const TileWalk walk = policy.key_walk(qt, q0, mq, R);
+  for (int64_t t = 0; t < walk.count; ++t) {
+    const int64_t k0 = walk.start(t);
+    if (walk.outside(k0)) continue;
     const int64_t nk = rules::min64(R, a.Nk - k0);
     __syncthreads();
     stage_rows<R, Tl::kThreads>(Ks, ld.qk, k + k0 * a.D, a.D, nk);
@@ -459,13 +665,18 @@ __global__ void __launch_bounds__(Tl::kThreads) grad_q_kernel(const __grid_const
     for (int m = 0; m < Tl::kCols; ++m) {
       const int64_t c = lane + Tl::kLanes * m, j = k0 + c;
       const bool valid = r < mq && c < nk;
-      const Acc ds = element_grad(a, policy, dropout, b, h, i, j, valid, s[m] * scale, lse, dp[m], delta).ds;
-      drow[c] = ds;
-      if (valid) route_score_grad<Tl::kThreads>(a, policy, bh, i, j, ds, t5_slots);
+      const ScoreGrad<Acc> g =
+          element_grad(a, policy, dropout, b, h, i, j, valid, s[m] * scale, lse, dp[m], delta);
+      drow[c] = g.ds;
+      if (valid) {
+        route_score_grad<Tl::kThreads>(a, policy, bh, i, j, g.ds, t5_slots);
+        shaw.backward_element(a, j, g);
+      }
     }
     __syncwarp();
     accumulate_rows<Tl>(dq, drow, Ks, ld.qk, lane, nk, a.D);
   }
+  shaw.finish_backward(a, lane);
 
   if (r < mq) {
     Acc* out = static_cast<Acc*>(a.grad_q) + (bh * a.Nq + i) * a.D;
@@ -511,8 +722,10 @@ __global__ void __launch_bounds__(Tl::kThreads) grad_kv_kernel(const __grid_cons
 #pragma unroll
   for (int d = 0; d < Tl::kDims; ++d) dk[d] = dv[d] = 0;
 
-  const rules::Range queries = policy.queries_of(k0, nk);
-  for (int64_t q0 = (queries.lo / R) * R; q0 < queries.hi; q0 += R) {
+  const TileWalk walk = policy.query_walk(kt, k0, nk, R);
+  for (int64_t t = 0; t < walk.count; ++t) {
+    const int64_t q0 = walk.start(t);
+    if (walk.outside(q0)) continue;
     const int64_t mq = rules::min64(R, a.Nq - q0);
     __syncthreads();
     stage_rows<R, Tl::kThreads>(Qs, ld.qk, q + q0 * a.D, a.D, mq);

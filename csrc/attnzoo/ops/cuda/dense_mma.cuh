@@ -172,9 +172,12 @@ __global__ void __launch_bounds__(Tl::kThreads) mma_forward_kernel(const __grid_
                                 mq);
   for (int64_t x = threadIdx.x; x < R * L.ldo; x += Tl::kThreads) Os[x] = 0.0f;
   float m_run = neg_inf<float>(), l_run = 0.0f;
+  ShawRow<Tl::kLanes, float> shaw(a, bh, q0 + r, r < mq, a.shaw.probs != nullptr);
 
-  const rules::Range keys = policy.keys_of(q0, mq);
-  for (int64_t k0 = (keys.lo / R) * R; k0 < keys.hi; k0 += R) {
+  const TileWalk walk = policy.key_walk(qt, q0, mq, R);
+  for (int64_t t = 0; t < walk.count; ++t) {
+    const int64_t k0 = walk.start(t);
+    if (walk.outside(k0)) continue;
     const int64_t nk = rules::min64(R, a.Nk - k0);
     __syncthreads();  // the previous tile is no longer read
     stage_padded<R, Tl::kThreads>(Ks, L.ldq, k + k0 * a.D, a.D, L.Dp, nk);
@@ -190,7 +193,12 @@ __global__ void __launch_bounds__(Tl::kThreads) mma_forward_kernel(const __grid_
     T* prow = Ps + r * L.ldp;
     const float alpha =
         online_softmax_tile<Tl::kLanes>(a, policy, dropout, b, h, q0 + r, r < mq, k0, nk, lane, scale, s,
-                                        m_run, l_run, [&](int64_t c, float p) { prow[c] = from_acc<T>(p); });
+                                        m_run, l_run, [&](int64_t c, float p) {
+                                          prow[c] = from_acc<T>(p);
+                                          shaw.forward_prob(k0 + c, p);
+                                        });
+    shaw.forward_scores(a, s, k0, nk, lane);
+    shaw.end_tile(alpha);
     if (alpha != 1.0f)
       for (int64_t col = lane; col < L.Dvp; col += Tl::kLanes) Os[r * L.ldo + col] *= alpha;
     __syncthreads();
@@ -214,13 +222,14 @@ __global__ void __launch_bounds__(Tl::kThreads) mma_forward_kernel(const __grid_
     }
   }
   __syncthreads();
+  shaw.finish_forward(a, policy, dropout, q0 + r, lane, m_run, l_run);
 
   if (r >= mq) return;
   const int64_t i = q0 + r;
-  T* out = static_cast<T*>(a.out) + (bh * a.Nq + i) * a.Dv;
   const bool seen = l_run > 0.0f;
   const float inv = seen ? 1.0f / l_run : 0.0f;  // no visible key: output 0, lse -inf
-  for (int64_t col = lane; col < a.Dv; col += Tl::kLanes) out[col] = from_acc<T>(Os[r * L.ldo + col] * inv);
+  for (int64_t col = lane; col < a.Dv; col += Tl::kLanes)
+    store_output<T>(a, (bh * a.Nq + i) * a.Dv + col, Os[r * L.ldo + col] * inv);
   if (lane == 0) static_cast<float*>(a.lse)[bh * a.Nq + i] = seen ? m_run + logf(l_run) : neg_inf<float>();
 }
 
@@ -260,9 +269,12 @@ __global__ void __launch_bounds__(Tl::kThreads) mma_grad_q_kernel(const __grid_c
   const float delta = r < mq ? static_cast<const float*>(a.delta)[bh * a.Nq + i] : 0.0f;
   FragC dq[Tl::kFrags];
   zero_frags<Tl>(dq);
+  ShawRow<Tl::kLanes, float> shaw(a, bh, i, r < mq, a.shaw.grad_scores != nullptr);
 
-  const rules::Range keys = policy.keys_of(q0, mq);
-  for (int64_t k0 = (keys.lo / R) * R; k0 < keys.hi; k0 += R) {
+  const TileWalk walk = policy.key_walk(qt, q0, mq, R);
+  for (int64_t t = 0; t < walk.count; ++t) {
+    const int64_t k0 = walk.start(t);
+    if (walk.outside(k0)) continue;
     const int64_t nk = rules::min64(R, a.Nk - k0);
     __syncthreads();
     stage_padded<R, Tl::kThreads>(Ks, L.ldq, k + k0 * a.D, a.D, L.Dp, nk);
@@ -275,15 +287,18 @@ __global__ void __launch_bounds__(Tl::kThreads) mma_grad_q_kernel(const __grid_c
     for (int m = 0; m < Tl::kCols; ++m) {
       const int64_t c = lane + Tl::kLanes * m, j = k0 + c;
       const bool valid = r < mq && c < nk;
-      const float ds = element_grad(a, policy, dropout, b, h, i, j, valid, Ss[r * L.lds + c] * scale, lse,
-                                    dPs[r * L.lds + c], delta)
-                           .ds;
-      Ds[r * L.ldp + c] = from_acc<T>(ds);
-      if (valid) route_score_grad<Tl::kThreads>(a, policy, bh, i, j, ds, t5_slots);
+      const ScoreGrad<float> g = element_grad(a, policy, dropout, b, h, i, j, valid,
+                                              Ss[r * L.lds + c] * scale, lse, dPs[r * L.lds + c], delta);
+      Ds[r * L.ldp + c] = from_acc<T>(g.ds);
+      if (valid) {
+        route_score_grad<Tl::kThreads>(a, policy, bh, i, j, g.ds, t5_slots);
+        shaw.backward_element(a, j, g);
+      }
     }
     __syncthreads();
     accumulate_pb<Tl>(dq, Ds, L.ldp, Ks, L.ldq, L.Dp);
   }
+  shaw.finish_backward(a, lane);
 
   __syncthreads();  // the k / v tiles are done with: their region takes the dq result
   store_frags<Tl>(result, L.ldo, dq, L.Dp);
@@ -333,8 +348,10 @@ __global__ void __launch_bounds__(Tl::kThreads) mma_grad_kv_kernel(const __grid_
   zero_frags<Tl>(dk);
   zero_frags<Tl>(dv);
 
-  const rules::Range queries = policy.queries_of(k0, nk);
-  for (int64_t q0 = (queries.lo / R) * R; q0 < queries.hi; q0 += R) {
+  const TileWalk walk = policy.query_walk(kt, k0, nk, R);
+  for (int64_t t = 0; t < walk.count; ++t) {
+    const int64_t q0 = walk.start(t);
+    if (walk.outside(q0)) continue;
     const int64_t mq = rules::min64(R, a.Nq - q0);
     __syncthreads();
     stage_padded<R, Tl::kThreads>(Qs, L.ldq, q + q0 * a.D, a.D, L.Dp, mq);

@@ -11,6 +11,62 @@
 
 namespace attnzoo::cuda {
 
+// A block-sparse layout: bool (Bl, Hl, rows, cols) as bytes, contiguous, of
+// blocks `block` x `block`; (b, h) reads slice b * slice_b + h * slice_h
+// (a broadcast dimension contributes 0). mask_index (int32, the layout's
+// shape) names a row of masks (uint8, (P, block, block)) that refines a
+// marked block, or -1 where the block is whole. The walks are at the
+// kernels' tile size `tile`: the key tiles query tile t of slice s visits
+// are tiles q_tiles[q_ptr[s * tiles_q + t] .. q_ptr[s * tiles_q + t + 1]),
+// ascending (compressed sparse rows), and k_ptr / k_tiles the same for the
+// key-major pass. The tiles may cover unmarked blocks or tokens; the
+// per-element rule masks those.
+struct BlockLayoutArgs {
+  const uint8_t* blocks = nullptr;  // null: no layout
+  int64_t block = 0, rows = 0, cols = 0, slice_b = 0, slice_h = 0;
+  const int32_t* mask_index = nullptr;
+  const uint8_t* masks = nullptr;
+  int64_t tile = 0, tiles_q = 0, tiles_k = 0;
+  const int32_t* q_ptr = nullptr;
+  const int32_t* q_tiles = nullptr;
+  const int32_t* k_ptr = nullptr;
+  const int32_t* k_tiles = nullptr;
+};
+
+// Shaw et al. relative positions, bucket r = clamp(j - p, -K, K) + K of
+// query position p and key j. The products with the tables are dense
+// (B, H, Nq, 2K+1) matrices the wrapper computes with ATen; the kernels add
+// and collect them per element (all Acc, rows of 2K+1):
+//   qr           scale * q_i . rel_k[r], added to the scores
+//   dor          grad_out_i . rel_v[r], added to dp (backward, with rel_v)
+//   probs        forward with rel_v: per bucket the row's dropped
+//                probabilities, summed (prefilled with -inf by the caller)
+//   grad_scores  grad_q pass: per bucket the row's score gradients (zeroed)
+//   grad_probs   grad_q pass with rel_v: per bucket the dropped probabilities
+struct ShawArgs {
+  int64_t K = -1;  // < 0: no Shaw terms
+  const void* qr = nullptr;
+  const void* dor = nullptr;
+  void* probs = nullptr;
+  void* grad_scores = nullptr;
+  void* grad_probs = nullptr;
+};
+
+// Reformer's LSH attention as the engine runs it: rows and keys are the
+// sorted (round, bucket, position) order of all rounds, and the layout is
+// each chunk and the chunk before it. positions (B, H, L) holds the original
+// position of each sorted row (keys are the same rows). A query's own
+// position scores self_logit (a constant: no gradient), allowed only when
+// nothing else is; with causal, keys after the query's position are hidden.
+// Dropout is keyed by (b, h, round, query position, key position) over
+// positions_len (the padded length), as the CPU kernel keys it.
+struct LshRuleArgs {
+  const int64_t* positions = nullptr;  // null: no LSH rule
+  int64_t positions_len = 0;
+  bool causal = false;
+  double self_logit = -5e4;
+};
+
 // Everything one dense-attention call needs. q (B,H,Nq,D), k (B,Hkv,Nk,D),
 // v (B,Hkv,Nk,Dv), out (B,H,Nq,Dv) are contiguous in the input type T
 // (float, double, half, bfloat16); everything else is in the accumulation
@@ -40,9 +96,17 @@ struct DenseArgs {
   double dropout_p = 0.0;
   uint64_t seed = 0;
 
-  // Forward outputs: out (T) and lse (Acc, (B, H, Nq)).
+  // A block-sparse layout, with FlexAttention's partial blocks, and its walks.
+  BlockLayoutArgs layout;
+  // Shaw's relative keys and values (through per-row bucket tables).
+  ShawArgs shaw;
+  // Reformer's LSH rules over sorted rows (attention_cuda.cpp, lsh_attention).
+  LshRuleArgs lsh;
+
+  // Forward outputs: out (T, or Acc when out_in_acc) and lse (Acc, (B, H, Nq)).
   void* out = nullptr;
   void* lse = nullptr;
+  bool out_in_acc = false;
   // attention_weights: probs (T, (B, H, Nq, Nk)); lse must hold the forward's.
   void* probs = nullptr;
 
