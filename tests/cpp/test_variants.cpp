@@ -7,6 +7,7 @@
 #include <catch2/catch.hpp>
 
 #include "attnzoo/attnzoo.h"
+#include "attnzoo/ops/lsh_support.h"
 
 namespace {
 
@@ -169,5 +170,78 @@ TEST_CASE("a layout's tile walks list exactly the tiles that meet a marked block
     };
     check(walks.key_ptr, walks.key_tiles, marked);
     check(walks.query_ptr, walks.query_tiles, marked.transpose(1, 2));
+  }
+}
+
+namespace {
+
+using attnzoo::ops::detail::LshRows;
+
+// The engine over sorted rows that the CUDA path of lsh_attention uses,
+// written densely: the (L x L) scores with Reformer's rules, the backward by
+// autograd. With it, the ATen half of the CUDA path (hashing, sorting, the
+// merge of rounds and its backward, the key normalisation's backward) runs
+// here against the CPU kernel; only the CUDA engine itself needs a GPU.
+struct DenseLshEngine final : attnzoo::ops::detail::LshRowsEngine {
+  static std::tuple<at::Tensor, at::Tensor> attend(const LshRows& r, const at::Tensor& q, const at::Tensor& k,
+                                                   const at::Tensor& v) {
+    const int64_t bs = r.bucket_size;
+    const at::Tensor blocks = r.layout[0].repeat_interleave(bs, 0).repeat_interleave(bs, 1);  // (L, L)
+    const at::Tensor pi = r.positions.unsqueeze(-1), pj = r.positions.unsqueeze(-2);
+    at::Tensor visible = blocks.logical_and(r.keep);
+    if (r.causal) visible = visible.logical_and(pj <= pi);
+    at::Tensor s = at::matmul(q, k.transpose(-1, -2)) / std::sqrt(double(q.size(-1)));
+    s = s.masked_fill(visible.logical_not(), -std::numeric_limits<double>::infinity());
+    s = at::where(blocks.logical_and(pi == pj),
+                  at::scalar_tensor(attnzoo::ops::detail::kLshSelfLogit, s.options()), s);
+    return {at::matmul(at::softmax(s, -1), v), at::logsumexp(s, -1)};
+  }
+  std::tuple<at::Tensor, at::Tensor> forward(const LshRows& r) const override {
+    REQUIRE(r.dropout_p == 0.0);
+    return attend(r, r.q, r.k, r.v);
+  }
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const LshRows& r, const at::Tensor& grad_out,
+                                                          const at::Tensor& grad_lse, const at::Tensor&,
+                                                          const at::Tensor&) const override {
+    const at::Tensor q = r.q.detach().requires_grad_(), k = r.k.detach().requires_grad_(),
+                     v = r.v.detach().requires_grad_();
+    auto [out, lse] = attend(r, q, k, v);
+    const auto g = torch::autograd::grad({out, lse}, {q, k, v}, {grad_out, grad_lse});
+    return {g[0], g[1], g[2]};
+  }
+};
+
+}  // namespace
+
+TEST_CASE("the CUDA path's hashing, sorting and merging of LSH rounds equals the CPU kernel",
+          "[variants][lsh]") {
+  using attnzoo::ops::detail::op_handle;
+  namespace d = attnzoo::ops::detail;
+  static const auto cpu_forward = op_handle<d::LshForwardSig>("attnzoo::_lsh_forward");
+  static const auto cpu_backward = op_handle<d::LshBackwardSig>("attnzoo::_lsh_backward");
+  at::manual_seed(11);
+  const DenseLshEngine engine;
+  // (N, bucket_size, rounds): a ragged N, one chunk in all, two chunks, several rounds.
+  for (const auto [N, bs, R] : {std::array<int64_t, 3>{37, 8, 3}, {6, 8, 1}, {16, 8, 1}, {64, 16, 2}}) {
+    for (const bool causal : {false, true}) {
+      const int64_t B = 2, H = 3, D = 16, Dv = 12;
+      const at::Tensor qk = at::randn({B, H, N, D}, at::kDouble), v = at::randn({B, H, N, Dv}, at::kDouble);
+      const at::Tensor rotations = at::randn({H, D, R, 2}, at::kDouble);
+      const at::Tensor key_mask = at::rand({B, N}) > 0.2;
+      auto [out, lse, buckets] =
+          d::lsh_forward_sorted(engine, qk, v, rotations, bs, causal, key_mask, 0.0, std::nullopt);
+      auto [want_out, want_lse, want_buckets] =
+          cpu_forward.call(qk, v, rotations, bs, causal, key_mask, 0.0, std::nullopt);
+      CHECK(at::equal(buckets, want_buckets));
+      CHECK(max_err(out, want_out) < 1e-10);
+      CHECK(max_err(lse, want_lse) < 1e-9);
+      const at::Tensor grad_out = at::randn({B, H, N, Dv}, at::kDouble);
+      auto [dqk, dv] = d::lsh_backward_sorted(engine, grad_out, qk, v, rotations, want_out, want_lse, bs,
+                                              causal, key_mask, 0.0, std::nullopt);
+      auto [want_dqk, want_dv] = cpu_backward.call(grad_out, qk, v, rotations, want_out, want_lse, bs, causal,
+                                                   key_mask, 0.0, std::nullopt);
+      CHECK(max_err(dqk, want_dqk) < 1e-9);
+      CHECK(max_err(dv, want_dv) < 1e-9);
+    }
   }
 }

@@ -18,7 +18,6 @@
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <limits>
 #include <string>
 
@@ -344,154 +343,63 @@ struct CudaBackend {
 
 // ---------------------------------------------------------------------------
 // Reformer LSH attention (cpu/lsh_kernel.h is the reference): the rows of
-// every round are hashed and sorted by (round, bucket, position) here, and
-// one engine call attends over the sorted rows of all rounds with a layout
-// of each chunk and the chunk before it (circularly) and the LSH rules
+// every round are hashed, sorted by (round, bucket, position) and merged by
+// their log-sum-exps in ATen (lsh_attention.cpp, detail::lsh_forward_sorted);
+// this engine attends over the sorted rows of all rounds in one call, with
+// the layout of each chunk and the chunk before it and the LSH rules
 // (cuda::LshRuleArgs: the self logit, causality by original position,
-// dropout keyed as the CPU keys it). The rounds are merged by their
-// log-sum-exps. Nothing of size rounds x N x 2 * bucket_size is kept; the
-// backward sorts again and recomputes each round's output.
+// dropout keyed as the CPU keys it). Nothing of size rounds x N x 2 *
+// bucket_size is kept; the backward sorts again and recomputes each round.
 
-constexpr double kLshSelfLogit = -5e4;  // reformer-pytorch's, as the CPU kernel's
+struct CudaLshEngine final : detail::LshRowsEngine {
+  const char* op;
+  explicit CudaLshEngine(const char* op_) : op(op_) {}
 
-struct LshSorted {
-  detail::LshShapes<int64_t> s;
-  int64_t Np = 0, L = 0;  // padded length, sorted rows of all rounds (R * Np)
-  at::ScalarType acc;
-  // (B, H, R, Np): buckets, the sorted order of each round and its inverse.
-  at::Tensor buckets, perm, inverse;
-  at::Tensor positions;   // (B, H, L): original position of each sorted row
-  at::Tensor khat, norm;  // normalised keys (B, H, Np, D) and max(|x|, eps) (B, H, Np, 1), in acc
-  Prepared p;             // the engine's arguments over the sorted rows
-  bool causal = false;
-
-  cuda::DenseArgs args() const {
+  Prepared prepared(const detail::LshRows& rows) const {
+    const auto options = AttentionOptions()
+                             .mask(rows.keep)
+                             .layout(rows.layout)
+                             .block_size(rows.bucket_size)
+                             .dropout_p(rows.dropout_p);
+    return prepare(op, rows.q, rows.k, rows.v, options, rows.seed);
+  }
+  static cuda::DenseArgs args(const Prepared& p, const detail::LshRows& rows) {
     cuda::DenseArgs a = kernel_args(p);
-    a.lsh.positions = positions.data_ptr<int64_t>();
-    a.lsh.positions_len = Np;
-    a.lsh.causal = causal;
-    a.lsh.self_logit = kLshSelfLogit;
+    a.lsh.positions = rows.positions.data_ptr<int64_t>();
+    a.lsh.positions_len = rows.positions_len;
+    a.lsh.causal = rows.causal;
+    a.lsh.self_logit = detail::kLshSelfLogit;
     return a;
   }
-  // (B, H, L, X) in sorted order -> (B, H, R, Np, X) in original order.
-  at::Tensor per_round(const at::Tensor& t) const {
-    const int64_t X = t.size(-1);
-    return t.view({s.B, s.H, s.R, Np, X}).gather(3, inverse.unsqueeze(-1).expand({s.B, s.H, s.R, Np, X}));
+  detail::Tensor2 forward(const detail::LshRows& rows) const override {
+    const Prepared p = prepared(rows);
+    return run_forward(op, p, args(p, rows), rows.q.options());
   }
-  // (B, H, R, Np, X) in original order -> (B, H, L, X) in sorted order.
-  at::Tensor sorted(const at::Tensor& t) const {
-    const int64_t X = t.size(-1);
-    return t.gather(3, perm.unsqueeze(-1).expand({s.B, s.H, s.R, Np, X})).view({s.B, s.H, L, X});
+  detail::Tensor3 backward(const detail::LshRows& rows, const at::Tensor& grad_out,
+                           const at::Tensor& grad_lse, const at::Tensor& out,
+                           const at::Tensor& lse) const override {
+    const Prepared p = prepared(rows);
+    auto g = run_backward(op, p, args(p, rows), AttentionOptions(), grad_out, grad_lse, out, lse,
+                          {false, false, false, false});
+    return {std::get<0>(g), std::get<1>(g), std::get<2>(g)};
   }
 };
-
-LshSorted lsh_sorted(const char* op, const at::Tensor& qk, const at::Tensor& v, const at::Tensor& rotations,
-                     int64_t bucket_size, bool causal, const OptTensor& key_mask, double dropout_p,
-                     const OptTensor& seed) {
-  LshSorted l;
-  l.s = detail::check_lsh<int64_t>(op, qk, v, rotations, bucket_size, key_mask, dropout_p);
-  const auto& s = l.s;
-  l.causal = causal;
-  l.acc = detail::compute_type(qk.scalar_type());
-  l.Np = (s.N + bucket_size - 1) / bucket_size * bucket_size;
-  l.L = s.R * l.Np;
-  const int64_t pad = l.Np - s.N;
-  auto padded = [&](const at::Tensor& t) { return pad ? at::constant_pad_nd(t, {0, 0, 0, pad}, 0.0) : t; };
-  const at::Tensor x = padded(qk).to(l.acc);  // (B, H, Np, D)
-
-  // Hash: bucket = argmax over [x R_r, -x R_r] (first index on ties, as the CPU).
-  const at::Tensor rot = (rotations.dim() == 3 ? rotations.unsqueeze(0) : rotations).to(l.acc);
-  const at::Tensor rotated = at::matmul(x.unsqueeze(2), rot.permute({0, 2, 1, 3}));  // (B, H, R, Np, half)
-  l.buckets = at::cat({rotated, rotated.neg()}, -1).argmax(-1);                      // (B, H, R, Np)
-  // Sort each round by (bucket, position): the keys are distinct.
-  const at::Tensor position = at::arange(l.Np, qk.options().dtype(at::kLong));
-  l.perm = (l.buckets * l.Np + position).argsort(/*stable=*/true, /*dim=*/-1, /*descending=*/false);
-  l.inverse = l.perm.argsort(/*stable=*/true, /*dim=*/-1, /*descending=*/false);
-  l.positions = l.perm.flatten(2).contiguous();
-  l.norm = x.norm(2, -1, true).clamp_min(1e-12);  // F.normalize's eps
-  l.khat = x / l.norm;
-
-  auto rows = [&](const at::Tensor& t) {  // (B, H, Np, X) -> (B, H, L, X), sorted rows of every round
-    return t.gather(2, l.positions.unsqueeze(-1).expand({s.B, s.H, l.L, t.size(-1)})).contiguous();
-  };
-  const auto dt = qk.scalar_type();
-  // Padding keys are masked; the mask is of keys only, per head in its sorted order.
-  at::Tensor keep = given(key_mask) ? *key_mask : at::ones({s.B, s.N}, qk.options().dtype(at::kBool));
-  if (pad) keep = at::constant_pad_nd(keep, {0, pad}, 0);
-  keep = keep.unsqueeze(1).expand({s.B, s.H, l.Np}).gather(2, l.positions).unsqueeze(2);  // (B, H, 1, L)
-  const int64_t chunks = l.L / bucket_size;
-  const at::Tensor self = at::eye(chunks, qk.options().dtype(at::kBool));
-  const at::Tensor layout = self.logical_or(at::roll(self, {-1}, {1})).unsqueeze(0);  // chunk g: g and g - 1
-  const auto options =
-      AttentionOptions().mask(keep).layout(layout).block_size(bucket_size).dropout_p(dropout_p);
-  l.p = prepare(op, rows(padded(qk)).to(dt), rows(l.khat.to(dt)), rows(padded(v).to(dt)), options, seed);
-  return l;
-}
 
 detail::Tensor3 lsh_forward_cuda(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& rotations,
                                  int64_t bucket_size, bool causal, const OptTensor& key_mask,
                                  double dropout_p, const OptTensor& seed) {
-  const char* op = "lsh_attention";
   const c10::cuda::CUDAGuard guard(qk.device());
-  const auto s = detail::check_lsh<int64_t>(op, qk, v, rotations, bucket_size, key_mask, dropout_p);
-  const auto acc = detail::compute_type(qk.scalar_type());
-  if (s.N == 0)
-    return {at::empty({s.B, s.H, 0, s.Dv}, qk.options()), at::empty({s.B, s.H, 0}, qk.options().dtype(acc)),
-            at::empty({s.B, s.H, s.R, 0}, qk.options().dtype(at::kLong))};
-  const LshSorted l = lsh_sorted(op, qk, v, rotations, bucket_size, causal, key_mask, dropout_p, seed);
-  auto [rows_out, rows_lse] = run_forward(op, l.p, l.args(), qk.options());
-  // out = sum_r exp(lse_r - lse) out_r, lse = logsumexp_r lse_r (finite: the self logit is always there).
-  const at::Tensor out_r = l.per_round(rows_out.to(acc));
-  const at::Tensor lse_r = l.per_round(rows_lse.unsqueeze(-1)).squeeze(-1);
-  const at::Tensor lse = at::logsumexp(lse_r, 2);
-  const at::Tensor out = (out_r * (lse_r - lse.unsqueeze(2)).exp().unsqueeze(-1)).sum(2);
-  return {out.narrow(2, 0, s.N).to(qk.scalar_type()), lse.narrow(2, 0, s.N).contiguous(),
-          l.buckets.narrow(3, 0, s.N).contiguous()};
+  return detail::lsh_forward_sorted(CudaLshEngine("lsh_attention"), qk, v, rotations, bucket_size, causal,
+                                    key_mask, dropout_p, seed);
 }
 
 detail::Tensor2 lsh_backward_cuda(const at::Tensor& grad_out, const at::Tensor& qk, const at::Tensor& v,
                                   const at::Tensor& rotations, const at::Tensor& out, const at::Tensor& lse,
                                   int64_t bucket_size, bool causal, const OptTensor& key_mask,
                                   double dropout_p, const OptTensor& seed) {
-  const char* op = "lsh_attention_backward";
   const c10::cuda::CUDAGuard guard(qk.device());
-  const auto s = detail::check_lsh<int64_t>(op, qk, v, rotations, bucket_size, key_mask, dropout_p);
-  detail::check_lsh_backward(op, grad_out, out, lse, s);
-  if (s.N == 0) return {at::zeros_like(qk), at::zeros_like(v)};
-  const LshSorted l = lsh_sorted(op, qk, v, rotations, bucket_size, causal, key_mask, dropout_p, seed);
-  const auto acc = l.acc;
-  const int64_t pad = l.Np - s.N;
-  auto padded = [&](const at::Tensor& t, double value) {  // the sequence dimension (2) of a 4-D or 3-D tensor
-    const at::Tensor c = t.to(acc);
-    if (!pad) return c;
-    return at::constant_pad_nd(
-        c, t.dim() == 4 ? std::vector<int64_t>{0, 0, 0, pad} : std::vector<int64_t>{0, pad}, value);
-  };
-  // Padded queries: zero gradient and an lse of +inf, so their round weights are 0.
-  const at::Tensor dout = padded(grad_out, 0.0), out_p = padded(out, 0.0);
-  const at::Tensor lse_p = padded(lse, std::numeric_limits<double>::infinity());
-
-  // Each round's output and lse again, then their shares of the gradient:
-  // d out_r = w_r dout, d lse_r = w_r (dout . out_r - dout . out), w_r = exp(lse_r - lse).
-  const cuda::DenseArgs a = l.args();
-  auto [rows_out, rows_lse] = run_forward(op, l.p, a, qk.options());
-  const at::Tensor out_r = l.per_round(rows_out.to(acc));
-  const at::Tensor lse_r = l.per_round(rows_lse.unsqueeze(-1)).squeeze(-1);
-  const at::Tensor w = (lse_r - lse_p.unsqueeze(2)).exp();
-  const at::Tensor dout_r = dout.unsqueeze(2);
-  const at::Tensor d_out_r = w.unsqueeze(-1) * dout_r;
-  const at::Tensor d_lse_r = w * ((dout_r * out_r).sum(-1) - (dout * out_p).sum(-1).unsqueeze(2));
-  const at::Tensor d_rows_lse = l.sorted(d_lse_r.unsqueeze(-1)).squeeze(-1);
-  auto grads = run_backward(op, l.p, a, AttentionOptions(), l.sorted(d_out_r), d_rows_lse, rows_out, rows_lse,
-                            {false, false, false, false});
-  // Back to original positions, summed over rounds (a fixed order: deterministic).
-  auto gathered = [&](const at::Tensor& t) { return l.per_round(t).sum(2); };
-  const at::Tensor dq = gathered(std::get<0>(grads)), dkhat = gathered(std::get<1>(grads));
-  const at::Tensor dv = gathered(std::get<2>(grads));
-  // Through the key normalisation: d x = (d khat - khat (khat . d khat)) / |x|.
-  const at::Tensor dot = (l.khat * dkhat).sum(-1, true);
-  const at::Tensor dx = at::where(l.norm <= 1e-12, dkhat / l.norm, (dkhat - l.khat * dot) / l.norm);
-  return {(dq + dx).narrow(2, 0, s.N).to(qk.scalar_type()), dv.narrow(2, 0, s.N).to(v.scalar_type())};
+  return detail::lsh_backward_sorted(CudaLshEngine("lsh_attention_backward"), grad_out, qk, v, rotations, out,
+                                     lse, bucket_size, causal, key_mask, dropout_p, seed);
 }
 
 // Below autograd (inference, or nothing needs a gradient): draw the seed here.
