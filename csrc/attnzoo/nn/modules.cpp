@@ -228,7 +228,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> MultiHeadAttentionImpl::project(
   return {q, k, v};
 }
 
-at::Tensor MultiHeadAttentionImpl::block_layout(int64_t nq, int64_t nk, bool causal) {
+at::Tensor MultiHeadAttentionImpl::block_layout(int64_t nq, int64_t nk, bool causal,
+                                                const at::Device& device) {
   // The layout is built once for the longest sequence and sliced, so that a
   // prefix sees the same blocks at every length (BigBird's random blocks
   // would otherwise change with the length, and cached decoding with them).
@@ -254,6 +255,7 @@ at::Tensor MultiHeadAttentionImpl::block_layout(int64_t nq, int64_t nk, bool cau
     }
     layout_causal_ = causal;
   }
+  if (layout_.device() != device) layout_ = layout_.to(device);  // kept where the inputs live
   // Query blocks stand bottom-right: one new token after a cache is the last block's row.
   TORCH_CHECK(nq == nk || nq == 1, "attention: block_sparse with a cache takes one new token at a time, got ",
               nq);
@@ -279,8 +281,8 @@ at::Tensor MultiHeadAttentionImpl::attend(const at::Tensor& q, const at::Tensor&
     case AttentionKind::shaw:
       return ops::shaw_attention(q, kr, vr, shaw_rel_k, shaw_rel_v, a.max_distance, mask4, causal, p);
     case AttentionKind::block_sparse:
-      return ops::block_sparse_attention(q, kr, vr, block_layout(Nq, Nk, causal), a.block_size, causal, mask4,
-                                         p);
+      return ops::block_sparse_attention(q, kr, vr, block_layout(Nq, Nk, causal, q.device()), a.block_size,
+                                         causal, mask4, p);
     case AttentionKind::linformer:
       TORCH_CHECK(Nk <= max_positions_,
                   "attention: linformer projects at most max_position_embeddings = ", max_positions_,
@@ -295,7 +297,10 @@ at::Tensor MultiHeadAttentionImpl::attend(const at::Tensor& q, const at::Tensor&
       // buckets follows the length (two per bucket_size tokens, at least 2).
       int64_t buckets = std::max<int64_t>(2, (Nk + a.bucket_size - 1) / a.bucket_size);
       buckets += buckets % 2;
-      auto rotations = at::randn({head_dim_, a.n_hashes, buckets / 2}, q.options());
+      // Drawn by the CPU generator on every device, so that torch.manual_seed
+      // gives the same rotations (and outputs) on the CPU and on a GPU.
+      auto rotations =
+          at::randn({head_dim_, a.n_hashes, buckets / 2}, q.options().device(at::kCPU)).to(q.device());
       return std::get<0>(
           ops::lsh_attention(q, vr, rotations, a.bucket_size, causal, inputs.key_padding_mask, p));
     }

@@ -115,7 +115,7 @@ class MultiHeadAttentionImpl : public torch::nn::Module, public ParameterOwner {
   std::tuple<at::Tensor, at::Tensor, at::Tensor> project(const at::Tensor& x, const AttentionInputs& inputs);
   at::Tensor attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const AttentionInputs& inputs);
-  at::Tensor block_layout(int64_t nq, int64_t nk, bool causal);
+  at::Tensor block_layout(int64_t nq, int64_t nk, bool causal, const at::Device& device);
   at::Tensor causal_linformer(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               const std::optional<at::Tensor>& key_padding_mask, double p);
   std::pair<at::Tensor, at::Tensor> rotate(const at::Tensor& q, const at::Tensor& k, int64_t past) const;
@@ -129,7 +129,8 @@ class MultiHeadAttentionImpl : public torch::nn::Module, public ParameterOwner {
   bool cross_;
   torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, qkv_proj{nullptr}, out_proj{nullptr};
   at::Tensor t5_bias, shaw_rel_k, shaw_rel_v, linformer_e, linformer_f;
-  at::Tensor layout_;  // block_sparse: built for the longest sequence, sliced per call
+  at::Tensor
+      layout_;  // block_sparse: built for the longest sequence (on the inputs' device), sliced per call
   bool layout_causal_ = false;
   std::mutex layout_mutex_;
 };

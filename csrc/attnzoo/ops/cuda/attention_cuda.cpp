@@ -49,23 +49,26 @@ struct Prepared {
   const cuda::DensePasses* passes = nullptr;
 };
 
-const cuda::DensePasses* passes_for(at::ScalarType dt, int64_t D, int64_t Dv) {
+// The passes for an input type: with the kinds' rules compiled in (kinds)
+// or the dense ones.
+const cuda::DensePasses* passes_for(at::ScalarType dt, int64_t D, int64_t Dv, bool kinds) {
   switch (dt) {
     case at::kFloat:
-      return cuda::dense_passes_f32(D, Dv);
+      return kinds ? cuda::kind_passes_f32(D, Dv) : cuda::dense_passes_f32(D, Dv);
     case at::kDouble:
-      return cuda::dense_passes_f64(D, Dv);
+      return kinds ? cuda::kind_passes_f64(D, Dv) : cuda::dense_passes_f64(D, Dv);
     case at::kHalf:
-      return cuda::dense_passes_f16(D, Dv);
+      return kinds ? cuda::kind_passes_f16(D, Dv) : cuda::dense_passes_f16(D, Dv);
     case at::kBFloat16:
-      return cuda::dense_passes_bf16(D, Dv);
+      return kinds ? cuda::kind_passes_bf16(D, Dv) : cuda::dense_passes_bf16(D, Dv);
     default:
       return nullptr;
   }
 }
 
-const cuda::DensePasses* checked_passes(const char* op, at::ScalarType dt, int64_t D, int64_t Dv) {
-  const cuda::DensePasses* passes = passes_for(dt, D, Dv);
+const cuda::DensePasses* checked_passes(const char* op, at::ScalarType dt, int64_t D, int64_t Dv,
+                                        bool kinds) {
+  const cuda::DensePasses* passes = passes_for(dt, D, Dv, kinds);
   TORCH_CHECK(passes != nullptr, op, ": on CUDA the head dimensions D and Dv must be at most ",
               dt == at::kDouble ? 128 : 256, " for ", dt, " inputs, got D = ", D, " and Dv = ", Dv);
   return passes;
@@ -88,7 +91,9 @@ Prepared prepare(const char* op, const at::Tensor& q, const at::Tensor& k, const
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
               ": on CUDA, q, k and v must have one dtype, got ", q.scalar_type(), ", ", k.scalar_type(),
               " and ", v.scalar_type());
-  p.passes = checked_passes(op, q.scalar_type(), s.D, s.Dv);
+  // Block-sparse layouts and Shaw (and LSH, which comes with a layout) run
+  // the passes with the kinds' rules compiled in.
+  p.passes = checked_passes(op, q.scalar_type(), s.D, s.Dv, given(o.layout()) || given(o.shaw_k()));
   p.acc = detail::compute_type(q.scalar_type());
   p.q = q.contiguous(), p.k = k.contiguous(), p.v = v.contiguous();
   if (given(o.mask())) p.mask = o.mask()->contiguous();

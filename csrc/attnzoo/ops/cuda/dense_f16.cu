@@ -3,5 +3,7 @@
 #include "attnzoo/ops/cuda/dense_mma.cuh"
 
 namespace attnzoo::cuda {
-const DensePasses* dense_passes_f16(int64_t D, int64_t Dv) { return mma_passes_for<__half>(D, Dv); }
+const DensePasses* dense_passes_f16(int64_t D, int64_t Dv) {
+  return mma_passes_for<__half, DensePolicy>(D, Dv);
+}
 }  // namespace attnzoo::cuda

@@ -3,5 +3,7 @@
 #include "attnzoo/ops/cuda/dense_kernels.cuh"
 
 namespace attnzoo::cuda {
-const DensePasses* dense_passes_f32(int64_t D, int64_t Dv) { return dense_passes_for<float>(D, Dv); }
+const DensePasses* dense_passes_f32(int64_t D, int64_t Dv) {
+  return dense_passes_for<float, DensePolicy>(D, Dv);
+}
 }  // namespace attnzoo::cuda

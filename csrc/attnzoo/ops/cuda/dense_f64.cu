@@ -3,5 +3,7 @@
 #include "attnzoo/ops/cuda/dense_kernels.cuh"
 
 namespace attnzoo::cuda {
-const DensePasses* dense_passes_f64(int64_t D, int64_t Dv) { return dense_passes_for<double>(D, Dv); }
+const DensePasses* dense_passes_f64(int64_t D, int64_t Dv) {
+  return dense_passes_for<double, DensePolicy>(D, Dv);
+}
 }  // namespace attnzoo::cuda

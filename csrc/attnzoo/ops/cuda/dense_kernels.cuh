@@ -1,10 +1,13 @@
 #pragma once
 // The CUDA attention engine: one template per pass (forward, probabilities,
 // query-major backward, key-major backward) over a policy that says which
-// key tiles a query tile visits and what each score becomes. DensePolicy is
-// the one policy: the band, mask, bias, T5 and ALiBi, plus a block-sparse
-// layout (its tiles walked from compressed lists), Shaw's relative tables
-// and Reformer's LSH rules, each switched on by its arguments.
+// key tiles a query tile visits and what each score becomes. One policy
+// template, AttentionPolicy<Acc, kKinds>: the band, mask, bias, T5 and ALiBi
+// always; with kKinds also a block-sparse layout (its tiles walked from
+// compressed lists), Shaw's relative tables and Reformer's LSH rules, each
+// switched on by its arguments. Every pass is instantiated twice, as
+// DensePolicy and KindsPolicy (dense_<type>.cu, kinds_<type>.cu), so that
+// dense attention keeps the registers the kinds' state would take.
 //
 // Layout of a pass (FlashAttention-2): a block of kThreads threads owns kRows
 // query rows (or key rows in grad_kv); kLanes consecutive lanes of one warp
@@ -172,17 +175,6 @@ struct BlockTile {
 
 // --- The dense policy -----------------------------------------------------
 
-// The tiles one block visits along the other axis: tile starts
-// start(0 .. count-1), from a contiguous range or a layout's list. A listed
-// tile can lie outside the band [lo, hi): the walk skips it (a decision all
-// threads of the block take alike, so barriers stay matched).
-struct TileWalk {
-  const int32_t* list;
-  int64_t first, count, size, lo, hi;
-  __device__ int64_t start(int64_t t) const { return (list ? int64_t(list[first + t]) : first + t) * size; }
-  __device__ bool outside(int64_t s) const { return s >= hi || s + size <= lo; }
-};
-
 // Shaw's bucket of query position p and key j: clamp(j - p, -K, K) + K.
 __device__ __forceinline__ int64_t shaw_bucket(int64_t p, int64_t j, int64_t K) {
   const int64_t d = j - p;
@@ -190,13 +182,14 @@ __device__ __forceinline__ int64_t shaw_bucket(int64_t p, int64_t j, int64_t K) 
 }
 
 // Which tiles a pass visits and what a score becomes, for (b, h).
-template <typename Acc>
-struct DensePolicy {
+template <typename Acc, bool kKinds_>
+struct AttentionPolicy {
+  static constexpr bool kKinds = kKinds_;
   const DenseArgs& a;
   int64_t b, h, bh, offset, slice;
   Acc slope;
 
-  __device__ DensePolicy(const DenseArgs& args, int64_t b_, int64_t h_)
+  __device__ AttentionPolicy(const DenseArgs& args, int64_t b_, int64_t h_)
       : a(args),
         b(b_),
         h(h_),
@@ -212,20 +205,34 @@ struct DensePolicy {
   __device__ rules::Range queries_of(int64_t k0, int64_t nk) const {
     return rules::band_queries(k0, nk, offset, a.left, a.right, a.Nq);
   }
-  // The key tiles of query tile qt (rows [q0, q0 + mq)), tiles of R keys.
-  __device__ TileWalk key_walk(int64_t qt, int64_t q0, int64_t mq, int R) const {
-    return walk(keys_of(q0, mq), a.layout.q_ptr, a.layout.q_tiles, slice * a.layout.tiles_q + qt, R);
+  // fn(k0) for each key tile (of R keys) that query tile qt (rows [q0, q0 +
+  // mq)) visits: the band's range, or a layout's listed tiles that meet it.
+  // Every thread of the block calls it alike, so barriers in fn stay matched.
+  template <class Fn>
+  __device__ void for_each_key_tile(int64_t qt, int64_t q0, int64_t mq, int R, Fn&& fn) const {
+    const rules::Range band = keys_of(q0, mq);
+    if constexpr (kKinds)
+      if (a.layout.blocks)
+        return for_each_listed(band, a.layout.q_ptr, a.layout.q_tiles, slice * a.layout.tiles_q + qt, R, fn);
+    for (int64_t k0 = (band.lo / R) * R; k0 < band.hi; k0 += R) fn(k0);
   }
-  // The query tiles of key tile kt (keys [k0, k0 + nk)).
-  __device__ TileWalk query_walk(int64_t kt, int64_t k0, int64_t nk, int R) const {
-    return walk(queries_of(k0, nk), a.layout.k_ptr, a.layout.k_tiles, slice * a.layout.tiles_k + kt, R);
+  // fn(q0) for each query tile that key tile kt (keys [k0, k0 + nk)) visits.
+  template <class Fn>
+  __device__ void for_each_query_tile(int64_t kt, int64_t k0, int64_t nk, int R, Fn&& fn) const {
+    const rules::Range band = queries_of(k0, nk);
+    if constexpr (kKinds)
+      if (a.layout.blocks)
+        return for_each_listed(band, a.layout.k_ptr, a.layout.k_tiles, slice * a.layout.tiles_k + kt, R, fn);
+    for (int64_t q0 = (band.lo / R) * R; q0 < band.hi; q0 += R) fn(q0);
   }
-  __device__ TileWalk walk(rules::Range band, const int32_t* ptr, const int32_t* list, int64_t x,
-                           int R) const {
-    if (a.layout.blocks) return {list, int64_t(ptr[x]), int64_t(ptr[x + 1] - ptr[x]), R, band.lo, band.hi};
-    const int64_t first = band.lo / R;
-    const int64_t count = band.hi > first * R ? (band.hi - first * R + R - 1) / R : 0;
-    return {nullptr, first, count, R, band.lo, band.hi};
+  // The tiles list[ptr[x] .. ptr[x + 1]) that meet the band.
+  template <class Fn>
+  __device__ void for_each_listed(rules::Range band, const int32_t* ptr, const int32_t* list, int64_t x,
+                                  int R, Fn& fn) const {
+    for (int64_t e = ptr[x]; e < ptr[x + 1]; ++e) {
+      const int64_t start = int64_t(list[e]) * R;
+      if (start < band.hi && start + R > band.lo) fn(start);
+    }
   }
 
   // Whether the layout (and its block masks) lets query i see key j.
@@ -241,18 +248,21 @@ struct DensePolicy {
   __device__ int64_t lsh_position(int64_t row) const { return a.lsh.positions[bh * a.Nq + row]; }
   // LSH: a query's own position scores a constant, which has no gradient.
   __device__ bool constant_score(int64_t i, int64_t j) const {
-    return a.lsh.positions && lsh_position(i) == lsh_position(j);
+    if constexpr (kKinds) return a.lsh.positions && lsh_position(i) == lsh_position(j);
+    return false;
   }
 
   // The score of (i, j) from the scaled product, or -inf where j is not visible.
   __device__ Acc score(int64_t i, int64_t j, Acc scaled) const {
     const int64_t p = i + offset;
     if (!rules::in_band(p, j, a.left, a.right)) return neg_inf<Acc>();
-    if (a.layout.blocks && !layout_allows(i, j)) return neg_inf<Acc>();
-    if (a.lsh.positions) {
-      const int64_t pi = lsh_position(i), pj = lsh_position(j);
-      if (pi == pj) return Acc(a.lsh.self_logit);  // even where masked, as the CPU kernel
-      if (a.lsh.causal && pj > pi) return neg_inf<Acc>();
+    if constexpr (kKinds) {
+      if (a.layout.blocks && !layout_allows(i, j)) return neg_inf<Acc>();
+      if (a.lsh.positions) {
+        const int64_t pi = lsh_position(i), pj = lsh_position(j);
+        if (pi == pj) return Acc(a.lsh.self_logit);  // even where masked, as the CPU kernel
+        if (a.lsh.causal && pj > pi) return neg_inf<Acc>();
+      }
     }
     if (a.mask.present() && !static_cast<const uint8_t*>(a.mask.data)[a.mask.offset(b, h, i, j)])
       return neg_inf<Acc>();
@@ -260,12 +270,14 @@ struct DensePolicy {
     if (a.bias.present()) s += static_cast<const Acc*>(a.bias.data)[a.bias.offset(b, h, i, j)];
     if (a.t5_table) s += static_cast<const Acc*>(a.t5_table)[int64_t(t5_bucket(i, j)) * a.H + h];
     if (a.alibi) s += rules::alibi_term(slope, p, j);
-    if (a.shaw.qr) s += shaw_entry(a.shaw.qr, i, j);
+    if constexpr (kKinds)
+      if (a.shaw.qr) s += shaw_entry(a.shaw.qr, i, j);
     return s;
   }
   // dp of (i, j) from grad_out . v_j: Shaw adds grad_out . rel_v[bucket].
   __device__ Acc dp_of(int64_t i, int64_t j, Acc dp) const {
-    return a.shaw.dor ? dp + shaw_entry(a.shaw.dor, i, j) : dp;
+    if constexpr (kKinds) return a.shaw.dor ? dp + shaw_entry(a.shaw.dor, i, j) : dp;
+    return dp;
   }
   __device__ Acc shaw_entry(const void* table, int64_t i, int64_t j) const {
     const int64_t K = a.shaw.K;
@@ -276,12 +288,16 @@ struct DensePolicy {
   }
   // The dropout counter of (i, j); LSH keys it by round and original positions.
   __device__ uint64_t dropout_index(int64_t i, int64_t j) const {
-    if (!a.lsh.positions) return rules::dropout_index(b, h, i, j, a.H, a.Nq, a.Nk);
+    if (!kKinds || !a.lsh.positions) return rules::dropout_index(b, h, i, j, a.H, a.Nq, a.Nk);
     const uint64_t n = uint64_t(a.lsh.positions_len), rounds = uint64_t(a.Nq) / n;
     const uint64_t round = uint64_t(i) / n;
     return ((uint64_t(bh) * rounds + round) * n + uint64_t(lsh_position(i))) * n + uint64_t(lsh_position(j));
   }
 };
+template <typename Acc>
+using DensePolicy = AttentionPolicy<Acc, false>;
+template <typename Acc>
+using KindsPolicy = AttentionPolicy<Acc, true>;
 
 // The dropout of element (i, j) of a policy's (b, h): the factor its probability is multiplied by.
 template <typename Acc>
@@ -397,7 +413,7 @@ __device__ __forceinline__ void write_t5_partial(const DenseArgs& a, const Acc* 
 // key per row) has one owner, which writes it directly; the two end buckets
 // (every key beyond K) are summed per lane and reduced over the row's lanes
 // at the end. Every lane of the warp must call finish_*: its sums are shuffles.
-template <int kLanes, typename Acc>
+template <int kLanes, typename Acc, bool kOn>
 struct ShawRow {
   Acc lo = 0, hi = 0, lo2 = 0, hi2 = 0, tile_lo = 0, tile_hi = 0;
   int64_t K = -1, p = 0, row = 0;  // row: (bh, i)'s offset in the (.., 2K+1) tables
@@ -497,6 +513,20 @@ struct ShawRow {
     }
   }
 };
+// Without the kinds compiled in: nothing to keep.
+template <int kLanes, typename Acc>
+struct ShawRow<kLanes, Acc, false> {
+  __device__ ShawRow(const DenseArgs&, int64_t, int64_t, bool, bool) {}
+  __device__ void forward_prob(int64_t, Acc) {}
+  template <int kCols>
+  __device__ void forward_scores(const DenseArgs&, const Acc (&)[kCols], int64_t, int64_t, int) {}
+  __device__ void end_tile(Acc) {}
+  template <class Policy>
+  __device__ void finish_forward(const DenseArgs&, const Policy&, const DropoutRule<Acc>&, int64_t, int, Acc,
+                                 Acc) {}
+  __device__ void backward_element(const DenseArgs&, int64_t, const ScoreGrad<Acc>&) {}
+  __device__ void finish_backward(const DenseArgs&, int) {}
+};
 
 // A key-major pass stages the log-sum-exp (-inf past the last row) and delta
 // of query rows [q0, q0 + mq) for the whole block.
@@ -545,12 +575,9 @@ __global__ void __launch_bounds__(Tl::kThreads) forward_kernel(const __grid_cons
   Acc o[Tl::kDims];
 #pragma unroll
   for (int d = 0; d < Tl::kDims; ++d) o[d] = 0;
-  ShawRow<Tl::kLanes, Acc> shaw(a, bh, q0 + r, r < mq, a.shaw.probs != nullptr);
+  ShawRow<Tl::kLanes, Acc, Policy<Acc>::kKinds> shaw(a, bh, q0 + r, r < mq, a.shaw.probs != nullptr);
 
-  const TileWalk walk = policy.key_walk(qt, q0, mq, R);
-  for (int64_t t = 0; t < walk.count; ++t) {
-    const int64_t k0 = walk.start(t);
-    if (walk.outside(k0)) continue;
+  policy.for_each_key_tile(qt, q0, mq, R, [&](int64_t k0) {
     const int64_t nk = rules::min64(R, a.Nk - k0);
     __syncthreads();  // the previous tile is no longer read
     stage_rows<R, Tl::kThreads>(Ks, ld.qk, k + k0 * a.D, a.D, nk);
@@ -571,7 +598,7 @@ __global__ void __launch_bounds__(Tl::kThreads) forward_kernel(const __grid_cons
       for (int d = 0; d < Tl::kDims; ++d) o[d] *= alpha;
     __syncwarp();  // the row's probabilities, written by its lanes, are read by all of them
     accumulate_rows<Tl>(o, prow, Vs, ld.v, lane, nk, a.Dv);
-  }
+  });
   shaw.finish_forward(a, policy, dropout, q0 + r, lane, m_run, l_run);
 
   if (r >= mq) return;
@@ -646,12 +673,9 @@ __global__ void __launch_bounds__(Tl::kThreads) grad_q_kernel(const __grid_const
   Acc dq[Tl::kDims];
 #pragma unroll
   for (int d = 0; d < Tl::kDims; ++d) dq[d] = 0;
-  ShawRow<Tl::kLanes, Acc> shaw(a, bh, i, r < mq, a.shaw.grad_scores != nullptr);
+  ShawRow<Tl::kLanes, Acc, Policy<Acc>::kKinds> shaw(a, bh, i, r < mq, a.shaw.grad_scores != nullptr);
 
-  const TileWalk walk = policy.key_walk(qt, q0, mq, R);
-  for (int64_t t = 0; t < walk.count; ++t) {
-    const int64_t k0 = walk.start(t);
-    if (walk.outside(k0)) continue;
+  policy.for_each_key_tile(qt, q0, mq, R, [&](int64_t k0) {
     const int64_t nk = rules::min64(R, a.Nk - k0);
     __syncthreads();
     stage_rows<R, Tl::kThreads>(Ks, ld.qk, k + k0 * a.D, a.D, nk);
@@ -675,7 +699,7 @@ __global__ void __launch_bounds__(Tl::kThreads) grad_q_kernel(const __grid_const
     }
     __syncwarp();
     accumulate_rows<Tl>(dq, drow, Ks, ld.qk, lane, nk, a.D);
-  }
+  });
   shaw.finish_backward(a, lane);
 
   if (r < mq) {
@@ -722,10 +746,7 @@ __global__ void __launch_bounds__(Tl::kThreads) grad_kv_kernel(const __grid_cons
 #pragma unroll
   for (int d = 0; d < Tl::kDims; ++d) dk[d] = dv[d] = 0;
 
-  const TileWalk walk = policy.query_walk(kt, k0, nk, R);
-  for (int64_t t = 0; t < walk.count; ++t) {
-    const int64_t q0 = walk.start(t);
-    if (walk.outside(q0)) continue;
+  policy.for_each_query_tile(kt, k0, nk, R, [&](int64_t q0) {
     const int64_t mq = rules::min64(R, a.Nq - q0);
     __syncthreads();
     stage_rows<R, Tl::kThreads>(Qs, ld.qk, q + q0 * a.D, a.D, mq);
@@ -749,7 +770,7 @@ __global__ void __launch_bounds__(Tl::kThreads) grad_kv_kernel(const __grid_cons
     __syncwarp();
     accumulate_rows<Tl>(dv, prow, dOs, ld.v, lane, mq, a.Dv);
     accumulate_rows<Tl>(dk, drow, Qs, ld.qk, lane, mq, a.D);
-  }
+  });
 
   if (c >= nk) return;
   Acc* gk = static_cast<Acc*>(a.grad_k) + (bh * a.Nk + j) * a.D;
@@ -795,25 +816,25 @@ int launch(Kernel kernel, int64_t blocks, int threads, size_t bytes, const Dense
   return cudaGetLastError();
 }
 
-template <typename T, class Tl>
+template <typename T, class Tl, template <typename> class Policy>
 struct DenseLaunchers {
   using Acc = typename TypeTraits<T>::Acc;
   static int64_t tiles(int64_t n) { return (n + Tl::kRows - 1) / Tl::kRows; }
   static int forward(const DenseArgs& a, void* stream) {
-    return launch(forward_kernel<T, Tl, DensePolicy>, a.B * a.H * tiles(a.Nq), Tl::kThreads,
+    return launch(forward_kernel<T, Tl, Policy>, a.B * a.H * tiles(a.Nq), Tl::kThreads,
                   SharedBytesOf<Tl, Acc>::forward(a), a, stream);
   }
   static int probs(const DenseArgs& a, void* stream) {
     const int64_t total = a.B * a.H * a.Nq * a.Nk, threads = 256;
     const int64_t blocks = total == 0 ? 0 : rules::min64((total + threads - 1) / threads, 65536);
-    return launch(probs_kernel<T, DensePolicy>, blocks, int(threads), 0, a, stream);
+    return launch(probs_kernel<T, Policy>, blocks, int(threads), 0, a, stream);
   }
   static int grad_q(const DenseArgs& a, void* stream) {
-    return launch(grad_q_kernel<T, Tl, DensePolicy>, a.B * a.H * tiles(a.Nq), Tl::kThreads,
+    return launch(grad_q_kernel<T, Tl, Policy>, a.B * a.H * tiles(a.Nq), Tl::kThreads,
                   SharedBytesOf<Tl, Acc>::grad_q(a), a, stream);
   }
   static int grad_kv(const DenseArgs& a, void* stream) {
-    return launch(grad_kv_kernel<T, Tl, DensePolicy>, a.B * a.H * tiles(a.Nk), Tl::kThreads,
+    return launch(grad_kv_kernel<T, Tl, Policy>, a.B * a.H * tiles(a.Nk), Tl::kThreads,
                   SharedBytesOf<Tl, Acc>::grad_kv(a), a, stream);
   }
   static const DensePasses* table(const char* name) {
@@ -831,17 +852,17 @@ struct DenseLaunchers {
   }
 };
 
-// The tier for (D, Dv) of input type T; the .cu file of T instantiates it.
-// (double stops at 128: its tiles take twice the shared memory, and it serves
-// gradcheck, not speed.)
-template <typename T>
+// The tier for (D, Dv) of input type T under Policy; the .cu files of T
+// instantiate it. (double stops at 128: its tiles take twice the shared
+// memory, and it serves gradcheck, not speed.)
+template <typename T, template <typename> class Policy>
 const DensePasses* dense_passes_for(int64_t D, int64_t Dv) {
   using Acc = typename TypeTraits<T>::Acc;
   const int64_t d = rules::max64(D, Dv);
-  if (d <= 64) return DenseLaunchers<T, Tiles<64, Acc>>::table("d64");
-  if (d <= 128) return DenseLaunchers<T, Tiles<128, Acc>>::table("d128");
+  if (d <= 64) return DenseLaunchers<T, Tiles<64, Acc>, Policy>::table("d64");
+  if (d <= 128) return DenseLaunchers<T, Tiles<128, Acc>, Policy>::table("d128");
   if constexpr (sizeof(Acc) == 4) {
-    if (d <= 256) return DenseLaunchers<T, Tiles<256, Acc>>::table("d256");
+    if (d <= 256) return DenseLaunchers<T, Tiles<256, Acc>, Policy>::table("d256");
   }
   return nullptr;
 }

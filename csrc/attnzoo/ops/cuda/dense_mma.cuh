@@ -172,12 +172,9 @@ __global__ void __launch_bounds__(Tl::kThreads) mma_forward_kernel(const __grid_
                                 mq);
   for (int64_t x = threadIdx.x; x < R * L.ldo; x += Tl::kThreads) Os[x] = 0.0f;
   float m_run = neg_inf<float>(), l_run = 0.0f;
-  ShawRow<Tl::kLanes, float> shaw(a, bh, q0 + r, r < mq, a.shaw.probs != nullptr);
+  ShawRow<Tl::kLanes, float, Policy<float>::kKinds> shaw(a, bh, q0 + r, r < mq, a.shaw.probs != nullptr);
 
-  const TileWalk walk = policy.key_walk(qt, q0, mq, R);
-  for (int64_t t = 0; t < walk.count; ++t) {
-    const int64_t k0 = walk.start(t);
-    if (walk.outside(k0)) continue;
+  policy.for_each_key_tile(qt, q0, mq, R, [&](int64_t k0) {
     const int64_t nk = rules::min64(R, a.Nk - k0);
     __syncthreads();  // the previous tile is no longer read
     stage_padded<R, Tl::kThreads>(Ks, L.ldq, k + k0 * a.D, a.D, L.Dp, nk);
@@ -220,7 +217,7 @@ __global__ void __launch_bounds__(Tl::kThreads) mma_forward_kernel(const __grid_
       }
       wm::store_matrix_sync(o, acc, unsigned(L.ldo), wm::mem_row_major);
     }
-  }
+  });
   __syncthreads();
   shaw.finish_forward(a, policy, dropout, q0 + r, lane, m_run, l_run);
 
@@ -269,12 +266,9 @@ __global__ void __launch_bounds__(Tl::kThreads) mma_grad_q_kernel(const __grid_c
   const float delta = r < mq ? static_cast<const float*>(a.delta)[bh * a.Nq + i] : 0.0f;
   FragC dq[Tl::kFrags];
   zero_frags<Tl>(dq);
-  ShawRow<Tl::kLanes, float> shaw(a, bh, i, r < mq, a.shaw.grad_scores != nullptr);
+  ShawRow<Tl::kLanes, float, Policy<float>::kKinds> shaw(a, bh, i, r < mq, a.shaw.grad_scores != nullptr);
 
-  const TileWalk walk = policy.key_walk(qt, q0, mq, R);
-  for (int64_t t = 0; t < walk.count; ++t) {
-    const int64_t k0 = walk.start(t);
-    if (walk.outside(k0)) continue;
+  policy.for_each_key_tile(qt, q0, mq, R, [&](int64_t k0) {
     const int64_t nk = rules::min64(R, a.Nk - k0);
     __syncthreads();
     stage_padded<R, Tl::kThreads>(Ks, L.ldq, k + k0 * a.D, a.D, L.Dp, nk);
@@ -297,7 +291,7 @@ __global__ void __launch_bounds__(Tl::kThreads) mma_grad_q_kernel(const __grid_c
     }
     __syncthreads();
     accumulate_pb<Tl>(dq, Ds, L.ldp, Ks, L.ldq, L.Dp);
-  }
+  });
   shaw.finish_backward(a, lane);
 
   __syncthreads();  // the k / v tiles are done with: their region takes the dq result
@@ -348,10 +342,7 @@ __global__ void __launch_bounds__(Tl::kThreads) mma_grad_kv_kernel(const __grid_
   zero_frags<Tl>(dk);
   zero_frags<Tl>(dv);
 
-  const TileWalk walk = policy.query_walk(kt, k0, nk, R);
-  for (int64_t t = 0; t < walk.count; ++t) {
-    const int64_t q0 = walk.start(t);
-    if (walk.outside(q0)) continue;
+  policy.for_each_query_tile(kt, k0, nk, R, [&](int64_t q0) {
     const int64_t mq = rules::min64(R, a.Nq - q0);
     __syncthreads();
     stage_padded<R, Tl::kThreads>(Qs, L.ldq, q + q0 * a.D, a.D, L.Dp, mq);
@@ -374,7 +365,7 @@ __global__ void __launch_bounds__(Tl::kThreads) mma_grad_kv_kernel(const __grid_
     __syncthreads();
     accumulate_pb<Tl>(dv, Pt, L.ldp, dOs, L.ldv, L.Dvp);
     accumulate_pb<Tl>(dk, Dt, L.ldp, Qs, L.ldq, L.Dp);
-  }
+  });
 
   // The q / grad_out tiles are done with: their region takes dk, then dv.
   float* gk = static_cast<float*>(a.grad_k) + (bh * a.Nk + j) * a.D;
@@ -393,7 +384,7 @@ __global__ void __launch_bounds__(Tl::kThreads) mma_grad_kv_kernel(const __grid_
 
 // --- Launchers ------------------------------------------------------------
 
-template <typename T, class Tl>
+template <typename T, class Tl, template <typename> class Policy>
 struct MmaLaunchers {
   static int64_t tiles(int64_t n) { return (n + Tl::kRows - 1) / Tl::kRows; }
   static size_t forward_bytes(const DenseArgs& a) {
@@ -410,34 +401,35 @@ struct MmaLaunchers {
     return 2 * L.scores + L.pair_or_result() + L.staged_pair + 2 * L.rows16 + 2 * sizeof(float) * Tl::kRows;
   }
   static int forward(const DenseArgs& a, void* stream) {
-    return launch(mma_forward_kernel<T, Tl, DensePolicy>, a.B * a.H * tiles(a.Nq), Tl::kThreads,
-                  forward_bytes(a), a, stream);
+    return launch(mma_forward_kernel<T, Tl, Policy>, a.B * a.H * tiles(a.Nq), Tl::kThreads, forward_bytes(a),
+                  a, stream);
   }
   static int grad_q(const DenseArgs& a, void* stream) {
-    return launch(mma_grad_q_kernel<T, Tl, DensePolicy>, a.B * a.H * tiles(a.Nq), Tl::kThreads,
-                  grad_q_bytes(a), a, stream);
+    return launch(mma_grad_q_kernel<T, Tl, Policy>, a.B * a.H * tiles(a.Nq), Tl::kThreads, grad_q_bytes(a), a,
+                  stream);
   }
   static int grad_kv(const DenseArgs& a, void* stream) {
-    return launch(mma_grad_kv_kernel<T, Tl, DensePolicy>, a.B * a.H * tiles(a.Nk), Tl::kThreads,
-                  grad_kv_bytes(a), a, stream);
+    return launch(mma_grad_kv_kernel<T, Tl, Policy>, a.B * a.H * tiles(a.Nk), Tl::kThreads, grad_kv_bytes(a),
+                  a, stream);
   }
   static const DensePasses* table(const char* name) {
-    static const DensePasses passes{&forward,       &DenseLaunchers<T, Tiles<Tl::kMaxD, float>>::probs,
-                                    &grad_q,        &grad_kv,
-                                    &forward_bytes, &grad_q_bytes,
-                                    &grad_kv_bytes, Tl::kRows,
-                                    Tl::kMaxD,      name};
+    static const DensePasses passes{
+        &forward,       &DenseLaunchers<T, Tiles<Tl::kMaxD, float>, Policy>::probs,
+        &grad_q,        &grad_kv,
+        &forward_bytes, &grad_q_bytes,
+        &grad_kv_bytes, Tl::kRows,
+        Tl::kMaxD,      name};
     return &passes;
   }
 };
 
-// The tier for (D, Dv) of a 16-bit input type.
-template <typename T>
+// The tier for (D, Dv) of a 16-bit input type under Policy.
+template <typename T, template <typename> class Policy>
 const DensePasses* mma_passes_for(int64_t D, int64_t Dv) {
   const int64_t d = rules::max64(D, Dv);
-  if (d <= 64) return MmaLaunchers<T, MmaTiles<64>>::table("d64/tensor-core");
-  if (d <= 128) return MmaLaunchers<T, MmaTiles<128>>::table("d128/tensor-core");
-  if (d <= 256) return MmaLaunchers<T, MmaTiles<256>>::table("d256/tensor-core");
+  if (d <= 64) return MmaLaunchers<T, MmaTiles<64>, Policy>::table("d64/tensor-core");
+  if (d <= 128) return MmaLaunchers<T, MmaTiles<128>, Policy>::table("d128/tensor-core");
+  if (d <= 256) return MmaLaunchers<T, MmaTiles<256>, Policy>::table("d256/tensor-core");
   return nullptr;
 }
 

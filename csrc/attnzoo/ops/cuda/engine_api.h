@@ -156,5 +156,11 @@ const DensePasses* dense_passes_f32(int64_t D, int64_t Dv);
 const DensePasses* dense_passes_f64(int64_t D, int64_t Dv);
 const DensePasses* dense_passes_f16(int64_t D, int64_t Dv);
 const DensePasses* dense_passes_bf16(int64_t D, int64_t Dv);
+// The same passes with the kinds' rules compiled in (block-sparse layouts,
+// Shaw, LSH): what a call with any of them runs (kinds_<type>.cu).
+const DensePasses* kind_passes_f32(int64_t D, int64_t Dv);
+const DensePasses* kind_passes_f64(int64_t D, int64_t Dv);
+const DensePasses* kind_passes_f16(int64_t D, int64_t Dv);
+const DensePasses* kind_passes_bf16(int64_t D, int64_t Dv);
 
 }  // namespace attnzoo::cuda
