@@ -38,6 +38,17 @@ class BlockMaskPlan:
 
     def __init__(self, layout: Tensor, index: Tensor, masks: Tensor, block_size: int):
         self.layout, self.index, self.masks, self.block_size = layout, index, masks, block_size
+        self._copies = {}
+
+    def on(self, device) -> Tuple[Tensor, Tensor, Tensor]:
+        """(layout, index, masks) on ``device``: the plan is built on the CPU,
+        and its copy on another device is made once and kept."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.layout, self.index, self.masks
+        if device not in self._copies:
+            self._copies[device] = tuple(t.to(device) for t in (self.layout, self.index, self.masks))
+        return self._copies[device]
 
 
 def _to_dense(num_blocks: Tensor, indices: Tensor, num_cols: int) -> Tensor:
@@ -200,10 +211,9 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, score_mod=None, block_mask=N
     if block_mask is None:
         out, lse = torch.ops.attnzoo.attention(q, k, v, **options)
     else:
-        if q.device.type != "cpu":
-            raise NotImplementedError("attnzoo.flex_attention: block masks run on the CPU only for now")
         plan = block_mask_plan(block_mask, B, H, Nq, Nk)
+        layout, index, masks = plan.on(q.device)
         out, lse = torch.ops.attnzoo.attention(
-            q, k, v, layout=plan.layout, block_size=plan.block_size, block_mask_index=plan.index,
-            block_masks=plan.masks, **options)
+            q, k, v, layout=layout, block_size=plan.block_size, block_mask_index=index, block_masks=masks,
+            **options)
     return (out, lse) if return_lse else out
