@@ -31,6 +31,17 @@ template <class Int>
 void check_lsh_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& out,
                         const at::Tensor& lse, const LshShapes<Int>& s);
 
+// lsh_attention below autograd (inference, or nothing needs a gradient): a
+// device's _lsh_forward with a seed drawn here, its lse dropped.
+template <class Forward>
+Tensor2 lsh_attention_with_fresh_seed(Forward forward, const at::Tensor& qk, const at::Tensor& v,
+                                      const at::Tensor& rotations, int64_t bucket_size, bool causal,
+                                      const OptTensor& key_mask, double dropout_p) {
+  const OptTensor seed = dropout_p > 0 ? OptTensor(fresh_seed()) : std::nullopt;
+  auto [out, lse, buckets] = forward(qk, v, rotations, bucket_size, causal, key_mask, dropout_p, seed);
+  return {out, buckets};
+}
+
 // --- LSH over an engine that attends over sorted rows ----------------------
 // The CUDA path (cuda/attention_cuda.cpp) hashes, sorts and merges rounds in
 // ATen (lsh_attention.cpp) around one engine call over the sorted rows of

@@ -411,10 +411,8 @@ detail::Tensor2 lsh_backward_cuda(const at::Tensor& grad_out, const at::Tensor& 
 detail::Tensor2 lsh_attention_cuda(const at::Tensor& qk, const at::Tensor& v, const at::Tensor& rotations,
                                    int64_t bucket_size, bool causal, const OptTensor& key_mask,
                                    double dropout_p) {
-  const OptTensor seed = dropout_p > 0 ? OptTensor(detail::fresh_seed()) : std::nullopt;
-  auto [out, lse, buckets] =
-      lsh_forward_cuda(qk, v, rotations, bucket_size, causal, key_mask, dropout_p, seed);
-  return {out, buckets};
+  return detail::lsh_attention_with_fresh_seed(&lsh_forward_cuda, qk, v, rotations, bucket_size, causal,
+                                               key_mask, dropout_p);
 }
 
 }  // namespace

@@ -206,33 +206,32 @@ struct AttentionPolicy {
     return rules::band_queries(k0, nk, offset, a.left, a.right, a.Nq);
   }
   // fn(k0) for each key tile (of R keys) that query tile qt (rows [q0, q0 +
-  // mq)) visits: the band's range, or a layout's listed tiles that meet it.
-  // Every thread of the block calls it alike, so barriers in fn stay matched.
+  // mq)) visits, and fn(q0) for each query tile that key tile kt (keys [k0,
+  // k0 + nk)) visits: the band's range, or a layout's listed tiles that meet
+  // it. Every thread of the block calls them alike, so barriers in fn stay
+  // matched.
   template <class Fn>
   __device__ void for_each_key_tile(int64_t qt, int64_t q0, int64_t mq, int R, Fn&& fn) const {
-    const rules::Range band = keys_of(q0, mq);
-    if constexpr (kKinds)
-      if (a.layout.blocks)
-        return for_each_listed(band, a.layout.q_ptr, a.layout.q_tiles, slice * a.layout.tiles_q + qt, R, fn);
-    for (int64_t k0 = (band.lo / R) * R; k0 < band.hi; k0 += R) fn(k0);
+    for_each_tile(keys_of(q0, mq), a.layout.q_ptr, a.layout.q_tiles, slice * a.layout.tiles_q + qt, R, fn);
   }
-  // fn(q0) for each query tile that key tile kt (keys [k0, k0 + nk)) visits.
   template <class Fn>
   __device__ void for_each_query_tile(int64_t kt, int64_t k0, int64_t nk, int R, Fn&& fn) const {
-    const rules::Range band = queries_of(k0, nk);
-    if constexpr (kKinds)
-      if (a.layout.blocks)
-        return for_each_listed(band, a.layout.k_ptr, a.layout.k_tiles, slice * a.layout.tiles_k + kt, R, fn);
-    for (int64_t q0 = (band.lo / R) * R; q0 < band.hi; q0 += R) fn(q0);
+    for_each_tile(queries_of(k0, nk), a.layout.k_ptr, a.layout.k_tiles, slice * a.layout.tiles_k + kt, R, fn);
   }
-  // The tiles list[ptr[x] .. ptr[x + 1]) that meet the band.
+  // The tiles of a band: its range, or list[ptr[x] .. ptr[x + 1]) where they meet it.
   template <class Fn>
-  __device__ void for_each_listed(rules::Range band, const int32_t* ptr, const int32_t* list, int64_t x,
-                                  int R, Fn& fn) const {
-    for (int64_t e = ptr[x]; e < ptr[x + 1]; ++e) {
-      const int64_t start = int64_t(list[e]) * R;
-      if (start < band.hi && start + R > band.lo) fn(start);
+  __device__ void for_each_tile(rules::Range band, const int32_t* ptr, const int32_t* list, int64_t x, int R,
+                                Fn& fn) const {
+    if constexpr (kKinds) {
+      if (a.layout.blocks) {
+        for (int64_t e = ptr[x]; e < ptr[x + 1]; ++e) {
+          const int64_t start = int64_t(list[e]) * R;
+          if (start < band.hi && start + R > band.lo) fn(start);
+        }
+        return;
+      }
     }
+    for (int64_t start = (band.lo / R) * R; start < band.hi; start += R) fn(start);
   }
 
   // Whether the layout (and its block masks) lets query i see key j.
