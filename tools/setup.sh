@@ -8,7 +8,8 @@ cd "$root"
 # clang + libclang-rt: the libFuzzer target over the checkpoint and config readers.
 # clang-format: tools/test checks the C++ formatting (.clang-format).
 # bible-kjv, espeak-ng, sox: the embedded data sets (attnzoo.data, docs/design.md section 7).
-debian_packages=(cmake ninja-build catch2 nlohmann-json3-dev ccache clang clang-format libclang-rt-14-dev bible-kjv espeak-ng sox)
+# chromium: renders the zoo page (tools/attnzoo report) headless in tests/python/test_report.py.
+debian_packages=(cmake ninja-build catch2 nlohmann-json3-dev ccache clang clang-format libclang-rt-14-dev bible-kjv espeak-ng sox chromium)
 missing=()
 for p in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

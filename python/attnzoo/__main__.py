@@ -1,5 +1,5 @@
-"""python -m attnzoo pretrain | evaluate | compare | export | plot-attention (see attnzoo.train, .evaluate,
-.compare, .plot)."""
+"""python -m attnzoo pretrain | evaluate | compare | export | plot-attention | report (see attnzoo.train,
+.evaluate, .compare, .plot, .report)."""
 import argparse
 import dataclasses
 import json
@@ -87,6 +87,12 @@ def main(argv=None):
     pa.add_argument("--layers", type=int, nargs="+", help="layers to draw (default: all)")
     pa.add_argument("--out", default="attention.png")
 
+    r = sub.add_parser("report", help="the zoo on one static HTML page (results, curves, maps, benchmarks)")
+    r.add_argument("--out", required=True, help="the page's directory (index.html and assets/)")
+    r.add_argument("--models", default="models", help="the model directories (config.json, results.json)")
+    r.add_argument("--runs", default="runs", help="run folders whose PNGs to show (loss, attention maps, ...)")
+    r.add_argument("--docs", default="docs", help="where the benchmark plots are")
+
     args = ap.parse_args(argv)
     with warnings.catch_warnings():  # warnings as one plain line each, like the errors
         warnings.showwarning = lambda message, *_: print(f"attnzoo {args.command}: warning: {message}",
@@ -115,6 +121,9 @@ def _run(ap, args) -> int:
         elif args.command == "export":
             from .evaluate import export
             print(f"wrote {export(args.path, args.destination, args.dtype)}")
+        elif args.command == "report":
+            from .report import write_report
+            print(f"wrote {write_report(args.out, args.models, args.runs, args.docs)}")
         elif args.command == "plot-attention":
             from .plot import plot_attention
             print(f"wrote {plot_attention(args.path, args.out, args.text, args.index, args.split, args.layers)}")
