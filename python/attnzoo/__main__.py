@@ -64,6 +64,11 @@ def main(argv=None):
     e.add_argument("--max-batches", type=int, default=0, help="limit the evaluation (0 = the whole split)")
     e.add_argument("--sample-tokens", type=int, default=200,
                    help="GPT: length of the generated sample; speech: 0 skips the transcripts")
+    e.add_argument("--context-use", action="store_true",
+                   help="GPT: the loss on each window's last targets with the whole window and with only the "
+                        "previous --context-short characters, and context-use.png (loss by position)")
+    e.add_argument("--context-short", type=int, default=None, help="(default: min(256, seq_len / 4))")
+    e.add_argument("--context-windows", type=int, default=32, help="windows measured (default: 32)")
 
     c = sub.add_parser("compare", help="pretrain one model with several attention kinds at equal steps")
     c.add_argument("model")
@@ -129,7 +134,9 @@ def _run(ap, args) -> int:
             print(f"wrote {plot_attention(args.path, args.out, args.text, args.index, args.split, args.layers)}")
         else:
             from .evaluate import evaluate
-            evaluate(args.path, args.split, args.out, args.max_batches, args.sample_tokens)
+            evaluate(args.path, args.split, args.out, args.max_batches, args.sample_tokens,
+                     context_use=args.context_use, context_short=args.context_short,
+                     context_windows=args.context_windows)
     except (ValueError, OSError, RuntimeError) as error:
         message = str(error)
         # Library messages often start with the function's name; the command is named once.

@@ -8,6 +8,15 @@ directory, or the file given by --out. Nothing is written into a checkpoint
 directory (a committed model stays as it is): without --out its metrics are
 only printed. GPT runs also print a generated sample, speech runs a few
 transcripts.
+
+    python -m attnzoo evaluate runs/gpt-kjv-lsh --context-use   # also: does it use its context?
+
+--context-use (GPT) adds the loss on the last `short` targets of each
+window with the whole window before them and with only the `short`
+characters before each (tasks.GPTTask.context_use; short defaults to
+min(256, seq_len / 4)), their difference with its standard error, and
+context-use.png: the full-context loss by position. The PNG goes where the
+JSON goes.
 """
 from __future__ import annotations
 
@@ -38,7 +47,8 @@ def resolve_checkpoint(path: str) -> str:
 
 
 def evaluate(path: str, split: str = "test", out: Optional[str] = None, max_batches: int = 0,
-             sample_tokens: int = 200, cache: Optional[str] = None, quiet: bool = False) -> dict:
+             sample_tokens: int = 200, cache: Optional[str] = None, quiet: bool = False,
+             context_use: bool = False, context_short: Optional[int] = None, context_windows: int = 32) -> dict:
     if split not in data.SPLITS:
         raise ValueError(f"split must be one of {', '.join(data.SPLITS)}, got {split!r}")
     checkpoint = resolve_checkpoint(path)
@@ -68,6 +78,18 @@ def evaluate(path: str, split: str = "test", out: Optional[str] = None, max_batc
         result["sample_title"] = "transcripts (reference -> greedy CTC):"
     if out is None and os.path.exists(run_json):
         out = os.path.join(path, f"eval-{split}.json")
+    if context_use:
+        if config["model_type"] != "gpt":
+            raise ValueError(f"--context-use measures GPT models, not {config['model_type']}")
+        short = context_short or min(256, task.seq_len // 4)
+        measured = task.context_use(model, split, short, context_windows)
+        by_position = measured.pop("loss_by_position")
+        result["context_use"] = measured
+        if out is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            png = os.path.join(os.path.dirname(os.path.abspath(out)), "context-use.png")
+            _plot_context_use(png, by_position, measured)
+            result["context_use"]["plot"] = png
     if out is not None:
         write_text_atomic(out, json.dumps(result, indent=1))
     if not quiet:
@@ -76,12 +98,43 @@ def evaluate(path: str, split: str = "test", out: Optional[str] = None, max_batc
     return result
 
 
+def _plot_context_use(path: str, by_position, measured: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    L, short = measured["seq_len"], measured["short"]
+    width = max(1, L // 64)  # mean over bins of positions: the curve, not the noise
+    loss = torch.tensor(by_position)[: L // width * width].view(-1, width).mean(1)
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    ax.plot(torch.arange(len(loss)) * width + width / 2, loss, label="full context, by position")
+    ax.axvspan(L - short, L, color="0.9")
+    for key, style, label in (("loss_full_context", "-", "full context"), ("loss_short_context", "--",
+                                                                            f"previous {short} only")):
+        ax.hlines(measured[key], L - short, L, colors="C1" if style == "--" else "C2", linestyles=style,
+                  label=f"targets {L - short}-{L - 1}, {label}: {measured[key]:.4f}")
+    ax.set_xlabel("target position")
+    ax.set_ylabel("loss (nats/char)")
+    ax.set_title(f"context use: difference {measured['difference']:.4f} ± {measured['standard_error']:.4f} "
+                 f"(SE, {measured['windows']} windows)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100), suffix=".png")
+    plt.close(fig)
+
+
 def format_table(result: dict) -> str:
-    rows = [(k, v) for k, v in result.items() if k not in ("checkpoint", "sample", "sample_title")]
+    rows = [(k, v) for k, v in result.items() if k not in ("checkpoint", "sample", "sample_title", "context_use")]
     width = max(len(k) for k, _ in rows)
     lines = [f"{'metric':{width}s}  value", f"{'-' * width}  -----"]
     for k, v in rows:
         lines.append(f"{k:{width}s}  {v:.4f}" if isinstance(v, float) else f"{k:{width}s}  {v}")
+    if "context_use" in result:
+        c = result["context_use"]
+        lines += ["", f"context use ({c['targets']}, {c['windows']} windows): loss {c['loss_full_context']:.4f} "
+                      f"with the whole window, {c['loss_short_context']:.4f} with the previous {c['short']} "
+                      f"only; difference {c['difference']:.4f} +- {c['standard_error']:.4f} (SE): "
+                      f"{'uses' if c['uses_context'] else 'no evidence that it uses'} the longer context"]
     if "sample" in result:
         lines += ["", result["sample_title"], result["sample"]]
     return "\n".join(lines)

@@ -224,12 +224,36 @@ RUN_SECTIONS = [("Loss curves", lambda n: n == "loss.png"),
                 ("Other plots", None)]
 
 
-def _run_folders(page: Page, runs: Optional[str]):
+def _context_use_table(page: Page, model_dirs: List[str]):
+    """The committed context-use measurements (results.json "context_use", evaluate --context-use)."""
+    rows = []
+    for d in model_dirs:
+        c = (_read_json(os.path.join(d, "results.json")) or {}).get("context_use")
+        if c:
+            verdict = ('<span class="met">uses it</span>' if c["uses_context"]
+                       else '<span class="missed">no evidence</span>')
+            rows.append(f"<tr><td>{_esc(os.path.basename(d))}</td><td>{_esc(c['targets'])} of {c['seq_len']}</td>"
+                        f"<td class='num'>{c['loss_full_context']:.4f}</td><td class='num'>{c['short']}</td>"
+                        f"<td class='num'>{c['loss_short_context']:.4f}</td>"
+                        f"<td class='num'>{c['difference']:.4f} ± {c['standard_error']:.4f}</td>"
+                        f"<td>{verdict}</td></tr>")
+    if rows:
+        page.add("<table><tr><th>model</th><th>targets</th><th>loss, whole window</th><th>only the previous</th>"
+                 "<th>loss, those only</th><th>difference ± SE</th><th>longer context</th></tr>" + "".join(rows)
+                 + "</table>")
+    else:
+        page.add('<p class="note">No results.json holds a context-use measurement.</p>')
+
+
+def _run_folders(page: Page, runs: Optional[str], model_dirs: List[str]):
+    """The PNGs of the run folders and of the model directories (committed plots), by section."""
     folders = sorted(d for d in glob.glob(os.path.join(runs, "*")) if os.path.isdir(d)) if runs else []
-    pngs = [(os.path.basename(d), p) for d in folders for p in sorted(glob.glob(os.path.join(d, "*.png")))]
+    pngs = [(os.path.basename(d), p) for d in folders + model_dirs for p in sorted(glob.glob(os.path.join(d, "*.png")))]
     taken = set()
     for title, wants in RUN_SECTIONS:
         page.add(f"<h2>{_esc(title)}</h2>")
+        if title == "Context use":
+            _context_use_table(page, model_dirs)
         chosen = [(run, p) for run, p in pngs if p not in taken and (wants is None or wants(os.path.basename(p)))]
         taken.update(p for _, p in chosen)
         if not chosen:
@@ -276,7 +300,7 @@ def write_report(out: str, models: str = "models", runs: Optional[str] = "runs",
     _zoo_table(page, model_dirs)
     _comparisons(page, model_dirs)
     _validation_curves(page, model_dirs)
-    _run_folders(page, runs if runs and os.path.isdir(runs) else None)
+    _run_folders(page, runs if runs and os.path.isdir(runs) else None, model_dirs)
     _benchmarks(page, docs)
     root = os.path.dirname(os.path.abspath(models))
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

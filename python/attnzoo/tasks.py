@@ -131,6 +131,42 @@ class GPTTask(TextTask):
         loss = total / count
         return {"loss": loss, "perplexity": math.exp(loss), "bits_per_char": loss / math.log(2), "tokens": count}
 
+    @torch.no_grad()
+    def context_use(self, model, split: str, short: int, windows: int = 32) -> Dict:
+        """Does the model use context beyond `short` characters? Over `windows`
+        evenly spaced windows of seq_len + 1 characters, the loss on the last
+        `short` targets (positions seq_len - short .. seq_len - 1) seeing the
+        whole window before them, and seeing only the `short` characters
+        before each (one input of `short` characters per target, its last
+        logit scored). The difference's standard error is over windows (the
+        targets of one window are not independent). Also the full-context
+        loss at every position, averaged over the windows."""
+        L = self.seq_len
+        if not 0 < short < L:
+            raise ValueError(f"context_use: short must lie in (0, seq_len = {L}), got {short}")
+        starts = torch.linspace(0, len(self.streams[split]) - L - 2, windows).long()
+        tail = torch.arange(L - short, L)  # target t is x[t + 1], predicted from x[.. t]
+        by_position, full_tail, short_tail = torch.zeros(L), [], []
+        for start in starts.tolist():
+            (x,) = self._on_device(self.windows(split, torch.tensor([start]), L + 1))
+            full = F.cross_entropy(model(x[:, :L])[0].float(), x[0, 1:], reduction="none").cpu()
+            by_position += full
+            # The short contexts: x[t + 1 - short .. t] for every tail target t, one batch.
+            cut = x[0, tail.to(x.device).unsqueeze(1) + 1 - short + torch.arange(short, device=x.device)]
+            logits = torch.cat([model(part)[:, -1].float() for part in cut.split(64)])
+            short_loss = F.cross_entropy(logits, x[0, tail.to(x.device) + 1], reduction="none").cpu()
+            full_tail.append(full[tail].mean().item())
+            short_tail.append(short_loss.mean().item())
+        full_tail = torch.tensor(full_tail, dtype=torch.float64)
+        short_tail = torch.tensor(short_tail, dtype=torch.float64)
+        diff = short_tail - full_tail
+        se = (diff.std() / math.sqrt(len(diff))).item() if len(diff) > 1 else float("nan")
+        return {"seq_len": L, "short": short, "targets": f"positions {L - short}-{L - 1}", "windows": len(starts),
+                "loss_full_context": full_tail.mean().item(), "loss_short_context": short_tail.mean().item(),
+                "difference": diff.mean().item(), "standard_error": se,
+                "uses_context": bool(diff.mean().item() > 2 * se),
+                "loss_by_position": (by_position / len(starts)).tolist()}
+
 
 class BertTask(TextTask):
     model_type = "bert"

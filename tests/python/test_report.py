@@ -69,7 +69,8 @@ def test_the_page_renders_with_every_image_and_a_row_per_model(tmp_path):
     assert marks["images-broken"] == "", f"images that did not load: {marks['images-broken']}"
     curves = len({json.load(open(os.path.join(MODELS, m, "config.json")))["model_type"] for m in zoo_models()
                   if "validation_curve" in json.load(open(os.path.join(MODELS, m, "results.json")))})
-    expected = len(glob.glob(os.path.join(ROOT, "docs", "bench*.png"))) + len(runs) + curves
+    committed = len(glob.glob(os.path.join(MODELS, "*", "*.png")))  # plots in the model directories
+    expected = len(glob.glob(os.path.join(ROOT, "docs", "bench*.png"))) + len(runs) + curves + committed
     assert int(marks["images-total"]) == expected == source.count("<img ")
     rows = re.findall(r'<tr class="model"><td>([^<]+)</td>', dom)
     assert rows == zoo_models()
@@ -99,6 +100,9 @@ def test_the_table_shows_each_models_committed_results(tmp_path):
     assert '<span class="met">met</span>' in row
     # A section with nothing to show says so.
     assert "no run folders given or found" in source
+    with open(os.path.join(MODELS, "gpt-kjv", "results.json")) as f:
+        context = json.load(f)["context_use"]
+    assert f"{context['difference']:.4f} ± {context['standard_error']:.4f}" in source
     assert "test masked accuracy ≥ 0.55, within 1800 s" in source
 
 
