@@ -106,10 +106,12 @@ class GPTTask(TextTask):
     def make_tokenizer(config, cache):
         return data.ByteTokenizer()
 
-    def batch(self, generator, batch_size):
+    def batch(self, generator, batch_size, length=None):
+        """batch_size training windows of `length` (default seq_len) characters, and their next ones."""
+        length = length or self.seq_len
         stream = self.streams["train"]
-        starts = torch.randint(0, len(stream) - self.seq_len - 1, (batch_size,), generator=generator)
-        return self._on_device(self.windows("train", starts, self.seq_len + 1))
+        starts = torch.randint(0, len(stream) - length - 1, (batch_size,), generator=generator)
+        return self._on_device(self.windows("train", starts, length + 1))
 
     def loss(self, model, batch):
         x = batch[0]

@@ -72,6 +72,7 @@ class TrainOptions:
     patience: int = 0             # stop after this many evaluations without improvement (0 = never)
     seed: int = 0
     seq_len: int = 0              # text models: window length (0 = min(max_position_embeddings, 256))
+    seq_len_start: int = 0        # GPT: short-to-long curriculum from this window length (0 = off; curriculum())
     data_fraction: float = 1.0    # use only the first part of every split (quick trials, tests)
     log_every: int = 10
     mask_prob: float = 0.15       # bert: fraction of tokens masked in training (evaluation always masks 15%)
@@ -81,7 +82,7 @@ class TrainOptions:
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_batches", "patience", "seq_len"):
+        for name in ("warmup_steps", "eval_batches", "patience", "seq_len", "seq_len_start"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
@@ -92,6 +93,26 @@ class TrainOptions:
             raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
         if self.dtype not in COMPUTE_DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.dtype!r}")
+
+
+def curriculum(step: int, o: TrainOptions, seq_len: int):
+    """(window length, windows per step) at `step`. With seq_len_start, a
+    short-to-long curriculum: the length starts there and doubles stage by
+    stage while below seq_len, the stages sharing the first half of the
+    steps equally, seq_len for the second half; each stage takes as many more windows as keeps the characters per
+    step those of batch_size windows of seq_len. Evaluation always uses
+    seq_len. A function of the step alone, so a resumed run continues it."""
+    if not o.seq_len_start or o.seq_len_start >= seq_len:
+        return seq_len, o.batch_size
+    lengths = []
+    length = o.seq_len_start
+    while length < seq_len:
+        lengths.append(length)
+        length *= 2
+    stage = step * len(lengths) // max(1, o.steps // 2)
+    if stage >= len(lengths):
+        return seq_len, o.batch_size
+    return lengths[stage], o.batch_size * seq_len // lengths[stage]
 
 
 def recommended_options(model_source) -> TrainOptions:
@@ -334,6 +355,12 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
         task_options["train_mask_prob"] = o.mask_prob
     task = task_for(config, seq_len=o.seq_len, data_fraction=o.data_fraction, cache=cache, **task_options)
     task.device = device
+    if o.seq_len_start:
+        if config["model_type"] != "gpt":
+            raise ValueError(f"seq_len_start (the curriculum) is a GPT training option; this model is "
+                             f"{config['model_type']!r}")
+        if o.seq_len_start >= task.seq_len:
+            raise ValueError(f"seq_len_start ({o.seq_len_start}) must be below seq_len ({task.seq_len})")
 
     torch.manual_seed(o.seed)
     model = models.MODEL_CLASSES[config["model_type"]](config)
@@ -386,8 +413,7 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
                        f"{_attention_kinds(config)}) -> {out}: steps {start}..{o.steps}, batch {o.batch_size}"
                        f"{f' x {o.grad_accum}' if o.grad_accum > 1 else ''} over {world} process(es)"
                        f"{' (FSDP2)' if sharded else ''}{', bfloat16 autocast' if o.dtype == 'bfloat16' else ''}")
-    micro = o.batch_size // o.grad_accum if o.batch_size % o.grad_accum == 0 else None
-    if micro is None:
+    if o.batch_size % o.grad_accum:
         raise ValueError(f"batch_size {o.batch_size} must be divisible by grad_accum {o.grad_accum}")
     metrics_path = os.path.join(out, "metrics.jsonl")
     final = {}
@@ -399,8 +425,13 @@ def pretrain(model_source, out: str, options: Optional[TrainOptions] = None, att
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, o)
         loss_sum = 0.0
+        length, windows = curriculum(step, o, getattr(task, "seq_len", 0))
+        micro = windows // o.grad_accum
         for m in range(o.grad_accum):
-            batch = task.batch(data_generator, micro)
+            if o.seq_len_start:  # GPT's curriculum (checked above)
+                batch = task.batch(data_generator, micro, length)
+            else:
+                batch = task.batch(data_generator, micro)
             units += task.units_per_batch(batch)
             local = shard(batch, rank, world)
             sync = m == o.grad_accum - 1

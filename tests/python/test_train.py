@@ -493,3 +493,44 @@ def test_two_nodes_with_a_node_killed_and_resumed_match_one_process(tmp_path):
     va, vb = val(tmp_path / "one"), val(run)
     assert [s for s, _ in va] == [s for s, _ in vb]
     assert max(abs(x - y) for (_, x), (_, y) in zip(va, vb)) < 1e-4
+
+
+def test_the_curriculum_grows_windows_and_keeps_characters_per_step():
+    from attnzoo.train import curriculum
+    o = TrainOptions(steps=12, batch_size=2, seq_len=64, seq_len_start=8)
+    schedule = [curriculum(step, o, 64) for step in range(12)]
+    # Stages 8, 16, 32 share the first 6 steps; 64 for the last 6.
+    assert schedule == [(8, 16)] * 2 + [(16, 8)] * 2 + [(32, 4)] * 2 + [(64, 2)] * 6
+    assert all(length * windows == 128 for length, windows in schedule)
+    assert curriculum(0, TrainOptions(steps=12, batch_size=2), 64) == (64, 2)  # off by default
+
+
+def test_a_curriculum_run_draws_the_scheduled_windows(tmp_path, monkeypatch):
+    """pretrain asks the task for the curriculum's (windows, length) at each
+    step (resuming needs nothing more: the schedule is a function of the step,
+    the data generator's state is checkpointed as before)."""
+    from attnzoo.tasks import GPTTask
+    drawn, batch = [], GPTTask.batch
+
+    def recording(self, generator, batch_size, length=None):
+        out = batch(self, generator, batch_size, length)
+        drawn.append(tuple(out[0].shape))
+        return out
+    monkeypatch.setattr(GPTTask, "batch", recording)
+    options = tiny(steps=8, eval_every=4, seq_len=32, seq_len_start=8)
+    final = pretrain(os.path.join(ROOT, "models", "gpt-kjv"), str(tmp_path / "run"), options,
+                     model_overrides=TINY_TEXT, quiet=True)
+    # (windows, length + 1): 8 and 16 share the first 4 steps, then 32.
+    assert drawn == [(16, 9)] * 2 + [(8, 17)] * 2 + [(4, 33)] * 4
+    assert math.isfinite(final["loss"])
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["options"]["seq_len_start"] == 8
+
+
+def test_the_curriculum_is_refused_where_it_does_not_apply(tmp_path):
+    with pytest.raises(ValueError, match="must be below seq_len"):
+        pretrain(os.path.join(ROOT, "models", "gpt-kjv"), str(tmp_path / "a"), tiny(seq_len=32, seq_len_start=32),
+                 model_overrides=TINY_TEXT, quiet=True)
+    with pytest.raises(ValueError, match="GPT training option"):
+        pretrain(os.path.join(ROOT, "models", "bert-kjv"), str(tmp_path / "b"), tiny(seq_len=32, seq_len_start=8),
+                 model_overrides={**TINY_TEXT, "vocab_size": 512}, quiet=True)
