@@ -156,8 +156,8 @@ cuda::DenseArgs kernel_args(const Prepared& p) {
       L.mask_index = p.layout.mask_index.data_ptr<int32_t>();
       L.masks = static_cast<const uint8_t*>(p.layout.masks.data_ptr());
     }
-    L.tile = p.passes->block_q;
-    L.tiles_q = (s.Nq + L.tile - 1) / L.tile, L.tiles_k = (s.Nk + L.tile - 1) / L.tile;
+    const int64_t tile = p.passes->block_q;  // what prepare_layout built the walks for
+    L.tiles_q = (s.Nq + tile - 1) / tile, L.tiles_k = (s.Nk + tile - 1) / tile;
     L.q_ptr = p.walks.key_ptr.data_ptr<int32_t>(), L.q_tiles = p.walks.key_tiles.data_ptr<int32_t>();
     L.k_ptr = p.walks.query_ptr.data_ptr<int32_t>(), L.k_tiles = p.walks.query_tiles.data_ptr<int32_t>();
   }

@@ -16,7 +16,8 @@ namespace attnzoo::cuda {
 // (a broadcast dimension contributes 0). mask_index (int32, the layout's
 // shape) names a row of masks (uint8, (P, block, block)) that refines a
 // marked block, or -1 where the block is whole. The walks are at the
-// kernels' tile size `tile`: the key tiles query tile t of slice s visits
+// passes' tile size (DensePasses::block_q, the kernels' kRows, of tiles_q
+// query and tiles_k key tiles): the key tiles query tile t of slice s visits
 // are tiles q_tiles[q_ptr[s * tiles_q + t] .. q_ptr[s * tiles_q + t + 1]),
 // ascending (compressed sparse rows), and k_ptr / k_tiles the same for the
 // key-major pass. The tiles may cover unmarked blocks or tokens; the
@@ -26,7 +27,7 @@ struct BlockLayoutArgs {
   int64_t block = 0, rows = 0, cols = 0, slice_b = 0, slice_h = 0;
   const int32_t* mask_index = nullptr;
   const uint8_t* masks = nullptr;
-  int64_t tile = 0, tiles_q = 0, tiles_k = 0;
+  int64_t tiles_q = 0, tiles_k = 0;
   const int32_t* q_ptr = nullptr;
   const int32_t* q_tiles = nullptr;
   const int32_t* k_ptr = nullptr;
