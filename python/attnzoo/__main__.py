@@ -69,6 +69,13 @@ def main(argv=None):
                         "previous --context-short characters, and context-use.png (loss by position)")
     e.add_argument("--context-short", type=int, default=None, help="(default: min(256, seq_len / 4))")
     e.add_argument("--context-windows", type=int, default=32, help="windows measured (default: 32)")
+    e.add_argument("--beam-size", type=int, default=4,
+                   help="speech_seq2seq: beams of the beam-search figures beside the greedy ones (1: greedy only)")
+    e.add_argument("--ctc-weight", type=float, default=0.3,
+                   help="speech_seq2seq: the CTC prefix scores' weight in the joint beam search (default: 0.3)")
+    e.add_argument("--cli", metavar="ATTNZOO_CLI",
+                   help="speech_seq2seq: also transcribe the split with this attnzoo-cli (greedy and beam) and count "
+                        "the transcripts identical to Python's")
 
     c = sub.add_parser("compare", help="pretrain one model with several attention kinds at equal steps")
     c.add_argument("model")
@@ -136,7 +143,8 @@ def _run(ap, args) -> int:
             from .evaluate import evaluate
             evaluate(args.path, args.split, args.out, args.max_batches, args.sample_tokens,
                      context_use=args.context_use, context_short=args.context_short,
-                     context_windows=args.context_windows)
+                     context_windows=args.context_windows, beam_size=args.beam_size, ctc_weight=args.ctc_weight,
+                     cli=args.cli)
     except (ValueError, OSError, RuntimeError) as error:
         message = str(error)
         # Library messages often start with the function's name; the command is named once.

@@ -157,6 +157,13 @@ class SpeechLabels:
     def decode(self, ids) -> str:
         return "".join(self.symbols[int(i) - 1] for i in ids if 0 < int(i) <= len(self.symbols))
 
+    def save(self, directory: str) -> None:
+        """tokenizer.json: {"kind": "labels", "labels": [...]}, the text of each
+        label id ("" for the blank), for readers without Python (attnzoo-cli
+        transcribe)."""
+        labels = [""] + list(self.symbols)
+        write_text_atomic(os.path.join(directory, "tokenizer.json"), json.dumps({"kind": "labels", "labels": labels}))
+
 
 def spoken_digits(cache: Optional[str] = None) -> Dict[str, dict]:
     """The spoken-digits set per split: {"train": {"audio": [int16 tensors at

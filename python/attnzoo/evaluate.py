@@ -31,7 +31,7 @@ from . import data, models
 from ._files import atomic_write, write_text_atomic
 from .tasks import task_for
 
-__all__ = ["evaluate", "resolve_checkpoint", "export"]
+__all__ = ["evaluate", "resolve_checkpoint", "export", "cli_agreement"]
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -48,7 +48,8 @@ def resolve_checkpoint(path: str) -> str:
 
 def evaluate(path: str, split: str = "test", out: Optional[str] = None, max_batches: int = 0,
              sample_tokens: int = 200, cache: Optional[str] = None, quiet: bool = False,
-             context_use: bool = False, context_short: Optional[int] = None, context_windows: int = 32) -> dict:
+             context_use: bool = False, context_short: Optional[int] = None, context_windows: int = 32,
+             beam_size: int = 4, ctc_weight: float = 0.3, cli: Optional[str] = None) -> dict:
     if split not in data.SPLITS:
         raise ValueError(f"split must be one of {', '.join(data.SPLITS)}, got {split!r}")
     checkpoint = resolve_checkpoint(path)
@@ -63,7 +64,10 @@ def evaluate(path: str, split: str = "test", out: Optional[str] = None, max_batc
     task = task_for(config, seq_len=options.get("seq_len", 0), data_fraction=options.get("data_fraction", 1.0),
                     cache=cache, tokenizer=tokenizer)
     start = time.perf_counter()
-    metrics = task.evaluate(model, split, max_batches)
+    if config["model_type"] == "speech_seq2seq":  # greedy and beam search
+        metrics = task.evaluate(model, split, max_batches, beam_size=beam_size, ctc_weight=ctc_weight)
+    else:
+        metrics = task.evaluate(model, split, max_batches)
     result = {"checkpoint": checkpoint, "model_type": config["model_type"], "split": split, **metrics,
               "seconds": time.perf_counter() - start}
     if config["model_type"] == "gpt" and sample_tokens > 0:
@@ -71,11 +75,20 @@ def evaluate(path: str, split: str = "test", out: Optional[str] = None, max_batc
         tokens = model.generate(prompt, sample_tokens, temperature=0.8, top_k=40, seed=0)
         result["sample"] = tokenizer.decode(tokens[0].tolist())
         result["sample_title"] = "sample (temperature 0.8, top-k 40):"
-    if config["model_type"] == "speech" and sample_tokens > 0:
+    if config["model_type"] in ("speech", "speech_seq2seq") and sample_tokens > 0:
         shown = list(range(min(4, len(task.splits[split][1]))))
-        _, heard = task.transcribe(model, split, shown, torch.Generator().manual_seed(1234))
+        heard = task.transcribe(model, split, shown, torch.Generator().manual_seed(1234))[-1]
+        if config["model_type"] == "speech_seq2seq":
+            heard = heard[0]  # the transcripts of the first (greedy) search
         result["sample"] = "\n".join(f"{task.splits[split][1][i]!r} -> {h!r}" for i, h in zip(shown, heard))
-        result["sample_title"] = "transcripts (reference -> greedy CTC):"
+        decoder = "greedy CTC" if config["model_type"] == "speech" else "greedy decoder"
+        result["sample_title"] = f"transcripts (reference -> {decoder}):"
+    if cli is not None:
+        if config["model_type"] != "speech_seq2seq":
+            raise ValueError(f"--cli compares attnzoo-cli transcribe with Python: speech_seq2seq models, not "
+                             f"{config['model_type']}")
+        searches = [(1, 0.0)] + ([(beam_size, ctc_weight)] if beam_size > 1 else [])
+        result["cli_agreement"] = [cli_agreement(checkpoint, model, task, split, cli, k, w) for k, w in searches]
     if out is None and os.path.exists(run_json):
         out = os.path.join(path, f"eval-{split}.json")
     if context_use:
@@ -96,6 +109,43 @@ def evaluate(path: str, split: str = "test", out: Optional[str] = None, max_batc
         print(format_table(result))
         print(f"wrote {out}" if out else "(a checkpoint, not a run: nothing written; --out FILE saves the metrics)")
     return result
+
+
+def cli_agreement(checkpoint: str, model, task, split: str, cli: str, beam_size: int = 1, ctc_weight: float = 0.0,
+                  limit: int = 0) -> dict:
+    """Transcribes the split's utterances (clean, as 16-bit WAV files) with
+    `attnzoo-cli transcribe` and with the Python model, one utterance at a
+    time in both, and counts the identical transcripts."""
+    import subprocess
+    import tempfile
+    import wave
+
+    audio = task.splits[split][0]
+    count = min(limit, len(audio)) if limit else len(audio)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = []
+        for i in range(count):
+            files.append(os.path.join(tmp, f"{i:05d}.wav"))
+            with wave.open(files[-1], "wb") as f:
+                f.setnchannels(1)
+                f.setsampwidth(2)
+                f.setframerate(model.config["sample_rate"])
+                f.writeframes(audio[i].to(torch.int16).numpy().tobytes())
+        report = os.path.join(tmp, "cli.json")
+        start = time.perf_counter()
+        done = subprocess.run([cli, "transcribe", checkpoint, *files, "--beam-size", str(beam_size), "--ctc-weight",
+                               repr(ctc_weight), "--json", report], capture_output=True, text=True)
+        cli_seconds = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(f"{cli} transcribe failed: {done.stderr.strip()}")
+        with open(report, encoding="utf-8") as f:
+            from_cli = [r["ids"] for r in json.load(f)]
+    start = time.perf_counter()
+    from_python = [model.transcribe(audio[i].float().unsqueeze(0) / 32768.0, beam_size=beam_size,
+                                    ctc_weight=ctc_weight)[0] for i in range(count)]
+    return {"beam_size": beam_size, "ctc_weight": ctc_weight, "utterances": count,
+            "identical": sum(a == b for a, b in zip(from_cli, from_python)),
+            "cli_seconds": cli_seconds, "python_seconds": time.perf_counter() - start}
 
 
 def _plot_context_use(path: str, by_position, measured: dict) -> None:
@@ -124,7 +174,8 @@ def _plot_context_use(path: str, by_position, measured: dict) -> None:
 
 
 def format_table(result: dict) -> str:
-    rows = [(k, v) for k, v in result.items() if k not in ("checkpoint", "sample", "sample_title", "context_use")]
+    rows = [(k, v) for k, v in result.items()
+            if k not in ("checkpoint", "sample", "sample_title", "context_use", "cli_agreement")]
     width = max(len(k) for k, _ in rows)
     lines = [f"{'metric':{width}s}  value", f"{'-' * width}  -----"]
     for k, v in rows:
@@ -135,6 +186,10 @@ def format_table(result: dict) -> str:
                       f"with the whole window, {c['loss_short_context']:.4f} with the previous {c['short']} "
                       f"only; difference {c['difference']:.4f} +- {c['standard_error']:.4f} (SE): "
                       f"{'uses' if c['uses_context'] else 'no evidence that it uses'} the longer context"]
+    for c in result.get("cli_agreement", []):
+        lines.append(f"attnzoo-cli transcribe, beam {c['beam_size']}, CTC weight {c['ctc_weight']}: "
+                     f"{c['identical']} of {c['utterances']} transcripts identical to Python's "
+                     f"({c['cli_seconds']:.1f} s; Python {c['python_seconds']:.1f} s)")
     if "sample" in result:
         lines += ["", result["sample_title"], result["sample"]]
     return "\n".join(lines)

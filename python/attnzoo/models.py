@@ -26,7 +26,8 @@ from torch import nn
 from . import _C
 from ._files import atomic_write, write_text_atomic
 
-__all__ = ["GPT", "Bert", "ViT", "Speech", "from_pretrained", "load_config", "default_config", "ZooModel"]
+__all__ = ["GPT", "Bert", "ViT", "Speech", "SpeechSeq2Seq", "from_pretrained", "load_config", "default_config",
+           "ZooModel"]
 
 ConfigLike = Union[None, str, os.PathLike, Mapping[str, Any]]
 
@@ -201,14 +202,19 @@ class ZooModel(CppModule):
     def __init__(self, config: ConfigLike = None, **overrides):
         cfg = load_config(config, self.model_type, **overrides)
         super().__init__(self._cpp_class(json.dumps(cfg)))
-        self._cpp.set_layer_runner(_layer_runner(tuple(self.layers)))
+        self._cpp.set_layer_runner(_layer_runner(self._blocks()))
 
     @classmethod
     def _wrap(cls, cpp_model) -> "ZooModel":
         model = cls.__new__(cls)
         CppModule.__init__(model, cpp_model)
-        cpp_model.set_layer_runner(_layer_runner(tuple(model.layers)))
+        cpp_model.set_layer_runner(_layer_runner(model._blocks()))
         return model
+
+    def _blocks(self) -> tuple:
+        """Every transformer block, in the C++ model's layer numbering: the
+        layers, then a decoder's."""
+        return tuple(self.layers) + tuple(getattr(self, "decoder_layers", ()))
 
     @property
     def config(self) -> dict:
@@ -241,16 +247,16 @@ class ZooModel(CppModule):
         in training, each block keeps only its input and runs again in the
         backward pass, trading about one more forward for the activations'
         memory (docs/training.md has the numbers)."""
-        for block in self.layers:
+        for block in self._blocks():
             block.checkpoint_activations = True
 
     def gradient_checkpointing_disable(self) -> None:
-        for block in self.layers:
+        for block in self._blocks():
             block.checkpoint_activations = False
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return any(block.checkpoint_activations for block in self.layers)
+        return any(block.checkpoint_activations for block in self._blocks())
 
     @torch.no_grad()
     def attention_maps(self, *inputs, **kwargs) -> list:
@@ -398,7 +404,71 @@ class Speech(ZooModel):
         return self._cpp.greedy_decode(log_probs, lengths)
 
 
-MODEL_CLASSES = {cls.model_type: cls for cls in (GPT, Bert, ViT, Speech)}
+class SpeechSeq2Seq(Speech):
+    """Speech encoder-decoder: the Speech encoder and CTC head, and a causal
+    character decoder whose blocks cross-attend to the encoder's output."""
+
+    model_type = "speech_seq2seq"
+    _cpp_class = _C.SpeechSeq2Seq
+
+    def forward(self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor], decoder_input_ids: torch.Tensor):
+        """Teacher forcing: decoder_input_ids (B, N), the start token then the
+        transcript -> (decoder logits (B, N, vocab), CTC log-probabilities
+        (B, T, vocab), frame lengths (B,))."""
+        return self._cpp.forward(waveforms, lengths, decoder_input_ids)
+
+    def ctc(self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor] = None):
+        """The encoder's CTC head alone: (log-probabilities (B, T, vocab), frame lengths (B,))."""
+        with self._outside_forward("ctc"):
+            return self._cpp.ctc(waveforms, lengths)
+
+    def encode(self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor] = None):
+        """The encoder's output (B, T, hidden) and frame lengths (B,)."""
+        with self._outside_forward("encode"):
+            return self._cpp.encode(waveforms, lengths)
+
+    def decode(self, decoder_input_ids, encoded, frames, cache: Optional["_C.KVCache"] = None) -> torch.Tensor:
+        """Decoder logits (B, N, vocab) over encode()'s output; with a cache
+        (``attnzoo._C.KVCache()``), decoder_input_ids continue the tokens it holds."""
+        with self._outside_forward("decode"):
+            return self._cpp.decode(decoder_input_ids, encoded, frames, cache)
+
+    @property
+    def supports_kv_cache(self) -> bool:
+        return self._cpp.supports_kv_cache()
+
+    @torch.no_grad()
+    def transcribe(self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor] = None, *, beam_size: int = 1,
+                   max_length: int = 0, length_penalty: float = 1.0, use_cache: bool = True,
+                   ctc_weight: float = 0.0) -> list:
+        """Label ids of each utterance's transcript (without the start and end
+        tokens): greedy, or beam search with beam_size beams, ranking ended
+        transcripts by log-probability / length**length_penalty. max_length
+        caps the characters (0: the encoder's frame count). With ctc_weight
+        w > 0 the beam search is joint CTC/attention decoding: continuations
+        score (1 - w) * decoder log-probability + w * CTC prefix score. The
+        decoder's self-attention keys and values are cached, the
+        cross-attention's computed once."""
+        with self._outside_forward("transcribe"):
+            return self._cpp.transcribe(waveforms, lengths, beam_size, max_length, length_penalty, use_cache,
+                                        ctc_weight)
+
+    @torch.no_grad()
+    def cross_attention_maps(self, waveforms: torch.Tensor, lengths: Optional[torch.Tensor],
+                             decoder_input_ids: torch.Tensor) -> list:
+        """Runs forward and returns each decoder layer's cross-attention
+        probabilities (B, heads, characters, frames); None for a linear layer."""
+        self._cpp.record_attention(True)
+        try:
+            with self._outside_forward("cross_attention_maps"):
+                self.forward(waveforms, lengths, decoder_input_ids)
+        finally:
+            self._cpp.record_attention(False)
+            self._cpp.take_attention_maps()
+        return list(self._cpp.take_cross_attention_maps())
+
+
+MODEL_CLASSES = {cls.model_type: cls for cls in (GPT, Bert, ViT, Speech, SpeechSeq2Seq)}
 
 
 def from_pretrained(directory: Union[str, os.PathLike]) -> ZooModel:

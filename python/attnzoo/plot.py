@@ -2,10 +2,17 @@
 
     python -m attnzoo plot-attention models/gpt-kjv --text "In the beginning God"
     python -m attnzoo plot-attention models/vit-digits --index 3 --layers 0 3
+    python -m attnzoo plot-attention runs/speech-digits-s2s --index 5   # cross-attention alignment
 
 One PNG: a row per layer, a column per head, each cell the probabilities
 (query rows, key columns) that layer's attention computed from its own input
 in the model's forward pass. Text inputs are labelled with their tokens.
+
+For a speech encoder-decoder the PNG is the alignment instead: the
+cross-attention of one decoder layer (--layers, default the last), a panel
+per head, rows the characters of the model's greedy transcript (each row the
+query that predicts that character, the last the end token), columns the
+encoder frames.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ from ._files import atomic_write
 from .evaluate import resolve_checkpoint
 from .tasks import task_for
 
-__all__ = ["model_inputs", "plot_attention", "draw_attention"]
+__all__ = ["model_inputs", "plot_attention", "draw_attention", "plot_alignment", "draw_alignment"]
 
 MAX_LABELLED = 48  # more tokens than this and the axis labels would overlap
 LABEL_POINTS = 8
@@ -66,6 +73,8 @@ def plot_attention(path: str, out: str, text: Optional[str] = None, index: Optio
         raise ValueError("plot-attention: --index picks a held-out example of an image or speech model; "
                          "with --text it has nothing to pick (give one of them)")
     inputs, labels = model_inputs(model, checkpoint, text, 0 if index is None else index, split, cache)
+    if model.config["model_type"] == "speech_seq2seq":
+        return plot_alignment(model, path, inputs[0], out, layers)
     maps = model.attention_maps(*inputs)
     chosen = list(range(len(maps))) if not layers else list(layers)
     for layer in chosen:
@@ -87,6 +96,63 @@ def plot_attention(path: str, out: str, text: Optional[str] = None, index: Optio
     import matplotlib.pyplot as plt
     plt.close(fig)
     return out
+
+
+def plot_alignment(model, path: str, waveform: torch.Tensor, out: str, layers: Optional[Sequence[int]] = None) -> str:
+    """The cross-attention alignment of a speech encoder-decoder on one
+    utterance (1, samples): the model transcribes it greedily, then reads
+    its own transcript again with teacher forcing, recording each decoder
+    layer's cross-attention."""
+    count = model.config["num_decoder_layers"]
+    if layers is not None and len(layers) != 1:
+        raise ValueError("plot-attention: a speech encoder-decoder draws one decoder layer's alignment; give one "
+                         f"--layers value in [0, {count})")
+    layer = count - 1 if not layers else layers[0]
+    if not 0 <= layer < count:
+        raise ValueError(f"plot-attention: layers must be in [0, {count}) (decoder layers), got {layer}")
+    if model.config["cross_attention"]["kind"] != "dense":
+        raise ValueError(f"plot-attention: {model.config['cross_attention']['kind']} cross-attention never forms "
+                         "the probability matrix; nothing to draw")
+    labels = data.SpeechLabels()
+    heard = model.transcribe(waveform)[0]
+    ids = torch.tensor([[model.config["bos_token_id"], *heard]])
+    maps = model.cross_attention_maps(waveform, None, ids)
+    rows = [labels.decode([i]) for i in heard] + ["<end>"]
+    frame_ms = 4 * model.config["hop_length"] * 1000 / model.config["sample_rate"]  # two stride-2 convolutions
+    title = (f"{path}: decoder layer {layer} cross-attention on {labels.decode(heard)!r} "
+             "(rows: the character each query predicts; columns: encoder frames)")
+    fig = draw_alignment(maps[layer][0], rows, frame_ms, title)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return out
+
+
+def draw_alignment(probabilities: torch.Tensor, rows: Sequence[str], frame_ms: float, title: str):
+    """One panel per head of (heads, characters, frames) probabilities, on one
+    colour scale, characters labelled, frames in milliseconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heads, n, frames = probabilities.shape
+    fig, axes = plt.subplots(1, heads, figsize=(3.2 * heads + 1.0, max(3.0, 0.16 * n + 1.2)), squeeze=False,
+                             layout="constrained")
+    top = float(probabilities.max())
+    norm = matplotlib.colors.Normalize(vmin=0.0, vmax=top if top > 0 else 1.0)
+    tick_labels = [r.replace(" ", "\u2423") for r in rows]
+    for head in range(heads):
+        ax = axes[0][head]
+        image = ax.imshow(probabilities[head].float().numpy(), cmap="viridis", norm=norm, aspect="auto",
+                          interpolation="nearest", extent=(0, frames * frame_ms, n - 0.5, -0.5))
+        ax.set_title(f"head {head}", fontsize=9)
+        ax.set_xlabel("time (ms)", fontsize=8)
+        ax.set_yticks(range(n), tick_labels, fontsize=LABEL_POINTS if n <= MAX_LABELLED else 4)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="attention probability")
+    fig.suptitle(title, fontsize=10)
+    return fig
 
 
 def draw_attention(maps: dict, labels: Optional[Sequence[str]], title: str):

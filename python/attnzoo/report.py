@@ -78,11 +78,16 @@ def _parameters(model_dir: str, results: dict) -> Optional[int]:
 
 
 def _kind(config: dict) -> str:
-    att = config.get("attention", {})
-    if isinstance(att, list):  # per layer
-        kinds = [a.get("kind", "dense") for a in att]
-        return " / ".join(dict.fromkeys(kinds))
-    return att.get("kind", "dense")
+    def kinds(att) -> str:
+        if isinstance(att, list):  # per layer
+            return " / ".join(dict.fromkeys(a.get("kind", "dense") for a in att))
+        return att.get("kind", "dense")
+
+    text = kinds(config.get("attention", {}))
+    if "decoder_attention" in config or "cross_attention" in config:  # an encoder-decoder
+        text += (f"; decoder {kinds(config.get('decoder_attention', {}))}, "
+                 f"cross-attention {kinds(config.get('cross_attention', {}))}")
+    return text
 
 
 def _headline(results: dict) -> str:

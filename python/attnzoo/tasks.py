@@ -8,6 +8,10 @@ the held-out metrics. Used by attnzoo.train (pretrain) and evaluate.
 * speech: CTC on spoken digit strings (espeak-ng voices; validation and test
   voices held out), white noise at 10-30 dB SNR added to every utterance
   (fresh per training batch, seeded in evaluation); CER and WER.
+* speech_seq2seq: the same utterances; the decoder's cross-entropy with
+  teacher forcing plus a CTC loss on the encoder (weight ctc_weight = 0.3);
+  CER and WER of greedy transcripts (and of beam search where asked, by the
+  decoder alone and jointly with the CTC head).
 
 Batches are drawn from a torch.Generator the trainer owns (so a resumed run
 draws exactly what the uninterrupted one would have); evaluation is
@@ -303,6 +307,9 @@ class SpeechTask(Task):
             row[: len(t)] = torch.tensor(t)
         return self._on_device(waves, lengths, targets, target_lengths)
 
+    def save_tokenizer(self, directory):
+        self.labels.save(directory)
+
     def batch(self, generator, batch_size):
         n = len(self.splits["train"][0])
         return self._collate(torch.randint(0, n, (batch_size,), generator=generator).tolist(), "train", generator)
@@ -347,11 +354,92 @@ class SpeechTask(Task):
                 "utterances": len(order)}
 
 
-TASKS = {t.model_type: t for t in (GPTTask, BertTask, ViTTask, SpeechTask)}
+def error_rates(references, hypotheses) -> Dict[str, float]:
+    """Character and word error rates of transcripts against their references."""
+    char_errors = sum(edit_distance(r, h) for r, h in zip(references, hypotheses))
+    word_errors = sum(edit_distance(r.split(), h.split()) for r, h in zip(references, hypotheses))
+    return {"cer": char_errors / sum(len(r) for r in references),
+            "wer": word_errors / sum(len(r.split()) for r in references)}
+
+
+class SpeechSeq2SeqTask(SpeechTask):
+    """Teacher forcing: the decoder reads the start token and the transcript
+    and predicts the transcript and the end token; the loss is that
+    cross-entropy (per character) plus ctc_weight times the encoder's CTC
+    loss, which makes the encoder learn the alignment early (Kim, Hori and
+    Watanabe 2017, joint CTC-attention)."""
+
+    model_type = "speech_seq2seq"
+    ctc_weight = 0.3
+
+    def __init__(self, config, seq_len=0, data_fraction=1.0, cache=None, tokenizer=None):
+        super().__init__(config, seq_len, data_fraction, cache, tokenizer)
+        self.bos, self.eos = config["bos_token_id"], config["eos_token_id"]
+
+    def _teacher_forcing(self, targets, target_lengths):
+        """(decoder inputs: start + transcript, labels: transcript + end, -100 past it)."""
+        B, N = targets.shape
+        inputs = torch.cat([torch.full((B, 1), self.bos, dtype=torch.long, device=targets.device), targets], 1)
+        positions = torch.arange(N + 1, device=targets.device).unsqueeze(0)
+        labels = torch.cat([targets, torch.zeros(B, 1, dtype=torch.long, device=targets.device)], 1)
+        labels = labels.masked_fill(positions == target_lengths.unsqueeze(1), self.eos)
+        return inputs, labels.masked_fill(positions > target_lengths.unsqueeze(1), -100)
+
+    def _losses(self, model, batch, reduction="mean"):
+        waves, lengths, targets, target_lengths = batch
+        inputs, labels = self._teacher_forcing(targets, target_lengths)
+        logits, log_probs, frames = model(waves, lengths, inputs)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction=reduction)
+        ctc = F.ctc_loss(log_probs.transpose(0, 1), targets, frames, target_lengths, blank=self.labels.blank_id,
+                         reduction=reduction, zero_infinity=True)
+        return ce, ctc
+
+    def loss(self, model, batch):
+        ce, ctc = self._losses(model, batch)
+        return ce + self.ctc_weight * ctc
+
+    def transcribe(self, model, split, indices, generator, searches=((1, 0.0),)):
+        """(summed decoder cross-entropy, its character count, [transcripts per
+        search]); a search is (beam_size, ctc_weight), all on the same audio."""
+        batch = self._collate(indices, split, generator)
+        ce, _ = self._losses(model, batch, reduction="sum")
+        heard = [[self.labels.decode(t) for t in model.transcribe(batch[0], batch[1], beam_size=k, ctc_weight=w)]
+                 for k, w in searches]
+        return ce.item(), int(batch[3].sum()) + len(indices), heard
+
+    @torch.no_grad()
+    def evaluate(self, model, split, max_batches=0, batch_size=32, beam_size=0, ctc_weight=0.3):
+        """Greedy CER and WER and the decoder's teacher-forced loss (nats per
+        character, the end token counted); with beam_size > 1 also those of
+        beam search by the decoder alone (cer_beam, wer_beam) and jointly with
+        the CTC head's prefix scores at ctc_weight (cer_joint, wer_joint)."""
+        audio, texts = self.splits[split]
+        order = list(range(len(audio)))
+        if max_batches:
+            order = order[: max_batches * batch_size]
+        searches = [(1, 0.0)] + ([(beam_size, 0.0), (beam_size, ctc_weight)] if beam_size > 1 else [])
+        generator = torch.Generator().manual_seed(1234)  # the same noise every evaluation
+        total, chars, heard = 0.0, 0, [[] for _ in searches]
+        for start in range(0, len(order), batch_size):
+            loss, count, batch_heard = self.transcribe(model, split, order[start:start + batch_size], generator,
+                                                       searches)
+            total, chars = total + loss, chars + count
+            for all_heard, more in zip(heard, batch_heard):
+                all_heard += more
+        references = [texts[i] for i in order]
+        result = {"loss": total / chars, **error_rates(references, heard[0]), "utterances": len(order)}
+        if beam_size > 1:
+            beam, joint = error_rates(references, heard[1]), error_rates(references, heard[2])
+            result.update({"cer_beam": beam["cer"], "wer_beam": beam["wer"], "cer_joint": joint["cer"],
+                           "wer_joint": joint["wer"], "beam_size": beam_size, "ctc_weight": ctc_weight})
+        return result
+
+
+TASKS = {t.model_type: t for t in (GPTTask, BertTask, ViTTask, SpeechTask, SpeechSeq2SeqTask)}
 
 # The headline metric of each kind and whether larger is better.
 HEADLINE = {"gpt": ("loss", False), "bert": ("masked_accuracy", True), "vit": ("accuracy", True),
-            "speech": ("cer", False)}
+            "speech": ("cer", False), "speech_seq2seq": ("cer", False)}
 
 
 def task_for(config: dict, **kw) -> Task:

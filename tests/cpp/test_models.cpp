@@ -24,7 +24,10 @@ TEST_CASE("every model builds, trains one step and round-trips its checkpoint fr
           "attention": {"kind": "block_sparse", "block_size": 4}})",
       R"({"model_type": "vit", "hidden_size": 32, "num_layers": 2, "num_heads": 4, "attention": {"kind": "shaw"}})",
       R"({"model_type": "speech", "vocab_size": 10, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "n_mels": 40,
-          "conformer_conv": true, "attention": {"kind": "lsh", "bucket_size": 4}})"};
+          "conformer_conv": true, "attention": {"kind": "lsh", "bucket_size": 4}})",
+      R"({"model_type": "speech_seq2seq", "vocab_size": 10, "hidden_size": 32, "num_layers": 1, "num_heads": 4,
+          "n_mels": 40, "num_decoder_layers": 2, "decoder_attention": {"kind": "t5"},
+          "cross_attention": {"kind": "linear"}})"};
   for (const auto& text : configs) {
     auto model = attnzoo::models::create_model(attnzoo::config_from_json(text));
     INFO(attnzoo::name(model->config().model_type));
@@ -37,6 +40,11 @@ TEST_CASE("every model builds, trains one step and round-trips its checkpoint fr
       }
       if (auto* v = dynamic_cast<attnzoo::models::ViTImpl*>(&m))
         return v->forward(at::randn({2, 1, 8, 8})).pow(2).mean();
+      if (auto* d = dynamic_cast<attnzoo::models::SpeechSeq2SeqImpl*>(&m)) {
+        auto [logits, ctc, frames] =
+            d->forward(at::randn({2, 3000}), std::nullopt, at::randint(0, 10, {2, 5}));
+        return logits.logsumexp(-1).mean() + ctc.exp().pow(2).mean();
+      }
       auto* s = dynamic_cast<attnzoo::models::SpeechImpl*>(&m);
       return std::get<0>(s->forward(at::randn({2, 3000}))).exp().pow(2).mean();
     };
@@ -98,6 +106,51 @@ TEST_CASE("GPT: cached and uncached generation agree in C++", "[models]") {
   }
 }
 
+TEST_CASE("speech_seq2seq: cached decoding and transcription agree with the full decoder in C++",
+          "[models]") {
+  torch::manual_seed(2);
+  for (const char* attention : {R"({"kind": "rotary"})", R"({"kind": "linear"})"}) {
+    INFO(attention);
+    auto config = attnzoo::config_from_json(
+        std::string(R"({"model_type": "speech_seq2seq", "vocab_size": 9, "hidden_size": 32, "num_layers": 1,
+                        "num_heads": 4, "n_mels": 40, "dropout": 0.0, "decoder_attention": )") +
+        attention + "}");
+    attnzoo::models::SpeechSeq2Seq model(config);
+    model->eval();
+    torch::NoGradGuard no_grad;
+    auto waves = at::randn({2, 7000}) * 0.3;
+    auto lengths = at::tensor({7000, 5000}, at::kLong);
+    auto [encoded, frames] = model->encode(waves, lengths);
+    auto ids = at::randint(0, 9, {2, 6});
+    auto full = model->decode(ids, encoded, frames);
+    CHECK(at::allclose(std::get<0>(model->forward(waves, lengths, ids)), full, 1e-5, 1e-6));
+    attnzoo::models::TranscribeOptions options;
+    options.max_length = 8;
+    auto greedy = model->transcribe(waves, lengths, options);
+    options.use_cache = false;
+    CHECK(model->transcribe(waves, lengths, options) == greedy);
+    options.beam_size = 3;
+    auto beam = model->transcribe(waves, lengths, options);
+    options.use_cache = true;
+    CHECK(model->transcribe(waves, lengths, options) == beam);
+    if (!model->supports_kv_cache()) continue;
+    attnzoo::nn::KVCache cache;
+    std::vector<at::Tensor> steps = {model->decode(ids.narrow(1, 0, 2), encoded, frames, &cache)};
+    for (int64_t t = 2; t < 6; ++t)
+      steps.push_back(model->decode(ids.narrow(1, t, 1), encoded, frames, &cache));
+    CHECK((at::cat(steps, 1) - full).abs().max().item<double>() < 1e-5);
+    // The cross-attention keys come from the cache once it holds them.
+    CHECK(cache.front().context_k.defined());
+    CHECK_THAT(error_of([&] {
+                 model->decode(ids.narrow(1, 0, 1).repeat({2, 1}), encoded.repeat({2, 1, 1}),
+                               frames.repeat({2}), &cache);
+               }),
+               Catch::Contains("KV cache holds batch 2"));
+    CHECK_THAT(error_of([&] { model->decode(ids, encoded.narrow(0, 0, 1), frames, &cache); }),
+               Catch::Contains("encoded must have shape (2, frames, 32)"));
+  }
+}
+
 TEST_CASE("replace_parameter: the forward reads the new tensor and its gradient reaches it", "[models]") {
   torch::manual_seed(2);
   attnzoo::models::GPT gpt(attnzoo::config_from_json(gpt_json(R"({"kind": "t5"})")));
@@ -139,7 +192,7 @@ TEST_CASE("replace_parameter: the forward reads the new tensor and its gradient 
 TEST_CASE("transformer block with cross-attention reads the context and honours its padding", "[models]") {
   torch::manual_seed(3);
   auto config = attnzoo::config_from_json(gpt_json());
-  attnzoo::nn::TransformerBlock block(config, config.attention[0], /*cross_attention=*/true);
+  attnzoo::nn::TransformerBlock block(config, config.attention[0], attnzoo::AttentionConfig{});
   block->eval();
   torch::NoGradGuard no_grad;
   auto x = at::randn({2, 5, 32}), context = at::randn({2, 7, 32});
@@ -148,22 +201,23 @@ TEST_CASE("transformer block with cross-attention reads the context and honours 
   attnzoo::nn::AttentionInputs inputs;
   inputs.causal = true;
   inputs.context = &context;
-  auto out = block->forward(x, inputs, mask);
+  inputs.context_padding_mask = mask;
+  auto out = block->forward(x, inputs);
   // Changing padded context positions changes nothing; changing a real one does.
   auto other = context.clone();
   other.narrow(1, 5, 2).normal_();
   inputs.context = &other;
-  CHECK(at::allclose(block->forward(x, inputs, mask), out));
+  CHECK(at::allclose(block->forward(x, inputs), out));
   other.narrow(1, 0, 1).normal_();
-  CHECK(!at::allclose(block->forward(x, inputs, mask), out));
+  CHECK(!at::allclose(block->forward(x, inputs), out));
   // The output of a query depends only on itself and earlier queries (causal self-attention).
   auto later = x.clone();
   later.narrow(1, 4, 1).normal_();
   inputs.context = &context;
-  CHECK(at::allclose(block->forward(later, inputs, mask).narrow(1, 0, 4), out.narrow(1, 0, 4), 1e-5, 1e-6));
+  CHECK(at::allclose(block->forward(later, inputs).narrow(1, 0, 4), out.narrow(1, 0, 4), 1e-5, 1e-6));
   inputs.context = nullptr;
   CHECK_THAT(error_of([&] { block->forward(x, inputs); }), Catch::Contains("needs a context"));
-  attnzoo::nn::MultiHeadAttention cross(config, config.attention[0], /*cross=*/true);
+  attnzoo::nn::MultiHeadAttention cross(config, attnzoo::AttentionConfig{}, /*cross=*/true);
   CHECK_THAT(error_of([&] { cross->forward(x); }), Catch::Contains("cross-attention layer needs a context"));
 }
 

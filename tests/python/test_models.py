@@ -601,6 +601,8 @@ def test_zoo_configs_build_and_run(name):
             out = model(torch.randint(0, config["vocab_size"], (1, 100)))
         elif config["model_type"] == "vit":
             out = model(torch.randn(2, 1, 8, 8))
+        elif config["model_type"] == "speech_seq2seq":
+            out = model(torch.randn(1, 8000), None, torch.tensor([[config["bos_token_id"], 3, 4]]))[0]
         else:
             out = model(torch.randn(1, 8000))[0]
     assert torch.isfinite(out).all()

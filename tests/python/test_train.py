@@ -43,6 +43,8 @@ def weights(directory):
     ("bert-kjv", {**TINY_TEXT, "vocab_size": 512}),
     ("vit-digits", {"num_layers": 2, "hidden_size": 32}),
     ("speech-digits", {"num_layers": 1, "hidden_size": 32, "subsampling_channels": 4, "conv_kernel_size": 3}),
+    ("speech-digits-s2s", {"num_layers": 1, "hidden_size": 32, "subsampling_channels": 4, "conv_kernel_size": 3,
+                           "num_decoder_layers": 1}),
 ])
 def test_smoke_pretrain_and_evaluate_every_kind(tmp_path, model, overrides, capsys):
     run = tmp_path / "run"
@@ -59,12 +61,15 @@ def test_smoke_pretrain_and_evaluate_every_kind(tmp_path, model, overrides, caps
     saved = json.loads((run / "eval-test.json").read_text())
     assert saved["split"] == "test" and saved["model_type"] == attnzoo.models.load_config(run / "last")["model_type"]
     assert result["loss"] == saved["loss"] and "loss" in printed and "wrote" in printed
-    headline = {"gpt": "perplexity", "bert": "masked_accuracy", "vit": "accuracy", "speech": "cer"}[saved["model_type"]]
+    headline = {"gpt": "perplexity", "bert": "masked_accuracy", "vit": "accuracy", "speech": "cer",
+                "speech_seq2seq": "cer_joint"}[saved["model_type"]]
     assert headline in saved and headline in printed
     if saved["model_type"] == "gpt":
         assert saved["sample"].startswith("And God said") and len(saved["sample"]) > len("And God said")
     if saved["model_type"] == "bert":
         assert (run / "last" / "tokenizer.model").exists()
+    if saved["model_type"] == "speech_seq2seq":  # the labels for attnzoo-cli transcribe
+        assert json.loads((run / "last" / "tokenizer.json").read_text())["labels"][1] == " "
 
 
 def test_warmup_and_cosine_schedule():

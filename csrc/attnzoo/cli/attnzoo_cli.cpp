@@ -4,8 +4,15 @@
 //                        [--temperature T] [--top-k K] [--top-p P] [--seed S] [--no-cache] [--device D]
 //   attnzoo-cli evaluate MODEL_DIR --text FILE [--seq-len N] [--batch-size B] [--max-batches M] [--json OUT]
 //                        [--device D]
+//   attnzoo-cli transcribe MODEL_DIR FILE.wav... [--beam-size K] [--ctc-weight W] [--max-length N]
+//                        [--length-penalty P] [--no-cache] [--json OUT] [--device D]
 //
-// Both take a GPT checkpoint directory (config.json + model.safetensors, as
+// transcribe takes a speech_seq2seq checkpoint and prints one transcript per
+// WAV file (PCM or float, at the model's sample rate), through the
+// checkpoint's tokenizer.json labels (label ids without it); greedy unless
+// --beam-size > 1, as `model.transcribe` in Python.
+//
+// generate and evaluate take a GPT checkpoint directory (config.json + model.safetensors, as
 // written by `python -m attnzoo pretrain` or save_pretrained in either
 // language). Text goes through the checkpoint's byte tokenizer. `evaluate`
 // scores next-byte prediction on a text file with the same windows as
@@ -18,6 +25,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <iostream>
 #include <map>
@@ -39,11 +47,15 @@ const char* kUsage =
     "  attnzoo-cli evaluate MODEL_DIR --text FILE [--seq-len N] [--batch-size B] [--max-batches M] [--json "
     "OUT]\n"
     "                       [--device cpu|cuda[:N]]\n"
+    "  attnzoo-cli transcribe MODEL_DIR FILE.wav... [--beam-size K] [--ctc-weight W] [--max-length N]\n"
+    "                       [--length-penalty P] [--no-cache] [--json OUT] [--device cpu|cuda[:N]]\n"
     "\n"
     "MODEL_DIR is a GPT checkpoint directory (config.json + model.safetensors). generate continues the\n"
     "prompt, greedy unless --temperature > 0 (then --top-k, --top-p, --seed); --max-new-tokens defaults\n"
     "to 32, as in Python, and to what fits the model's max_position_embeddings when the prompt leaves\n"
-    "less room. evaluate scores next-byte prediction on a text file, as `python -m attnzoo evaluate`.\n";
+    "less room. evaluate scores next-byte prediction on a text file, as `python -m attnzoo evaluate`.\n"
+    "transcribe takes a speech_seq2seq checkpoint and prints one transcript per WAV file (greedy unless\n"
+    "--beam-size > 1; --ctc-weight W > 0 adds the CTC head's prefix scores to the search).\n";
 
 bool asks_for_help(int argc, char** argv) {
   for (int i = 1; i < argc; ++i)
@@ -55,12 +67,18 @@ struct UsageError : std::invalid_argument {
   using std::invalid_argument::invalid_argument;
 };
 
-// --flag value pairs (and the bare flags listed in `switches`) after the command and directory.
+// --flag value pairs (and the bare flags listed in `switches`) after the command and directory; the
+// other words go to `positional` when given, and are refused otherwise.
 std::map<std::string, std::string> parse_flags(int argc, char** argv, const std::vector<std::string>& known,
-                                               const std::vector<std::string>& switches) {
+                                               const std::vector<std::string>& switches,
+                                               std::vector<std::string>* positional = nullptr) {
   std::map<std::string, std::string> flags;
   for (int i = 3; i < argc; ++i) {
     const std::string flag = argv[i];
+    if (positional && flag.rfind("--", 0) != 0) {
+      positional->push_back(flag);
+      continue;
+    }
     bool is_switch = false;
     for (const auto& s : switches) is_switch |= flag == s;
     if (is_switch) {
@@ -156,6 +174,110 @@ torch::Device device_of(const std::map<std::string, std::string>& flags) {
   return *device;
 }
 
+// A WAV file's samples as floats in [-1, 1) (channels averaged) and its rate.
+struct Wav {
+  std::vector<float> samples;
+  int64_t sample_rate = 0;
+};
+
+// Integer PCM of 8 (unsigned), 16, 24 or 32 bits, or 32/64-bit IEEE float,
+// also inside WAVE_FORMAT_EXTENSIBLE. 16-bit samples become s / 32768, as
+// the Python tools scale them, so both languages hear the same numbers.
+Wav read_wav(const std::string& path) {
+  const std::string bytes = read_file(path);
+  auto fail = [&](const std::string& why) -> void { throw std::invalid_argument(path + ": " + why); };
+  auto byte = [&](size_t at) { return uint32_t(static_cast<unsigned char>(bytes[at])); };
+  auto u16 = [&](size_t at) { return byte(at) | byte(at + 1) << 8; };
+  auto u32 = [&](size_t at) { return u16(at) | u16(at + 2) << 16; };
+  if (bytes.size() < 12 || bytes.compare(0, 4, "RIFF") != 0 || bytes.compare(8, 4, "WAVE") != 0)
+    fail("not a RIFF/WAVE file");
+  uint32_t format = 0, channels = 0, rate = 0, bits = 0;
+  size_t data = 0, data_size = 0;
+  bool have_data = false;
+  for (size_t at = 12; at + 8 <= bytes.size();) {
+    const std::string id = bytes.substr(at, 4);
+    size_t size = u32(at + 4);
+    const size_t body = at + 8;
+    if (size > bytes.size() - body) {
+      // Streamed WAVs (espeak-ng --stdout, sox to a pipe) leave the data size unset.
+      if (id != "data") fail("chunk '" + id + "' runs past the end of the file");
+      size = bytes.size() - body;
+    }
+    if (id == "fmt ") {
+      if (size < 16) fail("the fmt chunk is too short");
+      format = u16(body);
+      channels = u16(body + 2);
+      rate = u32(body + 4);
+      bits = u16(body + 14);
+      if (format == 0xFFFE && size >= 26) format = u16(body + 24);  // WAVE_FORMAT_EXTENSIBLE: the sub-format
+    } else if (id == "data") {
+      data = body;
+      data_size = size;
+      have_data = true;
+      break;
+    }
+    at = body + size + (size & 1);
+  }
+  if (!format) fail("no fmt chunk before the samples");
+  if (!have_data) fail("no data chunk");
+  const bool pcm = format == 1 && (bits == 8 || bits == 16 || bits == 24 || bits == 32);
+  const bool ieee = format == 3 && (bits == 32 || bits == 64);
+  if (!pcm && !ieee)
+    fail("unsupported encoding (format " + std::to_string(format) + ", " + std::to_string(bits) +
+         " bits); use integer PCM or IEEE float");
+  if (channels < 1) fail("the fmt chunk declares no channels");
+  const size_t width = bits / 8, frame = width * channels, frames = data_size / frame;
+  if (frames == 0) fail("holds no samples");
+  Wav wav;
+  wav.sample_rate = rate;
+  wav.samples.assign(frames, 0.0f);
+  for (size_t f = 0; f < frames; ++f) {
+    float sum = 0.0f;
+    for (size_t c = 0; c < channels; ++c) {
+      const size_t at = data + f * frame + c * width;
+      float value;
+      if (ieee && bits == 32) {
+        uint32_t raw = u32(at);
+        std::memcpy(&value, &raw, sizeof value);
+      } else if (ieee) {
+        uint64_t raw = uint64_t(u32(at)) | uint64_t(u32(at + 4)) << 32;
+        double wide;
+        std::memcpy(&wide, &raw, sizeof wide);
+        value = float(wide);
+      } else if (bits == 8) {
+        value = (float(byte(at)) - 128.0f) / 128.0f;
+      } else if (bits == 16) {
+        value = float(int16_t(u16(at))) / 32768.0f;
+      } else if (bits == 24) {
+        value = float(int32_t((byte(at) | byte(at + 1) << 8 | byte(at + 2) << 16) << 8) >> 8) / 8388608.0f;
+      } else {
+        value = float(double(int32_t(u32(at))) / 2147483648.0);
+      }
+      sum = channels == 1 ? value : sum + value;
+    }
+    wav.samples[f] = channels == 1 ? sum : sum / float(channels);
+  }
+  return wav;
+}
+
+// tokenizer.json's {"kind": "labels", "labels": [...]}: the text of each label
+// id; empty when the checkpoint has none (transcripts print as ids).
+std::vector<std::string> read_labels(const std::string& dir) {
+  const std::string path = dir + "/tokenizer.json";
+  std::ifstream in(path);
+  if (!in) return {};
+  const auto spec = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (!spec.is_object() || spec.value("kind", "") != "labels" || !spec.contains("labels") ||
+      !spec["labels"].is_array())
+    throw std::invalid_argument(path + ": expected {\"kind\": \"labels\", \"labels\": [...]}");
+  std::vector<std::string> labels;
+  for (const auto& label : spec["labels"]) {
+    if (!label.is_string()) throw std::invalid_argument(path + ": every label must be a string");
+    labels.push_back(label.get<std::string>());
+  }
+  return labels;
+}
+
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
 }
@@ -214,6 +336,62 @@ int generate(const std::string& dir, const std::map<std::string, std::string>& f
   std::fprintf(stderr, "generated %lld tokens in %.3f s (%.1f tokens/s, %s)\n",
                static_cast<long long>(produced), elapsed, produced / std::max(elapsed, 1e-9),
                options.use_cache ? "KV cache" : "no cache");
+  return 0;
+}
+
+int transcribe(const std::string& dir, const std::vector<std::string>& files,
+               const std::map<std::string, std::string>& flags) {
+  if (files.empty()) throw UsageError("transcribe needs at least one WAV file");
+  const torch::Device device = device_of(flags);
+  auto model = attnzoo::from_pretrained_as<attnzoo::models::SpeechSeq2SeqImpl>(dir);  // in eval mode
+  model->to(device);
+  const auto labels = read_labels(dir);
+  attnzoo::models::TranscribeOptions options;  // its defaults are Python's too
+  options.beam_size = number<int64_t>(flags, "--beam-size", options.beam_size);
+  options.max_length = number<int64_t>(flags, "--max-length", options.max_length);
+  options.length_penalty = number<double>(flags, "--length-penalty", options.length_penalty);
+  options.ctc_weight = number<double>(flags, "--ctc-weight", options.ctc_weight);
+  options.use_cache = !flags.count("--no-cache");
+  if (options.beam_size < 1) throw UsageError("--beam-size must be >= 1");
+  if (options.max_length < 0) throw UsageError("--max-length must be >= 0 (0: the encoder's frame count)");
+  const int64_t rate = model->config().sample_rate;
+  nlohmann::json report = nlohmann::json::array();
+  double audio_seconds = 0.0, elapsed = 0.0;
+  for (const auto& file : files) {
+    const Wav wav = read_wav(file);
+    if (wav.sample_rate != rate)
+      throw std::invalid_argument(file + ": sampled at " + std::to_string(wav.sample_rate) +
+                                  " Hz; the model takes " + std::to_string(rate) + " Hz (resample it first)");
+    const auto waveform = torch::from_blob(const_cast<float*>(wav.samples.data()),
+                                           {1, int64_t(wav.samples.size())}, torch::kFloat)
+                              .to(device);
+    const auto start = Clock::now();
+    const auto ids = model->transcribe(waveform, std::nullopt, options).front();
+    elapsed += seconds_since(start);
+    audio_seconds += double(wav.samples.size()) / double(rate);
+    std::string text;
+    for (size_t i = 0; i < ids.size(); ++i) {
+      if (labels.empty()) {
+        text += (i ? "," : "") + std::to_string(ids[i]);
+      } else {
+        if (ids[i] < 0 || size_t(ids[i]) >= labels.size())
+          throw std::runtime_error(dir + "/tokenizer.json has no label " + std::to_string(ids[i]));
+        text += labels[size_t(ids[i])];
+      }
+    }
+    std::cout << text << '\n';
+    report.push_back({{"file", file}, {"text", text}, {"ids", ids}});
+  }
+  std::string search = options.beam_size > 1 ? "beam " + std::to_string(options.beam_size) : "greedy";
+  if (options.ctc_weight > 0) search += ", CTC weight " + std::to_string(options.ctc_weight).substr(0, 4);
+  std::fprintf(stderr, "transcribed %zu file(s), %.2f s of audio, in %.3f s (%.1fx real time; %s, %s)\n",
+               files.size(), audio_seconds, elapsed, audio_seconds / std::max(elapsed, 1e-9), search.c_str(),
+               options.use_cache ? "KV cache" : "no cache");
+  if (flags.count("--json")) {
+    std::ofstream out(flags.at("--json"));
+    out << report.dump(1) << '\n';
+    if (!out) throw std::runtime_error("cannot write " + flags.at("--json"));
+  }
   return 0;
 }
 
@@ -309,6 +487,14 @@ int main(int argc, char** argv) {
           dir,
           parse_flags(argc, argv,
                       {"--text", "--seq-len", "--batch-size", "--max-batches", "--json", "--device"}, {}));
+    if (command == "transcribe") {
+      std::vector<std::string> files;
+      const auto flags = parse_flags(
+          argc, argv,
+          {"--beam-size", "--max-length", "--length-penalty", "--ctc-weight", "--json", "--device"},
+          {"--no-cache"}, &files);
+      return transcribe(dir, files, flags);
+    }
     throw UsageError("unknown command '" + command + "'");
   } catch (const UsageError& e) {
     std::cerr << "attnzoo-cli: " << e.what() << '\n' << kUsage;

@@ -44,7 +44,7 @@ std::string read_value<std::string>(const json& value, const std::string& key) {
   if (!value.is_string()) fail(key, "must be a string, got " + value.dump());
   return value.get<std::string>();
 }
-// An enum's config.json words, "bert, gpt, vit, speech", for messages.
+// An enum's config.json words, "bert, gpt, vit, speech, ...", for messages.
 template <typename E>
 std::string choices() {
   std::string out;
@@ -133,38 +133,39 @@ const std::vector<Field<AttentionConfig>>& attention_fields() {
 const std::vector<Field<ModelConfig>>& model_fields() {
   using M = ModelConfig;
   static const std::vector<Field<M>> fields = {
-      field("vocab_size", "bert gpt speech", &M::vocab_size),
+      field("vocab_size", "bert gpt speech speech_seq2seq", &M::vocab_size),
       field("hidden_size", "*", &M::hidden_size),
       field("num_layers", "*", &M::num_layers),
       field("num_heads", "*", &M::num_heads),
       field("num_kv_heads", "*", &M::num_kv_heads),
       field("intermediate_size", "*", &M::intermediate_size),
-      field("max_position_embeddings", "bert gpt speech", &M::max_position_embeddings),
+      field("max_position_embeddings", "bert gpt speech speech_seq2seq", &M::max_position_embeddings),
       field("dropout", "*", &M::dropout),
       field("attention_dropout", "*", &M::attention_dropout),
       field("layer_norm_eps", "*", &M::layer_norm_eps),
       field("activation", "*", &M::activation),
       field("norm", "*", &M::norm),
-      field("position_embedding", "bert gpt speech", &M::position_embedding),
+      field("position_embedding", "bert gpt speech speech_seq2seq", &M::position_embedding),
       field("qkv_bias", "*", &M::qkv_bias),
       field("fused_qkv", "*", &M::fused_qkv),
       field("tie_word_embeddings", "bert gpt", &M::tie_word_embeddings),
       field("type_vocab_size", "bert", &M::type_vocab_size),
       field("pad_token_id", "bert gpt", &M::pad_token_id),
       field("num_labels", "bert vit", &M::num_labels),
-      field("bos_token_id", "gpt", &M::bos_token_id),
-      field("eos_token_id", "gpt", &M::eos_token_id),
+      field("bos_token_id", "gpt speech_seq2seq", &M::bos_token_id),
+      field("eos_token_id", "gpt speech_seq2seq", &M::eos_token_id),
       field("image_size", "vit", &M::image_size),
       field("patch_size", "vit", &M::patch_size),
       field("num_channels", "vit", &M::num_channels),
-      field("sample_rate", "speech", &M::sample_rate),
-      field("n_fft", "speech", &M::n_fft),
-      field("hop_length", "speech", &M::hop_length),
-      field("n_mels", "speech", &M::n_mels),
-      field("subsampling_channels", "speech", &M::subsampling_channels),
-      field("conformer_conv", "speech", &M::conformer_conv),
-      field("conv_kernel_size", "speech", &M::conv_kernel_size),
-      field("blank_id", "speech", &M::blank_id),
+      field("sample_rate", "speech speech_seq2seq", &M::sample_rate),
+      field("n_fft", "speech speech_seq2seq", &M::n_fft),
+      field("hop_length", "speech speech_seq2seq", &M::hop_length),
+      field("n_mels", "speech speech_seq2seq", &M::n_mels),
+      field("subsampling_channels", "speech speech_seq2seq", &M::subsampling_channels),
+      field("conformer_conv", "speech speech_seq2seq", &M::conformer_conv),
+      field("conv_kernel_size", "speech speech_seq2seq", &M::conv_kernel_size),
+      field("blank_id", "speech speech_seq2seq", &M::blank_id),
+      field("num_decoder_layers", "speech_seq2seq", &M::num_decoder_layers),
   };
   return fields;
 }
@@ -206,13 +207,33 @@ json attention_to_json(const AttentionConfig& config) {
   return out;
 }
 
-bool same_attention_everywhere(const ModelConfig& c) {
-  return std::all_of(c.attention.begin(), c.attention.end(), [&](const auto& a) {
-    return attention_to_json(a) == attention_to_json(c.attention.front());
-  });
+bool same_attention_everywhere(const std::vector<AttentionConfig>& stack) {
+  return std::all_of(stack.begin(), stack.end(),
+                     [&](const auto& a) { return attention_to_json(a) == attention_to_json(stack.front()); });
 }
 
-void validate_attention(const AttentionConfig& a, const ModelConfig& m, const std::string& path) {
+// A stack's attention: one JSON object for every layer, or a list with one per layer.
+std::vector<AttentionConfig> stack_from_json(const json& value, size_t layers, const std::string& key) {
+  std::vector<AttentionConfig> out;
+  if (value.is_array()) {
+    for (size_t i = 0; i < value.size(); ++i)
+      out.push_back(attention_from_json(value[i], key + "[" + std::to_string(i) + "]"));
+  } else {
+    out.assign(layers, attention_from_json(value, key));
+  }
+  return out;
+}
+
+json stack_to_json(const std::vector<AttentionConfig>& stack) {
+  if (same_attention_everywhere(stack) && !stack.empty()) return attention_to_json(stack.front());
+  json out = json::array();
+  for (const auto& a : stack) out.push_back(attention_to_json(a));
+  return out;
+}
+
+// `causal`: the layer attends causally (a GPT, a speech_seq2seq decoder).
+void validate_attention(const AttentionConfig& a, const ModelConfig& m, const std::string& path,
+                        bool causal) {
   switch (a.kind) {
     case AttentionKind::dense:
     case AttentionKind::alibi:
@@ -233,9 +254,10 @@ void validate_attention(const AttentionConfig& a, const ModelConfig& m, const st
       break;
     }
     case AttentionKind::longformer:
-      if (m.model_type == ModelType::gpt)
+      if (causal)
         fail(path + ".kind",
-             "\"longformer\" attention is bidirectional and cannot be used in a causal (gpt) model");
+             "\"longformer\" attention is bidirectional and cannot be used in a causal layer (gpt, a "
+             "decoder)");
       for (int64_t t : a.global_tokens) require_range(path + ".global_tokens", double(t), 0, 1 << 24);
       [[fallthrough]];
     case AttentionKind::local:
@@ -285,13 +307,29 @@ ModelConfig default_config(ModelType model_type) {
       c.position_embedding = PositionEmbedding::learned;
       break;
     case ModelType::speech:
+    case ModelType::speech_seq2seq:
       c.position_embedding = PositionEmbedding::sinusoidal;
       c.vocab_size = 32;
       c.max_position_embeddings = 4096;
       break;
   }
+  if (model_type == ModelType::speech_seq2seq) c.bos_token_id = c.eos_token_id = c.blank_id;
   return c;
 }
+
+namespace {
+// One attention spec per layer of a stack (`key`: "attention", "decoder_attention").
+void validate_stack(const std::vector<AttentionConfig>& stack, int64_t layers, const std::string& key,
+                    const ModelConfig& c, bool causal) {
+  if (int64_t(stack.size()) != layers)
+    fail(key, "has " + std::to_string(stack.size()) + " entries for " + std::to_string(layers) +
+                  " layers (give one object for all layers or a list with one per layer)");
+  // One spec for every layer was one JSON object: name it as such.
+  const bool uniform = same_attention_everywhere(stack);
+  for (size_t i = 0; i < stack.size(); ++i)
+    validate_attention(stack[i], c, uniform ? key : key + "[" + std::to_string(i) + "]", causal);
+}
+}  // namespace
 
 void validate(const ModelConfig& c) {
   const bool text = c.model_type == ModelType::bert || c.model_type == ModelType::gpt;
@@ -326,7 +364,8 @@ void validate(const ModelConfig& c) {
     if (c.image_size % c.patch_size != 0)
       fail("patch_size", "must divide image_size " + std::to_string(c.image_size));
   }
-  if (c.model_type == ModelType::speech) {
+  const bool speech = c.model_type == ModelType::speech || c.model_type == ModelType::speech_seq2seq;
+  if (speech) {
     require_range("sample_rate", double(c.sample_rate), 1000, 192000);
     require_range("n_fft", double(c.n_fft), 16, 1 << 14);
     require_range("hop_length", double(c.hop_length), 1, double(c.n_fft));
@@ -336,14 +375,22 @@ void validate(const ModelConfig& c) {
     if (c.conv_kernel_size % 2 == 0) fail("conv_kernel_size", "must be odd");
     require_range("blank_id", double(c.blank_id), 0, double(c.vocab_size - 1));
   }
-  if (int64_t(c.attention.size()) != c.num_layers)
-    fail("attention", "has " + std::to_string(c.attention.size()) + " entries for " +
-                          std::to_string(c.num_layers) +
-                          " layers (give one object for all layers or a list with one per layer)");
-  // One spec for every layer was one JSON object: name it as such.
-  const bool uniform = same_attention_everywhere(c);
-  for (size_t i = 0; i < c.attention.size(); ++i)
-    validate_attention(c.attention[i], c, uniform ? "attention" : "attention[" + std::to_string(i) + "]");
+  validate_stack(c.attention, c.num_layers, "attention", c, c.model_type == ModelType::gpt);
+  if (c.model_type == ModelType::speech_seq2seq) {
+    require_range("num_decoder_layers", double(c.num_decoder_layers), 1, 1024);
+    require_range("bos_token_id", double(c.bos_token_id), 0, double(c.vocab_size - 1));
+    require_range("eos_token_id", double(c.eos_token_id), 0, double(c.vocab_size - 1));
+    validate_stack(c.decoder_attention, c.num_decoder_layers, "decoder_attention", c, /*causal=*/true);
+    // Relative and positional kinds need queries and keys on one axis, and
+    // LSH shares them: none applies between characters and frames.
+    const auto cross = c.cross_attention.kind;
+    if (cross != AttentionKind::dense && cross != AttentionKind::linear)
+      fail("cross_attention.kind",
+           "must be \"dense\" or \"linear\" (characters and frames share no "
+           "positions for the other kinds), got \"" +
+               std::string(name(cross)) + "\"");
+    validate_attention(c.cross_attention, c, "cross_attention", /*causal=*/false);
+  }
 }
 
 ModelConfig config_from_json(const std::string& text) {
@@ -356,13 +403,24 @@ ModelConfig config_from_json(const std::string& text) {
   if (!root.is_object()) throw std::invalid_argument("config: the top level must be a JSON object");
   if (!root.contains("model_type")) fail("model_type", "is missing (one of " + choices<ModelType>() + ")");
   ModelConfig config = default_config(read_enum<ModelType>(root.at("model_type"), "model_type"));
-  json attention = json::object();
+  const bool seq2seq = config.model_type == ModelType::speech_seq2seq;
+  json attention = json::object(), decoder_attention = json::object();
   for (const auto& item : root.items()) {
     const std::string& key = item.key();
     const json& value = item.value();
     if (key == "model_type") continue;
     if (key == "attention") {
       attention = value;
+      continue;
+    }
+    if ((key == "decoder_attention" || key == "cross_attention") && !seq2seq)
+      fail(key, "does not apply to model_type \"" + std::string(name(config.model_type)) + "\"");
+    if (key == "decoder_attention") {
+      decoder_attention = value;
+      continue;
+    }
+    if (key == "cross_attention") {
+      config.cross_attention = attention_from_json(value, key);
       continue;
     }
     auto it = std::find_if(model_fields().begin(), model_fields().end(),
@@ -373,11 +431,14 @@ ModelConfig config_from_json(const std::string& text) {
     it->read(config, value, key);
   }
   require_range("num_layers", double(config.num_layers), 1, 1024);
-  if (attention.is_array()) {
-    for (size_t i = 0; i < attention.size(); ++i)
-      config.attention.push_back(attention_from_json(attention[i], "attention[" + std::to_string(i) + "]"));
-  } else {
-    config.attention.assign(size_t(config.num_layers), attention_from_json(attention, "attention"));
+  config.attention = stack_from_json(attention, size_t(config.num_layers), "attention");
+  if (seq2seq) {
+    // The blank also starts and ends transcripts unless the config says otherwise.
+    if (!root.contains("bos_token_id")) config.bos_token_id = config.blank_id;
+    if (!root.contains("eos_token_id")) config.eos_token_id = config.blank_id;
+    require_range("num_decoder_layers", double(config.num_decoder_layers), 1, 1024);
+    config.decoder_attention =
+        stack_from_json(decoder_attention, size_t(config.num_decoder_layers), "decoder_attention");
   }
   validate(config);
   return config;
@@ -400,11 +461,10 @@ std::string config_to_json(const ModelConfig& config) {
   out["model_type"] = name(config.model_type);
   for (const auto& f : model_fields())
     if (f.applies_to(name(config.model_type))) out[f.key] = f.write(config);
-  if (same_attention_everywhere(config) && !config.attention.empty()) {
-    out["attention"] = attention_to_json(config.attention.front());
-  } else {
-    out["attention"] = json::array();
-    for (const auto& a : config.attention) out["attention"].push_back(attention_to_json(a));
+  out["attention"] = stack_to_json(config.attention);
+  if (config.model_type == ModelType::speech_seq2seq) {
+    out["decoder_attention"] = stack_to_json(config.decoder_attention);
+    out["cross_attention"] = attention_to_json(config.cross_attention);
   }
   return out.dump(2) + "\n";
 }

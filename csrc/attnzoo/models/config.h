@@ -16,7 +16,7 @@ namespace attnzoo {
 // The words config.json may hold for a choice, as enums: parsed (and an
 // unknown word refused, naming the key and the choices) once, when the
 // config is read; the code switches on them.
-enum class ModelType { bert, gpt, vit, speech };
+enum class ModelType { bert, gpt, vit, speech, speech_seq2seq };
 enum class AttentionKind {
   dense,
   alibi,
@@ -41,7 +41,7 @@ template <typename E>
 struct EnumWords;
 template <>
 struct EnumWords<ModelType> {
-  static constexpr std::array<const char*, 4> words = {"bert", "gpt", "vit", "speech"};
+  static constexpr std::array<const char*, 5> words = {"bert", "gpt", "vit", "speech", "speech_seq2seq"};
 };
 template <>
 struct EnumWords<AttentionKind> {
@@ -116,7 +116,8 @@ struct AttentionConfig {
 
 struct ModelConfig {
   ModelType model_type = ModelType::gpt;
-  int64_t vocab_size = 256;  // bert, gpt, speech (CTC labels incl. blank)
+  int64_t vocab_size =
+      256;  // bert, gpt, speech (CTC labels incl. blank), speech_seq2seq (also the decoder's)
   int64_t hidden_size = 256;
   int64_t num_layers = 4;
   int64_t num_heads = 4;
@@ -137,8 +138,8 @@ struct ModelConfig {
   int64_t type_vocab_size = 2;        // bert
   int64_t pad_token_id = 0;           // bert, gpt
   int64_t num_labels = 0;             // bert (classification head when > 0), vit
-  int64_t bos_token_id = -1;          // gpt (-1 = none)
-  int64_t eos_token_id = -1;          // gpt (-1 = none)
+  int64_t bos_token_id = -1;          // gpt (-1 = none); speech_seq2seq: the decoder's start token
+  int64_t eos_token_id = -1;          // gpt (-1 = none); speech_seq2seq: the decoder's end token
   int64_t image_size = 8;             // vit
   int64_t patch_size = 2;             // vit
   int64_t num_channels = 1;           // vit
@@ -151,13 +152,21 @@ struct ModelConfig {
   int64_t conv_kernel_size = 15;      // speech
   int64_t blank_id = 0;               // speech
 
+  // speech_seq2seq: a causal text decoder over the speech encoder (the
+  // speech fields above; `attention` is the encoder's). Its blocks have
+  // self-attention of any causal kind and cross-attention to the encoder.
+  int64_t num_decoder_layers = 2;
+  std::vector<AttentionConfig> decoder_attention;  // one per decoder layer (JSON: one object or a list)
+  AttentionConfig cross_attention;                 // dense or linear: queries and keys share no positions
+
   int64_t head_dim() const { return hidden_size / num_heads; }
   int64_t kv_heads() const { return num_kv_heads > 0 ? num_kv_heads : num_heads; }
   int64_t ffn_size() const { return intermediate_size > 0 ? intermediate_size : 4 * hidden_size; }
 };
 
 // The defaults of a model kind (BERT: post-LN, eps 1e-12, exact GELU; GPT:
-// pre-LN, tanh GELU; ViT: pre-LN, eps 1e-12; speech: sinusoidal positions).
+// pre-LN, tanh GELU; ViT: pre-LN, eps 1e-12; speech: sinusoidal positions;
+// speech_seq2seq: as speech, the blank also starting and ending transcripts).
 ModelConfig default_config(ModelType model_type);
 
 // Parse config.json text. Throws std::invalid_argument naming the key.

@@ -123,13 +123,19 @@ std::optional<at::Tensor> ModelBase::check_padding_mask(const std::optional<at::
 }
 
 at::Tensor ModelBase::run_layers(at::Tensor h, const nn::AttentionInputs& inputs, nn::KVCache* cache) {
-  if (cache) cache->resize(layers->size());
-  for (size_t i = 0; i < layers->size(); ++i) {
+  return run_stack(layers, 0, std::move(h), inputs, cache);
+}
+
+at::Tensor ModelBase::run_stack(torch::nn::ModuleList& stack, size_t first_index, at::Tensor h,
+                                const nn::AttentionInputs& inputs, nn::KVCache* cache) {
+  if (cache) cache->resize(stack->size());
+  for (size_t i = 0; i < stack->size(); ++i) {
     nn::AttentionInputs layer_inputs = inputs;
     layer_inputs.cache = cache ? &(*cache)[i] : nullptr;
     layer_inputs.attention_maps = recording_attention_ ? &attention_maps_ : nullptr;
-    h = layer_runner_ ? layer_runner_(i, h, layer_inputs)
-                      : layers->ptr<nn::TransformerBlockImpl>(i)->forward(h, layer_inputs);
+    layer_inputs.cross_attention_maps = recording_attention_ ? &cross_attention_maps_ : nullptr;
+    h = layer_runner_ ? layer_runner_(first_index + i, h, layer_inputs)
+                      : stack->ptr<nn::TransformerBlockImpl>(i)->forward(h, layer_inputs);
   }
   return h;
 }

@@ -19,7 +19,8 @@ namespace attnzoo::models {
 // HF-style checkpoint directory (config.json + model.safetensors).
 class ModelBase : public torch::nn::Module, public nn::ParameterOwner {
  public:
-  // Runs layer i on h. The Python facade installs one so that each block runs
+  // Runs layer i on h (the layers, then a second stack's: a decoder's block
+  // j is layer num_layers + j). The Python facade installs one so that each block runs
   // through its nn.Module facade's __call__: its hooks fire (FSDP2 gathers the
   // block's parameters there, activation checkpointing wraps it there, user
   // hooks see it). C++ callers leave it unset and the layers run directly.
@@ -43,8 +44,11 @@ class ModelBase : public torch::nn::Module, public nn::ParameterOwner {
   // cache, Nk counts the cached keys too; undefined for kinds that never form
   // them); take_attention_maps() hands them over and clears the record. For
   // inspection: it costs one extra score computation per layer.
+  // Blocks with cross-attention record those probabilities (B, H, N, Nk) in
+  // a second list, take_cross_attention_maps().
   void record_attention(bool on) { recording_attention_ = on; }
   std::vector<at::Tensor> take_attention_maps() { return std::exchange(attention_maps_, {}); }
+  std::vector<at::Tensor> take_cross_attention_maps() { return std::exchange(cross_attention_maps_, {}); }
 
   void set_layer_runner(LayerRunner runner) { layer_runner_ = std::move(runner); }
 
@@ -56,6 +60,10 @@ class ModelBase : public torch::nn::Module, public nn::ParameterOwner {
   std::optional<at::Tensor> check_padding_mask(const std::optional<at::Tensor>& mask, int64_t B,
                                                int64_t N) const;
   at::Tensor run_layers(at::Tensor h, const nn::AttentionInputs& inputs, nn::KVCache* cache = nullptr);
+  // The same over another stack of blocks, whose block i the layer runner
+  // sees as layer first_index + i.
+  at::Tensor run_stack(torch::nn::ModuleList& stack, size_t first_index, at::Tensor h,
+                       const nn::AttentionInputs& inputs, nn::KVCache* cache = nullptr);
   // The token embedding and, with learned positions, the position embedding
   // of a text model (GPT, Bert), registered on this model.
   std::pair<torch::nn::Embedding, torch::nn::Embedding> register_text_embeddings();
@@ -67,7 +75,7 @@ class ModelBase : public torch::nn::Module, public nn::ParameterOwner {
 
  private:
   bool recording_attention_ = false;
-  std::vector<at::Tensor> attention_maps_;
+  std::vector<at::Tensor> attention_maps_, cross_attention_maps_;
   LayerRunner layer_runner_;
 };
 

@@ -14,6 +14,8 @@ std::shared_ptr<ModelBase> create_model(const ModelConfig& config) {
       return std::make_shared<ViTImpl>(config);
     case ModelType::speech:
       return std::make_shared<SpeechImpl>(config);
+    case ModelType::speech_seq2seq:
+      return std::make_shared<SpeechSeq2SeqImpl>(config);
   }
   throw std::invalid_argument("create_model: unknown model_type " +
                               std::to_string(static_cast<int>(config.model_type)));

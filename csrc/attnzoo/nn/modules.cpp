@@ -128,6 +128,13 @@ void replace_parameter(torch::nn::Module& module, const std::string& name, const
   *entry = value;
 }
 
+void LayerCache::select_rows(const at::Tensor& rows) {
+  if (!k.defined()) return;
+  const auto index = rows.to(k.device(), at::kLong);
+  k = k.index_select(0, index);
+  v = v.index_select(0, index);
+}
+
 at::Tensor sinusoidal_positions(int64_t n, int64_t channels, int64_t offset, at::TensorOptions options) {
   auto pos = at::arange(offset, offset + n, options.dtype(at::kDouble)).unsqueeze(1);
   auto i = at::arange(0, (channels + 1) / 2, options.dtype(at::kDouble));
@@ -155,7 +162,7 @@ torch::nn::LayerNorm layer_norm(const ModelConfig& config) {
 // ---------------------------------------------------------------------------
 MultiHeadAttentionImpl::MultiHeadAttentionImpl(const ModelConfig& config, const AttentionConfig& attention,
                                                bool cross)
-    : attention_(cross ? AttentionConfig{} : attention),
+    : attention_(attention),
       hidden_(config.hidden_size),
       heads_(config.num_heads),
       kv_heads_(config.kv_heads()),
@@ -163,6 +170,8 @@ MultiHeadAttentionImpl::MultiHeadAttentionImpl(const ModelConfig& config, const 
       max_positions_(config.max_position_embeddings),
       dropout_p_(config.attention_dropout),
       cross_(cross) {
+  TORCH_CHECK(!cross || attention.kind == AttentionKind::dense || attention.kind == AttentionKind::linear,
+              "attention: cross-attention takes kind \"dense\" or \"linear\", got \"", attention.kind, "\"");
   const bool bias = config.qkv_bias;
   const int64_t q_out = heads_ * head_dim_, kv_out = kv_heads_ * head_dim_;
   const bool shared_qk = attention_.kind == AttentionKind::lsh;
@@ -368,10 +377,27 @@ at::Tensor MultiHeadAttentionImpl::causal_linformer(const at::Tensor& q, const a
 }
 
 at::Tensor MultiHeadAttentionImpl::forward(const at::Tensor& x, const AttentionInputs& inputs) {
-  auto [q, k, v] = project(x, inputs);
-  const int64_t past = inputs.cache ? inputs.cache->length() : 0;
+  at::Tensor q, k, v;
+  LayerCache* context_cache = cross_ ? inputs.cache : nullptr;
+  if (context_cache &&
+      context_cache->context_k.defined()) {  // the context's keys and values, projected before
+    TORCH_CHECK(x.dim() == 3 && x.size(2) == hidden_, "attention: input must have shape (B, N, ", hidden_,
+                "), got ", x.sizes());
+    TORCH_CHECK(context_cache->context_k.size(0) == x.size(0), "attention: input has batch ", x.size(0),
+                " but the cached context has batch ", context_cache->context_k.size(0));
+    q = q_proj(x).view({x.size(0), x.size(1), heads_, head_dim_}).transpose(1, 2);
+    k = context_cache->context_k;
+    v = context_cache->context_v;
+  } else {
+    std::tie(q, k, v) = project(x, inputs);
+    if (context_cache) {
+      context_cache->context_k = k;
+      context_cache->context_v = v;
+    }
+  }
+  const int64_t past = inputs.cache && !cross_ ? inputs.cache->length() : 0;
   if (attention_.kind == AttentionKind::rotary) std::tie(q, k) = rotate(q, k, past);
-  if (inputs.cache) {
+  if (inputs.cache && !cross_) {
     TORCH_CHECK(past == 0 || supports_kv_cache(), "attention: kind \"", attention_.kind,
                 "\" cannot continue from a KV cache");
     if (past > 0) {
@@ -450,12 +476,12 @@ at::Tensor DropoutImpl::forward(const at::Tensor& x) {
 
 // ---------------------------------------------------------------------------
 TransformerBlockImpl::TransformerBlockImpl(const ModelConfig& config, const AttentionConfig& attention,
-                                           bool cross_attention, bool conv)
+                                           const std::optional<AttentionConfig>& cross_attention, bool conv)
     : pre_norm_(config.norm == Norm::pre) {
   attn = register_module("attn", MultiHeadAttention(config, attention));
   attn_norm = register_module("attn_norm", layer_norm(config));
   if (cross_attention) {
-    cross_attn = register_module("cross_attn", MultiHeadAttention(config, attention, /*cross=*/true));
+    cross_attn = register_module("cross_attn", MultiHeadAttention(config, *cross_attention, /*cross=*/true));
     cross_attn_norm = register_module("cross_attn_norm", layer_norm(config));
   }
   if (conv) {
@@ -472,17 +498,20 @@ at::Tensor TransformerBlockImpl::residual(const at::Tensor& x, torch::nn::LayerN
   return pre_norm_ ? x + f(norm(x)) : norm(x + f(x));
 }
 
-at::Tensor TransformerBlockImpl::forward(const at::Tensor& x, const AttentionInputs& inputs,
-                                         const std::optional<at::Tensor>& context_mask) {
+at::Tensor TransformerBlockImpl::forward(const at::Tensor& x, const AttentionInputs& inputs) {
   AttentionInputs self_inputs = inputs;
   self_inputs.context = nullptr;
+  self_inputs.cross_attention_maps = nullptr;
   auto h = residual(x, attn_norm, [&](const at::Tensor& y) { return dropout(attn(y, self_inputs)); });
   if (cross_attn) {
-    TORCH_CHECK(inputs.context != nullptr,
+    const bool cached = inputs.cache && inputs.cache->context_k.defined();
+    TORCH_CHECK(inputs.context != nullptr || cached,
                 "transformer block: this block has cross-attention and needs a context");
     AttentionInputs cross_inputs;
     cross_inputs.context = inputs.context;
-    cross_inputs.key_padding_mask = context_mask;
+    cross_inputs.key_padding_mask = inputs.context_padding_mask;
+    cross_inputs.cache = inputs.cache;  // the context's keys and values live in the layer's cache
+    cross_inputs.attention_maps = inputs.cross_attention_maps;
     h = residual(h, cross_attn_norm,
                  [&](const at::Tensor& y) { return dropout(cross_attn(y, cross_inputs)); });
   }

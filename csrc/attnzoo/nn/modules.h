@@ -24,10 +24,15 @@
 namespace attnzoo::nn {
 
 // Keys and values of one layer seen so far, (B, Hkv, T, D) each, for
-// incremental decoding.
+// incremental decoding; for a block with cross-attention also the context's
+// keys and values, projected on the first call and reused after it.
 struct LayerCache {
   at::Tensor k, v;
+  at::Tensor context_k, context_v;
   int64_t length() const { return k.defined() ? k.size(2) : 0; }
+  // Keeps the rows `rows` (B',) of the self-attention keys and values, in
+  // that order (beam search); the context's stay as they are.
+  void select_rows(const at::Tensor& rows);
 };
 using KVCache = std::vector<LayerCache>;
 
@@ -88,20 +93,25 @@ void replace_parameter(torch::nn::Module& module, const std::string& name, const
 // to (cross-attention) and its own padding mask. When attention_maps is set,
 // the layer appends the probabilities it attends with (B, H, N, Nk), or an
 // undefined tensor for a kind that never forms them (for plots, not training);
-// a transformer block passes it to its self-attention only.
+// a transformer block passes it to its self-attention, and
+// cross_attention_maps to its cross-attention.
 struct AttentionInputs {
   std::optional<at::Tensor> key_padding_mask;
   bool causal = false;
   LayerCache* cache = nullptr;
   const at::Tensor* context = nullptr;
+  std::optional<at::Tensor> context_padding_mask;  // (B, Nk) bool, true = real frame
   std::vector<at::Tensor>* attention_maps = nullptr;
+  std::vector<at::Tensor>* cross_attention_maps = nullptr;
 };
 
 class MultiHeadAttentionImpl : public torch::nn::Module, public ParameterOwner {
  public:
   MultiHeadAttentionImpl(const ModelConfig& config, const AttentionConfig& attention, bool cross = false);
 
-  // x (B, N, C) -> (B, N, C).
+  // x (B, N, C) -> (B, N, C). A cross-attention layer attends to
+  // inputs.context, or with a cache that holds them, to the context's cached
+  // keys and values (the context may then be absent).
   at::Tensor forward(const at::Tensor& x, const AttentionInputs& inputs = {});
   // Whether this layer's kind forms the full probability matrix, so that
   // record_attention can record it.
@@ -164,10 +174,12 @@ TORCH_MODULE(ConvModule);
 
 class TransformerBlockImpl : public torch::nn::Module {
  public:
+  // cross_attention: the kind of a cross-attention sublayer (dense or
+  // linear), none without one.
   TransformerBlockImpl(const ModelConfig& config, const AttentionConfig& attention,
-                       bool cross_attention = false, bool conv_module = false);
-  at::Tensor forward(const at::Tensor& x, const AttentionInputs& inputs = {},
-                     const std::optional<at::Tensor>& context_mask = std::nullopt);
+                       const std::optional<AttentionConfig>& cross_attention = std::nullopt,
+                       bool conv_module = false);
+  at::Tensor forward(const at::Tensor& x, const AttentionInputs& inputs = {});
 
   MultiHeadAttention attn{nullptr};
 

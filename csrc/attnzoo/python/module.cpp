@@ -154,6 +154,7 @@ PYBIND11_MODULE(_C, m) {
            })
       .def("record_attention", &ModelBase::record_attention, py::arg("on"))
       .def("take_attention_maps", &ModelBase::take_attention_maps)
+      .def("take_cross_attention_maps", &ModelBase::take_cross_attention_maps)
       .def(
           "set_layer_runner",
           [](ModelBase& self, py::object runner) {
@@ -216,7 +217,46 @@ PYBIND11_MODULE(_C, m) {
       .def(from_json<models::SpeechImpl>())
       .def("forward", &models::SpeechImpl::forward, py::arg("waveforms"), py::arg("lengths") = py::none())
       .def("features", &models::SpeechImpl::features, py::arg("waveforms"), py::arg("lengths") = py::none())
-      .def("greedy_decode", &models::SpeechImpl::greedy_decode, py::arg("log_probs"), py::arg("lengths"));
+      .def("greedy_decode", &models::SpeechImpl::greedy_decode, py::arg("log_probs"), py::arg("lengths"))
+      .def("encode", &models::SpeechImpl::encode, py::arg("waveforms"), py::arg("lengths") = py::none());
+
+  py::class_<models::SpeechSeq2SeqImpl, models::SpeechImpl, std::shared_ptr<models::SpeechSeq2SeqImpl>>(
+      m, "SpeechSeq2Seq")
+      .def(from_json<models::SpeechSeq2SeqImpl>())
+      .def("forward", &models::SpeechSeq2SeqImpl::forward, py::arg("waveforms"), py::arg("lengths"),
+           py::arg("decoder_input_ids"))
+      .def(
+          "decode",
+          [](models::SpeechSeq2SeqImpl& self, const at::Tensor& ids, const at::Tensor& encoded,
+             const at::Tensor& frames, PyKVCache* cache) {
+            return self.decode(ids, encoded, frames, cache ? &cache->layers : nullptr);
+          },
+          py::arg("decoder_input_ids"), py::arg("encoded"), py::arg("frames"), py::arg("cache") = py::none())
+      .def("supports_kv_cache", &models::SpeechSeq2SeqImpl::supports_kv_cache)
+      .def(
+          "ctc",
+          [](models::SpeechSeq2SeqImpl& self, const at::Tensor& waveforms,
+             const std::optional<at::Tensor>& lengths) {
+            return self.SpeechImpl::forward(waveforms, lengths);
+          },
+          py::arg("waveforms"), py::arg("lengths") = py::none())
+      .def(
+          "transcribe",
+          [](models::SpeechSeq2SeqImpl& self, const at::Tensor& waveforms,
+             const std::optional<at::Tensor>& lengths, int64_t beam_size, int64_t max_length,
+             double length_penalty, bool use_cache, double ctc_weight) {
+            models::TranscribeOptions o;
+            o.ctc_weight = ctc_weight;
+            o.beam_size = beam_size;
+            o.max_length = max_length;
+            o.length_penalty = length_penalty;
+            o.use_cache = use_cache;
+            py::gil_scoped_release no_gil;
+            return self.transcribe(waveforms, lengths, o);
+          },
+          py::arg("waveforms"), py::arg("lengths") = py::none(), py::arg("beam_size") = 1,
+          py::arg("max_length") = 0, py::arg("length_penalty") = 1.0, py::arg("use_cache") = true,
+          py::arg("ctc_weight") = 0.0);
 
   m.def("from_pretrained", &attnzoo::from_pretrained, py::arg("directory"),
         "The C++ checkpoint loader: a model of the kind named in directory/config.json");
