@@ -798,6 +798,28 @@ def test_gpt_generates_the_same_tokens_on_cuda(kind):
     assert torch.equal(got.cpu(), want)
 
 
+def test_speech_seq2seq_transcribes_the_same_on_cuda():
+    """The encoder-decoder on the device: teacher-forced logits equal the
+    CPU's, and greedy and joint CTC/attention beam search (cache, beam
+    reordering, CTC prefix scores on CPU copies) give the CPU's transcripts."""
+    from attnzoo.models import SpeechSeq2Seq
+    torch.manual_seed(0)
+    model = SpeechSeq2Seq({**MODEL_SMALL, "vocab_size": 17, "subsampling_channels": 4, "num_decoder_layers": 2,
+                           "decoder_attention": {"kind": "rotary"}}).eval()
+    g = torch.Generator().manual_seed(4)
+    waves, lengths = torch.randn(2, 6400, generator=g) * 0.3, torch.tensor([6400, 4800])
+    ids = torch.randint(1, 17, (2, 6), generator=g)
+    ids[:, 0] = 0
+    want = model(waves, lengths, ids)[0]
+    searches = [dict(max_length=12), dict(max_length=12, beam_size=3, ctc_weight=0.3)]
+    want_text = [model.transcribe(waves, lengths, **s) for s in searches]
+    model.to(DEVICE)
+    got = model(*cuda(waves, lengths, ids))[0]
+    assert_rel(got, want, 1e-4, "speech_seq2seq logits")
+    for s, text in zip(searches, want_text):
+        assert model.transcribe(*cuda(waves, lengths), **s) == text, s
+
+
 def test_pretrain_on_cuda_in_bfloat16(tmp_path):
     """pretrain --device cuda --dtype bfloat16 on a tiny GPT: it trains,
     writes float32 checkpoints that load on the CPU, and resumes."""

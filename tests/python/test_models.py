@@ -648,3 +648,37 @@ def test_default_config_lists_the_parameters_of_the_attention_kind():
         attnzoo.models.default_config("gpt", "flash")
     with pytest.raises(ValueError, match="cannot be used in a causal"):
         attnzoo.models.default_config("gpt", "longformer")
+
+
+def test_rotary_positions_rotate_every_kind():
+    # position_embedding "rotary": each self-attention layer rotates its
+    # queries and keys whatever its kind. With dense attention that is
+    # exactly the rotary kind (same parameters, same outputs).
+    base = {"vocab_size": 64, "hidden_size": 32, "num_layers": 2, "num_heads": 4, "dropout": 0.0,
+            "attention_dropout": 0.0, "max_position_embeddings": 64}
+    torch.manual_seed(0)
+    rotary_kind = GPT({**base, "position_embedding": "none", "attention": {"kind": "rotary"}}).eval()
+    rotary_positions = GPT({**base, "position_embedding": "rotary"}).eval()
+    rotary_positions.load_state_dict(rotary_kind.state_dict())
+    x = torch.randint(0, 64, (2, 40))
+    with torch.no_grad():
+        assert torch.allclose(rotary_positions(x), rotary_kind(x), atol=1e-6)
+    for kind in [{"kind": "local", "window": 8}, {"kind": "block_sparse", "layout": "bigbird", "block_size": 8},
+                 {"kind": "linformer", "projected_length": 8, "chunk_size": 8}, {"kind": "linear"},
+                 {"kind": "lsh", "bucket_size": 8}]:
+        torch.manual_seed(1)
+        rotated = GPT({**base, "position_embedding": "rotary", "attention": kind}).eval()
+        plain = GPT({**base, "position_embedding": "none", "attention": kind}).eval()
+        plain.load_state_dict(rotated.state_dict())
+        with torch.no_grad():
+            torch.manual_seed(2)
+            a = rotated(x)
+            torch.manual_seed(2)
+            assert not torch.allclose(a, plain(x), atol=1e-3), kind  # the rotation reaches the kind
+            if rotated.supports_kv_cache:  # cached decoding rotates by the cache's offset
+                cache = attnzoo._C.KVCache()
+                steps = [rotated.forward_cached(x[:, :16], cache)]
+                steps += [rotated.forward_cached(x[:, t:t + 1], cache) for t in range(16, 40)]
+                assert torch.allclose(torch.cat(steps, 1), a, atol=1e-4), kind
+    with pytest.raises(ValueError, match="'position_embedding' \"rotary\" needs an even head dimension, got 3"):
+        GPT({**base, "num_heads": 8, "hidden_size": 24, "position_embedding": "rotary"})

@@ -28,11 +28,12 @@ BertImpl::BertImpl(const ModelConfig& config) : ModelBase(config) {
 at::Tensor BertImpl::encode(const at::Tensor& input_ids, const std::optional<at::Tensor>& attention_mask,
                             const std::optional<at::Tensor>& token_type_ids) {
   const auto& c = config_;
-  auto ids = check_ids(input_ids, "input_ids", c.vocab_size);
+  const auto device = token_embedding->weight.device();
+  auto ids = check_ids(input_ids, "input_ids", c.vocab_size, device);
   const int64_t B = ids.size(0), N = ids.size(1);
   auto h = add_positions(token_embedding(ids), position_embedding, 0);
   if (token_type_ids) {
-    auto types = check_ids(*token_type_ids, "token_type_ids", c.type_vocab_size);
+    auto types = check_ids(*token_type_ids, "token_type_ids", c.type_vocab_size, device);
     TORCH_CHECK(types.sizes() == ids.sizes(), "bert: token_type_ids must have the shape of input_ids ",
                 ids.sizes(), ", got ", types.sizes());
     h = h + token_type_embedding(types);
@@ -40,7 +41,7 @@ at::Tensor BertImpl::encode(const at::Tensor& input_ids, const std::optional<at:
     h = h + token_type_embedding->weight[0];
   }
   nn::AttentionInputs inputs;
-  inputs.key_padding_mask = check_padding_mask(attention_mask, B, N);
+  inputs.key_padding_mask = check_padding_mask(attention_mask, B, N, device);
   return run_layers(dropout(embedding_norm(h)), inputs);
 }
 
@@ -52,7 +53,7 @@ at::Tensor BertImpl::forward(const at::Tensor& input_ids, const std::optional<at
     TORCH_CHECK(predict_mask->scalar_type() == at::kBool && predict_mask->sizes() == input_ids.sizes(),
                 "bert: predict_mask must be a bool tensor of the shape of input_ids ", input_ids.sizes(),
                 ", got ", predict_mask->scalar_type(), " ", predict_mask->sizes());
-    h = h.index({*predict_mask});
+    h = h.index({predict_mask->to(h.device())});
   }
   h = mlm_norm(nn::activation(config_.activation, mlm_transform(h)));
   return at::linear(h, mlm_decoder ? mlm_decoder->weight : token_embedding->weight, mlm_bias);

@@ -375,6 +375,9 @@ void validate(const ModelConfig& c) {
     if (c.conv_kernel_size % 2 == 0) fail("conv_kernel_size", "must be odd");
     require_range("blank_id", double(c.blank_id), 0, double(c.vocab_size - 1));
   }
+  if (c.position_embedding == PositionEmbedding::rotary && c.head_dim() % 2 != 0)
+    fail("position_embedding",
+         "\"rotary\" needs an even head dimension, got " + std::to_string(c.head_dim()));
   validate_stack(c.attention, c.num_layers, "attention", c, c.model_type == ModelType::gpt);
   if (c.model_type == ModelType::speech_seq2seq) {
     require_range("num_decoder_layers", double(c.num_decoder_layers), 1, 1024);

@@ -32,7 +32,10 @@ enum class AttentionKind {
 };
 enum class Activation { gelu, gelu_tanh, relu };
 enum class Norm { pre, post };  // LayerNorm before (pre) or after (post) each residual branch
-enum class PositionEmbedding { learned, sinusoidal, none };
+// rotary: no embedding is added; every self-attention layer, whatever its
+// kind, rotates its queries and keys by position (RoFormer), with its
+// attention config's rotary_base and rotary_dim (defaults 10000, the head dim).
+enum class PositionEmbedding { learned, sinusoidal, none, rotary };
 enum class BlockLayout { local, bigbird, fixed, strided };
 enum class FeatureMap { elu_plus_one, relu };
 
@@ -59,7 +62,7 @@ struct EnumWords<Norm> {
 };
 template <>
 struct EnumWords<PositionEmbedding> {
-  static constexpr std::array<const char*, 3> words = {"learned", "sinusoidal", "none"};
+  static constexpr std::array<const char*, 4> words = {"learned", "sinusoidal", "none", "rotary"};
 };
 template <>
 struct EnumWords<BlockLayout> {

@@ -30,7 +30,8 @@ bool GPTImpl::supports_kv_cache() const {
 at::Tensor GPTImpl::logits(const at::Tensor& input_ids, const std::optional<at::Tensor>& mask,
                            nn::KVCache* cache) {
   const auto& c = config_;
-  auto ids = check_ids(input_ids, "input_ids", c.vocab_size);
+  const auto device = token_embedding->weight.device();
+  auto ids = check_ids(input_ids, "input_ids", c.vocab_size, device);
   const int64_t B = ids.size(0), N = ids.size(1);
   const int64_t past = cache && !cache->empty() ? cache->front().length() : 0;
   if (past > 0)
@@ -40,7 +41,7 @@ at::Tensor GPTImpl::logits(const at::Tensor& input_ids, const std::optional<at::
   auto h = add_positions(token_embedding(ids), position_embedding, past);
   nn::AttentionInputs inputs;
   inputs.causal = true;
-  inputs.key_padding_mask = check_padding_mask(mask, B, N);
+  inputs.key_padding_mask = check_padding_mask(mask, B, N, device);
   h = final_norm(run_layers(dropout(h), inputs, cache));
   return lm_head ? lm_head(h) : at::linear(h, token_embedding->weight);
 }
@@ -54,7 +55,7 @@ at::Tensor GPTImpl::forward_cached(const at::Tensor& input_ids, nn::KVCache& cac
 }
 
 at::Tensor GPTImpl::generate(const at::Tensor& input_ids, const GenerationOptions& options) {
-  auto ids = check_ids(input_ids, "input_ids", config_.vocab_size);
+  auto ids = check_ids(input_ids, "input_ids", config_.vocab_size, token_embedding->weight.device());
   const int64_t eos = check_generation(options, ids.size(1));
   std::optional<at::Generator> generator;
   if (options.seed) generator = at::make_generator<at::CPUGeneratorImpl>(*options.seed);
@@ -64,7 +65,7 @@ at::Tensor GPTImpl::generate(const at::Tensor& input_ids, const GenerationOption
   eval();
   const bool cached = options.use_cache && supports_kv_cache();
   nn::KVCache cache;
-  at::Tensor out = ids, new_tokens = ids, done = at::zeros({ids.size(0)}, at::kBool);
+  at::Tensor out = ids, new_tokens = ids, done = at::zeros({ids.size(0)}, ids.options().dtype(at::kBool));
   for (int64_t step = 0; step < options.max_new_tokens; ++step) {
     // With a cache only the new tokens go in; without one, the whole sequence.
     const at::Tensor step_logits =
@@ -112,7 +113,9 @@ at::Tensor GPTImpl::next_token(const at::Tensor& last_logits, const GenerationOp
     auto drop_sorted = (probs.cumsum(-1) - probs) >= o.top_p;
     l = l.masked_fill(at::zeros_like(drop_sorted).scatter(-1, order, drop_sorted), neg_inf);
   }
-  return at::multinomial(l.softmax(-1), 1, false, generator).squeeze(1);
+  // A seeded generator is a CPU one: it samples from the probabilities on the CPU.
+  auto probs = generator ? l.softmax(-1).to(at::kCPU) : l.softmax(-1);
+  return at::multinomial(probs, 1, false, generator).squeeze(1).to(l.device());
 }
 
 }  // namespace attnzoo::models

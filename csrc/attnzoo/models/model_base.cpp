@@ -95,7 +95,8 @@ void ModelBase::save_pretrained(const std::string& dir) const {
   io::write_file_atomic(dir + "/config.json", config_to_json(config_));
 }
 
-at::Tensor ModelBase::check_ids(const at::Tensor& ids, const char* name, int64_t vocab) const {
+at::Tensor ModelBase::check_ids(const at::Tensor& ids, const char* name, int64_t vocab,
+                                const at::Device& device) const {
   TORCH_CHECK(ids.defined() && ids.dim() == 2, config_.model_type, ": ", name,
               " must have shape (batch, length), got ", ids.defined() ? ids.sizes() : at::IntArrayRef{});
   TORCH_CHECK(!at::isFloatingType(ids.scalar_type()) && !at::isComplexType(ids.scalar_type()) &&
@@ -103,9 +104,7 @@ at::Tensor ModelBase::check_ids(const at::Tensor& ids, const char* name, int64_t
               config_.model_type, ": ", name, " must hold integer ids, got ", ids.scalar_type());
   TORCH_CHECK(ids.size(0) > 0 && ids.size(1) > 0, config_.model_type, ": ", name,
               " must hold at least one sequence of at least one token, got ", ids.sizes());
-  TORCH_CHECK(ids.device().is_cpu(), config_.model_type, ": ", name, " is on ", ids.device(),
-              ", expected cpu");
-  auto ids64 = ids.to(at::kLong);
+  auto ids64 = ids.to(device, at::kLong);
   const int64_t lo = ids64.min().item<int64_t>(), hi = ids64.max().item<int64_t>();
   TORCH_CHECK(lo >= 0 && hi < vocab, config_.model_type, ": ", name, " must lie in [0, ", vocab,
               "), got values in [", lo, ", ", hi, "]");
@@ -113,13 +112,13 @@ at::Tensor ModelBase::check_ids(const at::Tensor& ids, const char* name, int64_t
 }
 
 std::optional<at::Tensor> ModelBase::check_padding_mask(const std::optional<at::Tensor>& mask, int64_t B,
-                                                        int64_t N) const {
+                                                        int64_t N, const at::Device& device) const {
   if (!mask) return std::nullopt;
   TORCH_CHECK(mask->dim() == 2 && mask->size(0) == B && mask->size(1) == N, config_.model_type,
               ": attention_mask must have shape (batch, length) = (", B, ", ", N, "), got ", mask->sizes());
   TORCH_CHECK(!at::isFloatingType(mask->scalar_type()), config_.model_type,
               ": attention_mask must be bool or integer (1 = token, 0 = padding), got ", mask->scalar_type());
-  return mask->ne(0);
+  return mask->to(device).ne(0);
 }
 
 at::Tensor ModelBase::run_layers(at::Tensor h, const nn::AttentionInputs& inputs, nn::KVCache* cache) {
@@ -157,10 +156,11 @@ at::Tensor ModelBase::add_positions(const at::Tensor& h, torch::nn::Embedding& l
     case PositionEmbedding::learned:
       TORCH_CHECK(past + N <= c.max_position_embeddings, c.model_type, ": input_ids reach position ",
                   past + N, ", beyond max_position_embeddings = ", c.max_position_embeddings);
-      return h + learned(at::arange(past, past + N, at::kLong));
+      return h + learned(at::arange(past, past + N, h.options().dtype(at::kLong)));
     case PositionEmbedding::sinusoidal:
       return h + nn::sinusoidal_positions(N, c.hidden_size, past, h.options());
     case PositionEmbedding::none:
+    case PositionEmbedding::rotary:  // the attention layers rotate their queries and keys
       return h;
   }
   TORCH_CHECK(false, "add_positions: unknown position embedding");

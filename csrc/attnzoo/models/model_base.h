@@ -55,10 +55,13 @@ class ModelBase : public torch::nn::Module, public nn::ParameterOwner {
  protected:
   // GPT-2/BERT initialisation: normal(0, 0.02) weights, zero biases, unit norms.
   void init_weights();
-  // input_ids (B, N) integer ids in [0, vocab_size); returns them as int64.
-  at::Tensor check_ids(const at::Tensor& ids, const char* name, int64_t vocab) const;
-  std::optional<at::Tensor> check_padding_mask(const std::optional<at::Tensor>& mask, int64_t B,
-                                               int64_t N) const;
+  // input_ids (B, N) integer ids in [0, vocab_size), from any device;
+  // returns them as int64 on `device` (where the embedding lives).
+  at::Tensor check_ids(const at::Tensor& ids, const char* name, int64_t vocab,
+                       const at::Device& device) const;
+  // A (B, N) padding mask (true or nonzero = token) as bool on `device`.
+  std::optional<at::Tensor> check_padding_mask(const std::optional<at::Tensor>& mask, int64_t B, int64_t N,
+                                               const at::Device& device) const;
   at::Tensor run_layers(at::Tensor h, const nn::AttentionInputs& inputs, nn::KVCache* cache = nullptr);
   // The same over another stack of blocks, whose block i the layer runner
   // sees as layer first_index + i.

@@ -53,12 +53,13 @@ std::tuple<at::Tensor, at::Tensor> SpeechImpl::features(const at::Tensor& wavefo
   TORCH_CHECK(waveforms.size(1) >= c.n_fft, "speech: waveforms must have at least n_fft = ", c.n_fft,
               " samples, got ", waveforms.size(1));
   const int64_t B = waveforms.size(0), S = waveforms.size(1);
-  at::Tensor samples = at::full({B}, S, at::kLong);
+  const auto on_input = waveforms.options().dtype(at::kLong);  // lengths live where the audio does
+  at::Tensor samples = at::full({B}, S, on_input);
   if (lengths) {
     TORCH_CHECK(lengths->dim() == 1 && lengths->size(0) == B && !at::isFloatingType(lengths->scalar_type()),
                 "speech: lengths must be (batch,) integers, got ", lengths->sizes(), " ",
                 lengths->scalar_type());
-    samples = lengths->to(at::kLong);
+    samples = lengths->to(waveforms.device(), at::kLong);
     TORCH_CHECK(samples.min().item<int64_t>() >= 1 && samples.max().item<int64_t>() <= S,
                 "speech: lengths must lie in [1, ", S, "]");
   }
@@ -68,7 +69,7 @@ std::tuple<at::Tensor, at::Tensor> SpeechImpl::features(const at::Tensor& wavefo
       at::stft(x, c.n_fft, c.hop_length, c.n_fft, at::hann_window(c.n_fft, x.options()), /*center=*/true,
                "reflect", /*normalized=*/false, /*onesided=*/true, /*return_complex=*/true);
   auto power = at::real(spectrum * spectrum.conj());  // (B, bins, frames)
-  auto mel = at::matmul(mel_filterbank(dtype), power);
+  auto mel = at::matmul(mel_filterbank(dtype).to(x.device()), power);
   auto feats = at::log(mel + 1e-6).transpose(1, 2);  // (B, frames, n_mels)
   // Per-utterance mean and variance normalisation, so the model sees the same
   // scale whatever the recording level. The statistics come from the frames
@@ -76,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor> SpeechImpl::features(const at::Tensor& wavefo
   // change them; padding frames become zeros.
   auto frames = at::div(samples, c.hop_length, "floor") + 1;
   auto inside = at::clamp_min(at::div(samples - c.n_fft / 2, c.hop_length, "floor") + 1, 1);
-  auto positions = at::arange(feats.size(1), at::kLong).unsqueeze(0);
+  auto positions = at::arange(feats.size(1), on_input).unsqueeze(0);
   auto in_stats = (positions < inside.unsqueeze(1)).unsqueeze(-1).to(dtype);
   auto count = inside.to(dtype).view({B, 1, 1});
   auto mean = (feats * in_stats).sum(1, true) / count;
@@ -106,12 +107,13 @@ std::tuple<at::Tensor, at::Tensor> SpeechImpl::encode(const at::Tensor& waveform
       x = x + nn::sinusoidal_positions(T, c.hidden_size, 0, x.options());
       break;
     case PositionEmbedding::learned:
-      TORCH_CHECK(false, "speech: learned positions are not supported; use sinusoidal or none");
+      TORCH_CHECK(false, "speech: learned positions are not supported; use sinusoidal, rotary or none");
     case PositionEmbedding::none:
+    case PositionEmbedding::rotary:  // the attention layers rotate their queries and keys
       break;
   }
   nn::AttentionInputs inputs;
-  inputs.key_padding_mask = at::arange(T, at::kLong).unsqueeze(0) < out_lengths.unsqueeze(1);
+  inputs.key_padding_mask = at::arange(T, out_lengths.options()).unsqueeze(0) < out_lengths.unsqueeze(1);
   return {final_norm(run_layers(dropout(x), inputs)), out_lengths};
 }
 
@@ -163,7 +165,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> SpeechSeq2SeqImpl::forward(
 at::Tensor SpeechSeq2SeqImpl::decode(const at::Tensor& ids, const at::Tensor& encoded,
                                      const at::Tensor& frames, nn::KVCache* cache) {
   const auto& c = config_;
-  auto tokens = check_ids(ids, "decoder_input_ids", c.vocab_size);
+  const auto device = decoder_embedding->weight.device();
+  auto tokens = check_ids(ids, "decoder_input_ids", c.vocab_size, device);
   const int64_t B = tokens.size(0);
   TORCH_CHECK(encoded.dim() == 3 && encoded.size(0) == B && encoded.size(2) == c.hidden_size,
               "speech_seq2seq: encoded must have shape (", B, ", frames, ", c.hidden_size, "), got ",
@@ -175,9 +178,8 @@ at::Tensor SpeechSeq2SeqImpl::decode(const at::Tensor& ids, const at::Tensor& en
   if (past > 0)
     TORCH_CHECK(cache->front().k.size(0) == B, "speech_seq2seq: decoder_input_ids has batch ", B,
                 " but the KV cache holds batch ", cache->front().k.size(0), "; use a fresh cache per batch");
-  const auto device = decoder_embedding->weight.device();
-  torch::nn::Embedding no_learned{nullptr};  // speech models take sinusoidal positions or none
-  auto h = add_positions(decoder_embedding(tokens.to(device)), no_learned, past);
+  torch::nn::Embedding no_learned{nullptr};  // speech models take sinusoidal or rotary positions, or none
+  auto h = add_positions(decoder_embedding(tokens), no_learned, past);
   nn::AttentionInputs inputs;
   inputs.causal = true;
   inputs.context = &encoded;

@@ -169,7 +169,9 @@ MultiHeadAttentionImpl::MultiHeadAttentionImpl(const ModelConfig& config, const 
       head_dim_(config.head_dim()),
       max_positions_(config.max_position_embeddings),
       dropout_p_(config.attention_dropout),
-      cross_(cross) {
+      cross_(cross),
+      rotate_(!cross && (attention.kind == AttentionKind::rotary ||
+                         config.position_embedding == PositionEmbedding::rotary)) {
   TORCH_CHECK(!cross || attention.kind == AttentionKind::dense || attention.kind == AttentionKind::linear,
               "attention: cross-attention takes kind \"dense\" or \"linear\", got \"", attention.kind, "\"");
   const bool bias = config.qkv_bias;
@@ -396,7 +398,7 @@ at::Tensor MultiHeadAttentionImpl::forward(const at::Tensor& x, const AttentionI
     }
   }
   const int64_t past = inputs.cache && !cross_ ? inputs.cache->length() : 0;
-  if (attention_.kind == AttentionKind::rotary) std::tie(q, k) = rotate(q, k, past);
+  if (rotate_) std::tie(q, k) = rotate(q, k, past);
   if (inputs.cache && !cross_) {
     TORCH_CHECK(past == 0 || supports_kv_cache(), "attention: kind \"", attention_.kind,
                 "\" cannot continue from a KV cache");

@@ -137,6 +137,7 @@ class MultiHeadAttentionImpl : public torch::nn::Module, public ParameterOwner {
   int64_t hidden_, heads_, kv_heads_, head_dim_, max_positions_;
   double dropout_p_;
   bool cross_;
+  bool rotate_;  // queries and keys rotated by position: the rotary kind, or rotary positions for every kind
   torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, qkv_proj{nullptr}, out_proj{nullptr};
   at::Tensor t5_bias, shaw_rel_k, shaw_rel_v, linformer_e, linformer_f;
   at::Tensor
