@@ -268,6 +268,14 @@ def edit_distance(a, b) -> int:
     return row[-1]
 
 
+def error_rates(references, hypotheses) -> Dict[str, float]:
+    """Character and word error rates of transcripts against their references."""
+    char_errors = sum(edit_distance(r, h) for r, h in zip(references, hypotheses))
+    word_errors = sum(edit_distance(r.split(), h.split()) for r, h in zip(references, hypotheses))
+    return {"cer": char_errors / sum(len(r) for r in references),
+            "wer": word_errors / sum(len(r.split()) for r in references)}
+
+
 class SpeechTask(Task):
     model_type = "speech"
     snr_db = (10.0, 30.0)
@@ -339,27 +347,13 @@ class SpeechTask(Task):
         if max_batches:
             order = order[: max_batches * batch_size]
         generator = torch.Generator().manual_seed(1234)  # the same noise every evaluation
-        total, char_errors, chars, word_errors, words = 0.0, 0, 0, 0, 0
+        total, heard = 0.0, []
         for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            loss, hypotheses = self.transcribe(model, split, chunk, generator)
+            loss, hypotheses = self.transcribe(model, split, order[start:start + batch_size], generator)
             total += loss
-            for i, hyp in zip(chunk, hypotheses):
-                ref = texts[i]
-                char_errors += edit_distance(ref, hyp)
-                chars += len(ref)
-                word_errors += edit_distance(ref.split(), hyp.split())
-                words += len(ref.split())
-        return {"loss": total / len(order), "cer": char_errors / chars, "wer": word_errors / words,
+            heard += hypotheses
+        return {"loss": total / len(order), **error_rates([texts[i] for i in order], heard),
                 "utterances": len(order)}
-
-
-def error_rates(references, hypotheses) -> Dict[str, float]:
-    """Character and word error rates of transcripts against their references."""
-    char_errors = sum(edit_distance(r, h) for r, h in zip(references, hypotheses))
-    word_errors = sum(edit_distance(r.split(), h.split()) for r, h in zip(references, hypotheses))
-    return {"cer": char_errors / sum(len(r) for r in references),
-            "wer": word_errors / sum(len(r.split()) for r in references)}
 
 
 class SpeechSeq2SeqTask(SpeechTask):
