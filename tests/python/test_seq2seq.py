@@ -186,6 +186,50 @@ def test_beam_search_with_room_for_every_prefix_finds_the_best_transcript(penalt
     assert len({tuple(t) for t in found}) >= 2  # not one answer for every utterance
 
 
+@torch.no_grad()
+def python_beam_search(model, encoded, frames, beam_size, max_length, penalty):
+    """Beam search written out for one utterance, with the engine's pruning
+    (the 2K best continuations; those that end are set aside, the K best
+    others live on) but no early stop: it runs all max_length steps, so it
+    sees every transcript that pruning lets end."""
+    live, ended = [((), 0.0)], []
+    for _ in range(max_length):
+        continuations = []
+        for labels, score in live:
+            log_probs = model.decode(torch.tensor([[0, *labels]]), encoded, frames)[0, -1].double().log_softmax(-1)
+            continuations += [(score + float(lp), labels, v) for v, lp in enumerate(log_probs)]
+        continuations.sort(key=lambda c: -c[0])
+        live = []
+        for score, labels, v in continuations[:2 * beam_size]:
+            if v == 0:
+                ended.append((score / (len(labels) + 1) ** penalty, labels))
+            elif len(live) < beam_size:
+                live.append(((*labels, v), score))
+    if not ended:  # the cap reached with nothing ended: the live beams compete as they stand
+        ended = [(score / len(labels) ** penalty, labels) for labels, score in live]
+    return list(max(ended)[1])
+
+
+@pytest.mark.parametrize("vocab", [17, 4])
+@pytest.mark.parametrize("beam_size,penalty", [(2, 1.0), (3, 1.0), (2, 0.0), (2, 0.5)])
+def test_beam_search_stops_only_when_no_live_beam_can_win(beam_size, penalty, vocab):
+    # Few beams: pruning is real, and poor transcripts end early while the
+    # best still grows. The engine stops early (once no live beam can outrank
+    # the best ended transcript), which must not change the answer of a
+    # search that runs every step. Stopping at the first K ended transcripts
+    # failed this, and made beam search worse than greedy on speech-digits.
+    model, _, _ = trained("rotary", vocab)
+    g = torch.Generator().manual_seed(7)  # unheard noise: uncertain transcripts, beams that differ
+    waves, lengths = torch.randn(12, 9000, generator=g) * 0.3, torch.randint(3000, 9001, (12,), generator=g)
+    encoded, frames = model.encode(waves, lengths)
+    found = model.transcribe(waves, lengths, beam_size=beam_size, max_length=8, length_penalty=penalty)
+    expected = [python_beam_search(model, encoded[b:b + 1], frames[b:b + 1], beam_size, 8, penalty)
+                for b in range(len(found))]
+    assert found == expected
+    assert model.transcribe(waves, lengths, beam_size=beam_size, max_length=8, length_penalty=penalty,
+                            use_cache=False) == expected
+
+
 def test_transcribe_refuses_bad_options():
     model = tiny()
     waves, lengths = utterances()

@@ -328,11 +328,16 @@ std::vector<std::vector<int64_t>> SpeechSeq2SeqImpl::beam_search(const at::Tenso
   // All utterances' beams decode as one batch of B * K rows, utterance b's in
   // rows b*K .. b*K+K-1. Every step extends each live beam by every label,
   // keeps the K best continuations that do not end, and sets aside those that
-  // end; an utterance is done once K transcripts have ended, and its rows then
-  // idle. A continuation's score is (1 - w) * its decoder log-probability +
+  // end. A continuation's score is (1 - w) * its decoder log-probability +
   // w * its CTC prefix score (w = ctc_weight; joint CTC/attention decoding);
   // ended transcripts rank by score / length^penalty (the end token
-  // counted), and the best is returned.
+  // counted), and the best is returned. Scores never rise as a transcript
+  // grows (both are log-probabilities of ever narrower sets), so a live beam
+  // can at best end with its score now over the most favourable length; an
+  // utterance is done, and its rows idle, once no live beam could outrank
+  // its best ended transcript. (Stopping at the first K ended transcripts
+  // instead returns short poor ones that ended early while the best was
+  // still growing: it made beam search worse than greedy on speech-digits.)
   const auto& c = config_;
   const int64_t B = encoded.size(0), K = options.beam_size;
   const double w = options.ctc_weight, neg_inf = -std::numeric_limits<double>::infinity();
@@ -354,13 +359,23 @@ std::vector<std::vector<int64_t>> SpeechSeq2SeqImpl::beam_search(const at::Tenso
     if (w > 0) ctc_states[size_t(b * K)] = ctc[size_t(b)].empty();
   }
   struct Ended {
-    double rank;
+    double rank = 0;  // meaningful once found
     std::vector<int64_t> labels;
+    bool found = false;
   };
-  std::vector<std::vector<Ended>> ended(static_cast<size_t>(B));
+  std::vector<Ended> best(static_cast<size_t>(B));  // each utterance's best ended transcript
   std::vector<bool> done(static_cast<size_t>(B), false);
-  auto rank = [&](double score, size_t length) {
-    return score / std::pow(double(length), options.length_penalty);
+  const double penalty = options.length_penalty;
+  auto rank = [&](double score, size_t length) { return score / std::pow(double(length), penalty); };
+  auto offer = [&](int64_t b, double rank_, const std::vector<int64_t>& labels) {
+    auto& e = best[size_t(b)];
+    if (!e.found || rank_ > e.rank) e = {rank_, labels, true};
+  };
+  // The best rank a live beam of `length` labels and `score` could still end
+  // with: at most max_length labels + the end token.
+  auto best_possible = [&](double score, size_t length) {
+    const size_t final_length = penalty > 0 ? size_t(max_length) + 1 : std::max<size_t>(length, 1);
+    return rank(score, final_length);
   };
   auto last_label = [&](size_t row) { return beams[row].empty() ? int64_t(-1) : beams[row].back(); };
   at::Tensor step_tokens = at::full({B * K, 1}, c.bos_token_id, at::kLong);
@@ -391,16 +406,16 @@ std::vector<std::vector<int64_t>> SpeechSeq2SeqImpl::beam_search(const at::Tenso
       for (int64_t j = 0; j < K; ++j) source[size_t(b * K + j)] = b * K + j;  // idle rows stay put
       if (done[size_t(b)]) continue;
       int64_t kept = 0;
-      for (int64_t j = 0; j < top_scores.size(1) && kept < K; ++j) {
+      for (int64_t j = 0; j < top_scores.size(1); ++j) {  // an end past the K-th kept still counts
         const double score = best_scores[b][j];
         if (score == neg_inf) break;
         const int64_t index = best_index[b][j];
         const int64_t row = b * K + index / V, label = index % V;
         if (label == c.eos_token_id) {
-          if (int64_t(ended[size_t(b)].size()) < K)
-            ended[size_t(b)].push_back({rank(score, beams[size_t(row)].size() + 1), beams[size_t(row)]});
+          offer(b, rank(score, beams[size_t(row)].size() + 1), beams[size_t(row)]);
           continue;
         }
+        if (kept == K) continue;
         const size_t slot = size_t(b * K + kept);
         source[slot] = row;
         next[slot] = label;
@@ -408,7 +423,13 @@ std::vector<std::vector<int64_t>> SpeechSeq2SeqImpl::beam_search(const at::Tenso
         if (w > 0) next_ctc[slot] = ctc_total[row][label].item<double>();
         ++kept;
       }
-      if (int64_t(ended[size_t(b)].size()) >= K || kept == 0) done[size_t(b)] = true;
+      bool could_improve = false;
+      for (int64_t j = 0; j < kept && best[size_t(b)].found; ++j) {
+        const size_t slot = size_t(b * K + j);
+        const double live = (1 - w) * next_decoder[slot] + w * next_ctc[slot];
+        could_improve |= best_possible(live, beams[size_t(source[slot])].size() + 1) > best[size_t(b)].rank;
+      }
+      if (kept == 0 || (best[size_t(b)].found && !could_improve)) done[size_t(b)] = true;
     }
     std::vector<std::vector<int64_t>> reordered(size_t(B * K));
     std::vector<CtcPrefixScorer::State> next_states(size_t(B * K));
@@ -434,19 +455,13 @@ std::vector<std::vector<int64_t>> SpeechSeq2SeqImpl::beam_search(const at::Tenso
   }
   std::vector<std::vector<int64_t>> out(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b) {
-    auto& candidates = ended[size_t(b)];
-    if (candidates.empty())  // max_length reached first: the live beams compete as they stand
+    if (!best[size_t(b)].found)  // max_length reached, nothing ended: the live beams compete as they stand
       for (int64_t j = 0; j < K; ++j) {
         const size_t r = size_t(b * K + j);
         if (decoder_scores[r] != neg_inf)
-          candidates.push_back(
-              {rank((1 - w) * decoder_scores[r] + w * ctc_scores[r], beams[r].size()), beams[r]});
+          offer(b, rank((1 - w) * decoder_scores[r] + w * ctc_scores[r], beams[r].size()), beams[r]);
       }
-    if (candidates.empty()) continue;
-    out[size_t(b)] =
-        std::max_element(candidates.begin(), candidates.end(), [](const Ended& x, const Ended& y) {
-          return x.rank < y.rank;
-        })->labels;
+    out[size_t(b)] = best[size_t(b)].labels;
   }
   return out;
 }
