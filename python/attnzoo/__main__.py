@@ -66,7 +66,8 @@ def main(argv=None):
                    help="GPT: length of the generated sample; speech: 0 skips the transcripts")
     e.add_argument("--context-use", action="store_true",
                    help="GPT: the loss on each window's last targets with the whole window and with only the "
-                        "previous --context-short characters, and context-use.png (loss by position)")
+                        "previous --context-short characters, context-use.png (loss by position), and a copy probe (a "
+                        "run of shuffled words repeated seq_len - short characters later)")
     e.add_argument("--context-short", type=int, default=None, help="(default: min(256, seq_len / 4))")
     e.add_argument("--context-windows", type=int, default=32, help="windows measured (default: 32)")
     e.add_argument("--beam-size", type=int, default=4,

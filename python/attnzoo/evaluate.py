@@ -16,7 +16,10 @@ window with the whole window before them and with only the `short`
 characters before each (tasks.GPTTask.context_use; short defaults to
 min(256, seq_len / 4)), their difference with its standard error, and
 context-use.png: the full-context loss by position. The PNG goes where the
-JSON goes.
+JSON goes. It also runs a copy probe (tasks.GPTTask.copy_probe): runs of
+`short` characters of shuffled words, repeated seq_len - short characters
+later; the loss on the second copy against the first says whether the
+model can look back that far at all.
 """
 from __future__ import annotations
 
@@ -98,6 +101,7 @@ def evaluate(path: str, split: str = "test", out: Optional[str] = None, max_batc
         measured = task.context_use(model, split, short, context_windows)
         by_position = measured.pop("loss_by_position")
         result["context_use"] = measured
+        result["copy_probe"] = task.copy_probe(model, split, min(short, task.seq_len // 2), context_windows)
         if out is not None:
             os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
             png = os.path.join(os.path.dirname(os.path.abspath(out)), "context-use.png")
@@ -175,7 +179,7 @@ def _plot_context_use(path: str, by_position, measured: dict) -> None:
 
 def format_table(result: dict) -> str:
     rows = [(k, v) for k, v in result.items()
-            if k not in ("checkpoint", "sample", "sample_title", "context_use", "cli_agreement")]
+            if k not in ("checkpoint", "sample", "sample_title", "context_use", "copy_probe", "cli_agreement")]
     width = max(len(k) for k, _ in rows)
     lines = [f"{'metric':{width}s}  value", f"{'-' * width}  -----"]
     for k, v in rows:
@@ -186,6 +190,13 @@ def format_table(result: dict) -> str:
                       f"with the whole window, {c['loss_short_context']:.4f} with the previous {c['short']} "
                       f"only; difference {c['difference']:.4f} +- {c['standard_error']:.4f} (SE): "
                       f"{'uses' if c['uses_context'] else 'no evidence that it uses'} the longer context"]
+    if "copy_probe" in result:
+        c = result["copy_probe"]
+        lines.append(f"copy probe ({c['windows']} runs of {c['run']} shuffled-word characters, repeated "
+                     f"{c['distance']} later): loss {c['loss_first_copy']:.4f} on the first copy, "
+                     f"{c['loss_second_copy']:.4f} on the second; difference {c['difference']:.4f} +- "
+                     f"{c['standard_error']:.4f} (SE): {'copies' if c['copies'] else 'no evidence that it copies'} "
+                     f"from that far back")
     for c in result.get("cli_agreement", []):
         lines.append(f"attnzoo-cli transcribe, beam {c['beam_size']}, CTC weight {c['ctc_weight']}: "
                      f"{c['identical']} of {c['utterances']} transcripts identical to Python's "

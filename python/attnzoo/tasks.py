@@ -174,6 +174,39 @@ class GPTTask(TextTask):
                 "loss_by_position": (by_position / len(starts)).tolist()}
 
 
+    @torch.no_grad()
+    def copy_probe(self, model, split: str, short: int, windows: int = 32, seed: int = 0) -> Dict:
+        """Can the model copy from further back than `short` characters? Each
+        of `windows` inputs of seq_len characters is a run of `short`
+        characters of the split's words in random order (so only the run
+        itself predicts it), the split's text, and the same run again, ending
+        the input: the two copies lie seq_len - short characters apart. The
+        loss on the first copy and on the second (each without its first
+        character); a model that looks back that far predicts the second
+        from the first. The standard error is over windows."""
+        L = self.seq_len
+        if not 0 < short <= L // 2:
+            raise ValueError(f"copy_probe: short must lie in (0, seq_len / 2 = {L // 2}], got {short}")
+        stream = self.streams[split]
+        words = self.tokenizer.decode(stream.tolist()).split()
+        generator = torch.Generator().manual_seed(seed)
+        fillers = torch.linspace(0, len(stream) - L - 1, windows).long().tolist()
+        first, second = [], []
+        for start in fillers:
+            picked = torch.randint(0, len(words), (short,), generator=generator).tolist()
+            run = torch.tensor(self.tokenizer.encode(" ".join(words[i] for i in picked)))[:short]
+            x = torch.cat([run, stream[start:start + L - 2 * short], run]).unsqueeze(0)
+            (x,) = self._on_device(x)
+            nll = F.cross_entropy(model(x[:, :-1])[0].float(), x[0, 1:], reduction="none").cpu()
+            first.append(nll[: short - 1].mean().item())  # targets x[1 .. short - 1]
+            second.append(nll[L - short:].mean().item())  # targets x[L - short + 1 .. L - 1]
+        first_t = torch.tensor(first, dtype=torch.float64)
+        diff = first_t - torch.tensor(second, dtype=torch.float64)
+        se = (diff.std() / math.sqrt(len(diff))).item() if len(diff) > 1 else float("nan")
+        return {"run": short, "distance": L - short, "windows": windows,
+                "loss_first_copy": first_t.mean().item(), "loss_second_copy": sum(second) / len(second),
+                "difference": diff.mean().item(), "standard_error": se, "copies": bool(diff.mean().item() > 2 * se)}
+
 class BertTask(TextTask):
     model_type = "bert"
     mask_prob = 0.15  # evaluation always masks BERT's 15%, whatever training used

@@ -1,5 +1,6 @@
 """evaluate --context-use: the loss on a window's last targets with the whole
-window before them and with only the `short` characters before each."""
+window before them and with only the `short` characters before each; and
+the copy probe (a run of shuffled words repeated further back than that)."""
 import json
 import math
 
@@ -66,3 +67,32 @@ def test_the_command_writes_the_measurement_and_its_plot(tmp_path):
         measured = json.load(f)["context_use"]
     assert measured["short"] == 16 and measured["windows"] == 3 and measured["targets"] == "positions 48-63"
     assert (tmp_path / "eval" / "context-use.png").stat().st_size > 0
+    with open(out) as f:
+        probe = json.load(f)["copy_probe"]
+    assert probe["run"] == 16 and probe["distance"] == 48 and probe["windows"] == 3
+
+
+def copier(distance):
+    """A stand-in model that predicts x[t + 1] as x[t + 1 - distance] (and
+    knows nothing before that): a perfect copier from exactly that far back."""
+    def model(x):
+        logits = torch.zeros(*x.shape, 256)
+        logits[:, distance - 1:].scatter_(-1, x[:, :x.shape[1] - distance + 1].unsqueeze(-1), 30.0)
+        return logits
+    return model
+
+
+def test_the_copy_probe_sees_a_copier_copy_and_a_blind_model_not():
+    t = task()
+    copied = t.copy_probe(copier(48 - 8), "val", short=8, windows=4)
+    assert copied["distance"] == 40 and copied["run"] == 8
+    assert copied["loss_second_copy"] < 1e-6 < 1.0 < copied["loss_first_copy"]
+    assert copied["copies"]
+    # One character off, and the copier predicts the wrong characters.
+    assert t.copy_probe(copier(48 - 9), "val", short=8, windows=4)["loss_second_copy"] > 1.0
+    blind = t.copy_probe(lambda x: torch.zeros(*x.shape, 256), "val", short=8, windows=4)
+    assert blind["difference"] == 0.0 and not blind["copies"]
+    # The runs are drawn afresh per window, from a seed: the same runs every time.
+    assert t.copy_probe(copier(40), "val", short=8, windows=4) == copied
+    with pytest.raises(ValueError, match="short must lie in"):
+        t.copy_probe(copier(40), "val", short=25)
