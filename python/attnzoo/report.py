@@ -233,19 +233,24 @@ def _context_use_table(page: Page, model_dirs: List[str]):
     """The committed context-use measurements (results.json "context_use", evaluate --context-use)."""
     rows = []
     for d in model_dirs:
-        c = (_read_json(os.path.join(d, "results.json")) or {}).get("context_use")
+        results = _read_json(os.path.join(d, "results.json")) or {}
+        c, probe = results.get("context_use"), results.get("copy_probe")
         if c:
             verdict = ('<span class="met">uses it</span>' if c["uses_context"]
                        else '<span class="missed">no evidence</span>')
+            copies = ("" if not probe else
+                      f"{probe['difference']:.4f} ± {probe['standard_error']:.4f} at {probe['distance']}: "
+                      + ('<span class="met">copies</span>' if probe["copies"]
+                         else '<span class="missed">no copying</span>'))
             rows.append(f"<tr><td>{_esc(os.path.basename(d))}</td><td>{_esc(c['targets'])} of {c['seq_len']}</td>"
                         f"<td class='num'>{c['loss_full_context']:.4f}</td><td class='num'>{c['short']}</td>"
                         f"<td class='num'>{c['loss_short_context']:.4f}</td>"
                         f"<td class='num'>{c['difference']:.4f} ± {c['standard_error']:.4f}</td>"
-                        f"<td>{verdict}</td></tr>")
+                        f"<td>{verdict}</td><td>{copies}</td></tr>")
     if rows:
         page.add("<table><tr><th>model</th><th>targets</th><th>loss, whole window</th><th>only the previous</th>"
-                 "<th>loss, those only</th><th>difference ± SE</th><th>longer context</th></tr>" + "".join(rows)
-                 + "</table>")
+                 "<th>loss, those only</th><th>difference ± SE</th><th>longer context</th>"
+                 "<th>copy probe: first minus second copy ± SE, distance</th></tr>" + "".join(rows) + "</table>")
     else:
         page.add('<p class="note">No results.json holds a context-use measurement.</p>')
 

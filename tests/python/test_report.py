@@ -103,6 +103,9 @@ def test_the_table_shows_each_models_committed_results(tmp_path):
     with open(os.path.join(MODELS, "gpt-kjv", "results.json")) as f:
         context = json.load(f)["context_use"]
     assert f"{context['difference']:.4f} ± {context['standard_error']:.4f}" in source
+    with open(os.path.join(MODELS, "gpt-kjv", "results.json")) as f:
+        probe = json.load(f)["copy_probe"]
+    assert f"{probe['difference']:.4f} ± {probe['standard_error']:.4f} at 192: " in source
     assert "test masked accuracy ≥ 0.55, within 1800 s" in source
 
 
