@@ -163,16 +163,12 @@ class GPTTask(TextTask):
             short_loss = F.cross_entropy(logits, x[0, tail.to(x.device) + 1], reduction="none").cpu()
             full_tail.append(full[tail].mean().item())
             short_tail.append(short_loss.mean().item())
-        full_tail = torch.tensor(full_tail, dtype=torch.float64)
-        short_tail = torch.tensor(short_tail, dtype=torch.float64)
-        diff = short_tail - full_tail
-        se = (diff.std() / math.sqrt(len(diff))).item() if len(diff) > 1 else float("nan")
+        diff, se = _difference_over_windows(short_tail, full_tail)
         return {"seq_len": L, "short": short, "targets": f"positions {L - short}-{L - 1}", "windows": len(starts),
-                "loss_full_context": full_tail.mean().item(), "loss_short_context": short_tail.mean().item(),
-                "difference": diff.mean().item(), "standard_error": se,
-                "uses_context": bool(diff.mean().item() > 2 * se),
+                "loss_full_context": sum(full_tail) / len(full_tail),
+                "loss_short_context": sum(short_tail) / len(short_tail),
+                "difference": diff, "standard_error": se, "uses_context": bool(diff > 2 * se),
                 "loss_by_position": (by_position / len(starts)).tolist()}
-
 
     @torch.no_grad()
     def copy_probe(self, model, split: str, short: int, windows: int = 32, seed: int = 0) -> Dict:
@@ -200,12 +196,20 @@ class GPTTask(TextTask):
             nll = F.cross_entropy(model(x[:, :-1])[0].float(), x[0, 1:], reduction="none").cpu()
             first.append(nll[: short - 1].mean().item())  # targets x[1 .. short - 1]
             second.append(nll[L - short:].mean().item())  # targets x[L - short + 1 .. L - 1]
-        first_t = torch.tensor(first, dtype=torch.float64)
-        diff = first_t - torch.tensor(second, dtype=torch.float64)
-        se = (diff.std() / math.sqrt(len(diff))).item() if len(diff) > 1 else float("nan")
+        diff, se = _difference_over_windows(first, second)
         return {"run": short, "distance": L - short, "windows": windows,
-                "loss_first_copy": first_t.mean().item(), "loss_second_copy": sum(second) / len(second),
-                "difference": diff.mean().item(), "standard_error": se, "copies": bool(diff.mean().item() > 2 * se)}
+                "loss_first_copy": sum(first) / len(first), "loss_second_copy": sum(second) / len(second),
+                "difference": diff, "standard_error": se, "copies": bool(diff > 2 * se)}
+
+
+def _difference_over_windows(a, b):
+    """The mean of a - b over windows (one loss per window in each list) and
+    its standard error over them (nan for one window): the targets of one
+    window are not independent, the windows are."""
+    diff = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    se = (diff.std() / math.sqrt(len(diff))).item() if len(diff) > 1 else float("nan")
+    return diff.mean().item(), se
+
 
 class BertTask(TextTask):
     model_type = "bert"

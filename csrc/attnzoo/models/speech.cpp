@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 
 namespace attnzoo::models {
 
@@ -359,17 +360,16 @@ std::vector<std::vector<int64_t>> SpeechSeq2SeqImpl::beam_search(const at::Tenso
     if (w > 0) ctc_states[size_t(b * K)] = ctc[size_t(b)].empty();
   }
   struct Ended {
-    double rank = 0;  // meaningful once found
+    double rank;
     std::vector<int64_t> labels;
-    bool found = false;
   };
-  std::vector<Ended> best(static_cast<size_t>(B));  // each utterance's best ended transcript
+  std::vector<std::optional<Ended>> best(static_cast<size_t>(B));  // each utterance's best ended transcript
   std::vector<bool> done(static_cast<size_t>(B), false);
   const double penalty = options.length_penalty;
   auto rank = [&](double score, size_t length) { return score / std::pow(double(length), penalty); };
   auto offer = [&](int64_t b, double rank_, const std::vector<int64_t>& labels) {
     auto& e = best[size_t(b)];
-    if (!e.found || rank_ > e.rank) e = {rank_, labels, true};
+    if (!e || rank_ > e->rank) e = Ended{rank_, labels};
   };
   // The best rank a live beam of `length` labels and `score` could still end
   // with: at most max_length labels + the end token.
@@ -423,13 +423,14 @@ std::vector<std::vector<int64_t>> SpeechSeq2SeqImpl::beam_search(const at::Tenso
         if (w > 0) next_ctc[slot] = ctc_total[row][label].item<double>();
         ++kept;
       }
-      bool could_improve = false;
-      for (int64_t j = 0; j < kept && best[size_t(b)].found; ++j) {
+      const auto& top = best[size_t(b)];
+      bool could_win = !top;  // with nothing ended yet, any live beam could
+      for (int64_t j = 0; j < kept && !could_win; ++j) {
         const size_t slot = size_t(b * K + j);
         const double live = (1 - w) * next_decoder[slot] + w * next_ctc[slot];
-        could_improve |= best_possible(live, beams[size_t(source[slot])].size() + 1) > best[size_t(b)].rank;
+        could_win = best_possible(live, beams[size_t(source[slot])].size() + 1) > top->rank;
       }
-      if (kept == 0 || (best[size_t(b)].found && !could_improve)) done[size_t(b)] = true;
+      if (kept == 0 || !could_win) done[size_t(b)] = true;
     }
     std::vector<std::vector<int64_t>> reordered(size_t(B * K));
     std::vector<CtcPrefixScorer::State> next_states(size_t(B * K));
@@ -455,13 +456,13 @@ std::vector<std::vector<int64_t>> SpeechSeq2SeqImpl::beam_search(const at::Tenso
   }
   std::vector<std::vector<int64_t>> out(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b) {
-    if (!best[size_t(b)].found)  // max_length reached, nothing ended: the live beams compete as they stand
+    if (!best[size_t(b)])  // max_length reached, nothing ended: the live beams compete as they stand
       for (int64_t j = 0; j < K; ++j) {
         const size_t r = size_t(b * K + j);
         if (decoder_scores[r] != neg_inf)
           offer(b, rank((1 - w) * decoder_scores[r] + w * ctc_scores[r], beams[r].size()), beams[r]);
       }
-    out[size_t(b)] = best[size_t(b)].labels;
+    if (best[size_t(b)]) out[size_t(b)] = best[size_t(b)]->labels;
   }
   return out;
 }
