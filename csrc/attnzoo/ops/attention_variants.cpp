@@ -1,18 +1,23 @@
 // The ops composed of ATen ops and the fused attention op, each with its
 // checks: rotary embeddings, Linformer, token-exact Longformer and kernelised
-// linear attention. Registered as CompositeImplicitAutograd, so autograd,
-// meta/fake tensors and torch.compile follow from their parts.
+// linear attention. Most are registered as CompositeImplicitAutograd, so
+// autograd, meta/fake tensors and torch.compile follow from their parts.
+// Longformer has its own autograd node (longformer_support.h): its two
+// engine calls' outputs and gradients are merged in place.
 #include "attnzoo/ops/attention_variants.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
+#include <limits>
 #include <vector>
 
 #include "attnzoo/ops/attention.h"
 #include "attnzoo/ops/linear_support.h"
+#include "attnzoo/ops/longformer_support.h"
 #include "attnzoo/ops/op_support.h"
 
 namespace attnzoo::ops {
@@ -191,9 +196,11 @@ LongformerPlan longformer_plan(int64_t N, int64_t window, const std::vector<int6
   return {layout, index, block_masks};
 }
 
-at::Tensor longformer_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window,
-                                const at::Tensor& global_tokens, const std::optional<at::Tensor>& key_mask,
-                                double dropout_p, std::optional<double> scale) {
+namespace detail {
+
+LongformerCall longformer_call(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window,
+                               const at::Tensor& global_tokens, const OptTensor& key_mask, double dropout_p,
+                               std::optional<double> scale) {
   const char* op = "longformer_attention";
   check_bhnd(op, "q", q);
   check_bhnd(op, "k", k);
@@ -206,35 +213,127 @@ at::Tensor longformer_attention(const at::Tensor& q, const at::Tensor& k, const 
                   global_tokens.scalar_type() != at::kBool,
               op, ": global_tokens must be a 1-D integer tensor of positions, got ", shape_str(global_tokens),
               " ", global_tokens.scalar_type());
-  const at::Tensor g = global_tokens.to(q.device(), at::kLong);
-  const int64_t G = g.numel();
-  if (G > 0) {
-    TORCH_CHECK(g.min().item<int64_t>() >= 0 && g.max().item<int64_t>() < N, op,
-                ": global_tokens must lie in [0, N = ", N, ")");
-    TORCH_CHECK(std::get<0>(at::_unique(g)).numel() == G, op, ": global_tokens must not repeat a position");
-  }
-  const auto bool_opts = at::TensorOptions().dtype(at::kBool).device(q.device());
-  at::Tensor keep = at::ones({B, 1, 1, N}, bool_opts);
-  if (given(key_mask)) keep = key_rows(op, *key_mask, B, N).view({B, 1, 1, N});
-  const auto opts = AttentionOptions().dropout_p(dropout_p).scale(scale);
-  const at::Tensor g_cpu = g.cpu();
+  const at::Tensor g_cpu = global_tokens.to(at::kCPU, at::kLong).contiguous();
+  const int64_t G = g_cpu.numel();
   const std::vector<int64_t> positions(g_cpu.data_ptr<int64_t>(), g_cpu.data_ptr<int64_t>() + G);
-  const LongformerPlan plan = longformer_plan(N, window, positions, kLongformerBlock);
-  auto extend = [&](const at::Tensor& t, int64_t dim) {  // the sequence, then the global tokens
-    return G == 0 ? t : at::cat({t, t.index_select(dim, g)}, dim);
-  };
+  std::vector<uint8_t> seen(N, 0);
+  for (int64_t j : positions) {
+    TORCH_CHECK(j >= 0 && j < N, op, ": global_tokens must lie in [0, N = ", N, "), got ", j);
+    TORCH_CHECK(!seen[j], op, ": global_tokens must not repeat a position, got ", j, " twice");
+    seen[j] = 1;
+  }
   const auto device = q.device();
-  at::Tensor out = attention(q, extend(k, 2), extend(v, 2),
-                             AttentionOptions(opts)
-                                 .layout(plan.layout.to(device))
-                                 .block_size(kLongformerBlock)
-                                 .block_mask_index(plan.index.to(device))
-                                 .block_masks(plan.masks.to(device))
-                                 .mask(extend(keep, 3)));
-  if (G == 0) return out;
-  // Global queries attend to every key.
-  const at::Tensor rows = attention(q.index_select(2, g), k, v, AttentionOptions(opts).mask(keep));
-  return out.index_copy(2, g, rows);
+  LongformerCall call;
+  call.global = g_cpu.to(device);
+  // The sequence, then the global tokens (keys N .. N + G - 1 of the window call).
+  auto extend = [&](const at::Tensor& t, int64_t dim) {
+    return G == 0 ? t : at::cat({t, t.index_select(dim, call.global)}, dim);
+  };
+  call.k_ext = extend(k, 2);
+  call.v_ext = extend(v, 2);
+  const auto opts = AttentionOptions().dropout_p(dropout_p).scale(scale);
+  const LongformerPlan plan = longformer_plan(N, window, positions, kLongformerBlock);
+  call.window = AttentionOptions(opts)
+                    .layout(plan.layout.to(device))
+                    .block_size(kLongformerBlock)
+                    .block_mask_index(plan.index.to(device))
+                    .block_masks(plan.masks.to(device));
+  call.rows = opts;
+  if (given(key_mask)) {
+    const at::Tensor keep = key_rows(op, *key_mask, B, N).view({B, 1, 1, N}).to(device);
+    call.window.mask(extend(keep, 3));
+    call.rows.mask(keep);
+  }
+  return call;
+}
+
+namespace {
+const auto& forward_op() {
+  static const auto op = op_handle<ForwardSig>("attnzoo::_attention_forward");
+  return op;
+}
+const auto& backward_op() {
+  static const auto op = op_handle<BackwardSig>("attnzoo::_attention_backward");
+  return op;
+}
+OptTensor seed_arg(const at::Tensor& seed) { return seed.defined() ? OptTensor(seed) : std::nullopt; }
+}  // namespace
+
+LongformerForward longformer_forward(const LongformerCall& call, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, const at::Tensor& window_seed,
+                                     const at::Tensor& rows_seed) {
+  LongformerForward f;
+  {
+    const AttentionOptions& options = call.window;
+    std::tie(f.out, f.window_lse) =
+        forward_op().call(q, call.k_ext, call.v_ext ATTNZOO_OPTION_VALUES, seed_arg(window_seed));
+  }
+  if (call.global.numel() == 0) return f;
+  const at::Tensor& g = call.global;
+  {
+    const AttentionOptions& options = call.rows;
+    std::tie(f.rows_out, f.rows_lse) =
+        forward_op().call(q.index_select(2, g), k, v ATTNZOO_OPTION_VALUES, seed_arg(rows_seed));
+  }
+  // The outputs are ours: merge in place instead of copying N rows.
+  f.out.index_copy_(2, g, f.rows_out);
+  f.window_lse.index_fill_(2, g, -std::numeric_limits<double>::infinity());
+  return f;
+}
+
+Tensor3 longformer_backward(const LongformerCall& call, const LongformerForward& saved,
+                            const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                            const at::Tensor& v, const at::Tensor& window_seed, const at::Tensor& rows_seed) {
+  const std::array<bool, 4> no_option_grads = {false, false, false, false};
+  at::Tensor dq, dk_ext, dv_ext;
+  {
+    // The global rows' lse is -inf, so the window call gives them no gradient.
+    const AttentionOptions& options = call.window;
+    std::tie(dq, dk_ext, dv_ext, std::ignore, std::ignore, std::ignore, std::ignore) =
+        backward_op().call(grad_out, std::nullopt, q, call.k_ext, call.v_ext, saved.out,
+                           saved.window_lse ATTNZOO_OPTION_VALUES, seed_arg(window_seed), no_option_grads);
+  }
+  const at::Tensor& g = call.global;
+  const int64_t N = k.size(2), G = g.numel();
+  if (G == 0) return {dq, dk_ext, dv_ext};
+  at::Tensor dq_rows, dk, dv;
+  {
+    const AttentionOptions& options = call.rows;
+    std::tie(dq_rows, dk, dv, std::ignore, std::ignore, std::ignore, std::ignore) = backward_op().call(
+        grad_out.index_select(2, g), std::nullopt, q.index_select(2, g), k, v, saved.rows_out,
+        saved.rows_lse ATTNZOO_OPTION_VALUES, seed_arg(rows_seed), no_option_grads);
+  }
+  // Every buffer here is fresh from the engine: merge in place. A gathered
+  // key's gradient goes back to its position in the sequence.
+  dq.index_copy_(2, g, dq_rows);
+  dk.add_(dk_ext.narrow(2, 0, N)).index_add_(2, g, dk_ext.narrow(2, N, G));
+  dv.add_(dv_ext.narrow(2, 0, N)).index_add_(2, g, dv_ext.narrow(2, N, G));
+  return {dq, dk, dv};
+}
+
+}  // namespace detail
+
+namespace {
+// The forward without a graph (inference, and below autograd); the Autograd
+// kernel is in autograd/attention_autograd.cpp.
+at::Tensor longformer_attention_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       int64_t window, const at::Tensor& global_tokens,
+                                       const std::optional<at::Tensor>& key_mask, double dropout_p,
+                                       std::optional<double> scale) {
+  const detail::LongformerCall call =
+      detail::longformer_call(q, k, v, window, global_tokens, key_mask, dropout_p, scale);
+  const bool dropout = dropout_p > 0;
+  return detail::longformer_forward(call, q, k, v, dropout ? detail::fresh_seed() : at::Tensor(),
+                                    dropout ? detail::fresh_seed() : at::Tensor())
+      .out;
+}
+}  // namespace
+
+at::Tensor longformer_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window,
+                                const at::Tensor& global_tokens, const std::optional<at::Tensor>& key_mask,
+                                double dropout_p, std::optional<double> scale) {
+  static const auto op = detail::op_handle<detail::LongformerSig>("attnzoo::longformer_attention");
+  return op.call(q, k, v, window, global_tokens, key_mask, dropout_p, scale);
 }
 
 // ---------------------------------------------------------------------------
@@ -362,9 +461,12 @@ TORCH_LIBRARY_IMPL(attnzoo, Meta, m) {
   m.impl("_causal_linear_backward", &causal_linear_backward_meta);
 }
 
+TORCH_LIBRARY_IMPL(attnzoo, CompositeExplicitAutograd, m) {
+  m.impl("longformer_attention", &longformer_attention_kernel);
+}
+
 TORCH_LIBRARY_IMPL(attnzoo, CompositeImplicitAutograd, m) {
   m.impl("rotary", &rotary);
-  m.impl("longformer_attention", &longformer_attention);
   m.impl("linformer_attention", &linformer_attention);
   m.impl("linear_attention", &linear_attention);
 }

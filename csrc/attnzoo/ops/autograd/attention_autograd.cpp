@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include "attnzoo/ops/autograd/autograd_support.h"
+#include "attnzoo/ops/longformer_support.h"
 #include "attnzoo/ops/op_support.h"
 
 namespace attnzoo::ops {
@@ -156,8 +157,79 @@ detail::Tensor2 attention_autograd(const at::Tensor& q, const at::Tensor& k,
   return {out, lse};
 }
 
+// ---------------------------------------------------------------------------
+// Longformer (longformer_support.h): one node over its two engine calls.
+
+struct LongformerBackward : torch::autograd::Node {
+  SavedVariable q, k, v, out;
+  // Made by the forward, not inputs: the gathered keys, the plan, the lse of
+  // each call, the global rows' output and the dropout seeds.
+  detail::LongformerCall call;
+  detail::LongformerForward saved;
+  at::Tensor window_seed, rows_seed;
+
+  std::string name() const override { return "LongformerBackward"; }
+
+  variable_list apply(variable_list&& grads) override {
+    const auto self = detail::self_of(this);
+    detail::LongformerForward f = saved;
+    f.out = out.unpack(self);
+    const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(f.out);
+    auto [dq, dk, dv] = detail::longformer_backward(call, f, grad_out, q.unpack(self), k.unpack(self),
+                                                    v.unpack(self), window_seed, rows_seed);
+    return {dq, dk, dv};
+  }
+
+  void release_variables() override {
+    q.reset_data(), k.reset_data(), v.reset_data(), out.reset_data();
+    call = {};
+    saved = {};
+    window_seed.reset(), rows_seed.reset();
+  }
+};
+
+at::Tensor longformer_attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         int64_t window, const at::Tensor& global_tokens,
+                                         const OptTensor& key_mask, double dropout_p,
+                                         std::optional<double> scale) {
+  for (const auto& t : {q, k, v})
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        !t._fw_grad(/*level=*/0).defined(),
+        "longformer_attention: forward-mode AD (torch.func.jvp, jacfwd, forward_ad) is "
+        "not implemented; use reverse mode (backward, torch.func.grad, vjp, jacrev)");
+  const bool dropout = dropout_p > 0;
+  const at::Tensor window_seed = dropout ? detail::fresh_seed() : at::Tensor();
+  const at::Tensor rows_seed = dropout ? detail::fresh_seed() : at::Tensor();
+  detail::LongformerCall call;
+  detail::LongformerForward f;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    call = detail::longformer_call(q, k, v, window, global_tokens, key_mask, dropout_p, scale);
+    f = detail::longformer_forward(call, q, k, v, window_seed, rows_seed);
+  }
+  const at::Tensor out = f.out;
+  if (torch::autograd::compute_requires_grad(q, k, v)) {
+    auto node = detail::make_node<LongformerBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(q, k, v));
+    node->q = SavedVariable(q, false);
+    node->k = SavedVariable(k, false);
+    node->v = SavedVariable(v, false);
+    node->window_seed = window_seed;
+    node->rows_seed = rows_seed;
+    torch::autograd::set_history(out, node);
+    node->out = SavedVariable(out, /*is_output=*/true);
+    f.out = at::Tensor();  // the node keeps it as the SavedVariable above
+    node->call = std::move(call);
+    node->saved = std::move(f);
+  }
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(attnzoo, Autograd, m) { m.impl("attention", &attention_autograd); }
+TORCH_LIBRARY_IMPL(attnzoo, Autograd, m) {
+  m.impl("attention", &attention_autograd);
+  m.impl("longformer_attention", &longformer_attention_autograd);
+}
 
 }  // namespace attnzoo::ops

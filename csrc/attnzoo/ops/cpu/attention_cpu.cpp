@@ -198,18 +198,20 @@ detail::Tensor2 forward_cpu(const char* op, const at::Tensor& q, const at::Tenso
   return {out.to(q.scalar_type()), lse};
 }
 
-// sum(a * b, -1) in float for bfloat16 a and b of the same shape, without
-// float copies of them.
-at::Tensor rowwise_dot(const at::Tensor& a, const at::Tensor& b) {
+// sum(a * b, -1) for a and b of one shape and element type In, accumulated
+// in Acc (float for bfloat16), without an a * b temporary or float copies.
+template <typename In, typename Acc>
+at::Tensor rowwise_dot(const at::Tensor& a_, const at::Tensor& b_, at::ScalarType acc_type) {
+  const at::Tensor a = a_.contiguous(), b = b_.contiguous();
   const int64_t n = a.size(-1), rows = a.numel() / std::max<int64_t>(n, 1);
-  at::Tensor out = at::empty(a.sizes().slice(0, a.dim() - 1), a.options().dtype(at::kFloat));
-  const auto* x = a.const_data_ptr<at::BFloat16>();
-  const auto* y = b.const_data_ptr<at::BFloat16>();
-  float* o = out.data_ptr<float>();
+  at::Tensor out = at::empty(a.sizes().slice(0, a.dim() - 1), a.options().dtype(acc_type));
+  const In* x = a.const_data_ptr<In>();
+  const In* y = b.const_data_ptr<In>();
+  Acc* o = out.data_ptr<Acc>();
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      float acc = 0;
-      for (int64_t c = 0; c < n; ++c) acc += float(x[r * n + c]) * float(y[r * n + c]);
+      Acc acc = 0;
+      for (int64_t c = 0; c < n; ++c) acc += Acc(x[r * n + c]) * Acc(y[r * n + c]);
       o[r] = acc;
     }
   });
@@ -235,8 +237,10 @@ detail::Tensor7 backward_cpu(const at::Tensor& grad_out, const OptTensor& grad_l
   const at::Tensor lse_c = to_compute(lse, p.compute);
   // The log-sum-exp is an output too: its gradient g adds g_i * p_ij to the
   // score gradient, which is the same as lowering delta_i by g_i.
-  at::Tensor delta = p.bf16 ? rowwise_dot(dout, out.to(at::kBFloat16).contiguous())
-                            : (dout * to_compute(out, p.compute)).sum(-1);
+  at::Tensor delta = p.bf16 ? rowwise_dot<at::BFloat16, float>(dout, out.to(at::kBFloat16), at::kFloat)
+                     : p.compute == at::kDouble
+                         ? rowwise_dot<double, double>(dout, to_compute(out, p.compute), at::kDouble)
+                         : rowwise_dot<float, float>(dout, to_compute(out, p.compute), at::kFloat);
   if (given(grad_lse)) delta = delta - grad_lse->to(p.compute);
   delta = delta.contiguous();
 
@@ -253,12 +257,13 @@ detail::Tensor7 backward_cpu(const at::Tensor& grad_out, const OptTensor& grad_l
   if (!want_bias && !want_rel && !want_shaw_k && !want_shaw_v && heads < threads && nkb > 1)
     splits = std::min(nkb, (threads + heads - 1) / heads);
 
-  at::Tensor dq = at::zeros({splits, s.B, s.H, s.Nq, s.D}, opts);
+  // Uninitialised: the backward pass zeroes what it owns (passes.h).
+  at::Tensor dq = at::empty({splits, s.B, s.H, s.Nq, s.D}, opts);
   // The bfloat16 passes write each key block's dk and dv once, in bfloat16
   // unless GQA groups are summed afterwards.
   const auto kv_opts = p.bf16 && s.H == s.Hkv ? opts.dtype(at::kBFloat16) : opts;
-  at::Tensor dk = at::zeros({s.B, s.H, s.Nk, s.D}, kv_opts);
-  at::Tensor dv = at::zeros({s.B, s.H, s.Nk, s.Dv}, kv_opts);
+  at::Tensor dk = at::empty({s.B, s.H, s.Nk, s.D}, kv_opts);
+  at::Tensor dv = at::empty({s.B, s.H, s.Nk, s.Dv}, kv_opts);
   at::Tensor dbias, drel, dshaw_k, dshaw_v;
 
   DenseArgs a = engine_args(p);

@@ -79,7 +79,10 @@ struct DenseArgs {
   // Backward inputs and outputs. grad_q is (splits, B, H, Nq, D) partial sums
   // when key blocks of a head are split across work items; grad_k/grad_v are
   // per query head (B, H, Nk, D/Dv) and summed over GQA groups by the caller.
-  // All are zero-initialised by the caller. The bfloat16 passes write
+  // They may come uninitialised: the backward pass zeroes the dq partial of
+  // each item and the dk / dv rows of each key block it owns before
+  // accumulating (grad_bias and the tables' accumulators below are
+  // zero-initialised by the caller). The bfloat16 passes write
   // grad_k/grad_v once per key block, in bfloat16 ([0]) or float ([1], for
   // GQA groups the caller sums); grad_q is float.
   const void* grad_out = nullptr;

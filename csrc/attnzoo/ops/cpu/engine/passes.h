@@ -196,10 +196,16 @@ void backward_range(const DenseArgs& a, Policy& policy, int64_t begin, int64_t e
     using GradKV = typename Tiles::GradKV;
     GradKV* dk = static_cast<GradKV*>(a.grad_k) + bh * g.Nk * g.D;
     GradKV* dv = static_cast<GradKV*>(a.grad_v) + bh * g.Nk * g.Dv;
+    // The gradient buffers come uninitialised: this item owns its dq partial
+    // and its key blocks' dk and dv rows, and zeroes them as it reaches them
+    // (one pass over memory less than a separate zero fill, and in cache).
+    std::fill_n(dq, g.Nq * g.D, T(0));
 
     const int64_t kb_end = std::min(nkb, (split + 1) * blocks_per_split);
     for (int64_t kb = split * blocks_per_split; kb < kb_end; ++kb) {
       const int64_t k0 = kb * BK, nk = std::min(BK, g.Nk - k0);
+      std::fill_n(dk + k0 * g.D, nk * g.D, GradKV(0));
+      std::fill_n(dv + k0 * g.Dv, nk * g.Dv, GradKV(0));
       tiles.begin_key_block(q, dout, k, v, k0, nk);
       policy.for_each_query_tile(b, h, k0, nk, [&](int64_t q0, int64_t mq) {
         T* p = p_tile.data();
