@@ -161,6 +161,46 @@ def test_longformer_dropout_is_dropout_on_the_union():
     assert (runs.mean(0) - plain).abs().max() < 0.15 * plain.abs().max()
 
 
+def test_longformer_dropout_gradient_replays_the_forwards_pattern():
+    """With dropout the backward must drop exactly what the forward dropped, in
+    both engine calls (window rows and global rows): with the generator reset
+    before every evaluation the function is deterministic, so gradcheck's
+    finite differences test the replay."""
+    q, k, v = make_qkv(1, 2, 1, 70, 70, 4, 3, dtype=torch.float64, requires_grad=True, seed=5)
+
+    def dropped(q, k, v):
+        torch.manual_seed(123)
+        return ops.longformer_attention(q, k, v, 3, [0, 40, 69], dropout_p=0.4)
+
+    assert not torch.equal(dropped(q, k, v), ops.longformer_attention(q, k, v, 3, [0, 40, 69]))
+    assert torch.autograd.gradcheck(dropped, (q, k, v), eps=1e-6, atol=1e-7)
+
+
+def test_longformer_node_keeps_its_inputs_honest():
+    """The autograd node saves q, k, v: changing one in place after the forward
+    is caught at the backward, as for ATen's own ops. torch.func.vjp, which
+    refuses torch::autograd::Function, accepts the plain node; torch.vmap
+    falls back to a loop over samples."""
+    q, k, v = make_qkv(1, 2, 2, 90, 90, 8, 8, requires_grad=True, seed=6)
+    kk = k.detach().clone().requires_grad_()
+    k2 = kk * 1.0
+    out = ops.longformer_attention(q, k2, v, 5, [7])
+    with torch.no_grad():
+        k2.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    grad = torch.randn(1, 2, 90, 8)
+    _, vjp = torch.func.vjp(lambda q, k, v: ops.longformer_attention(q, k, v, 5, [7, 60]), q, k, v)
+    want = torch.autograd.grad(ops.longformer_attention(q, k, v, 5, [7, 60]), (q, k, v), grad)
+    for a, b in zip(vjp(grad), want):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    # torch.vmap has no rule for it and runs it per sample (torch's fallback).
+    qs, ks, vs = make_qkv(3, 2, 2, 90, 90, 8, 8, seed=7)
+    with pytest.warns(UserWarning, match="not yet implemented the batching rule"):
+        mapped = torch.vmap(lambda q, k, v: ops.longformer_attention(q[None], k[None], v[None], 5, [7]))(qs, ks, vs)
+    torch.testing.assert_close(mapped[:, 0], ops.longformer_attention(qs, ks, vs, 5, [7]), atol=1e-6, rtol=0)
+
+
 def test_longformer_gradcheck_and_errors():
     q, k, v = make_qkv(1, 2, 2, 12, 12, 4, 3, dtype=torch.float64, requires_grad=True, seed=3)
     assert torch.autograd.gradcheck(lambda q, k, v: ops.longformer_attention(q, k, v, 2, [0, 7]), (q, k, v),

@@ -7,6 +7,7 @@
 #include "attnzoo/ops/attention_variants.h"
 
 #include <ATen/ATen.h>
+#include <ATen/functorch/TensorWrapper.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -213,18 +214,31 @@ LongformerCall longformer_call(const at::Tensor& q, const at::Tensor& k, const a
                   global_tokens.scalar_type() != at::kBool,
               op, ": global_tokens must be a 1-D integer tensor of positions, got ", shape_str(global_tokens),
               " ", global_tokens.scalar_type());
-  const at::Tensor g_cpu = global_tokens.to(at::kCPU, at::kLong).contiguous();
-  const int64_t G = g_cpu.numel();
-  const std::vector<int64_t> positions(g_cpu.data_ptr<int64_t>(), g_cpu.data_ptr<int64_t>() + G);
-  std::vector<uint8_t> seen(N, 0);
-  for (int64_t j : positions) {
-    TORCH_CHECK(j >= 0 && j < N, op, ": global_tokens must lie in [0, N = ", N, "), got ", j);
-    TORCH_CHECK(!seen[j], op, ": global_tokens must not repeat a position, got ", j, " twice");
-    seen[j] = 1;
+  const int64_t G = global_tokens.numel();
+  std::vector<int64_t> positions(G);
+  at::Tensor global_cpu;
+  LongformerPlan plan;
+  {
+    // Host work, with torch.func's layers out of the way: under its grad
+    // transforms every input comes wrapped and every tensor made here would
+    // too (a TensorWrapper has no storage to read or fill).
+    c10::impl::ExcludeDispatchKeyGuard no_functorch(c10::DispatchKeySet(
+        {c10::DispatchKey::FuncTorchDynamicLayerFrontMode, c10::DispatchKey::FuncTorchDynamicLayerBackMode}));
+    at::Tensor g = global_tokens;
+    while (const auto* wrapper = at::functorch::maybeGetTensorWrapper(g)) g = wrapper->value();
+    global_cpu = g.to(at::kCPU, at::kLong).contiguous();
+    std::copy(global_cpu.data_ptr<int64_t>(), global_cpu.data_ptr<int64_t>() + G, positions.begin());
+    std::vector<uint8_t> seen(N, 0);
+    for (int64_t j : positions) {
+      TORCH_CHECK(j >= 0 && j < N, op, ": global_tokens must lie in [0, N = ", N, "), got ", j);
+      TORCH_CHECK(!seen[j], op, ": global_tokens must not repeat a position, got ", j, " twice");
+      seen[j] = 1;
+    }
+    plan = longformer_plan(N, window, positions, kLongformerBlock);
   }
   const auto device = q.device();
   LongformerCall call;
-  call.global = g_cpu.to(device);
+  call.global = global_cpu.to(device);
   // The sequence, then the global tokens (keys N .. N + G - 1 of the window call).
   auto extend = [&](const at::Tensor& t, int64_t dim) {
     return G == 0 ? t : at::cat({t, t.index_select(dim, call.global)}, dim);
@@ -232,7 +246,6 @@ LongformerCall longformer_call(const at::Tensor& q, const at::Tensor& k, const a
   call.k_ext = extend(k, 2);
   call.v_ext = extend(v, 2);
   const auto opts = AttentionOptions().dropout_p(dropout_p).scale(scale);
-  const LongformerPlan plan = longformer_plan(N, window, positions, kLongformerBlock);
   call.window = AttentionOptions(opts)
                     .layout(plan.layout.to(device))
                     .block_size(kLongformerBlock)

@@ -175,6 +175,11 @@ struct LongformerBackward : torch::autograd::Node {
     detail::LongformerForward f = saved;
     f.out = out.unpack(self);
     const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(f.out);
+    // Below autograd: the engine's backward is not differentiable itself
+    // (double backward is not implemented), and the merges are in place on
+    // its fresh outputs, which must not be recorded (a graph being created
+    // under torch.func.vjp would refuse them).
+    at::AutoDispatchBelowADInplaceOrView guard;
     auto [dq, dk, dv] = detail::longformer_backward(call, f, grad_out, q.unpack(self), k.unpack(self),
                                                     v.unpack(self), window_seed, rows_seed);
     return {dq, dk, dv};
