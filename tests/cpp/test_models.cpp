@@ -11,6 +11,8 @@
 #include <thread>
 
 #include "attnzoo/attnzoo.h"
+#include "attnzoo/ops/cpu/cpu_support.h"
+#include "attnzoo/ops/score_rules.h"
 #include "test_support.h"
 
 using namespace attnzoo_test;
@@ -456,7 +458,7 @@ TEST_CASE("nn::Dropout: drops a fraction p, scales by 1/(1-p), the backward uses
   torch::manual_seed(3);
   attnzoo::nn::Dropout dropout(0.3);
   const at::Tensor x = at::randn({64, 1000}).abs() + 0.5;  // no zeros of its own
-  for (auto dtype : {at::kFloat, at::kBFloat16, at::kDouble}) {
+  for (auto dtype : {at::kFloat, at::kBFloat16, at::kDouble, at::kHalf}) {
     const at::Tensor xd = x.to(dtype).clone().requires_grad_();
     const at::Tensor y = dropout(xd);
     const at::Tensor kept = y.ne(0);
@@ -481,4 +483,33 @@ TEST_CASE("nn::Dropout: drops a fraction p, scales by 1/(1-p), the backward uses
   CHECK_FALSE(at::equal(a, b));
   dropout->eval();
   CHECK(dropout(x).is_same(x));
+}
+
+TEST_CASE("nn::Dropout's rows: every engine build keeps exactly the elements the rule keeps", "[models]") {
+  // The vectorised rows (one per instruction set) against the scalar rule of
+  // score_rules.h, from an offset and over a length no vector width divides.
+  const uint64_t seed = 0x1234567ULL, first = 1000003;
+  const double p = 0.37, scale = attnzoo::rules::dropout_keep_scale(p);
+  const uint64_t threshold = attnzoo::rules::dropout_threshold(p);
+  const int64_t n = 4099;
+  const at::Tensor x = at::randn({n}, at::kDouble).abs() + 0.5;
+  std::vector<const attnzoo::cpu::EngineTable*> builds = {&attnzoo::cpu::engine_DEFAULT(),
+                                                          &attnzoo::cpu::selected_engine()};
+  const std::vector<at::ScalarType> types = {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf};
+  const std::vector<double> ulp = {0x1p-23, 0x1p-52, 0x1p-7, 0x1p-10};  // products may round differently
+  for (const auto* build : builds) {
+    for (size_t t = 0; t < types.size(); ++t) {
+      INFO("engine " << build->isa << " dtype " << types[t]);
+      const at::Tensor in = x.to(types[t]);
+      at::Tensor out = at::empty_like(in);
+      build->dropout_rows[t](in.const_data_ptr(), out.data_ptr(), n, first, seed, threshold, scale);
+      std::vector<uint8_t> rule(n);
+      for (int64_t i = 0; i < n; ++i) rule[i] = attnzoo::rules::dropout_keeps(seed, threshold, first + i);
+      const at::Tensor keep = at::from_blob(rule.data(), {n}, at::kByte).to(at::kBool);
+      CHECK(at::equal(out.ne(0), keep));
+      CHECK(at::allclose(out.masked_select(keep).to(at::kDouble),
+                         (in.to(at::kDouble).masked_select(keep) * scale).to(types[t]).to(at::kDouble),
+                         ulp[t], 0));
+    }
+  }
 }

@@ -2,8 +2,6 @@
 // per-layer choice (AttentionConfig); each kind maps onto one attnzoo op.
 #include "attnzoo/nn/modules.h"
 
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/nn/functional/activation.h>
@@ -13,6 +11,7 @@
 #include <cmath>
 
 #include "attnzoo/ops/attention_variants.h"
+#include "attnzoo/ops/cpu/cpu_support.h"
 #include "attnzoo/ops/layouts.h"
 #include "attnzoo/ops/op_support.h"
 #include "attnzoo/ops/score_rules.h"
@@ -21,21 +20,23 @@ namespace attnzoo::nn {
 namespace {
 
 // x * keep(i) / (1 - p), element i of the contiguous x kept iff
-// rules::dropout_keeps(seed, threshold, i).
+// rules::dropout_keeps(seed, threshold, i): the engine build for this CPU
+// runs the rows (cpu/engine_api.h, DropoutRowsFn).
 at::Tensor apply_dropout_pattern(const at::Tensor& x, double p, uint64_t seed) {
   const at::Tensor in = x.contiguous();
   at::Tensor out = at::empty_like(in);
   const uint64_t threshold = rules::dropout_threshold(p);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.scalar_type(), "dropout", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    const opmath_t scale = opmath_t(rules::dropout_keep_scale(p));
-    const scalar_t* src = in.const_data_ptr<scalar_t>();
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, in.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        dst[i] = rules::dropout_keeps(seed, threshold, uint64_t(i)) ? scalar_t(opmath_t(src[i]) * scale)
-                                                                    : scalar_t(0);
-    });
+  const double scale = rules::dropout_keep_scale(p);
+  const auto type = in.scalar_type();
+  TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kBFloat16 || type == at::kHalf,
+              "Dropout: x must be float32, float64, bfloat16 or float16, got ", type);
+  const int which = type == at::kFloat ? 0 : type == at::kDouble ? 1 : type == at::kBFloat16 ? 2 : 3;
+  const cpu::DropoutRowsFn rows = cpu::selected_engine().dropout_rows[which];
+  const auto* src = static_cast<const char*>(in.const_data_ptr());
+  auto* dst = static_cast<char*>(out.data_ptr());
+  const int64_t size = in.element_size();
+  at::parallel_for(0, in.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+    rows(src + begin * size, dst + begin * size, end - begin, uint64_t(begin), seed, threshold, scale);
   });
   return out;
 }

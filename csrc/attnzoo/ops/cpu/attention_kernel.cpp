@@ -1,6 +1,11 @@
 // Compiled once per instruction set (see CMakeLists.txt): CPU_CAPABILITY and
 // ATTNZOO_ENGINE_ISA name the build, and engine_<ISA>() hands out its entry
 // points. Keep this file free of Tensor headers: only plain data crosses.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <type_traits>
+
 #include "attnzoo/ops/cpu/engine.h"
 #include "attnzoo/ops/cpu/lsh_kernel.h"
 
@@ -60,6 +65,20 @@ void feature_rows(int64_t map, bool slope, const void* x_, void* y_, int64_t n) 
   if (i < n) apply(V::loadu(x + i, n - i)).store(y + i, n - i);
 }
 
+// The models' dropout rows (engine_api.h), in T's op-math type (float for
+// the 16-bit types). The loop is written plainly for the compiler to
+// vectorise under this build's instruction set.
+template <typename T>
+void dropout_rows(const void* x_, void* y_, int64_t n, uint64_t first, uint64_t seed, uint64_t threshold,
+                  double scale) {
+  using Op = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const T* x = static_cast<const T*>(x_);
+  T* y = static_cast<T*>(y_);
+  const Op s = Op(scale);
+  for (int64_t i = 0; i < n; ++i)
+    y[i] = rules::dropout_keeps(seed, threshold, first + uint64_t(i)) ? T(Op(x[i]) * s) : T(0);
+}
+
 #define ATTNZOO_STR2(x) #x
 #define ATTNZOO_STR(x) ATTNZOO_STR2(x)
 
@@ -71,6 +90,7 @@ const EngineTable kTable = {
     {bf16_passes<DensePolicy, c10::BFloat16>(), bf16_passes<DensePolicy, float>()},
     {bf16_passes<BlockSparsePolicy, c10::BFloat16>(), bf16_passes<BlockSparsePolicy, float>()},
     {&feature_rows<float>, &feature_rows<double>},
+    {&dropout_rows<float>, &dropout_rows<double>, &dropout_rows<c10::BFloat16>, &dropout_rows<c10::Half>},
     {{&lsh_forward_range<float>, &lsh_backward_range<float>},
      {&lsh_forward_range<double>, &lsh_backward_range<double>}},
 };

@@ -148,6 +148,13 @@ struct PassTable {
 // vectorised per instruction set.
 using FeatureRowsFn = void (*)(int64_t map, bool slope, const void* x, void* y, int64_t n);
 
+// y[i] = keep(first + i) ? x[i] * scale : 0 for n contiguous elements, with
+// keep = rules::dropout_keeps(seed, threshold, .) (score_rules.h): the
+// models' dropout (attnzoo::nn::Dropout), one vectorised build per
+// instruction set (the rule's 64-bit products need AVX-512 to vectorise).
+using DropoutRowsFn = void (*)(const void* x, void* y, int64_t n, uint64_t first, uint64_t seed,
+                               uint64_t threshold, double scale);
+
 // One engine build (one instruction set); index [0] float, [1] double. The
 // bfloat16 passes (bfloat16 q, k, v, out and grad_out; float lse, delta and
 // gradient accumulators) are null where the build has none, and have no
@@ -160,6 +167,7 @@ struct EngineTable {
   PassTable dense_bf16[2];  // [0] grad_k/grad_v bfloat16, [1] float (GQA)
   PassTable block_sparse_bf16[2];
   FeatureRowsFn feature_rows[2];
+  DropoutRowsFn dropout_rows[4];  // float, double, bfloat16, float16
   LshTable lsh[2];
 };
 
