@@ -173,8 +173,10 @@ def longformer_attention(q: Tensor, k: Tensor, v: Tensor, window: int, global_to
     """Longformer self-attention, exact at token level: query i sees the keys
     j with |i - j| <= ``window`` and every global token, and a global token's
     query sees every key. ``global_tokens``: positions (list or 1-D integer
-    tensor). Runs as fused window attention plus fused attention to the global
-    keys, merged by their log-sum-exps; cost O(N * (window + globals))."""
+    tensor). Runs as two fused calls, one for every query over its window and
+    the global keys (block-sparse with token masks), one for the global
+    queries over every key, merged in place by one autograd node; cost
+    O(N * (window + globals))."""
     if not isinstance(global_tokens, Tensor):
         global_tokens = torch.tensor(list(global_tokens), dtype=torch.int64)
     return torch.ops.attnzoo.longformer_attention(q, k, v, int(window), global_tokens, key_mask=key_mask,
