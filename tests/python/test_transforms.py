@@ -75,6 +75,18 @@ def test_forward_mode_is_a_clear_error():
         torch.func.jvp(lambda q: ops.attention(q, k, v), (q,), (torch.ones_like(q),))
 
 
+@pytest.mark.parametrize("op,fn", [
+    ("lsh_attention", lambda q: ops.lsh_attention(q, q, rand(5, 1, 1, seed=20), 4)),
+    ("linear_attention", lambda q: ops.linear_attention(q, q, q, causal=True)),
+    ("longformer_attention", lambda q: ops.longformer_attention(q, q, q, 2, [0])),
+])
+def test_forward_mode_is_a_clear_error_for_every_node(op, fn):
+    """Each op with its own autograd node refuses a tangent, naming itself."""
+    q = rand(1, 2, 8, 5, seed=21)
+    with pytest.raises(RuntimeError, match=f"{op}: forward-mode AD .* is not implemented.*; use reverse mode"):
+        torch.func.jvp(fn, (q,), (torch.ones_like(q),))
+
+
 def loop(fn, *batched):
     return torch.stack([fn(*sample) for sample in zip(*batched)])
 

@@ -269,7 +269,6 @@ const auto& backward_op() {
   static const auto op = op_handle<BackwardSig>("attnzoo::_attention_backward");
   return op;
 }
-OptTensor seed_arg(const at::Tensor& seed) { return seed.defined() ? OptTensor(seed) : std::nullopt; }
 }  // namespace
 
 LongformerForward longformer_forward(const LongformerCall& call, const at::Tensor& q, const at::Tensor& k,
@@ -279,14 +278,14 @@ LongformerForward longformer_forward(const LongformerCall& call, const at::Tenso
   {
     const AttentionOptions& options = call.window;
     std::tie(f.out, f.window_lse) =
-        forward_op().call(q, call.k_ext, call.v_ext ATTNZOO_OPTION_VALUES, seed_arg(window_seed));
+        forward_op().call(q, call.k_ext, call.v_ext ATTNZOO_OPTION_VALUES, optional_of(window_seed));
   }
   if (call.global.numel() == 0) return f;
   const at::Tensor& g = call.global;
   {
     const AttentionOptions& options = call.rows;
     std::tie(f.rows_out, f.rows_lse) =
-        forward_op().call(q.index_select(2, g), k, v ATTNZOO_OPTION_VALUES, seed_arg(rows_seed));
+        forward_op().call(q.index_select(2, g), k, v ATTNZOO_OPTION_VALUES, optional_of(rows_seed));
   }
   // The outputs are ours: merge in place instead of copying N rows.
   f.out.index_copy_(2, g, f.rows_out);
@@ -304,7 +303,7 @@ Tensor3 longformer_backward(const LongformerCall& call, const LongformerForward&
     const AttentionOptions& options = call.window;
     std::tie(dq, dk_ext, dv_ext, std::ignore, std::ignore, std::ignore, std::ignore) =
         backward_op().call(grad_out, std::nullopt, q, call.k_ext, call.v_ext, saved.out,
-                           saved.window_lse ATTNZOO_OPTION_VALUES, seed_arg(window_seed), no_option_grads);
+                           saved.window_lse ATTNZOO_OPTION_VALUES, optional_of(window_seed), no_option_grads);
   }
   const at::Tensor& g = call.global;
   const int64_t N = k.size(2), G = g.numel();
@@ -314,7 +313,7 @@ Tensor3 longformer_backward(const LongformerCall& call, const LongformerForward&
     const AttentionOptions& options = call.rows;
     std::tie(dq_rows, dk, dv, std::ignore, std::ignore, std::ignore, std::ignore) = backward_op().call(
         grad_out.index_select(2, g), std::nullopt, q.index_select(2, g), k, v, saved.rows_out,
-        saved.rows_lse ATTNZOO_OPTION_VALUES, seed_arg(rows_seed), no_option_grads);
+        saved.rows_lse ATTNZOO_OPTION_VALUES, optional_of(rows_seed), no_option_grads);
   }
   // Every buffer here is fresh from the engine: merge in place. A gathered
   // key's gradient goes back to its position in the sequence.

@@ -24,6 +24,8 @@ using OptTensor = std::optional<at::Tensor>;
 
 // Whether an optional tensor argument was given (set and defined).
 inline bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
+// An undefined tensor (a node's absent seed or gradient) as an absent option.
+inline OptTensor optional_of(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
 // "(2, 6, 10,)" style: sizes as Python prints a shape tuple. For plain and
 // symbolic sizes (the meta kernels see symbolic ones under torch.compile).

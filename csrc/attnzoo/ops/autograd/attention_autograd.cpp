@@ -103,13 +103,12 @@ struct AttentionBackward : torch::autograd::Node {
     const at::Tensor out_ = out.unpack(self), lse_ = lse.unpack(self);
     const AttentionOptions options = saved_options.load(self);
     const at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(out_);
-    const OptTensor grad_lse = grads[1].defined() ? OptTensor(grads[1]) : std::nullopt;
+    const OptTensor grad_lse = detail::optional_of(grads[1]);
     // An option gradient is computed when its edge leads somewhere.
     const detail::OptionGradMask wanted = {task_should_compute_output(3), task_should_compute_output(4),
                                            task_should_compute_output(5), task_should_compute_output(6)};
-    auto [dq, dk, dv, dbias, dtable, dshaw_k, dshaw_v] =
-        backward_op.call(grad_out, grad_lse, q_, k_, v_, out_, lse_ ATTNZOO_OPTION_VALUES,
-                         seed.defined() ? OptTensor(seed) : std::nullopt, wanted);
+    auto [dq, dk, dv, dbias, dtable, dshaw_k, dshaw_v] = backward_op.call(
+        grad_out, grad_lse, q_, k_, v_, out_, lse_ ATTNZOO_OPTION_VALUES, detail::optional_of(seed), wanted);
     variable_list result = {dq, dk, dv, dbias, dtable, dshaw_k, dshaw_v};
     for (size_t i = 3; i < result.size(); ++i)
       if (!wanted[i - 3]) result[i] = at::Tensor();
@@ -129,18 +128,14 @@ detail::Tensor2 attention_autograd(const at::Tensor& q, const at::Tensor& k,
   static const auto forward_op = detail::op_handle<detail::ForwardSig>("attnzoo::_attention_forward");
   ATTNZOO_OPTIONS_FROM_PARAMS
   const std::vector<at::Tensor> inputs = differentiable_inputs(q, k, v, options);
-  for (const auto& t : inputs)
-    TORCH_CHECK_NOT_IMPLEMENTED(!t.defined() || !t._fw_grad(/*level=*/0).defined(),
-                                "attention: forward-mode AD (torch.func.jvp, jacfwd, forward_ad) is not "
-                                "implemented; use reverse mode (backward, torch.func.grad, vjp, jacrev)");
+  detail::refuse_forward_ad("attention", inputs);
   // The seed is a tensor made by an ATen op so that a traced graph draws a
   // new one on every call instead of baking one in.
   const at::Tensor seed = options.dropout_p() > 0 ? detail::fresh_seed() : at::Tensor();
   at::Tensor out, lse;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    std::tie(out, lse) =
-        forward_op.call(q, k, v ATTNZOO_OPTION_VALUES, seed.defined() ? OptTensor(seed) : std::nullopt);
+    std::tie(out, lse) = forward_op.call(q, k, v ATTNZOO_OPTION_VALUES, detail::optional_of(seed));
   }
   if (torch::autograd::compute_requires_grad(inputs)) {
     auto node = detail::make_node<AttentionBackward>();
@@ -197,11 +192,7 @@ at::Tensor longformer_attention_autograd(const at::Tensor& q, const at::Tensor& 
                                          int64_t window, const at::Tensor& global_tokens,
                                          const OptTensor& key_mask, double dropout_p,
                                          std::optional<double> scale) {
-  for (const auto& t : {q, k, v})
-    TORCH_CHECK_NOT_IMPLEMENTED(
-        !t._fw_grad(/*level=*/0).defined(),
-        "longformer_attention: forward-mode AD (torch.func.jvp, jacfwd, forward_ad) is "
-        "not implemented; use reverse mode (backward, torch.func.grad, vjp, jacrev)");
+  detail::refuse_forward_ad("longformer_attention", {q, k, v});
   const bool dropout = dropout_p > 0;
   const at::Tensor window_seed = dropout ? detail::fresh_seed() : at::Tensor();
   const at::Tensor rows_seed = dropout ? detail::fresh_seed() : at::Tensor();

@@ -32,4 +32,14 @@ std::shared_ptr<N> make_node() {
 inline NodePtr self_of(torch::autograd::Node* node) { return node->shared_from_this(); }
 #endif
 
+// The nodes here implement reverse mode only: an input carrying a forward-mode
+// tangent is refused with an error naming the op (and `when`, the case that
+// lacks it, if only one does). Undefined inputs (absent options) are skipped.
+inline void refuse_forward_ad(const char* op, c10::ArrayRef<at::Tensor> inputs, const char* when = "") {
+  for (const auto& t : inputs)
+    TORCH_CHECK_NOT_IMPLEMENTED(!t.defined() || !t._fw_grad(/*level=*/0).defined(), op,
+                                ": forward-mode AD (torch.func.jvp, jacfwd, forward_ad) is not implemented",
+                                when, "; use reverse mode (backward, torch.func.grad, vjp, jacrev)");
+}
+
 }  // namespace attnzoo::ops::detail

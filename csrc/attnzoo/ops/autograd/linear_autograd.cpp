@@ -41,11 +41,7 @@ struct CausalLinearBackward : torch::autograd::Node {
 at::Tensor causal_linear_autograd(const at::Tensor& fq, const at::Tensor& fk, const at::Tensor& v,
                                   int64_t feature_map) {
   static const auto op = detail::op_handle<detail::CausalLinearSig>("attnzoo::_causal_linear");
-  for (const auto& t : {fq, fk, v})
-    TORCH_CHECK_NOT_IMPLEMENTED(!t._fw_grad(/*level=*/0).defined(),
-                                "linear_attention: forward-mode AD (torch.func.jvp, jacfwd, forward_ad) is "
-                                "not implemented for causal=True; use reverse mode (backward, "
-                                "torch.func.grad, vjp, jacrev)");
+  detail::refuse_forward_ad("linear_attention", {fq, fk, v}, " for causal=True");
   at::Tensor out;
   {
     at::AutoDispatchBelowADInplaceOrView guard;

@@ -39,7 +39,7 @@ struct LshBackward : torch::autograd::Node {
     auto [dqk, dv] =
         op.call(grad, qk.unpack(self), v.unpack(self), rotations.unpack(self), out_, lse.unpack(self),
                 bucket_size, causal, has_key_mask ? OptTensor(key_mask.unpack(self)) : std::nullopt,
-                dropout_p, seed.defined() ? OptTensor(seed) : std::nullopt);
+                dropout_p, detail::optional_of(seed));
     return {dqk, dv};  // the edges are qk and v
   }
 
@@ -55,16 +55,13 @@ detail::Tensor2 lsh_attention_autograd(const at::Tensor& qk, const at::Tensor& v
                                        int64_t bucket_size, bool causal, const OptTensor& key_mask,
                                        double dropout_p) {
   static const auto forward_op = detail::op_handle<detail::LshForwardSig>("attnzoo::_lsh_forward");
-  for (const auto& t : {qk, v})
-    TORCH_CHECK_NOT_IMPLEMENTED(!t._fw_grad(/*level=*/0).defined(),
-                                "lsh_attention: forward-mode AD (torch.func.jvp, jacfwd, forward_ad) is not "
-                                "implemented; use reverse mode (backward, torch.func.grad, vjp, jacrev)");
+  detail::refuse_forward_ad("lsh_attention", {qk, v});
   const at::Tensor seed = dropout_p > 0 ? detail::fresh_seed() : at::Tensor();
   at::Tensor out, lse, buckets;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     std::tie(out, lse, buckets) = forward_op.call(qk, v, rotations, bucket_size, causal, key_mask, dropout_p,
-                                                  seed.defined() ? OptTensor(seed) : std::nullopt);
+                                                  detail::optional_of(seed));
   }
   if (torch::autograd::compute_requires_grad(qk, v)) {
     auto node = detail::make_node<LshBackward>();
