@@ -1,5 +1,8 @@
 """rotary, linformer_attention and linear_attention against references written
 here (and HF LLaMA's rotary code as a cross-check)."""
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -265,3 +268,50 @@ def test_causal_linear_long_sequence_float32_and_vmap():
     q0 = qs[0].clone().requires_grad_()
     ops.linear_attention(q0, ks[0], vs[0], causal=True).sum().backward()
     torch.testing.assert_close(grads, q0.grad)
+
+
+HUGE_PAGE_PROBE = r"""
+import torch
+from attnzoo import ops
+
+def advised(t):
+    # The flags of the mapping that holds t's middle: "hg" is MADV_HUGEPAGE.
+    addr = t.data_ptr() + t.nbytes // 2
+    lines = open("/proc/self/smaps").read().splitlines()
+    inside = False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and line.startswith("VmFlags:"):
+            return " hg" in line or line.endswith("hg")
+    raise AssertionError("no mapping holds the tensor")
+
+torch.manual_seed(0)
+q = torch.randn(1, 8, 16384, 64)  # 32 MiB: from here up glibc maps fresh
+kv = torch.randn(1, 8, 16, 64)
+out = ops.attention(q, kv, kv)
+torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, kv, kv))
+qg, kg, vg = (torch.randn(1, 8, 16384, 64, requires_grad=True) for _ in range(3))
+lin = ops.linear_attention(qg, kg, vg, causal=True)
+lin.backward(torch.randn_like(lin))
+small = ops.attention(q[:, :, :1024], kv, kv)  # 2 MiB: left to the allocator
+print(advised(out), advised(lin), advised(qg.grad), advised(vg.grad), advised(small))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
+                    reason="huge-page advice is for Linux kernels with transparent huge pages")
+@pytest.mark.parametrize("setting, want", [(None, "True True True True False"), ("0", "False False False False False")])
+def test_large_outputs_ask_for_huge_pages(setting, want):
+    """Outputs and gradients of 32 MiB and more are advised MADV_HUGEPAGE
+    before they are written (their first touch otherwise faults in 4 KiB
+    pages); ATTNZOO_HUGE_PAGES=0 turns that off. A fresh process each, so
+    glibc's state is its default."""
+    env = {k: v for k, v in os.environ.items() if k != "ATTNZOO_HUGE_PAGES"}
+    if setting is not None:
+        env["ATTNZOO_HUGE_PAGES"] = setting
+    out = subprocess.run([sys.executable, "-c", HUGE_PAGE_PROBE], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == want

@@ -9,6 +9,10 @@
 #include <cstdlib>
 #include <string>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "attnzoo/ops/cpu/cpu_support.h"
 #include "attnzoo/ops/op_support.h"
 
@@ -26,6 +30,26 @@ const EngineTable& selected_engine() {
     return &engine_DEFAULT();
   }();
   return *table;
+}
+
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  static const bool enabled = [] {
+    const char* env = std::getenv("ATTNZOO_HUGE_PAGES");
+    return !(env && std::string(env) == "0");
+  }();
+  constexpr uintptr_t kFresh = uintptr_t(32) << 20, kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr()), bytes = t.nbytes();
+  if (enabled && t.device().is_cpu() && bytes >= kFresh) {
+    // Only the 2 MiB-aligned inside: the edges share pages with the
+    // allocator's header and whatever lies next to the block.
+    const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = (begin + bytes) & ~(kHuge - 1);
+    if (last > first)
+      (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advice only
+  }
+#endif
+  return t;
 }
 
 }  // namespace attnzoo::cpu
@@ -189,7 +213,8 @@ detail::Tensor2 forward_cpu(const char* op, const at::Tensor& q, const at::Tenso
                             const AttentionOptions& options, const OptTensor& seed) {
   const Prepared p = prepare(op, q, k, v, options, seed);
   const Shapes& s = p.s;
-  at::Tensor out = at::empty({s.B, s.H, s.Nq, s.Dv}, p.q.options());  // bfloat16 on the bfloat16 passes
+  at::Tensor out =
+      cpu::empty_output({s.B, s.H, s.Nq, s.Dv}, p.q.options());  // bfloat16 on the bfloat16 passes
   at::Tensor lse = at::empty({s.B, s.H, s.Nq}, p.q.options().dtype(p.compute));
   DenseArgs a = engine_args(p);
   a.out = out.data_ptr();
@@ -258,12 +283,12 @@ detail::Tensor7 backward_cpu(const at::Tensor& grad_out, const OptTensor& grad_l
     splits = std::min(nkb, (threads + heads - 1) / heads);
 
   // Uninitialised: the backward pass zeroes what it owns (passes.h).
-  at::Tensor dq = at::empty({splits, s.B, s.H, s.Nq, s.D}, opts);
+  at::Tensor dq = cpu::empty_output({splits, s.B, s.H, s.Nq, s.D}, opts);
   // The bfloat16 passes write each key block's dk and dv once, in bfloat16
   // unless GQA groups are summed afterwards.
   const auto kv_opts = p.bf16 && s.H == s.Hkv ? opts.dtype(at::kBFloat16) : opts;
-  at::Tensor dk = at::empty({s.B, s.H, s.Nk, s.D}, kv_opts);
-  at::Tensor dv = at::empty({s.B, s.H, s.Nk, s.Dv}, kv_opts);
+  at::Tensor dk = cpu::empty_output({s.B, s.H, s.Nk, s.D}, kv_opts);
+  at::Tensor dv = cpu::empty_output({s.B, s.H, s.Nk, s.Dv}, kv_opts);
   at::Tensor dbias, drel, dshaw_k, dshaw_v;
 
   DenseArgs a = engine_args(p);

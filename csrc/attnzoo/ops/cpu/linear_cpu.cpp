@@ -220,7 +220,7 @@ at::Tensor causal_linear_cpu(const at::Tensor& fq, const at::Tensor& fk, const a
   detail::check_causal_linear<int64_t>("linear_attention", fq, fk, v, feature_map);
   const at::Tensor q_ = to_compute(fq), k_ = to_compute(fk), v_ = to_compute(v);
   const Dims d = dims_of(q_, v_, feature_map);
-  at::Tensor out = at::empty({fq.size(0), fq.size(1), d.N, d.Dv}, q_.options());
+  at::Tensor out = cpu::empty_output({fq.size(0), fq.size(1), d.N, d.Dv}, q_.options());
   AT_DISPATCH_FLOATING_TYPES(q_.scalar_type(), "causal_linear", [&] {
     for_each_head(d.BH, [&](int64_t begin, int64_t end) {
       forward_heads<scalar_t>(q_.data_ptr<scalar_t>(), k_.data_ptr<scalar_t>(), v_.data_ptr<scalar_t>(),
@@ -239,7 +239,9 @@ detail::Tensor3 causal_linear_backward_cpu(const at::Tensor& grad_out, const at:
   const at::Tensor q_ = to_compute(fq), k_ = to_compute(fk), v_ = to_compute(v);
   const at::Tensor g_ = grad_out.to(q_.scalar_type()).contiguous();
   const Dims d = dims_of(q_, v_, feature_map);
-  at::Tensor gq = at::empty_like(q_), gk = at::empty_like(k_), gv = at::empty_like(v_);
+  at::Tensor gq = cpu::empty_output(q_.sizes(), q_.options()),
+             gk = cpu::empty_output(k_.sizes(), k_.options()),
+             gv = cpu::empty_output(v_.sizes(), v_.options());
   AT_DISPATCH_FLOATING_TYPES(q_.scalar_type(), "causal_linear_backward", [&] {
     for_each_head(d.BH, [&](int64_t begin, int64_t end) {
       backward_heads<scalar_t>(g_.data_ptr<scalar_t>(), q_.data_ptr<scalar_t>(), k_.data_ptr<scalar_t>(),

@@ -76,7 +76,7 @@ detail::Tensor3 lsh_forward_kernel(const at::Tensor& qk, const at::Tensor& v, co
   const Lsh l = prepare("lsh_attention", qk, v, rotations, bucket_size, key_mask, dropout_p, seed);
   const auto& s = l.s;
   const auto opts = l.qk.options();
-  at::Tensor out = at::empty({s.B, s.H, l.Npad, s.Dv}, opts);
+  at::Tensor out = cpu::empty_output({s.B, s.H, l.Npad, s.Dv}, opts);
   at::Tensor lse = at::empty({s.B, s.H, l.Npad}, opts);
   at::Tensor buckets = at::empty({s.B, s.H, s.R, l.Npad}, at::TensorOptions().dtype(at::kLong));
   cpu::LshArgs a = args_of(l, bucket_size, causal);
