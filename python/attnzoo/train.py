@@ -50,7 +50,7 @@ __all__ = ["TrainOptions", "pretrain", "recommended_options"]
 # those of a float32 run. Autocast over the float32 model alone (what this
 # was before) casts every weight and the residual stream's activations at
 # every use: vit-digits trained 1.27x faster with the copy, interleaved in
-# one process (docs/training.md). FSDP2 keeps plain autocast over its
+# one process (docs/benchmarks.md). FSDP2 keeps plain autocast over its
 # float32 shards.
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
