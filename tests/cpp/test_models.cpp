@@ -1,6 +1,7 @@
 // The C++ side of the zoo: the models' forward, training, checkpoints and
 // cached generation from C++ (the readers' tests are in test_io.cpp).
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/optim/adamw.h>
 #include <unistd.h>
 
@@ -483,6 +484,52 @@ TEST_CASE("nn::Dropout: drops a fraction p, scales by 1/(1-p), the backward uses
   CHECK_FALSE(at::equal(a, b));
   dropout->eval();
   CHECK(dropout(x).is_same(x));
+}
+
+TEST_CASE("GELU (tanh) rows: every engine build against ATen's float64 GELU, forward and derivative",
+          "[models]") {
+  // The backward over a length no vector width divides; the forward in two
+  // calls, the second a partial vector only; values out to +-12 (where the
+  // exp saturates) and near 0.
+  torch::manual_seed(11);
+  const int64_t n = 4099;
+  const at::Tensor x = at::cat(
+      {at::randn({n - 6}, at::kDouble) * 3, at::tensor({-12.0, -7.5, -1e-4, 1e-4, 7.5, 12.0}, at::kDouble)});
+  const at::Tensor dy = at::randn({n}, at::kDouble);
+  const at::Tensor xg = x.clone().requires_grad_();
+  const at::Tensor want = at::gelu(xg, "tanh");
+  const at::Tensor want_dx = torch::autograd::grad({want}, {xg}, {dy})[0];
+  std::vector<const attnzoo::cpu::EngineTable*> builds = {&attnzoo::cpu::engine_DEFAULT(),
+                                                          &attnzoo::cpu::selected_engine()};
+  const std::vector<at::ScalarType> types = {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf};
+  const std::vector<double> tolerance = {2e-6, 1e-13, 1e-2, 2e-3};  // relative to max(1, |value|)
+  for (const auto* build : builds) {
+    for (size_t t = 0; t < types.size(); ++t) {
+      INFO("engine " << build->isa << " dtype " << types[t]);
+      const at::Tensor in = x.to(types[t]), g = dy.to(types[t]);
+      // The reference at the rounded inputs, so only the rows' own error counts.
+      const at::Tensor xr = in.to(at::kDouble).requires_grad_();
+      const at::Tensor ref = at::gelu(xr, "tanh");
+      const at::Tensor ref_dx = torch::autograd::grad({ref}, {xr}, {g.to(at::kDouble)})[0];
+      at::Tensor out = at::empty_like(in), dx = at::empty_like(in);
+      build->gelu_tanh_rows[t](false, in.const_data_ptr(), nullptr, out.data_ptr(), n - 3);
+      build->gelu_tanh_rows[t](false,
+                               static_cast<const char*>(in.const_data_ptr()) + (n - 3) * in.element_size(),
+                               nullptr, static_cast<char*>(out.data_ptr()) + (n - 3) * in.element_size(), 3);
+      build->gelu_tanh_rows[t](true, in.const_data_ptr(), g.const_data_ptr(), dx.data_ptr(), n);
+      const auto rel = [](const at::Tensor& got, const at::Tensor& ref) {
+        return ((got.to(at::kDouble) - ref) / ref.abs().clamp_min(1.0)).abs().max().item<double>();
+      };
+      CHECK(rel(out.narrow(0, 0, n - 3), ref.detach().narrow(0, 0, n - 3)) < tolerance[t]);
+      CHECK(rel(out.narrow(0, n - 3, 3), ref.detach().narrow(0, n - 3, 3)) < tolerance[t]);
+      CHECK(rel(dx, ref_dx) < tolerance[t]);
+    }
+  }
+  // Through the models' activation (its autograd node), float64.
+  const at::Tensor xm = x.clone().requires_grad_();
+  const at::Tensor y = attnzoo::nn::activation(attnzoo::Activation::gelu_tanh, xm);
+  CHECK(at::allclose(y, want.detach(), 1e-13, 1e-13));
+  CHECK(at::allclose(torch::autograd::grad({y}, {xm}, {dy})[0], want_dx, 1e-12, 1e-12));
 }
 
 TEST_CASE("nn::Dropout's rows: every engine build keeps exactly the elements the rule keeps", "[models]") {

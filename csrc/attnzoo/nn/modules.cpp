@@ -3,7 +3,10 @@
 #include "attnzoo/nn/modules.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/functorch/DynamicLayer.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/nn/functional/activation.h>
 #include <torch/nn/functional/dropout.h>
 #include <torch/nn/init.h>
@@ -55,6 +58,50 @@ struct DropoutFunction : public torch::autograd::Function<DropoutFunction> {
     return {apply_dropout_pattern(grads[0], p, seed), at::Tensor(), at::Tensor()};
   }
 };
+
+// GELU with the tanh approximation (GPT-2's gelu_new) on the CPU, forward
+// (dy undefined) or backward: the engine build for this CPU runs the rows
+// (cpu/engine_api.h, GeluRowsFn).
+at::Tensor gelu_tanh_pass(const at::Tensor& x, const at::Tensor& dy) {
+  const at::Tensor in = x.contiguous();
+  const at::Tensor grad = dy.defined() ? dy.to(in.scalar_type()).contiguous() : at::Tensor();
+  at::Tensor out = at::empty_like(in);
+  const auto type = in.scalar_type();
+  const int which = type == at::kFloat ? 0 : type == at::kDouble ? 1 : type == at::kBFloat16 ? 2 : 3;
+  const cpu::GeluRowsFn rows = cpu::selected_engine().gelu_tanh_rows[which];
+  const auto* src = static_cast<const char*>(in.const_data_ptr());
+  const auto* g = grad.defined() ? static_cast<const char*>(grad.const_data_ptr()) : nullptr;
+  auto* dst = static_cast<char*>(out.data_ptr());
+  const int64_t size = in.element_size();
+  at::parallel_for(0, in.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+    rows(g != nullptr, src + begin * size, g ? g + begin * size : nullptr, dst + begin * size, end - begin);
+  });
+  return out;
+}
+
+struct GeluTanhFunction : public torch::autograd::Function<GeluTanhFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x) {
+    ctx->save_for_backward({x});
+    return gelu_tanh_pass(x, at::Tensor());
+  }
+  static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
+                                               torch::autograd::tensor_list grads) {
+    return {gelu_tanh_pass(ctx->get_saved_variables()[0], grads[0])};
+  }
+};
+
+// Whether the engine's rows may stand in for ATen's op on x: a plain CPU
+// tensor in eager mode. A tracer, torch.func's transforms, a Python dispatch
+// mode or tensor subclass (FakeTensor) would not see raw-pointer rows, or
+// have no data for them: ATen's op runs there.
+bool engine_runs(const at::Tensor& x) {
+  const auto type = x.scalar_type();
+  if (!x.device().is_cpu() ||
+      !(type == at::kFloat || type == at::kDouble || type == at::kBFloat16 || type == at::kHalf))
+    return false;
+  if (torch::jit::tracer::isTracing() || at::functorch::maybeCurrentDynamicLayer().has_value()) return false;
+  return !c10::impl::dispatch_mode_enabled() && !x.key_set().has(c10::DispatchKey::Python);
+}
 
 // Kinds that read every key (optionally masked or banded) and therefore give
 // the same answer whether the keys come from a cache or not.
@@ -149,7 +196,9 @@ at::Tensor activation(Activation kind, const at::Tensor& x) {
     case Activation::gelu:
       return at::gelu(x);
     case Activation::gelu_tanh:
-      return at::gelu(x, "tanh");
+      // ATen's CPU tanh GELU costs about 3x its exact one (its vectorised
+      // tanh); the engine's rows compute it with one exp.
+      return engine_runs(x) ? GeluTanhFunction::apply(x) : at::gelu(x, "tanh");
     case Activation::relu:
       return at::relu(x);
   }
@@ -225,10 +274,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> MultiHeadAttentionImpl::project(
   at::Tensor q, k, v;
   if (qkv_proj) {
     const int64_t q_out = heads_ * head_dim_, kv_out = kv_heads_ * head_dim_;
-    auto qkv = qkv_proj(x);
-    q = qkv.narrow(2, 0, q_out);
-    k = attention_.kind == AttentionKind::lsh ? q : qkv.narrow(2, q_out, kv_out);
-    v = qkv.narrow(2, qkv.size(2) - kv_out, kv_out);
+    // One split rather than three narrows: its backward concatenates the
+    // three gradients, where each narrow's would zero-fill a full-width
+    // buffer and the three be summed.
+    const bool shared_qk = attention_.kind == AttentionKind::lsh;
+    auto parts = shared_qk ? qkv_proj(x).split_with_sizes({q_out, kv_out}, 2)
+                           : qkv_proj(x).split_with_sizes({q_out, kv_out, kv_out}, 2);
+    q = parts[0];
+    k = shared_qk ? q : parts[1];
+    v = parts.back();
   } else {
     q = q_proj(x);
     k = k_proj ? k_proj(source) : q;

@@ -4,6 +4,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "attnzoo/ops/cpu/engine.h"
@@ -79,6 +80,54 @@ void dropout_rows(const void* x_, void* y_, int64_t n, uint64_t first, uint64_t 
     y[i] = rules::dropout_keeps(seed, threshold, first + uint64_t(i)) ? T(Op(x[i]) * s) : T(0);
 }
 
+// GELU with the tanh approximation and its derivative (engine_api.h), in
+// T's op-math type. 0.5 x (1 + tanh(u)) = x sigmoid(2u) with
+// u = sqrt(2/pi) (x + 0.044715 x^3): one exp and one division per element,
+// where ATen computes a vectorised tanh (3x its exact GELU's time here).
+// The derivative is s + 2 x s (1 - s) u' with s = sigmoid(2u).
+template <typename Op>
+void gelu_tanh_op(bool backward, const Op* x, const Op* dy, Op* out, int64_t n) {
+  using V = Vec<Op>;
+  const V beta(Op(0.7978845608028654)), kappa(Op(0.044715)), one(Op(1)), two(Op(2)), three(Op(3)),
+      minus_two(Op(-2));
+  auto apply = [&](const V& v, const V& g) {
+    const V v2 = v * v;
+    const V u = beta * (v + kappa * v2 * v);
+    const V s = one / (one + (minus_two * u).exp());
+    if (!backward) return v * s;
+    return g * (s + two * v * s * (one - s) * beta * (one + three * kappa * v2));
+  };
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size())
+    apply(V::loadu(x + i), backward ? V::loadu(dy + i) : one).store(out + i);
+  if (i < n) {
+    const int64_t rest = n - i;
+    apply(V::loadu(x + i, rest), backward ? V::loadu(dy + i, rest) : one).store(out + i, rest);
+  }
+}
+
+template <typename T>
+void gelu_tanh_rows(bool backward, const void* x_, const void* dy_, void* out_, int64_t n) {
+  using Op = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  const T* x = static_cast<const T*>(x_);
+  const T* dy = static_cast<const T*>(dy_);
+  T* out = static_cast<T*>(out_);
+  if constexpr (std::is_same_v<T, Op>) {
+    gelu_tanh_op<Op>(backward, x, dy, out, n);
+  } else {  // 16-bit types: through float, a chunk at a time
+    constexpr int64_t kChunk = 256;
+    Op xs[kChunk], gs[kChunk];
+    for (int64_t start = 0; start < n; start += kChunk) {
+      const int64_t m = std::min(kChunk, n - start);
+      for (int64_t j = 0; j < m; ++j) xs[j] = Op(x[start + j]);
+      if (backward)
+        for (int64_t j = 0; j < m; ++j) gs[j] = Op(dy[start + j]);
+      gelu_tanh_op<Op>(backward, xs, gs, xs, m);
+      for (int64_t j = 0; j < m; ++j) out[start + j] = T(xs[j]);
+    }
+  }
+}
+
 #define ATTNZOO_STR2(x) #x
 #define ATTNZOO_STR(x) ATTNZOO_STR2(x)
 
@@ -91,6 +140,8 @@ const EngineTable kTable = {
     {bf16_passes<BlockSparsePolicy, c10::BFloat16>(), bf16_passes<BlockSparsePolicy, float>()},
     {&feature_rows<float>, &feature_rows<double>},
     {&dropout_rows<float>, &dropout_rows<double>, &dropout_rows<c10::BFloat16>, &dropout_rows<c10::Half>},
+    {&gelu_tanh_rows<float>, &gelu_tanh_rows<double>, &gelu_tanh_rows<c10::BFloat16>,
+     &gelu_tanh_rows<c10::Half>},
     {{&lsh_forward_range<float>, &lsh_backward_range<float>},
      {&lsh_forward_range<double>, &lsh_backward_range<double>}},
 };

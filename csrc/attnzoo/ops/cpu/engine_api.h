@@ -155,6 +155,10 @@ using FeatureRowsFn = void (*)(int64_t map, bool slope, const void* x, void* y, 
 using DropoutRowsFn = void (*)(const void* x, void* y, int64_t n, uint64_t first, uint64_t seed,
                                uint64_t threshold, double scale);
 
+// The models' GELU with the tanh approximation over n contiguous elements:
+// out = gelu(x), or with backward out = dy * gelu'(x) (dy unread otherwise).
+using GeluRowsFn = void (*)(bool backward, const void* x, const void* dy, void* out, int64_t n);
+
 // One engine build (one instruction set); index [0] float, [1] double. The
 // bfloat16 passes (bfloat16 q, k, v, out and grad_out; float lse, delta and
 // gradient accumulators) are null where the build has none, and have no
@@ -168,6 +172,7 @@ struct EngineTable {
   PassTable block_sparse_bf16[2];
   FeatureRowsFn feature_rows[2];
   DropoutRowsFn dropout_rows[4];  // float, double, bfloat16, float16
+  GeluRowsFn gelu_tanh_rows[4];   // float, double, bfloat16, float16
   LshTable lsh[2];
 };
 
