@@ -475,6 +475,17 @@ TEST_CASE("nn::Dropout: drops a fraction p, scales by 1/(1-p), the backward uses
     CHECK(at::allclose(xd.grad().masked_select(kept).to(at::kDouble),
                        (g.masked_select(kept) / 0.7).to(dtype).to(at::kDouble), 1e-6, 0));
   }
+  // With create_graph the gradient is differentiable in grad_out: d/dg of
+  // sum(w * dx) is w times the pattern.
+  {
+    const at::Tensor xd = x.clone().requires_grad_();
+    const at::Tensor y = dropout(xd);
+    const at::Tensor g = at::randn_like(x).requires_grad_();
+    const at::Tensor dx = torch::autograd::grad({y}, {xd}, {g}, std::nullopt, /*create_graph=*/true)[0];
+    const at::Tensor w = at::randn_like(x);
+    const at::Tensor dg = torch::autograd::grad({(dx * w).sum()}, {g})[0];
+    CHECK(at::allclose(dg, w * y.ne(0).to(at::kFloat) / 0.7, 1e-6, 1e-6));
+  }
   // A new pattern per call; the same one again after manual_seed; identity in eval mode.
   torch::manual_seed(4);
   const at::Tensor a = dropout(x);
@@ -530,6 +541,14 @@ TEST_CASE("GELU (tanh) rows: every engine build against ATen's float64 GELU, for
   const at::Tensor y = attnzoo::nn::activation(attnzoo::Activation::gelu_tanh, xm);
   CHECK(at::allclose(y, want.detach(), 1e-13, 1e-13));
   CHECK(at::allclose(torch::autograd::grad({y}, {xm}, {dy})[0], want_dx, 1e-12, 1e-12));
+  // Second derivatives (create_graph): the node's gradient is differentiable.
+  const at::Tensor y2 = attnzoo::nn::activation(attnzoo::Activation::gelu_tanh, xm);
+  const at::Tensor dx_graph = torch::autograd::grad({y2}, {xm}, {dy}, std::nullopt, /*create_graph=*/true)[0];
+  const at::Tensor want_graph =
+      torch::autograd::grad({at::gelu(xg, "tanh")}, {xg}, {dy}, std::nullopt, true)[0];
+  const at::Tensor w = at::randn({n}, at::kDouble);
+  CHECK(at::allclose(torch::autograd::grad({(dx_graph * w).sum()}, {xm})[0],
+                     torch::autograd::grad({(want_graph * w).sum()}, {xg})[0], 1e-12, 1e-12));
 }
 
 TEST_CASE("nn::Dropout's rows: every engine build keeps exactly the elements the rule keeps", "[models]") {

@@ -55,6 +55,10 @@ struct DropoutFunction : public torch::autograd::Function<DropoutFunction> {
                                                torch::autograd::tensor_list grads) {
     const double p = ctx->saved_data["p"].toDouble();
     const auto seed = uint64_t(ctx->saved_data["seed"].toInt());
+    // With create_graph the gradient must be differentiable itself: the
+    // pattern as a tensor, times grad_out.
+    if (at::GradMode::is_enabled())
+      return {grads[0] * apply_dropout_pattern(at::ones_like(grads[0]), p, seed), at::Tensor(), at::Tensor()};
     return {apply_dropout_pattern(grads[0], p, seed), at::Tensor(), at::Tensor()};
   }
 };
@@ -86,7 +90,10 @@ struct GeluTanhFunction : public torch::autograd::Function<GeluTanhFunction> {
   }
   static torch::autograd::tensor_list backward(torch::autograd::AutogradContext* ctx,
                                                torch::autograd::tensor_list grads) {
-    return {gelu_tanh_pass(ctx->get_saved_variables()[0], grads[0])};
+    const at::Tensor x = ctx->get_saved_variables()[0];
+    // With create_graph the gradient must be differentiable itself: ATen's.
+    if (at::GradMode::is_enabled()) return {at::gelu_backward(grads[0], x, "tanh")};
+    return {gelu_tanh_pass(x, grads[0])};
   }
 };
 
