@@ -87,6 +87,30 @@ def test_forward_mode_is_a_clear_error_for_every_node(op, fn):
         torch.func.jvp(fn, (q,), (torch.ones_like(q),))
 
 
+@pytest.mark.parametrize("op,fn", [
+    ("attention", lambda q: ops.attention(q, q, q, causal=True)),
+    ("lsh_attention", lambda q: ops.lsh_attention(q, q, rand(5, 1, 1, seed=20), 4)),
+    ("linear_attention", lambda q: ops.linear_attention(q, q, q, causal=True)),
+    ("longformer_attention", lambda q: ops.longformer_attention(q, q, q, 2, [0])),
+])
+def test_second_derivatives_are_a_clear_error_for_every_node(op, fn):
+    """The engine's backward is not differentiable: a gradient made with
+    create_graph=True equals the plain one, and a backward through it (or
+    torch.func's reverse-over-reverse) stops with an error naming the op,
+    where before it silently left out the second-order terms (jacrev of grad
+    gave a Hessian of zeros)."""
+    q = rand(1, 2, 8, 5, seed=21).requires_grad_()
+    plain, = torch.autograd.grad(fn(q).square().sum(), q)
+    graph, = torch.autograd.grad(fn(q).square().sum(), q, create_graph=True)
+    torch.testing.assert_close(graph, plain, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=f"{op}: second derivatives .* are not implemented"):
+        torch.autograd.grad(graph.sum(), q)
+    # Under torch.func the outer transform meets the ops the node runs below
+    # autograd, which refuse to be differentiated.
+    with pytest.raises(RuntimeError, match=r"derivative for attnzoo::_\w+ is not implemented"):
+        torch.func.jacrev(torch.func.grad(lambda q: fn(q).square().sum()))(q.detach())
+
+
 def loop(fn, *batched):
     return torch.stack([fn(*sample) for sample in zip(*batched)])
 

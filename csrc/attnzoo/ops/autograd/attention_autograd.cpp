@@ -107,12 +107,19 @@ struct AttentionBackward : torch::autograd::Node {
     // An option gradient is computed when its edge leads somewhere.
     const detail::OptionGradMask wanted = {task_should_compute_output(3), task_should_compute_output(4),
                                            task_should_compute_output(5), task_should_compute_output(6)};
-    auto [dq, dk, dv, dbias, dtable, dshaw_k, dshaw_v] = backward_op.call(
-        grad_out, grad_lse, q_, k_, v_, out_, lse_ ATTNZOO_OPTION_VALUES, detail::optional_of(seed), wanted);
-    variable_list result = {dq, dk, dv, dbias, dtable, dshaw_k, dshaw_v};
+    variable_list result;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      auto [dq, dk, dv, dbias, dtable, dshaw_k, dshaw_v] =
+          backward_op.call(grad_out, grad_lse, q_, k_, v_, out_, lse_ ATTNZOO_OPTION_VALUES,
+                           detail::optional_of(seed), wanted);
+      result = {dq, dk, dv, dbias, dtable, dshaw_k, dshaw_v};
+    }
     for (size_t i = 3; i < result.size(); ++i)
       if (!wanted[i - 3]) result[i] = at::Tensor();
-    return result;
+    std::vector<at::Tensor> depends = differentiable_inputs(q_, k_, v_, options);
+    depends.push_back(grad_out);
+    return detail::once_differentiable("attention", std::move(result), depends);
   }
 
   void release_variables() override {
@@ -175,9 +182,9 @@ struct LongformerBackward : torch::autograd::Node {
     // its fresh outputs, which must not be recorded (a graph being created
     // under torch.func.vjp would refuse them).
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [dq, dk, dv] = detail::longformer_backward(call, f, grad_out, q.unpack(self), k.unpack(self),
-                                                    v.unpack(self), window_seed, rows_seed);
-    return {dq, dk, dv};
+    const at::Tensor q_ = q.unpack(self), k_ = k.unpack(self), v_ = v.unpack(self);
+    auto [dq, dk, dv] = detail::longformer_backward(call, f, grad_out, q_, k_, v_, window_seed, rows_seed);
+    return detail::once_differentiable("longformer_attention", {dq, dk, dv}, {q_, k_, v_, grad_out});
   }
 
   void release_variables() override {
@@ -226,6 +233,8 @@ at::Tensor longformer_attention_autograd(const at::Tensor& q, const at::Tensor& 
 TORCH_LIBRARY_IMPL(attnzoo, Autograd, m) {
   m.impl("attention", &attention_autograd);
   m.impl("longformer_attention", &longformer_attention_autograd);
+  m.impl("_attention_forward", detail::not_differentiable());
+  m.impl("_attention_backward", detail::not_differentiable());
 }
 
 }  // namespace attnzoo::ops

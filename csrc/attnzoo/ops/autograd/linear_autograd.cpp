@@ -30,8 +30,13 @@ struct CausalLinearBackward : torch::autograd::Node {
     const auto self = detail::self_of(this);
     const at::Tensor q_ = fq.unpack(self), k_ = fk.unpack(self), v_ = v.unpack(self);
     if (!grads[0].defined()) return {at::zeros_like(q_), at::zeros_like(k_), at::zeros_like(v_)};
-    auto [dq, dk, dv] = op.call(grads[0], q_, k_, v_, feature_map);
-    return {dq, dk, dv};  // the edges are q, k and v
+    at::Tensor dq, dk, dv;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(dq, dk, dv) = op.call(grads[0], q_, k_, v_, feature_map);
+    }
+    // the edges are q, k and v
+    return detail::once_differentiable("linear_attention", {dq, dk, dv}, {q_, k_, v_, grads[0]});
   }
 
   void release_variables() override { fq.reset_data(), fk.reset_data(), v.reset_data(); }
@@ -61,6 +66,9 @@ at::Tensor causal_linear_autograd(const at::Tensor& fq, const at::Tensor& fk, co
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(attnzoo, Autograd, m) { m.impl("_causal_linear", &causal_linear_autograd); }
+TORCH_LIBRARY_IMPL(attnzoo, Autograd, m) {
+  m.impl("_causal_linear", &causal_linear_autograd);
+  m.impl("_causal_linear_backward", detail::not_differentiable());
+}
 
 }  // namespace attnzoo::ops

@@ -36,11 +36,16 @@ struct LshBackward : torch::autograd::Node {
     const auto self = detail::self_of(this);
     const at::Tensor out_ = out.unpack(self);
     const at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros_like(out_);
-    auto [dqk, dv] =
-        op.call(grad, qk.unpack(self), v.unpack(self), rotations.unpack(self), out_, lse.unpack(self),
-                bucket_size, causal, has_key_mask ? OptTensor(key_mask.unpack(self)) : std::nullopt,
-                dropout_p, detail::optional_of(seed));
-    return {dqk, dv};  // the edges are qk and v
+    const at::Tensor qk_ = qk.unpack(self), v_ = v.unpack(self);
+    at::Tensor dqk, dv;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(dqk, dv) = op.call(grad, qk_, v_, rotations.unpack(self), out_, lse.unpack(self), bucket_size,
+                                  causal, has_key_mask ? OptTensor(key_mask.unpack(self)) : std::nullopt,
+                                  dropout_p, detail::optional_of(seed));
+    }
+    return detail::once_differentiable("lsh_attention", {dqk, dv},
+                                       {qk_, v_, grad});  // the edges are qk and v
   }
 
   void release_variables() override {
@@ -84,6 +89,10 @@ detail::Tensor2 lsh_attention_autograd(const at::Tensor& qk, const at::Tensor& v
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(attnzoo, Autograd, m) { m.impl("lsh_attention", &lsh_attention_autograd); }
+TORCH_LIBRARY_IMPL(attnzoo, Autograd, m) {
+  m.impl("lsh_attention", &lsh_attention_autograd);
+  m.impl("_lsh_forward", detail::not_differentiable());
+  m.impl("_lsh_backward", detail::not_differentiable());
+}
 
 }  // namespace attnzoo::ops
