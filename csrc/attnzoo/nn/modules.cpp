@@ -22,6 +22,24 @@
 namespace attnzoo::nn {
 namespace {
 
+// The index of a dtype in the engine's per-type row tables (dropout_rows,
+// gelu_tanh_rows: float, double, bfloat16, float16), or -1 for a dtype the
+// rows do not take.
+int rows_index(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat:
+      return 0;
+    case at::kDouble:
+      return 1;
+    case at::kBFloat16:
+      return 2;
+    case at::kHalf:
+      return 3;
+    default:
+      return -1;
+  }
+}
+
 // x * keep(i) / (1 - p), element i of the contiguous x kept iff
 // rules::dropout_keeps(seed, threshold, i): the engine build for this CPU
 // runs the rows (cpu/engine_api.h, DropoutRowsFn).
@@ -30,10 +48,8 @@ at::Tensor apply_dropout_pattern(const at::Tensor& x, double p, uint64_t seed) {
   at::Tensor out = at::empty_like(in);
   const uint64_t threshold = rules::dropout_threshold(p);
   const double scale = rules::dropout_keep_scale(p);
-  const auto type = in.scalar_type();
-  TORCH_CHECK(type == at::kFloat || type == at::kDouble || type == at::kBFloat16 || type == at::kHalf,
-              "Dropout: x must be float32, float64, bfloat16 or float16, got ", type);
-  const int which = type == at::kFloat ? 0 : type == at::kDouble ? 1 : type == at::kBFloat16 ? 2 : 3;
+  const int which = rows_index(in.scalar_type());
+  TORCH_CHECK(which >= 0, "Dropout: x must be float32, float64, bfloat16 or float16, got ", in.scalar_type());
   const cpu::DropoutRowsFn rows = cpu::selected_engine().dropout_rows[which];
   const auto* src = static_cast<const char*>(in.const_data_ptr());
   auto* dst = static_cast<char*>(out.data_ptr());
@@ -64,15 +80,13 @@ struct DropoutFunction : public torch::autograd::Function<DropoutFunction> {
 };
 
 // GELU with the tanh approximation (GPT-2's gelu_new) on the CPU, forward
-// (dy undefined) or backward: the engine build for this CPU runs the rows
-// (cpu/engine_api.h, GeluRowsFn).
+// (dy undefined) or backward, on an x that engine_runs took: the engine
+// build for this CPU runs the rows (cpu/engine_api.h, GeluRowsFn).
 at::Tensor gelu_tanh_pass(const at::Tensor& x, const at::Tensor& dy) {
   const at::Tensor in = x.contiguous();
   const at::Tensor grad = dy.defined() ? dy.to(in.scalar_type()).contiguous() : at::Tensor();
   at::Tensor out = at::empty_like(in);
-  const auto type = in.scalar_type();
-  const int which = type == at::kFloat ? 0 : type == at::kDouble ? 1 : type == at::kBFloat16 ? 2 : 3;
-  const cpu::GeluRowsFn rows = cpu::selected_engine().gelu_tanh_rows[which];
+  const cpu::GeluRowsFn rows = cpu::selected_engine().gelu_tanh_rows[rows_index(in.scalar_type())];
   const auto* src = static_cast<const char*>(in.const_data_ptr());
   const auto* g = grad.defined() ? static_cast<const char*>(grad.const_data_ptr()) : nullptr;
   auto* dst = static_cast<char*>(out.data_ptr());
@@ -102,10 +116,7 @@ struct GeluTanhFunction : public torch::autograd::Function<GeluTanhFunction> {
 // mode or tensor subclass (FakeTensor) would not see raw-pointer rows, or
 // have no data for them: ATen's op runs there.
 bool engine_runs(const at::Tensor& x) {
-  const auto type = x.scalar_type();
-  if (!x.device().is_cpu() ||
-      !(type == at::kFloat || type == at::kDouble || type == at::kBFloat16 || type == at::kHalf))
-    return false;
+  if (!x.device().is_cpu() || rows_index(x.scalar_type()) < 0) return false;
   if (torch::jit::tracer::isTracing() || at::functorch::maybeCurrentDynamicLayer().has_value()) return false;
   return !c10::impl::dispatch_mode_enabled() && !x.key_set().has(c10::DispatchKey::Python);
 }
