@@ -60,8 +60,8 @@ inline torch::autograd::variable_list once_differentiable(const char* op,
   if (!torch::autograd::compute_requires_grad(inputs)) return grads;
   auto error = make_node<torch::autograd::Error>(
       std::string(op) +
-          ": second derivatives (a backward through gradients made with create_graph=True, "
-          "torch.func.hessian, jacrev of jacrev) are not implemented",
+          ": second derivatives (a backward through gradients made with create_graph=True) are not "
+          "implemented",
       torch::autograd::collect_next_edges(inputs));
   torch::autograd::set_history(grads, error);
   return grads;
